@@ -1,0 +1,132 @@
+"""`selftrain` command line: data import, staged runs, status, augmentation preview."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.configschema import ConfigError
+from pipeline.imageset import DataDirError
+from pipeline.rundir import RunDirError
+from pipeline.shards import ShardError
+from pipeline.sources.fashion_mnist import DataSourceError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from augment import PolicyError
+    from teachers.checkpoint import CheckpointError
+    from teachers.models import ModelError
+
+    return USER_ERRORS + (PolicyError, CheckpointError, ModelError)
+
+
+def _add_split_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
+    parser.add_argument("--labels-per-class", type=int, default=100, help="human labels per class (default 100)")
+    parser.add_argument("--holdout-per-class", type=int, default=0,
+                        help="of those labels, how many per class go to holdout/ for tuning (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw (default 0)")
+    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selftrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="import a data set into webdataset shards")
+    data_sub = data.add_subparsers(dest="kind", required=True)
+    fm = data_sub.add_parser("fashion-mnist", help="Fashion-MNIST from its raw idx .gz files")
+    _add_split_args(fm)
+    fm.add_argument("--source", dest="source_dir", default=None, help="directory with the idx .gz files "
+                    "(default: /usr/share/datasets/fashion-mnist, then ~/.cache/selftrain/fashion-mnist)")
+    folder = data_sub.add_parser("folder", help="a folder with one sub-folder of images per class")
+    folder.add_argument("src", help="the image folder")
+    _add_split_args(folder)
+    folder.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class held out as test")
+
+    run = sub.add_parser("run", help="run the pipeline stages of a config")
+    run.add_argument("config", help="YAML config, e.g. configs/fashion_mnist.yaml")
+    run.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
+    run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage (its inputs must be done)")
+    run.add_argument("--from", dest="start", default=None, metavar="STAGE",
+                     help="redo this stage and every later one")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable)")
+
+    status = sub.add_parser("status", help="list the stages of a run directory and their state")
+    status.add_argument("run_dir")
+
+    augment = sub.add_parser("augment", help="augmentation tools")
+    aug_sub = augment.add_subparsers(dest="action", required=True)
+    preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
+    preview.add_argument("--policy", required=True, help="policy string, e.g. s1, s4, s4-n2-m10")
+    preview.add_argument("--data", required=True, help="an imported data directory, or a shard .tar file")
+    preview.add_argument("--out", required=True, help="output PNG")
+    preview.add_argument("--images", type=int, default=8, help="rows (default 8)")
+    preview.add_argument("--draws", type=int, default=8, help="augmented columns per image (default 8)")
+    preview.add_argument("--size", type=int, default=64, help="output size of the policy (default 64)")
+    preview.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from pipeline.importer import import_fashion_mnist, import_folder
+
+    common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
+                  seed=args.seed, shard_size=args.shard_size)
+    if args.kind == "fashion-mnist":
+        manifest = import_fashion_mnist(args.out, source=args.source_dir, **common)
+    else:
+        manifest = import_folder(args.src, args.out, test_fraction=args.test_fraction, **common)
+    counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
+    print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    run_pipeline(config, run_dir, only=args.only, start=args.start)
+    print(f"run directory: {run_dir}")
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    from pipeline.stages import describe
+
+    for stage, state in describe(args.run_dir):
+        print(f"{stage:12s} {state}")
+
+
+def _cmd_preview(args: argparse.Namespace) -> None:
+    from augment import build_policy
+    from augment.preview import make_preview_grid, save_preview_grid
+    from pipeline.preview_data import sample_images
+
+    images = sample_images(Path(args.data), args.images)
+    grid = make_preview_grid(images, build_policy(args.policy, args.size), args.draws, args.seed)
+    save_preview_grid(grid, Path(args.out))
+    print(f"saved {args.out}: {len(images)} images x {args.draws} draws of policy {args.policy}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "augment": _cmd_preview}
+    try:
+        handlers[args.command](args)
+    except _user_errors() as exc:
+        print(f"selftrain: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selftrain: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

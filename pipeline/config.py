@@ -1,0 +1,147 @@
+"""The run configuration: typed, frozen, strict.
+
+A YAML file plus `--set a.b=value` overrides becomes a `Config`. Every
+section is a frozen dataclass; unknown keys, wrong types and out-of-range
+values are rejected by `configschema.from_dict` with the key path named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.configschema import ConfigError, bounds, from_dict, set_by_path, to_dict
+
+DataSource = Literal["fashion-mnist", "folder", "shards"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where labeled/unlabeled/test data comes from and how it is split."""
+
+    source: DataSource = "fashion-mnist"
+    # raw idx dir (fashion-mnist), image folder (folder) or an imported data dir (shards)
+    path: str | None = None
+    labels_per_class: int = field(default=100, metadata=bounds(ge=1))
+    holdout_per_class: int = field(default=0, metadata=bounds(ge=0))
+    seed: int = 0
+    shard_size: int = field(default=5000, metadata=bounds(ge=1))
+    # folder import only: fraction of each class kept aside as the test split
+    test_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A timm model and its noise (dropout before the head, stochastic depth)."""
+
+    arch: str = "resnet18"
+    input_size: int = field(default=32, metadata=bounds(ge=8))
+    drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    # a checkpoint directory (model.safetensors + meta.json) to start from; null = random init
+    init: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one training stage."""
+
+    policy: str = "s1"
+    epochs: int = field(default=80, metadata=bounds(ge=1))
+    batch_size: int = field(default=128, metadata=bounds(ge=1))
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = field(default=0.1, metadata=bounds(gt=0))
+    weight_decay: float = field(default=5e-4, metadata=bounds(ge=0))
+    momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+    warmup_epochs: float = field(default=2.0, metadata=bounds(ge=0))
+    label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    save_every_steps: int = field(default=200, metadata=bounds(ge=1))
+    eval_batch_size: int = field(default=512, metadata=bounds(ge=1))
+
+    def __post_init__(self) -> None:
+        from augment import PolicyError, parse_policy
+
+        try:
+            parse_policy(self.policy)
+        except PolicyError as exc:
+            raise ValueError(f"policy: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A model and how to train it (teacher now, students later)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to use the hardware; none of this changes results on CPU."""
+
+    workers: int = field(default=2, metadata=bounds(ge=0))
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    threads: int | None = field(default=None, metadata=bounds(ge=1))
+    log_with: Literal["tensorboard"] | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value) with the value parsed as YAML (so 0.1, true, null work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set teacher.train.epochs=10")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML `path` (or defaults when None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_by_path(data, key, value)
+    try:
+        return from_dict(Config, data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a config section (or any JSON-able value)."""
+    plain = to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,178 @@
+"""Data import: a raw source -> labeled/holdout/unlabeled/test shards + manifest.
+
+The split is a pure function of (labels, seed, sizes), so the same seed gives
+the same shards byte for byte. `manifest.json` is written last: a directory
+without it is an incomplete import and is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.atomic import read_json, sha256_file, write_json
+from pipeline.shards import encode_png, write_shards
+from pipeline.sources import fashion_mnist, folder
+from pipeline.sources.fashion_mnist import DataSourceError
+
+SPLITS = ("labeled", "holdout", "unlabeled", "test")
+MANIFEST = "manifest.json"
+TRUTH_FILE = "unlabeled_truth.json"
+FORMAT = "selftrain-data/1"
+
+
+def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
+                  seed: int, classes: list[str]) -> dict[str, np.ndarray]:
+    """Pick `per_class` human labels per class (seeded); `holdout_per_class` of them are held out.
+
+    Returns sorted index arrays for "labeled", "holdout" and "unlabeled" (the rest).
+    """
+    if holdout_per_class >= per_class:
+        raise DataSourceError(f"holdout_per_class ({holdout_per_class}) must be smaller than labels_per_class ({per_class})")
+    rng = np.random.default_rng(seed)
+    labeled, holdout = [], []
+    for c in range(len(classes)):
+        members = np.flatnonzero(labels == c)
+        if len(members) <= per_class:
+            raise DataSourceError(f"class '{classes[c]}' has {len(members)} training images; "
+                                  f"labels_per_class={per_class} must leave some unlabeled")
+        chosen = rng.permutation(members)[:per_class]
+        holdout.append(chosen[per_class - holdout_per_class:])
+        labeled.append(chosen[:per_class - holdout_per_class])
+    labeled_idx = np.sort(np.concatenate(labeled))
+    holdout_idx = np.sort(np.concatenate(holdout))
+    rest = np.ones(len(labels), dtype=bool)
+    rest[labeled_idx] = False
+    rest[holdout_idx] = False
+    return {"labeled": labeled_idx, "holdout": holdout_idx, "unlabeled": np.flatnonzero(rest)}
+
+
+def import_params(kind: str, source: str | None, per_class: int, holdout: int, seed: int,
+                  shard_size: int, test_fraction: float | None = None) -> dict[str, object]:
+    params: dict[str, object] = {"kind": kind, "labels_per_class": per_class, "holdout_per_class": holdout,
+                                 "seed": seed, "shard_size": shard_size}
+    if test_fraction is not None:
+        params["test_fraction"] = test_fraction
+    return params
+
+
+def existing_import(out: Path, params: dict[str, object]) -> dict | None:
+    """The manifest if `out` already holds this exact import; raise if it holds another one."""
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest.get("params") != params:
+        diff = {k: (manifest.get("params", {}).get(k), v) for k, v in params.items()
+                if manifest.get("params", {}).get(k) != v}
+        raise DataSourceError(f"{out} already holds a different import ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                              "choose another --out or delete it")
+    return manifest
+
+
+def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callable[[], tuple[str, bytes]]]]],
+                  shard_size: int, progress: bool) -> dict[str, list[dict[str, object]]]:
+    total = sum(len(items) for items in split_items.values())
+    bar = tqdm(total=total, desc="import", unit="img", disable=not progress)
+    records = {}
+    for split, items in split_items.items():
+        def samples() -> Iterator[dict[str, bytes | str]]:
+            for key, label, payload in items:
+                ext, data = payload()
+                bar.update(1)
+                sample: dict[str, bytes | str] = {"__key__": key, ext: data}
+                if label >= 0:  # the unlabeled pool carries no labels at all
+                    sample["cls"] = str(label).encode()
+                yield sample
+        records[split] = write_shards(out / split, split, samples(), shard_size) if items else []
+    bar.close()
+    return records
+
+
+def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
+            split_items: dict[str, list], shard_size: int, truth: dict[str, int], source: str,
+            progress: bool) -> dict:
+    for split in SPLITS:
+        shutil.rmtree(out / split, ignore_errors=True)  # leftovers of an interrupted import
+    out.mkdir(parents=True, exist_ok=True)
+    records = _write_splits(out, split_items, shard_size, progress)
+    write_json(out / TRUTH_FILE, truth)
+    manifest = {
+        "format": FORMAT, "params": params, "source": source,
+        "classes": classes, "num_classes": len(classes), "mode": mode,
+        "splits": {split: {"count": len(items),
+                           "per_class": np.bincount([label for _, label, _ in items], minlength=len(classes)).tolist()
+                           if split != "unlabeled" else None,
+                           "shards": records[split]}
+                   for split, items in split_items.items()},
+        "unlabeled_truth": {"file": TRUTH_FILE, "sha256": sha256_file(out / TRUTH_FILE),
+                            "note": "true labels of the unlabeled pool; only for measuring pseudo-label accuracy"},
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def import_fashion_mnist(out: str | Path, source: str | None = None, per_class: int = 100,
+                         holdout_per_class: int = 0, seed: int = 0, shard_size: int = 5000,
+                         progress: bool = True) -> dict:
+    out = Path(out)
+    params = import_params("fashion-mnist", source, per_class, holdout_per_class, seed, shard_size)
+    if (manifest := existing_import(out, params)) is not None:
+        return manifest
+    arrays = fashion_mnist.load(source)
+    classes = list(fashion_mnist.CLASS_NAMES)
+    train_x, train_y = arrays["train_images"], arrays["train_labels"]
+    parts = split_labeled(train_y, per_class, holdout_per_class, seed, classes)
+
+    def items(x: np.ndarray, y: np.ndarray, prefix: str, idx: np.ndarray, keep_label: bool) -> list:
+        return [(f"{prefix}-{i:05d}", int(y[i]) if keep_label else -1,
+                 (lambda i=i: ("png", encode_png(x[i])))) for i in idx]
+
+    split_items = {
+        "labeled": items(train_x, train_y, "train", parts["labeled"], True),
+        "holdout": items(train_x, train_y, "train", parts["holdout"], True),
+        "unlabeled": items(train_x, train_y, "train", parts["unlabeled"], False),
+        "test": items(arrays["test_images"], arrays["test_labels"], "test", np.arange(len(arrays["test_labels"])), True),
+    }
+    truth = {f"train-{i:05d}": int(train_y[i]) for i in parts["unlabeled"]}
+    where = str(fashion_mnist.locate(source))
+    return _finish(out, params, classes, "L", split_items, shard_size, truth, where, progress)
+
+
+def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdout_per_class: int = 0,
+                  seed: int = 0, shard_size: int = 5000, test_fraction: float = 0.2,
+                  progress: bool = True) -> dict:
+    """Import an image folder; `test_fraction` of each class becomes the held-out test split."""
+    out = Path(out)
+    params = import_params("folder", str(src), per_class, holdout_per_class, seed, shard_size, test_fraction)
+    if (manifest := existing_import(out, params)) is not None:
+        return manifest
+    classes, images = folder.scan(src)
+    labels = np.array([im.label for im in images])
+    rng = np.random.default_rng(seed + 1)  # independent of the labeled draw
+    is_test = np.zeros(len(images), dtype=bool)
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        is_test[members[:max(1, int(round(test_fraction * len(members))))]] = True
+    train_idx = np.flatnonzero(~is_test)
+    parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes)
+    mode = "RGB" if any(folder.header_mode(im) == "RGB" for im in images) else "L"
+
+    def payload(i: int) -> Callable[[], tuple[str, bytes]]:
+        return lambda: folder.read_checked(images[i])
+
+    def items(idx: np.ndarray, keep_label: bool) -> list:
+        return [(images[i].key, int(labels[i]) if keep_label else -1, payload(i)) for i in idx]
+
+    split_items = {
+        "labeled": items(train_idx[parts["labeled"]], True),
+        "holdout": items(train_idx[parts["holdout"]], True),
+        "unlabeled": items(train_idx[parts["unlabeled"]], False),
+        "test": items(np.flatnonzero(is_test), True),
+    }
+    truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]]}
+    return _finish(out, params, classes, mode, split_items, shard_size, truth, str(src), progress)

@@ -1,0 +1,33 @@
+"""A few decoded images from an imported data dir or a single shard, for previews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.imageset import DataDirError, open_data
+from pipeline.shards import decode_image, iter_shard
+
+
+def sample_images(source: Path, count: int) -> list[np.ndarray]:
+    """The first `count` images of a shard, or of the labeled split of a data dir."""
+    if source.is_dir():
+        info = open_data(source)
+        shards, mode = info.shard_paths("labeled") or info.shard_paths("test"), info.mode
+    elif source.suffix == ".tar" and source.exists():
+        shards, mode = [source], "RGB"
+    else:
+        raise DataDirError(f"--data {source}: expected an imported data directory or a .tar shard")
+    images: list[np.ndarray] = []
+    for shard in shards:
+        for sample in iter_shard(shard):
+            image = decode_image(sample, shard, mode)
+            if mode == "RGB" and (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
+                image = image[..., :1]  # a grayscale image read from a bare shard
+            images.append(image)
+            if len(images) == count:
+                return images
+    if not images:
+        raise DataDirError(f"--data {source}: no images found")
+    return images

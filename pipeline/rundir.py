@@ -1,0 +1,141 @@
+"""The run directory: the one object that knows every path of a run.
+
+Layout:
+    RUN/lock                  held (flock) by the process using the run
+    RUN/config.yaml           the resolved config of the latest invocation
+    RUN/data/                 imported shards + manifest.json
+    RUN/<stage>/stage.json    what the stage was started with (fingerprint, inputs)
+    RUN/<stage>/DONE          written last; a rerun skips the stage
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import read_json, write_json, write_text
+
+
+class RunDirError(RuntimeError):
+    """The run directory is locked, or holds results made with other inputs."""
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._lock_handle: int | None = None
+
+    # ---- paths -------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        """model.safetensors + meta.json: what later stages (and users) load."""
+        return self.stage_dir(stage) / "checkpoint"
+
+    def state_dir(self, stage: str) -> Path:
+        """accelerate save_state output: resumable training state."""
+        return self.stage_dir(stage) / "state"
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.json"
+
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    # ---- lock --------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the run's lock or fail at once; the OS drops it if the process dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "lock"
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(handle)
+            raise RunDirError(f"run directory {self.root} is in use by {holder}; "
+                              "wait for it to finish or use another --run-dir") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"pid {os.getpid()}\n".encode(), 0)
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            os.close(self._lock_handle)
+            self._lock_handle = None
+
+    def __enter__(self) -> "RunDir":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ---- stage state -------------------------------------------------------
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "DONE").exists()
+
+    def mark_done(self, stage: str) -> None:
+        write_text(self.stage_dir(stage) / "DONE", "done\n")
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / "stage.json"
+        return read_json(path) if path.exists() else None
+
+    def begin_stage(self, stage: str, record: dict[str, Any]) -> None:
+        """Record what the stage runs with, or refuse if earlier work used other inputs.
+
+        `record` holds "fingerprint" plus readable "inputs"; a mismatch names the
+        fields that differ so the user knows why the resume is refused.
+        """
+        previous = self.stage_record(stage)
+        if previous is not None and previous.get("fingerprint") != record["fingerprint"]:
+            old, new = _flatten(previous.get("inputs", {})), _flatten(record.get("inputs", {}))
+            diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
+            raise RunDirError(
+                f"stage '{stage}' in {self.root} was started with different inputs "
+                f"({'; '.join(diffs) or 'fingerprint differs'}). Rerun with --from {stage} to redo it "
+                "(and everything after it), or use a new --run-dir.")
+        if previous is None:
+            self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+            write_json(self.stage_dir(stage) / "stage.json", record)
+
+    def drop_training_state(self, stage: str) -> None:
+        """A finished stage needs no resume state; its checkpoint is what stays."""
+        for suffix in ("", ".tmp", ".prev"):
+            path = self.state_dir(stage)
+            shutil.rmtree(path.with_name(path.name + suffix), ignore_errors=True)
+
+    def reset_stage(self, stage: str) -> None:
+        """Forget a stage completely (used by --from)."""
+        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+
+    def stage_state(self, stage: str) -> str:
+        if self.is_done(stage):
+            return "done"
+        if self.stage_dir(stage).exists():
+            return "started" if not self.state_dir(stage).exists() else "resumable"
+        return "pending"
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}

@@ -1,0 +1,149 @@
+"""Webdataset tar shards: atomic writing, strict or skip-and-count reading.
+
+A shard is a plain tar in webdataset layout: members `KEY.png`, `KEY.cls`,
+grouped by `__key__`. Writing goes through `webdataset.TarWriter` into a
+temporary file that is renamed when complete. Reading walks the tar stream
+directly so that errors can name the shard, the key and the position.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.atomic import atomic_open, sha256_file
+
+OnError = Literal["raise", "skip"]
+
+
+class ShardError(RuntimeError):
+    """A shard or a sample in it cannot be read; the message names both."""
+
+
+@dataclass
+class ReadProblems:
+    """Skip-and-count record for lenient (unlabeled) reading."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {shard, key, reason}
+    truncated: list[dict[str, str]] = field(default_factory=list)  # {shard, after_key, reason}
+
+    def as_dict(self) -> dict[str, object]:
+        return {"skipped": self.skipped, "truncated": self.truncated,
+                "num_skipped": len(self.skipped), "num_truncated": len(self.truncated)}
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    mode = "L" if image.ndim == 2 or image.shape[2] == 1 else "RGB"
+    Image.fromarray(image.reshape(image.shape[0], image.shape[1]) if mode == "L" else image, mode).save(
+        buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_shards(out_dir: Path, prefix: str, samples: Iterator[dict[str, bytes | str]],
+                 shard_size: int) -> list[dict[str, object]]:
+    """Write samples ({"__key__", "png", "cls", ...}) into shards of `shard_size`.
+
+    Returns one record per shard: name, count, sha256. Each shard appears under
+    its final name only once it is complete.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, object]] = []
+    batch: list[dict[str, bytes | str]] = []
+
+    def flush() -> None:
+        path = out_dir / shard_name(prefix, len(records))
+        with atomic_open(path) as handle:
+            writer = wds.TarWriter(handle, encoder=False, mtime=0)  # int mtime: no PAX headers
+            for sample in batch:
+                writer.write(sample)
+            writer.close()  # finishes the tar; the handle is ours (atomic_open) and stays open
+        records.append({"name": path.name, "count": len(batch), "sha256": sha256_file(path)})
+        batch.clear()
+
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == shard_size:
+            flush()
+    if batch:
+        flush()
+    return records
+
+
+def iter_shard(path: Path, on_error: OnError = "raise",
+               problems: ReadProblems | None = None) -> Iterator[dict[str, bytes | str]]:
+    """Yield raw samples {"__key__": str, ext: bytes, ...} from one shard, in order.
+
+    on_error="raise": a truncated or corrupt tar raises ShardError naming the
+    shard and the last good key. on_error="skip": the samples read before the
+    break are kept and the break is recorded in `problems`.
+    """
+    current: dict[str, bytes | str] | None = None
+    last_key = "<start of shard>"
+    try:
+        with tarfile.open(path, mode="r|*") as stream:
+            for member in stream:
+                if not member.isreg():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                data = stream.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    last_key = str(current["__key__"])
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        if on_error == "raise":
+            raise ShardError(f"shard {path} is truncated or corrupt after key '{last_key}' ({reason})") from exc
+        if problems is not None:
+            problems.truncated.append({"shard": path.name, "after_key": last_key, "reason": reason})
+        return  # the partial sample at the break is dropped: it may be incomplete
+    if current is not None:
+        yield current
+
+
+def decode_image(sample: dict[str, bytes | str], shard: Path, mode: str) -> np.ndarray:
+    """Decode the image of a raw sample to uint8 HxWxC in `mode` ("L" or "RGB")."""
+    key = sample["__key__"]
+    ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
+    if ext is None:
+        raise ShardError(f"shard {shard}, key '{key}': no image member (.png/.jpg); has {sorted(k for k in sample if k != '__key__')}")
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            image = image.convert(mode)
+            array = np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types for undecodable bytes
+        raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def decode_label(sample: dict[str, bytes | str], shard: Path, num_classes: int) -> int:
+    key = sample["__key__"]
+    if "cls" not in sample:
+        raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard")
+    raw = sample["cls"]
+    try:
+        label = int(raw.decode() if isinstance(raw, bytes) else raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ShardError(f"shard {shard}, key '{key}': 'cls' is not an integer: {raw[:20]!r}") from None
+    if not 0 <= label < num_classes:
+        raise ShardError(f"shard {shard}, key '{key}': class {label} is outside 0..{num_classes - 1}")
+    return label

@@ -1,0 +1,1 @@
+"""Raw data sources that the importer turns into shards."""

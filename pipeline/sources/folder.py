@@ -1,0 +1,72 @@
+"""A folder of images with one sub-folder per class (PNG/JPEG, RGB or grayscale, any size)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.sources.fashion_mnist import DataSourceError
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    path: Path
+    label: int
+    key: str
+
+
+def _safe(text: str) -> str:
+    """webdataset keys may not contain dots; keep them readable and stable."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
+    """Class names (sorted sub-folder names) and every image, in a stable order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataSourceError(f"image folder {root} does not exist or is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataSourceError(f"image folder {root}: need one sub-folder per class (at least 2), found {classes}")
+    images: list[FolderImage] = []
+    used: set[str] = set()
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataSourceError(f"image folder {root}: class folder '{name}' has no PNG/JPEG images")
+        for path in files:
+            key = f"{_safe(name)}__{_safe(str(path.relative_to(root / name).with_suffix('')))}"
+            base, n = key, 1
+            while key in used:
+                n += 1
+                key = f"{base}_{n}"
+            used.add(key)
+            images.append(FolderImage(path, label, key))
+    return classes, images
+
+
+def header_mode(image: FolderImage) -> str:
+    """'L' or 'RGB' from the file header alone (cheap); a folder with any colour image is stored as RGB."""
+    try:
+        with Image.open(image.path) as handle:
+            return "L" if handle.mode in GRAY_MODES else "RGB"
+    except Exception as exc:  # PIL raises many types
+        raise DataSourceError(f"{image.path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def read_checked(image: FolderImage) -> tuple[str, bytes]:
+    """Original bytes (no re-encoding) and their extension; fails loudly if the image does not decode."""
+    data = image.path.read_bytes()
+    try:
+        with Image.open(image.path) as handle:
+            handle.load()
+    except Exception as exc:  # PIL raises many types
+        raise DataSourceError(f"{image.path}: image does not decode ({type(exc).__name__}: {exc})") from None
+    return IMAGE_SUFFIXES[image.path.suffix.lower()], data

@@ -1,0 +1,151 @@
+"""A resumable accelerate training loop shared by every training stage.
+
+The stage supplies the model, a batch source that can start at any step,
+and a function returning a dict of loss terms ("loss" is optimised, the rest
+are logged). State (model, optimizer, scheduler, step, RNG) is saved every
+`save_every_steps` with `accelerator.save_state` into `state.tmp` and then
+swapped in, so a kill at any moment leaves one complete state on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig
+
+LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
+KILL_ENV = "SELFTRAIN_KILL_AT_STEP"  # fault injection for the kill-and-resume tests
+
+
+@dataclass
+class TrainProgress:
+    """Registered with accelerate so the step count is saved with the state."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    seconds: float
+    images_per_s: float
+    data_wait_fraction: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm parameters (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _state_path(state_dir: Path) -> Path | None:
+    """The complete state to resume from, if any (`state.prev` survives a kill mid-swap)."""
+    previous = state_dir.with_name(state_dir.name + ".prev")
+    if state_dir.exists():
+        return state_dir
+    return previous if previous.exists() else None
+
+
+def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    previous = state_dir.with_name(state_dir.name + ".prev")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state_dir.exists():
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(state_dir, previous)
+        os.replace(tmp, state_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
+          steps_per_epoch: int, batches: Callable[[int], Iterable[Any]], loss_fn: LossFn,
+          count: Callable[[Any], int], state_dir: Path, name: str, progress: bool = True) -> TrainResult:
+    """Train `model` in place for `total_steps`, resuming from `state_dir` when it holds a state.
+
+    `batches(start_step)` must yield the batches for steps start_step..total_steps-1.
+    """
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
+    state = TrainProgress()
+    accelerator.register_for_checkpointing(scheduler, state)
+    resume = _state_path(state_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"[{name}] resuming from step {state.step}/{total_steps} ({resume})")
+    start = state.step
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_local_main_process))
+    model.train()
+    images, wait, t0 = 0, 0.0, time.perf_counter()
+    last: dict[str, float] = {}
+    tick = time.perf_counter()
+    for batch in batches(start):
+        wait += time.perf_counter() - tick
+        losses = loss_fn(model, batch)
+        accelerator.backward(losses["loss"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        images += count(batch) * accelerator.num_processes
+        if state.step % 10 == 0 or state.step == total_steps:
+            last = {k: float(v.detach()) for k, v in losses.items()}
+            rate = images / max(1e-9, time.perf_counter() - t0)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+            accelerator.log({f"{name}/{k}": v for k, v in last.items()} | {f"{name}/lr": lr,
+                            f"{name}/images_per_s": rate, "epoch": state.step / steps_per_epoch},
+                            step=state.step)
+        bar.update(1)
+        if state.step % cfg.save_every_steps == 0 and state.step < total_steps:
+            _save_state(accelerator, state_dir)
+        if state.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        tick = time.perf_counter()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(steps=state.step, resumed_from=start, seconds=seconds,
+                       images_per_s=images / max(1e-9, seconds),
+                       data_wait_fraction=wait / max(1e-9, seconds), last_losses=last)

@@ -1,0 +1,1 @@
+"""Student models with noise, losses (soft CE, KD) and distillation."""

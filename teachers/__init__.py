@@ -1,0 +1,1 @@
+"""Teacher models, checkpoints, labeling (logits -> pseudo-labels) and selection."""

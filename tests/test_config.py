@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+from pipeline.configschema import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_config_loads():
+    config = load_config(Path(__file__).parents[1] / "configs" / "fashion_mnist.yaml")
+    assert isinstance(config, Config)
+    assert config.teacher.train.policy == "s1"
+
+
+def test_misspelled_key_is_rejected_with_suggestion(tmp_path):
+    path = write(tmp_path, "teacher:\n  train:\n    epocs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "teacher.train.epocs" in message
+    assert "teacher.train.epochs" in message
+    assert str(path) in message
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match="Did you mean 'teacher'"):
+        load_config(write(tmp_path, "teachr: {}\n"))
+
+
+def test_wrong_type_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"teacher.train.epochs: expected an integer, got '10'"):
+        load_config(write(tmp_path, "teacher:\n  train:\n    epochs: '10'\n"))
+    with pytest.raises(ConfigError, match="teacher.train.lr: expected a number"):
+        load_config(write(tmp_path, "teacher:\n  train:\n    lr: fast\n"))
+
+
+def test_out_of_range_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"teacher.train.label_smoothing: 1.5 is out of range"):
+        load_config(write(tmp_path, "teacher:\n  train:\n    label_smoothing: 1.5\n"))
+    with pytest.raises(ConfigError, match="teacher.train.optimizer: 'adam' is not one of"):
+        load_config(write(tmp_path, "teacher:\n  train:\n    optimizer: adam\n"))
+
+
+def test_bad_policy_string_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="policy"):
+        load_config(write(tmp_path, "teacher:\n  train:\n    policy: s9\n"))
+
+
+def test_set_overrides(tmp_path):
+    config = load_config(write(tmp_path, "seed: 1\n"), ["teacher.train.epochs=3", "teacher.model.arch=resnet34",
+                                                        "runtime.log_with=null", "teacher.train.lr=0.05"])
+    assert config.teacher.train.epochs == 3
+    assert config.teacher.model.arch == "resnet34"
+    assert config.teacher.train.lr == 0.05
+    assert config.seed == 1
+    with pytest.raises(ConfigError, match="teacher.train.epoch"):
+        load_config(None, ["teacher.train.epoch=3"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["teacher.train.epochs"])
+
+
+def test_config_is_frozen():
+    config = load_config(None)
+    with pytest.raises(Exception):
+        config.seed = 3  # type: ignore[misc]

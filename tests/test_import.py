@@ -1,0 +1,111 @@
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.importer import import_fashion_mnist, import_folder
+from pipeline.imageset import load_labeled_split, open_data
+from pipeline.shards import iter_shard
+from pipeline.sources.fashion_mnist import DataSourceError
+
+
+def keys_of(data_dir, split):
+    info = open_data(data_dir)
+    return [s["__key__"] for p in info.shard_paths(split) for s in iter_shard(p)]
+
+
+def test_import_is_deterministic_and_splits_do_not_overlap(tiny_fashion_dir, tmp_path):
+    a = import_fashion_mnist(tmp_path / "a", str(tiny_fashion_dir), per_class=20, holdout_per_class=5,
+                             seed=3, shard_size=64, progress=False)
+    b = import_fashion_mnist(tmp_path / "b", str(tiny_fashion_dir), per_class=20, holdout_per_class=5,
+                             seed=3, shard_size=64, progress=False)
+    c = import_fashion_mnist(tmp_path / "c", str(tiny_fashion_dir), per_class=20, holdout_per_class=5,
+                             seed=4, shard_size=64, progress=False)
+    assert a["splits"] == b["splits"]  # same shards byte for byte (sha256 per shard)
+    assert a["splits"]["labeled"]["shards"] != c["splits"]["labeled"]["shards"]
+    labeled, holdout, unlabeled = (set(keys_of(tmp_path / "a", s)) for s in ("labeled", "holdout", "unlabeled"))
+    assert len(labeled) == 150 and len(holdout) == 50 and len(unlabeled) == 400
+    assert not labeled & holdout and not labeled & unlabeled and not holdout & unlabeled
+    assert a["splits"]["labeled"]["per_class"] == [15] * 10
+    assert a["splits"]["test"]["count"] == 200
+    truth = json.loads((tmp_path / "a" / "unlabeled_truth.json").read_text())
+    assert set(truth) == unlabeled
+
+
+def test_unlabeled_shards_carry_no_labels(tiny_data):
+    info = open_data(tiny_data)
+    for path in info.shard_paths("unlabeled"):
+        for sample in iter_shard(path):
+            assert set(sample) == {"__key__", "png"}
+
+
+def test_import_refuses_other_params_in_same_dir(tiny_fashion_dir, tmp_path):
+    import_fashion_mnist(tmp_path / "d", str(tiny_fashion_dir), per_class=10, progress=False)
+    with pytest.raises(DataSourceError, match="labels_per_class: 10 -> 12"):
+        import_fashion_mnist(tmp_path / "d", str(tiny_fashion_dir), per_class=12, progress=False)
+
+
+def test_missing_source_names_files_and_fix(tmp_path):
+    with pytest.raises(DataSourceError, match="train-images-idx3-ubyte.gz"):
+        import_fashion_mnist(tmp_path / "x", str(tmp_path), progress=False)
+
+
+def test_truncated_idx_is_named(tiny_fashion_dir, tmp_path):
+    import gzip
+    import shutil
+    src = tmp_path / "raw"
+    shutil.copytree(tiny_fashion_dir, src)
+    raw = gzip.open(src / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(src / "train-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(raw[:-100])
+    with pytest.raises(DataSourceError, match="train-images-idx3-ubyte.gz: truncated"):
+        import_fashion_mnist(tmp_path / "y", str(src), progress=False)
+
+
+def make_folder(root, sizes=((20, 24), (33, 17)), classes=("cat", "dog", "eel")):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            h, w = sizes[i % len(sizes)]
+            if i % 3 == 0:
+                Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8), "L").save(root / name / f"img.{i}.png")
+            else:
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").save(
+                    root / name / f"{i}.jpg", quality=90)
+
+
+def test_folder_import(tmp_path):
+    make_folder(tmp_path / "src")
+    manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=4, holdout_per_class=1,
+                             seed=0, shard_size=10, test_fraction=0.25, progress=False)
+    assert manifest["classes"] == ["cat", "dog", "eel"]
+    assert manifest["mode"] == "RGB"
+    counts = {k: v["count"] for k, v in manifest["splits"].items()}
+    assert counts == {"labeled": 9, "holdout": 3, "unlabeled": 15, "test": 9}
+    info = open_data(tmp_path / "out")
+    labeled = load_labeled_split(info, "labeled")
+    assert all(im.dtype == np.uint8 and im.shape[2] == 3 for im in labeled.images)
+    assert {im.shape[:2] for im in labeled.images} <= {(20, 24), (33, 17)}
+    keys = [k for split in ("labeled", "holdout", "unlabeled", "test") for k in keys_of(tmp_path / "out", split)]
+    assert len(keys) == len(set(keys)) == 36
+    assert all("." not in k for k in keys)
+    again = import_folder(tmp_path / "src", tmp_path / "out2", per_class=4, holdout_per_class=1,
+                          seed=0, shard_size=10, test_fraction=0.25, progress=False)
+    assert again["splits"] == manifest["splits"]
+
+
+def test_folder_import_rejects_undecodable_image(tmp_path):
+    make_folder(tmp_path / "src")
+    (tmp_path / "src" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataSourceError, match="broken.png"):
+        import_folder(tmp_path / "src", tmp_path / "out", per_class=4, progress=False)
+
+
+def test_shards_are_plain_tars(tiny_data):
+    info = open_data(tiny_data)
+    with tarfile.open(info.shard_paths("labeled")[0]) as tar:
+        names = tar.getnames()
+    assert names[0].endswith(".cls") and names[1].endswith(".png")

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.rundir import RunDir, RunDirError
+
+
+def test_lock_refuses_a_second_process(tmp_path):
+    with RunDir(tmp_path / "run"):
+        code = textwrap.dedent(f"""
+            from pipeline.rundir import RunDir, RunDirError
+            try:
+                RunDir({str(tmp_path / 'run')!r}).acquire()
+            except RunDirError as exc:
+                print("REFUSED", exc)
+        """)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "REFUSED" in out and "in use by pid" in out
+    # released: a new holder gets it
+    with RunDir(tmp_path / "run"):
+        pass
+
+
+def test_lock_is_dropped_when_holder_is_killed(tmp_path):
+    code = f"from pipeline.rundir import RunDir; import os, signal; RunDir({str(tmp_path / 'r')!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+    subprocess.run([sys.executable, "-c", code])
+    with RunDir(tmp_path / "r"):
+        pass
+
+
+def test_stage_record_mismatch_names_the_difference(tmp_path):
+    run = RunDir(tmp_path)
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {"model": {"arch": "resnet18"}}})
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {"model": {"arch": "resnet18"}}})
+    with pytest.raises(RunDirError, match=r"model.arch: 'resnet18' -> 'resnet34'.*--from teacher"):
+        run.begin_stage("teacher", {"fingerprint": "b", "inputs": {"model": {"arch": "resnet34"}}})
+
+
+def test_done_and_states(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.stage_state("teacher") == "pending"
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {}})
+    assert run.stage_state("teacher") == "started"
+    run.mark_done("teacher")
+    assert run.is_done("teacher") and run.stage_state("teacher") == "done"

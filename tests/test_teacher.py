@@ -1,0 +1,94 @@
+"""Teacher stage end to end on tiny data, kill-and-resume, refused resume, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from safetensors.torch import load_file
+
+from pipeline.cli import main
+from pipeline.trainer import KILL_ENV
+
+TINY = ["teacher.model.arch=test_resnet", "teacher.model.input_size=16", "teacher.train.epochs=6",
+        "teacher.train.batch_size=32", "teacher.train.lr=0.05", "teacher.train.save_every_steps=5",
+        "teacher.train.warmup_epochs=1", "runtime.workers=0", "runtime.progress=false"]
+
+
+def write_config(tmp_path: Path, data_dir: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data_dir}\n")
+    return path
+
+
+def run_cli(config: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run_dir)]
+    for item in TINY:
+        args += ["--set", item]
+    return subprocess.run(args + list(extra), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "teacher" / "checkpoint" / "model.safetensors"))
+
+
+def test_teacher_end_to_end(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data)
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run")] + [x for s in TINY for x in ("--set", s)]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    metrics = json.loads((run / "teacher" / "metrics.json").read_text())
+    assert {"top1", "ece", "num_test", "per_class"} <= set(metrics)
+    assert metrics["num_test"] == 200
+    assert metrics["top1"] > 0.3  # 10 learnable classes: far above chance (0.1)
+    assert metrics["policy"].startswith("s1")
+    meta = json.loads((run / "teacher" / "checkpoint" / "meta.json").read_text())
+    assert meta["arch"] == "test_resnet" and meta["num_classes"] == 10 and meta["input_size"] == 16
+    model = timm.create_model(meta["arch"], num_classes=meta["num_classes"], in_chans=meta["in_chans"])
+    model.load_state_dict(weights(run))
+    assert (run / "teacher" / "DONE").exists() and (run / "config.yaml").exists()
+    assert not (run / "teacher" / "state").exists()  # a finished stage keeps its checkpoint, not its state
+    # a rerun skips the finished stage
+    assert main(args) == 0
+
+
+def test_kill_and_resume_gives_identical_weights(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data)
+    straight = run_cli(config, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    killed = run_cli(config, tmp_path / "killed", env={KILL_ENV: "13"})
+    assert killed.returncode == -9  # SIGKILL between checkpoints (saved at 10, killed at 13)
+    assert not (tmp_path / "killed" / "teacher" / "DONE").exists()
+    resumed = run_cli(config, tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 10" in resumed.stdout + resumed.stderr
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+
+
+def test_resume_with_other_architecture_is_refused(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data)
+    killed = run_cli(config, tmp_path / "run", env={KILL_ENV: "7"})
+    assert killed.returncode == -9
+    other = run_cli(config, tmp_path / "run", "--set", "teacher.model.arch=resnet10t")
+    assert other.returncode == 2
+    assert "model.arch: 'test_resnet' -> 'resnet10t'" in other.stderr
+    assert "--from teacher" in other.stderr
+
+
+def test_status_and_only(tiny_data, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_data)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "data"]
+                + [x for s in TINY for x in ("--set", s)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "data" in out and "done" in out and "teacher" in out and "pending" in out
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "nope"]) == 2
