@@ -81,6 +81,31 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
+class PseudoLabelConfig:
+    """The un-noised teacher labels the unlabeled shards (eval mode, eval transform)."""
+
+    batch_size: int = field(default=500, metadata=bounds(ge=1))
+    # above this many classes, sidecars keep only the top-k logits plus the log-sum-exp
+    topk_above_classes: int = field(default=100, metadata=bounds(ge=2))
+    topk: int = field(default=20, metadata=bounds(ge=1))
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Noisy Student selection: confidence threshold, class balancing, label form."""
+
+    min_confidence: float = field(default=0.3, metadata=bounds(ge=0, le=1))
+    # target images per class after balancing; null = pool size / number of classes
+    per_class: int | None = field(default=None, metadata=bounds(ge=1))
+    labels: Literal["soft", "hard"] = "soft"
+    temperature: float = field(default=1.0, metadata=bounds(gt=0))  # for soft labels, on top of calibration
+    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))  # for hard labels
+    # fit temperature scaling on the holdout split (needs data.holdout_per_class > 0)
+    calibrate: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How to use the hardware; none of this changes results on CPU."""
 
@@ -97,6 +122,8 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     teacher: StageConfig = field(default_factory=StageConfig)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
 from pipeline.config import RuntimeConfig
@@ -46,3 +46,8 @@ def make_accelerator(runtime: RuntimeConfig, logs_dir: Path, stage: str, hparams
 
 def loader_workers(runtime: RuntimeConfig) -> int:
     return min(runtime.workers, os.cpu_count() or 1)
+
+
+def process_state() -> PartialState:
+    """Rank/world info; `cpu=True` without a GPU so torchrun/accelerate launch use gloo on CPU."""
+    return PartialState(cpu=not torch.cuda.is_available())

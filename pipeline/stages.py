@@ -9,9 +9,7 @@ and runs them again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-from accelerate import PartialState
 
 from pipeline.atomic import write_text
 from pipeline.config import Config, config_to_yaml, fingerprint
@@ -19,9 +17,13 @@ from pipeline.configschema import to_dict
 from pipeline.imageset import DataInfo, open_data
 from pipeline.importer import import_fashion_mnist, import_folder
 from pipeline.rundir import RunDir, RunDirError
+from pipeline.runtime import process_state
+from pipeline.pseudo_label_stage import run_pseudo_label
+from pipeline.select_stage import run_select
 from pipeline.teacher_stage import StageInputs, run_teacher, training_fingerprint_inputs
+from teachers.checkpoint import checkpoint_hash
 
-STAGES = ("data", "teacher")
+STAGES = ("data", "teacher", "pseudo_label", "select")
 
 
 def data_root(config: Config, run: RunDir) -> Path:
@@ -52,11 +54,25 @@ def stage_inputs(stage: str, config: Config, run: RunDir) -> dict:
     """What a stage's result depends on; a rerun with other inputs is refused."""
     if stage == "data":
         return to_dict(config.data)
-    return training_fingerprint_inputs(config.teacher, config.seed, open_data(data_root(config, run)))
+    data = open_data(data_root(config, run))
+    if stage == "teacher":
+        return training_fingerprint_inputs(config.teacher, config.seed, data)
+    teacher = checkpoint_hash(run.checkpoint_dir("teacher"))
+    if stage == "pseudo_label":
+        return {"teacher_sha256": teacher, "pseudo_label": to_dict(config.pseudo_label),
+                "unlabeled_shards": [r["sha256"] for r in data.manifest["splits"]["unlabeled"]["shards"]]}
+    return {"teacher_sha256": teacher, "select": to_dict(config.select),
+            "holdout_shards": [r["sha256"] for r in data.manifest["splits"]["holdout"]["shards"]]}
 
 
-def _stage_runner(stage: str) -> Callable[[StageInputs], object]:
-    return {"teacher": run_teacher}[stage]
+def _run_stage(stage: str, config: Config, run: RunDir, data: DataInfo) -> None:
+    teacher_dir = run.checkpoint_dir("teacher")
+    if stage == "teacher":
+        run_teacher(StageInputs(config, run, data))
+    elif stage == "pseudo_label":
+        run_pseudo_label(config, run, data, teacher_dir)
+    elif stage == "select":
+        run_select(config, run, data, teacher_dir)
 
 
 def select_stages(only: str | None, start: str | None) -> list[str]:
@@ -72,7 +88,7 @@ def select_stages(only: str | None, start: str | None) -> list[str]:
 
 def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None,
                  start: str | None = None) -> None:
-    state = PartialState()
+    state = process_state()
     run = RunDir(run_dir)
     stages = select_stages(only, start)
     if state.is_main_process:
@@ -101,7 +117,8 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None,
                     if state.is_main_process:
                         run_data(config, run, config.runtime.progress)
                 continue
-            _stage_runner(stage)(StageInputs(config, run, open_data(data_root(config, run))))
+            _run_stage(stage, config, run, open_data(data_root(config, run)))
+            state.wait_for_everyone()
     finally:
         if state.is_main_process:
             run.release()
@@ -114,4 +131,3 @@ def describe(run_dir: str | Path) -> list[tuple[str, str]]:
     return [(stage, run.stage_state(stage)) for stage in STAGES]
 
 
-__all__ = ["STAGES", "run_pipeline", "describe", "data_root", "DataInfo"]

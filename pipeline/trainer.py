@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,9 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.faults import kill_point
 
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
-KILL_ENV = "SELFTRAIN_KILL_AT_STEP"  # fault injection for the kill-and-resume tests
 
 
 @dataclass
@@ -114,7 +113,6 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         accelerator.load_state(str(resume))
         accelerator.print(f"[{name}] resuming from step {state.step}/{total_steps} ({resume})")
     start = state.step
-    kill_at = int(os.environ.get(KILL_ENV, "-1"))
     bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
     model.train()
@@ -141,8 +139,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         bar.update(1)
         if state.step % cfg.save_every_steps == 0 and state.step < total_steps:
             _save_state(accelerator, state_dir)
-        if state.step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill_point("step", state.step)
         tick = time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - t0

@@ -48,3 +48,31 @@ def tiny_data(tiny_fashion_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("fm_data")
     import_fashion_mnist(out, source=str(tiny_fashion_dir), per_class=20, seed=0, shard_size=100, progress=False)
     return out
+
+
+TINY_TEACHER = ["teacher.model.arch=test_resnet", "teacher.model.input_size=16", "teacher.train.epochs=4",
+                "teacher.train.batch_size=32", "teacher.train.lr=0.05", "teacher.train.save_every_steps=5",
+                "teacher.train.warmup_epochs=1", "runtime.workers=0", "runtime.progress=false"]
+
+
+def tiny_config(tmp_path: Path, data_dir: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data_dir}\n")
+    return path
+
+
+def set_args(items: list[str]) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(config, run dir) with the data and teacher stages done on the tiny data."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("teacher_run")
+    config = tiny_config(root, tiny_data)
+    run = root / "run"
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "data"] + set_args(TINY_TEACHER)) == 0
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 0
+    return config, run

@@ -11,7 +11,9 @@ import timm
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.trainer import KILL_ENV
+from pipeline.faults import env_name
+
+KILL_ENV = env_name("step")
 
 TINY = ["teacher.model.arch=test_resnet", "teacher.model.input_size=16", "teacher.train.epochs=6",
         "teacher.train.batch_size=32", "teacher.train.lr=0.05", "teacher.train.save_every_steps=5",

@@ -1,0 +1,136 @@
+"""Geometric ops: the affine ops of AutoAugment / RandAugment and the resize / crop / pad / flip
+steps every policy ends with.
+
+Images are "working" images: uint8, HxW (grayscale) or HxWx3 (RGB).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+_NEAREST_INVERSE = cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
+
+
+def _torchvision_inverse_matrix(
+    center: tuple[float, float], angle: float, translate: tuple[float, float], shear: tuple[float, float]
+) -> tuple[float, float, float, float, float, float]:
+    """torchvision's ``_get_inverse_affine_matrix`` (scale 1): output -> input coordinates,
+    both measured from the image centre (pixel index minus (size - 1) / 2)."""
+    rot = math.radians(angle)
+    sx, sy = math.radians(shear[0]), math.radians(shear[1])
+    cx, cy = center
+    tx, ty = translate
+    a = math.cos(rot - sy) / math.cos(sy)
+    b = -(a * math.tan(sx) + math.sin(rot))
+    c = math.sin(rot - sy) / math.cos(sy)
+    d = math.cos(rot) - c * math.tan(sx)
+    m = [d, -b, 0.0, -c, a, 0.0]
+    m[2] += cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] += cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m[0], m[1], m[2], m[3], m[4], m[5]
+
+
+def _warp_nearest(img: np.ndarray, inverse_centered: tuple[float, ...]) -> np.ndarray:
+    """Nearest-neighbour warp with zero fill, as torchvision's grid_sample (align_corners=False).
+
+    The inverse matrix acts on centred coordinates; cv2 wants pixel indices, so conjugate
+    by the shift to the centre ((w - 1) / 2, (h - 1) / 2).
+    """
+    height, width = img.shape[:2]
+    a, b, c, d, e, f = inverse_centered
+    ox, oy = (width - 1) * 0.5, (height - 1) * 0.5
+    matrix = np.array([[a, b, c + ox - a * ox - b * oy], [d, e, f + oy - d * ox - e * oy]], dtype=np.float64)
+    return cv2.warpAffine(img, matrix, (width, height), flags=_NEAREST_INVERSE, borderMode=cv2.BORDER_CONSTANT)
+
+
+def shear_x(img: np.ndarray, amount: float) -> np.ndarray:
+    """Shear along x by ``amount`` (tan of the shear angle) around the top-left corner, as
+    torchvision's AutoAugment (``F.affine(shear=[degrees(atan(amount)), 0], center=[0, 0])``)."""
+    height, width = img.shape[:2]
+    shear = (math.degrees(math.atan(amount)), 0.0)
+    return _warp_nearest(img, _torchvision_inverse_matrix((-0.5 * width, -0.5 * height), 0.0, (0.0, 0.0), shear))
+
+
+def shear_y(img: np.ndarray, amount: float) -> np.ndarray:
+    height, width = img.shape[:2]
+    shear = (0.0, math.degrees(math.atan(amount)))
+    return _warp_nearest(img, _torchvision_inverse_matrix((-0.5 * width, -0.5 * height), 0.0, (0.0, 0.0), shear))
+
+
+def translate(img: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """Shift by whole pixels (positive = right / down), zero fill."""
+    return _warp_nearest(img, _torchvision_inverse_matrix((0.0, 0.0), 0.0, (float(dx), float(dy)), (0.0, 0.0)))
+
+
+def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate counter-clockwise about the image centre, same canvas, zero fill (``F.rotate``)."""
+    if degrees % 360 == 0:
+        return img
+    return _warp_nearest(img, _torchvision_inverse_matrix((0.0, 0.0), -degrees, (0.0, 0.0), (0.0, 0.0)))
+
+
+def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area averaging when shrinking to half size or less (bilinear would alias badly there),
+    bilinear otherwise (OpenCV's area resampling at mild, non-integer ratios is ~7x slower
+    than bilinear and looks the same)."""
+    h, w = img.shape[:2]
+    if (h, w) == (height, width):
+        return img
+    interpolation = cv2.INTER_AREA if 2 * height <= h or 2 * width <= w else cv2.INTER_LINEAR
+    return cv2.resize(img, (width, height), interpolation=interpolation)
+
+
+def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Output (h, w) with the shorter side equal to ``size``, as torchvision's ``Resize(size)``
+    (the longer side is truncated, not rounded)."""
+    if height <= width:
+        return size, max(1, int(size * width / height))
+    return max(1, int(size * height / width)), size
+
+
+def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
+    return resize(img, *shorter_side_shape(img.shape[0], img.shape[1], size))
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """Centre ``size`` x ``size`` crop (zero padding where the image is smaller), as ``F.center_crop``."""
+    height, width = img.shape[:2]
+    top = int(round((height - size) / 2.0)) if height >= size else -((size - height) // 2)
+    left = int(round((width - size) / 2.0)) if width >= size else -((size - width) // 2)
+    return place(img, size, top, left, flip=False)
+
+
+def random_offset(length: int, size: int, u: float) -> int:
+    """Offset of the output window in a side of ``length``, from a uniform ``u`` in [0, 1).
+
+    >= 0: crop start inside the image; < 0: the image sits ``-offset`` pixels into a
+    zero-padded output. Either way every position is equally likely.
+    """
+    slack = length - size
+    pick = min(int(u * (abs(slack) + 1)), abs(slack))
+    return pick if slack >= 0 else -pick
+
+
+def place(img: np.ndarray, size: int, top: int, left: int, flip: bool) -> np.ndarray:
+    """Copy the ``size`` x ``size`` window starting at (top, left) into a new zero image
+    (negative offsets pad), mirrored left-right if ``flip``. Always returns a new array."""
+    height, width = img.shape[:2]
+    src_y0, dst_y0 = max(top, 0), max(-top, 0)
+    src_x0, dst_x0 = max(left, 0), max(-left, 0)
+    rows = min(height - src_y0, size - dst_y0)
+    cols = min(width - src_x0, size - dst_x0)
+    block = img[src_y0 : src_y0 + rows, src_x0 : src_x0 + cols]
+    if flip:
+        # mirror the whole output: the block lands mirrored at the mirrored position
+        dst_x0 = size - dst_x0 - cols
+        block = cv2.flip(block, 1).reshape(block.shape)  # cv2 drops a trailing 1-channel axis
+        if rows == cols == size:
+            return block  # cv2.flip already made a new array
+    if rows == cols == size:
+        return block.copy()
+    out = np.zeros((size, size) + img.shape[2:], dtype=np.uint8)
+    out[dst_y0 : dst_y0 + rows, dst_x0 : dst_x0 + cols] = block
+    return out

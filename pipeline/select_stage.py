@@ -1,0 +1,122 @@
+"""Stage `select`: calibration (optional), confidence threshold and class balancing.
+
+Reads: pseudo_label sidecars, the teacher checkpoint (for calibration on the
+holdout split and ECE on the test split).
+Writes: one plan per sidecar (`<shard>.plan.npz`: keys + repeat counts, 0 =
+dropped), `metrics.json` (class counts before/after, calibration, accuracy of
+the selected labels when the pool's hidden labels exist), `class_counts.png`,
+`DONE`. Streams shard by shard: only confidences of one shard at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+from augment import build_eval_transform
+from pipeline.atomic import atomic_open, read_json, write_json
+from pipeline.config import Config
+from pipeline.imageset import DataInfo, load_labeled_split
+from pipeline.plots import class_count_chart
+from pipeline.predict import predict_logits
+from pipeline.pseudo_label_stage import shard_records, sidecar_path
+from pipeline.rundir import RunDir, RunDirError
+from pipeline.runtime import loader_workers, make_accelerator, process_state, use_channels_last
+from teachers.calibration import accuracy_above, calibration_report, fit_temperature
+from teachers.checkpoint import load_checkpoint
+from teachers.selection import plan_selection
+from teachers.sidecar import confidence_and_prediction, read_sidecar
+
+
+def plan_path(out_dir: Path, sidecar: Path) -> Path:
+    return out_dir / sidecar.name.replace(".labels.npz", ".plan.npz")
+
+
+def _teacher_logits(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    model, meta = load_checkpoint(teacher_dir, num_classes=data.num_classes)
+    channels_last = use_channels_last(config.runtime)
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    accelerator = make_accelerator(config.runtime, run.logs_dir(), "select", {})
+    model = model.to(accelerator.device)
+    images = load_labeled_split(data, split)
+    logits = predict_logits(accelerator, model, images.images, build_eval_transform(meta.input_size),
+                            torch.tensor(meta.mean), torch.tensor(meta.std), config.pseudo_label.batch_size,
+                            loader_workers(config.runtime), channels_last, desc=f"teacher on {split}",
+                            progress=config.runtime.progress)
+    return logits, images.labels
+
+
+def calibrate(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path) -> dict:
+    """Temperature from the holdout split; ECE on the test split before and after."""
+    if not config.select.calibrate:
+        return {"temperature": 1.0, "calibrated": False}
+    if data.count("holdout") == 0:
+        raise RunDirError("select.calibrate is true but the data has no holdout split; "
+                          "set data.holdout_per_class > 0 (taken from the labeled budget)")
+    hold_logits, hold_labels = _teacher_logits(config, run, data, teacher_dir, "holdout")
+    temperature = fit_temperature(hold_logits, hold_labels)
+    test_logits, test_labels = _teacher_logits(config, run, data, teacher_dir, "test")
+    return {"temperature": temperature, "calibrated": True, "fitted_on": f"holdout ({len(hold_labels)} images)",
+            "test": calibration_report(test_logits, test_labels, temperature)}
+
+
+def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
+               labels_stage: str = "pseudo_label", name: str = "select") -> dict:
+    cfg = config.select
+    out_dir = run.stage_dir(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calibration = calibrate(config, run, data, teacher_dir)  # every process: the forward is split
+    if not process_state().is_main_process:
+        return {}
+    temperature = calibration["temperature"]
+    sidecars = [sidecar_path(run.stage_dir(labels_stage), data.root / "unlabeled" / r["name"])
+                for r in shard_records(data)]
+    pool = sum(int(r["count"]) for r in shard_records(data))
+    per_class = cfg.per_class or max(1, pool // data.num_classes)
+
+    def stats():
+        for path in sidecars:
+            conf, pred = confidence_and_prediction(read_sidecar(path), temperature)
+            yield path.name, conf, pred
+
+    plan = plan_selection(stats(), data.num_classes, cfg.min_confidence, per_class, cfg.seed)
+    truth_path = data.root / "unlabeled_truth.json"
+    truth = read_json(truth_path) if truth_path.exists() else None
+    kept_conf, kept_right, kept_weight = [], [], []
+    for path in sidecars:
+        sidecar = read_sidecar(path)
+        repeats = plan.repeats[path.name]
+        with atomic_open(plan_path(out_dir, path)) as handle:
+            np.savez(handle, keys=sidecar.keys, repeats=repeats)
+        if truth is not None:
+            conf, pred = confidence_and_prediction(sidecar, temperature)
+            labels = np.array([truth.get(str(k), -1) for k in sidecar.keys])
+            mask = repeats > 0
+            kept_conf.append(conf[mask])
+            kept_right.append((pred == labels)[mask])
+            kept_weight.append(repeats[mask])
+    summary = plan.summary()
+    for row in summary["per_class_table"]:
+        row["name"] = data.classes[row["class"]]
+    metrics = {"labels": cfg.labels, "label_temperature": temperature * cfg.temperature,
+               "label_smoothing": cfg.label_smoothing if cfg.labels == "hard" else 0.0,
+               "calibration": calibration, "selection": summary}
+    if truth is not None and kept_conf:
+        right = np.concatenate(kept_right).astype(np.float64)
+        weight = np.concatenate(kept_weight).astype(np.float64)
+        metrics["selected_accuracy"] = {
+            "unique": float(right.mean()) if len(right) else None,
+            "weighted_by_copies": float((right * weight).sum() / weight.sum()) if weight.sum() else None,
+            "accuracy_above": accuracy_above(np.concatenate(kept_conf), right),
+            "note": "hidden true labels of the pool; reporting only"}
+    class_count_chart(summary["per_class_table"], out_dir / "class_counts.png",
+                      title=f"selection: conf >= {cfg.min_confidence}, {per_class} per class")
+    write_json(out_dir / "metrics.json", metrics)
+    run.mark_done(name)
+    kept = summary["unique_kept"]
+    print(f"[{name}] kept {kept} unique images ({summary['copies']} with copies) of {summary['total']}; "
+          f"temperature {temperature:.3f} -> {out_dir / 'metrics.json'}")
+    return metrics

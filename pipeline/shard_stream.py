@@ -1,0 +1,78 @@
+"""Streaming unlabeled shards into eval-transformed uint8 batches, skip-and-count.
+
+Used by pseudo-labeling: each DataLoader worker takes whole shards, so a
+shard's batches come from one worker in order, followed by an end-of-shard
+record with its count and problems. Images are never re-encoded or copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.loader import Transform
+from pipeline.shards import ReadProblems, ShardError, decode_image, iter_shard
+
+
+@dataclass
+class ShardBatch:
+    shard: int  # index into the stream's shard list
+    keys: list[str]
+    images: torch.Tensor  # uint8 NCHW (channels_last strides)
+
+
+@dataclass
+class ShardEnd:
+    shard: int
+    count: int
+    problems: dict
+
+
+class UnlabeledShardStream(IterableDataset):
+    def __init__(self, shards: list[Path], transform: Transform, batch_size: int, mode: str):
+        self.shards, self.transform, self.batch_size, self.mode = shards, transform, batch_size, mode
+
+    def _batch(self, shard: int, keys: list[str], images: list[np.ndarray]) -> ShardBatch:
+        return ShardBatch(shard, list(keys), torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+
+    def __iter__(self) -> Iterator[ShardBatch | ShardEnd]:
+        worker = get_worker_info()
+        wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for index in range(wid, len(self.shards), nworkers):
+            path = self.shards[index]
+            problems = ReadProblems()
+            keys: list[str] = []
+            images: list[np.ndarray] = []
+            count = 0
+            for sample in iter_shard(path, on_error="skip", problems=problems):
+                key = str(sample["__key__"])
+                try:
+                    image = decode_image(sample, path, self.mode)
+                except ShardError as exc:
+                    problems.skipped.append({"shard": path.name, "key": key, "reason": str(exc)})
+                    continue
+                keys.append(key)
+                images.append(self.transform(image))
+                count += 1
+                if len(images) == self.batch_size:
+                    yield self._batch(index, keys, images)
+                    keys, images = [], []
+            if images:
+                yield self._batch(index, keys, images)
+            yield ShardEnd(index, count, problems.as_dict())
+
+
+def _as_is(item: ShardBatch | ShardEnd) -> ShardBatch | ShardEnd:
+    return item
+
+
+def stream_loader(shards: list[Path], transform: Transform, batch_size: int, mode: str,
+                  workers: int) -> DataLoader:
+    dataset = UnlabeledShardStream(shards, transform, batch_size, mode)
+    return DataLoader(dataset, batch_size=None, num_workers=min(workers, max(1, len(shards))),
+                      collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)
