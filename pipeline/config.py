@@ -80,6 +80,28 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _student_stage() -> StageConfig:
+    return StageConfig(model=ModelConfig(drop_rate=0.3, drop_path_rate=0.1),
+                       train=TrainConfig(policy="s4", epochs=3))
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Noisy Student training: labeled batch B plus unlabeled batch r*B every step.
+
+    One student epoch is one pass over the selected unlabeled stream (the sum of
+    the plan's repeat counts) at `unlabeled_ratio * batch_size` images a step; the
+    labeled set cycles alongside at `batch_size` a step.
+    """
+
+    model: ModelConfig = field(default_factory=lambda: _student_stage().model)
+    train: TrainConfig = field(default_factory=lambda: _student_stage().train)
+    unlabeled_ratio: int = field(default=2, metadata=bounds(ge=1))
+    pseudo_weight: float = field(default=1.0, metadata=bounds(ge=0))  # a in L_h + a * L_p
+    loss_balance: bool = False  # Zoph et al. 2020 running-average normalisation
+    rounds: int = field(default=1, metadata=bounds(ge=0))  # 0: stop after selection
+
+
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     """The un-noised teacher labels the unlabeled shards (eval mode, eval transform)."""
@@ -124,6 +146,7 @@ class Config:
     teacher: StageConfig = field(default_factory=StageConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

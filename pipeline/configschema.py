@@ -26,8 +26,12 @@ def bounds(*, ge: float | None = None, gt: float | None = None,
     return {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
 
 
-def from_dict(cls: type[T], data: Any, path: str = "") -> T:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and bad values."""
+def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and bad values.
+
+    Keys absent from `data` take their values from `base` when given (a section's own
+    defaults, e.g. the student's dropout), else from the dataclass defaults.
+    """
     where = path or "<top level>"
     if data is None:
         data = {}
@@ -41,10 +45,13 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     values = {}
     for name, value in data.items():
         key_path = f"{path}.{name}" if path else name
-        value = _convert(hints[name], value, key_path)
+        default = _section_default(fields[name], base)
+        value = _convert(hints[name], value, key_path, default)
         _check_bounds(fields[name].metadata, value, key_path)
         values[name] = value
     try:
+        if base is not None:
+            return dataclasses.replace(base, **values)
         return cls(**values)
     except ConfigError:
         raise
@@ -59,7 +66,16 @@ def _unknown_key_message(key: str, path: str, valid: list[str]) -> str:
     return f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(sorted(valid))}."
 
 
-def _convert(hint: Any, value: Any, path: str) -> Any:
+def _section_default(field: dataclasses.Field, base: Any) -> Any:
+    """The default instance of a nested section, so partial YAML keeps the section's own defaults."""
+    if base is not None:
+        return getattr(base, field.name)
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
@@ -85,7 +101,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, path)
+        return from_dict(hint, value, path, default if dataclasses.is_dataclass(default) else None)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")

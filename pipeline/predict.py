@@ -22,9 +22,9 @@ def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: lis
         chunk = [images[i] for i in part]
         outputs = []
         loader = eval_batches(chunk, transform, batch_size, workers)
-        for batch, _ in tqdm(loader, desc=desc, unit="batch", leave=False,
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False,
                              disable=not (progress and accelerator.is_local_main_process)):
-            x = to_model_input(batch, mean, std, accelerator.device, channels_last)
+            x = to_model_input(batch.images, mean, std, accelerator.device, channels_last)
             with accelerator.autocast():
                 outputs.append(model(x).float())
         logits = torch.cat(outputs) if outputs else torch.empty(0)

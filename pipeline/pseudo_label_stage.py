@@ -47,7 +47,7 @@ def _expected_meta(teacher_hash: str, record: dict) -> dict:
     return {"teacher_sha256": teacher_hash, "source_shard": record["name"], "source_sha256": record["sha256"]}
 
 
-def pending_shards(out_dir: Path, data: DataInfo, teacher_hash: str) -> list[dict]:
+def pending_shards(out_dir: Path, data: DataInfo, teacher_hash: str, stage: str) -> list[dict]:
     """Shards without a finished sidecar; a sidecar made from another teacher or shard is refused."""
     pending = []
     for record in shard_records(data):
@@ -61,7 +61,7 @@ def pending_shards(out_dir: Path, data: DataInfo, teacher_hash: str) -> list[dic
         if wrong:
             names = {"teacher_sha256": "teacher checkpoint", "source_sha256": "unlabeled shard"}
             what = ", ".join(f"{names.get(k, k)} {a!s:.12} -> {b!s:.12}" for k, (a, b) in wrong.items())
-            raise RunDirError(f"{path} was made from a different {what}; rerun with --from pseudo_label "
+            raise RunDirError(f"{path} was made from a different {what}; rerun with --from {stage} "
                               "(or a new --run-dir) instead of mixing labels")
     return pending
 
@@ -136,7 +136,7 @@ def pool_report(out_dir: Path, data: DataInfo) -> dict:
 
 
 def run_pseudo_label(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
-                     name: str = "pseudo_label") -> dict:
+                     name: str = "pseudo_label_r1") -> dict:
     state = process_state()
     cfg = config.pseudo_label
     configure_threads(config.runtime)
@@ -150,7 +150,7 @@ def run_pseudo_label(config: Config, run: RunDir, data: DataInfo, teacher_dir: P
         model = model.to(memory_format=torch.channels_last)
     topk = cfg.topk if data.num_classes > cfg.topk_above_classes else None
     started = time.perf_counter()
-    pending = pending_shards(out_dir, data, teacher_hash)
+    pending = pending_shards(out_dir, data, teacher_hash, name)
     mine = pending[state.process_index::state.num_processes]
     shards = [data.root / "unlabeled" / r["name"] for r in mine]
     total = sum(int(r["count"]) for r in mine)

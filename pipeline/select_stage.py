@@ -64,7 +64,7 @@ def calibrate(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path) ->
 
 
 def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
-               labels_stage: str = "pseudo_label", name: str = "select") -> dict:
+               labels_stage: str = "pseudo_label_r1", name: str = "select_r1") -> dict:
     cfg = config.select
     out_dir = run.stage_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)

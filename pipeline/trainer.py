@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -24,20 +24,23 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.faults import kill_point
 
+LOG_EVERY = 10
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
 
 
 @dataclass
 class TrainProgress:
-    """Registered with accelerate so the step count is saved with the state."""
+    """Registered with accelerate so the step count and loss history are saved with the state."""
 
     step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "history": self.history}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.history = list(state.get("history", []))
 
 
 @dataclass
@@ -48,6 +51,7 @@ class TrainResult:
     images_per_s: float
     data_wait_fraction: float
     last_losses: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # losses every `log_every` steps
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,17 +101,20 @@ def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
 
 def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, total_steps: int,
           steps_per_epoch: int, batches: Callable[[int], Iterable[Any]], loss_fn: LossFn,
-          count: Callable[[Any], int], state_dir: Path, name: str, progress: bool = True) -> TrainResult:
+          state_dir: Path, name: str, progress: bool = True,
+          extra_state: Sequence[Any] = ()) -> TrainResult:
     """Train `model` in place for `total_steps`, resuming from `state_dir` when it holds a state.
 
-    `batches(start_step)` must yield the batches for steps start_step..total_steps-1.
+    `batches(start_step)` must yield the batches for steps start_step..total_steps-1 (each with
+    `len()` = images on this rank). `extra_state` objects (state_dict/load_state_dict) are saved
+    and restored with the training state, e.g. running loss averages.
     """
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     state = TrainProgress()
-    accelerator.register_for_checkpointing(scheduler, state)
+    accelerator.register_for_checkpointing(scheduler, state, *extra_state)
     resume = _state_path(state_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -127,9 +134,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        images += count(batch) * accelerator.num_processes
-        if state.step % 10 == 0 or state.step == total_steps:
+        images += len(batch) * accelerator.num_processes
+        if state.step % LOG_EVERY == 0 or state.step == total_steps:
             last = {k: float(v.detach()) for k, v in losses.items()}
+            state.history.append({"step": state.step, **{k: round(v, 5) for k, v in last.items()}})
             rate = images / max(1e-9, time.perf_counter() - t0)
             lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
@@ -145,4 +153,5 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     seconds = time.perf_counter() - t0
     return TrainResult(steps=state.step, resumed_from=start, seconds=seconds,
                        images_per_s=images / max(1e-9, seconds),
-                       data_wait_fraction=wait / max(1e-9, seconds), last_losses=last)
+                       data_wait_fraction=wait / max(1e-9, seconds), last_losses=last,
+                       history=state.history)

@@ -16,7 +16,7 @@ from conftest import TINY_TEACHER, set_args
 from pipeline.faults import env_name
 from teachers.sidecar import read_sidecar
 
-PL = ["pseudo_label.batch_size=30", "runtime.threads=1"]
+PL = ["pseudo_label.batch_size=30", "runtime.threads=1", "student.rounds=0"]
 
 
 def copy_run(tiny_teacher_run, tmp_path: Path, name: str = "run") -> tuple[Path, Path]:
@@ -38,7 +38,7 @@ def cli(config: Path, run: Path, *extra: str, env: dict | None = None, launcher:
 
 
 def sidecars(run: Path) -> dict[str, object]:
-    return {p.name: read_sidecar(p) for p in sorted((run / "pseudo_label").glob("*.labels.npz"))}
+    return {p.name: read_sidecar(p) for p in sorted((run / "pseudo_label_r1").glob("*.labels.npz"))}
 
 
 def assert_same_sidecars(a: dict, b: dict) -> None:
@@ -58,28 +58,28 @@ def test_pseudo_label_and_select(tiny_teacher_run, tmp_path):
     first = next(iter(labels.values()))
     assert first.logits.dtype == np.float16 and first.logits.shape[1] == 10
     assert first.meta["teacher_sha256"] and first.meta["source_sha256"]
-    manifest = json.loads((run / "pseudo_label" / "manifest.json").read_text())
+    manifest = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
     assert manifest["num_labeled"] == 400 and manifest["num_skipped"] == 0
-    metrics = json.loads((run / "pseudo_label" / "metrics.json").read_text())
+    metrics = json.loads((run / "pseudo_label_r1" / "metrics.json").read_text())
     assert 0 <= metrics["pool_accuracy"] <= 1 and "0.3" in metrics["accuracy_above"]
-    select = json.loads((run / "select" / "metrics.json").read_text())
+    select = json.loads((run / "select_r1" / "metrics.json").read_text())
     table = select["selection"]["per_class_table"]
-    plans = {p.name: np.load(p) for p in (run / "select").glob("*.plan.npz")}
+    plans = {p.name: np.load(p) for p in (run / "select_r1").glob("*.plan.npz")}
     total_copies = sum(int(p["repeats"].sum()) for p in plans.values())
     assert total_copies == sum(r["copies"] for r in table)
     assert all(r["copies"] in (0, 50) for r in table)
-    assert (run / "select" / "class_counts.png").stat().st_size > 1000
+    assert (run / "select_r1" / "class_counts.png").stat().st_size > 1000
 
 
 def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
     config, straight = copy_run(tiny_teacher_run, tmp_path, "straight")
     _, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
-    assert cli(config, straight, "--only", "pseudo_label").returncode == 0
-    dead = cli(config, killed, "--only", "pseudo_label", env={env_name("batch"): "10"})
+    assert cli(config, straight, "--only", "pseudo_label_r1").returncode == 0
+    dead = cli(config, killed, "--only", "pseudo_label_r1", env={env_name("batch"): "10"})
     assert dead.returncode == -9
-    finished = len(list((killed / "pseudo_label").glob("*.labels.npz")))
-    assert 0 < finished < 4 and not (killed / "pseudo_label" / "manifest.json").exists()
-    again = cli(config, killed, "--only", "pseudo_label")
+    finished = len(list((killed / "pseudo_label_r1").glob("*.labels.npz")))
+    assert 0 < finished < 4 and not (killed / "pseudo_label_r1" / "manifest.json").exists()
+    again = cli(config, killed, "--only", "pseudo_label_r1")
     assert again.returncode == 0, again.stderr
     assert f"{4 - finished} of 4 shards to label" in again.stdout + again.stderr
     assert_same_sidecars(sidecars(straight), sidecars(killed))
@@ -88,24 +88,24 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
 def test_two_processes_equal_one(tiny_teacher_run, tmp_path):
     config, one = copy_run(tiny_teacher_run, tmp_path, "one")
     _, two = copy_run(tiny_teacher_run, tmp_path, "two")
-    assert cli(config, one, "--only", "pseudo_label").returncode == 0
+    assert cli(config, one, "--only", "pseudo_label_r1").returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    result = cli(config, two, "--only", "pseudo_label", launcher=torchrun)
+    result = cli(config, two, "--only", "pseudo_label_r1", launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((two / "pseudo_label" / "metrics.json").read_text())["processes"] == 2
+    assert json.loads((two / "pseudo_label_r1" / "metrics.json").read_text())["processes"] == 2
     assert_same_sidecars(sidecars(one), sidecars(two))
 
 
 def test_other_teacher_is_refused(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path)
-    assert cli(config, run, "--only", "pseudo_label", env={env_name("batch"): "5"}).returncode == -9
+    assert cli(config, run, "--only", "pseudo_label_r1", env={env_name("batch"): "5"}).returncode == -9
     weights = run / "teacher" / "checkpoint" / "meta.json"
     meta = json.loads(weights.read_text())
     meta["weights_sha256"] = "0" * 64  # as if another teacher had been trained into the run
     weights.write_text(json.dumps(meta))
-    refused = cli(config, run, "--only", "pseudo_label")
+    refused = cli(config, run, "--only", "pseudo_label_r1")
     assert refused.returncode == 2
-    assert "teacher_sha256" in refused.stderr and "--from pseudo_label" in refused.stderr
+    assert "teacher_sha256" in refused.stderr and "--from pseudo_label_r1" in refused.stderr
 
 
 def corrupt_one_png(shard: Path) -> str:
@@ -132,9 +132,9 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
     run = tmp_path / "run"
     result = cli(config, run, "--only", "data")
     result = cli(config, run, "--only", "teacher")
-    result = cli(config, run, "--only", "pseudo_label")
+    result = cli(config, run, "--only", "pseudo_label_r1")
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((run / "pseudo_label" / "manifest.json").read_text())
+    manifest = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
     assert manifest["num_skipped"] == 1 and manifest["num_labeled"] == 399
     assert manifest["skipped"][0]["key"] == key and manifest["skipped"][0]["shard"] == "unlabeled-000001.tar"
     assert "does not decode" in manifest["skipped"][0]["reason"]

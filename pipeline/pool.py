@@ -1,0 +1,76 @@
+"""The selected unlabeled pool for a student: images joined with sidecar labels by `__key__`.
+
+Reads the unlabeled shards, the pseudo-label sidecars and the selection plans;
+keeps rows with a repeat count > 0. Never reads the pool's hidden true labels.
+Decoded images are held in memory (fine for pools of a few million small
+images; larger pools need a streaming mixture, not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.imageset import DataInfo
+from pipeline.shards import ShardError, decode_image, iter_shard
+from teachers.sidecar import hard_labels, read_sidecar, soft_labels
+
+
+class PoolError(RuntimeError):
+    """Sidecars, plans and shards do not line up."""
+
+
+@dataclass
+class SelectedPool:
+    images: list[np.ndarray]
+    targets: np.ndarray  # (U, C) float32 label distributions, one per unique kept image
+    repeats: np.ndarray  # (U,) copies of each image in one unlabeled epoch
+    keys: list[str]
+
+    def population(self) -> np.ndarray:
+        """Stream positions of one epoch: image i appears repeats[i] times."""
+        return np.repeat(np.arange(len(self.images)), self.repeats)
+
+
+def load_selected_pool(data: DataInfo, labels_dir: Path, select_dir: Path, labels: str,
+                       temperature: float, smoothing: float, progress: bool = True) -> SelectedPool:
+    images: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    repeats: list[np.ndarray] = []
+    keys: list[str] = []
+    records = data.manifest["splits"]["unlabeled"]["shards"]
+    for record in tqdm(records, desc="load pool", unit="shard", disable=not progress, leave=False):
+        stem = record["name"].removesuffix(".tar")
+        sidecar = read_sidecar(labels_dir / f"{stem}.labels.npz")
+        plan = np.load(select_dir / f"{stem}.plan.npz")
+        if list(plan["keys"]) != list(sidecar.keys):
+            raise PoolError(f"{select_dir / stem}.plan.npz does not match its sidecar's keys; rerun --from select")
+        keep = plan["repeats"] > 0
+        wanted = {str(k): i for i, k in enumerate(sidecar.keys) if keep[i]}
+        dist = (soft_labels(sidecar, temperature) if labels == "soft" else hard_labels(sidecar, smoothing))
+        shard = data.root / "unlabeled" / record["name"]
+        found: dict[int, np.ndarray] = {}
+        for sample in iter_shard(shard, on_error="skip"):
+            row = wanted.get(str(sample["__key__"]))
+            if row is None:
+                continue
+            try:
+                found[row] = decode_image(sample, shard, data.mode)
+            except ShardError:
+                continue  # was skipped at labeling time too
+        missing = set(wanted.values()) - set(found)
+        if missing:
+            raise PoolError(f"{shard}: {len(missing)} selected keys are no longer readable "
+                            f"(e.g. '{sidecar.keys[min(missing)]}'); the shard changed after labeling")
+        for row in sorted(found):
+            images.append(found[row])
+            keys.append(str(sidecar.keys[row]))
+        rows = np.array(sorted(found), dtype=np.int64)
+        targets.append(dist[rows])
+        repeats.append(plan["repeats"][rows])
+    if not images:
+        raise PoolError(f"selection in {select_dir} kept no unlabeled images; lower select.min_confidence")
+    return SelectedPool(images, np.concatenate(targets).astype(np.float32), np.concatenate(repeats), keys)

@@ -1,0 +1,113 @@
+"""Stage `report`: one table of every stage's metrics, as Markdown, CSV and PNG.
+
+Reads every metrics.json of the run; writes report/report.md, report/summary.csv,
+report/accuracy_by_round.png and report/loss_terms.png, and prints the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from pipeline.atomic import read_json, write_text
+from pipeline.config import Config
+from pipeline.plots import save_figure
+from pipeline.rundir import RunDir
+
+COLUMNS = ("stage", "arch", "policy", "top1", "ece", "teacher_agreement", "pool_accuracy", "kept",
+           "wall_seconds")
+
+
+def _num(value: object, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) else ""
+
+
+def _pct(value: object) -> str:
+    return _num(100 * value, "{:.2f}") if isinstance(value, (int, float)) else ""
+
+
+def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
+    rows = []
+    for stage in stages:
+        path = run.metrics_path(stage)
+        if stage == "report" or not path.exists():
+            continue
+        m = read_json(path)
+        row = {"stage": stage, "arch": m.get("arch", ""), "policy": m.get("policy", ""), "top1": m.get("top1"),
+               "ece": m.get("ece"), "teacher_agreement": m.get("teacher_agreement"),
+               "pool_accuracy": m.get("pool_accuracy"), "wall_seconds": m.get("wall_seconds"), "kept": ""}
+        if stage.startswith("select"):
+            sel = m["selection"]
+            row["kept"] = f"{sel['unique_kept']} ({sel['copies']} with copies)"
+            row["pool_accuracy"] = (m.get("selected_accuracy") or {}).get("weighted_by_copies")
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| stage | arch | policy | test top-1 % | ECE | agreement with teacher % | pseudo-label acc % "
+            "| kept | wall s |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        cells = [r["stage"], r["arch"], r["policy"], _pct(r["top1"]), _num(r["ece"], "{:.4f}"),
+                 _pct(r["teacher_agreement"]), _pct(r["pool_accuracy"]), str(r["kept"]),
+                 _num(r["wall_seconds"], "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_by_round_chart(run: RunDir, stages: list[str], path: Path) -> None:
+    names = [s for s in stages if (s == "teacher" or s.startswith("student")) and run.metrics_path(s).exists()]
+    if not names:
+        return
+    top1 = [100 * read_json(run.metrics_path(s))["top1"] for s in names]
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 3.2))
+    ax.plot(range(len(names)), top1, marker="o")
+    for x, y in enumerate(top1):
+        ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("test accuracy by round")
+    save_figure(fig, path)
+
+
+def loss_terms_chart(run: RunDir, stages: list[str], path: Path) -> None:
+    students = [s for s in stages if s.startswith("student") and run.metrics_path(s).exists()]
+    if not students:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for stage in students:
+        history = read_json(run.metrics_path(stage)).get("loss_history", [])
+        steps = [h["step"] for h in history]
+        for term, style in (("loss_labeled", "-"), ("loss_pseudo", "--")):
+            if history and term in history[0]:
+                ax.plot(steps, [h[term] for h in history], style, label=f"{stage} {term}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.set_title("student loss terms")
+    save_figure(fig, path)
+
+
+def run_report(config: Config, run: RunDir, stages: list[str]) -> str:
+    out = run.stage_dir("report")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect_rows(run, stages)
+    table = markdown_table(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "summary.csv", buffer.getvalue())
+    accuracy_by_round_chart(run, stages, out / "accuracy_by_round.png")
+    loss_terms_chart(run, stages, out / "loss_terms.png")
+    text = (f"# Run report: {run.root}\n\nSeed {config.seed}; {config.data.labels_per_class} labels per class.\n\n"
+            f"{table}\n\nPseudo-label accuracy uses the pool's hidden labels (reporting only).\n\n"
+            "![accuracy by round](accuracy_by_round.png)\n\n![loss terms](loss_terms.png)\n")
+    write_text(out / "report.md", text)
+    print(table)
+    print(f"report: {out / 'report.md'}")
+    return text

@@ -1,0 +1,108 @@
+"""Stage `student_r{i}`: a noised student on labeled + pseudo-labeled data (Noisy Student).
+
+Reads: labeled/test shards, unlabeled shards joined by `__key__` with the round's
+sidecars (`pseudo_label_r{i}`) and plan (`select_r{i}`), the round's teacher
+checkpoint (for agreement and lineage).
+Writes: like the teacher (checkpoint, metrics.json with both loss terms over
+time, DONE). Each step feeds B labeled and r*B unlabeled images through the
+policy (default S4), with dropout and stochastic depth from the config.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.atomic import read_json
+from pipeline.config import Config
+from pipeline.imageset import DataInfo
+from pipeline.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
+from pipeline.pool import load_selected_pool
+from pipeline.rundir import RunDir
+from pipeline.trainer import train
+from pipeline.training_stage import finish, setup_training
+from students.losses import LossBalance, soft_cross_entropy
+from teachers.checkpoint import checkpoint_hash, load_checkpoint, read_meta
+from teachers.models import create_model
+
+LABELED, UNLABELED = 0, 1
+
+
+def mixture_loss(labels: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 device: torch.device, channels_last: bool, smoothing: float, balance: LossBalance):
+    """CE (label smoothing) on the labeled rows + a * soft CE on the pseudo-labeled rows, one forward."""
+    labels, targets = labels.to(device), targets.to(device)
+
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = model(to_model_input(batch.images, mean, std, device, channels_last))
+        source, index = batch.source.to(device), batch.index.to(device)
+        is_labeled = source == LABELED
+        loss_h = F.cross_entropy(logits[is_labeled], labels[index[is_labeled]], label_smoothing=smoothing)
+        loss_p = soft_cross_entropy(logits[~is_labeled], targets[index[~is_labeled]])
+        return balance(loss_h, loss_p)
+    return loss_fn
+
+
+def warn_if_smaller(student_arch: str, teacher_dir: Path, data: DataInfo, log) -> dict:
+    """Noisy Student wants an equal-or-larger student; distillation into small models is another stage."""
+    teacher = read_meta(teacher_dir)
+    sizes = {arch: sum(p.numel() for p in create_model(arch, data.num_classes, data.in_chans).parameters())
+             for arch in {student_arch, teacher.arch}}
+    if sizes[student_arch] < sizes[teacher.arch]:
+        log(f"warning: student {student_arch} ({sizes[student_arch]:,} parameters) is smaller than its teacher "
+            f"{teacher.arch} ({sizes[teacher.arch]:,}); Noisy Student expects an equal-or-larger student")
+    return {"student_params": sizes[student_arch], "teacher_params": sizes[teacher.arch]}
+
+
+def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, teacher_dir: Path,
+                labels_stage: str, select_stage: str, name: str) -> dict:
+    cfg = config.student
+    stage = cfg  # StudentConfig carries model + train like a StageConfig
+    select = read_json(run.metrics_path(select_stage))
+    extra = {"round": round_index, "teacher_sha256": checkpoint_hash(teacher_dir),
+             "unlabeled_ratio": cfg.unlabeled_ratio, "pseudo_weight": cfg.pseudo_weight,
+             "loss_balance": cfg.loss_balance, "labels": select["labels"],
+             "label_temperature": select["label_temperature"]}
+    setup = setup_training(config, run, data, stage, name, extra)
+    accelerator = setup.accelerator
+    sizes = warn_if_smaller(cfg.model.arch, teacher_dir, data, accelerator.print)
+    pool = load_selected_pool(data, run.stage_dir(labels_stage), run.stage_dir(select_stage), select["labels"],
+                              select["label_temperature"], select["label_smoothing"], config.runtime.progress)
+    population = pool.population()
+    batch = cfg.train.batch_size
+    sources = [Source(np.arange(len(setup.labeled)), batch), Source(population, batch * cfg.unlabeled_ratio)]
+    steps_per_epoch = math.ceil(len(population) / (batch * cfg.unlabeled_ratio))
+    total_steps = cfg.train.epochs * steps_per_epoch
+    accelerator.print(f"[{name}] {cfg.model.arch} (drop {cfg.model.drop_rate}, drop-path {cfg.model.drop_path_rate}) "
+                      f"on {len(setup.labeled)} labeled + {len(pool.images)} pseudo-labeled images "
+                      f"({len(population)} with copies), ratio 1:{cfg.unlabeled_ratio}, policy {setup.policy!r}, "
+                      f"{total_steps} steps")
+    dataset = AugmentedSources([setup.labeled.images, pool.images], setup.policy)
+
+    def batches(start: int):
+        sampler = StepBatchSampler(sources, total_steps, config.seed, start,
+                                   accelerator.process_index, accelerator.num_processes)
+        return make_loader(dataset, sampler, setup.workers, config.seed)
+
+    balance = LossBalance(cfg.pseudo_weight, cfg.loss_balance)
+    mean, std = setup.device_stats()
+    loss_fn = mixture_loss(torch.from_numpy(setup.labeled.labels), torch.from_numpy(pool.targets), mean, std,
+                           accelerator.device, setup.channels_last, cfg.train.label_smoothing, balance)
+    result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
+                   state_dir=run.state_dir(name), name=name, progress=config.runtime.progress,
+                   extra_state=[balance])
+    logits = setup.test_logits()
+    teacher_model, _ = load_checkpoint(teacher_dir, num_classes=data.num_classes)
+    if setup.channels_last:
+        teacher_model = teacher_model.to(memory_format=torch.channels_last)
+    teacher_logits = setup.test_logits(teacher_model.to(accelerator.device))
+    agreement = float((logits.argmax(1) == teacher_logits.argmax(1)).mean())
+    lineage = {"round": round_index, "teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"],
+               "labels": labels_stage, "selection": select_stage}
+    metrics = {**extra, **sizes, "teacher_agreement": agreement, "num_pseudo_unique": len(pool.images),
+               "num_pseudo_with_copies": int(len(population)), "steps_per_epoch": steps_per_epoch}
+    return finish(setup, result, lineage, metrics, logits=logits)

@@ -1,0 +1,148 @@
+"""What every training stage shares: set-up, evaluation, checkpoint and metrics.
+
+A stage (teacher, student round i) builds a `TrainingSetup`, runs
+`pipeline.trainer.train` with its own data sources and loss, then calls
+`finish` to evaluate on the test split, export the checkpoint, write
+metrics.json and mark the stage done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from augment import build_eval_transform, build_policy, parse_policy
+from pipeline.atomic import write_json
+from pipeline.config import Config, StageConfig, StudentConfig
+from pipeline.configschema import to_dict
+from pipeline.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
+from pipeline.loader import Transform
+from pipeline.metrics import classification_metrics
+from pipeline.predict import predict_logits
+from pipeline.rundir import RunDir
+from pipeline.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
+from pipeline.trainer import TrainResult
+from teachers.checkpoint import CheckpointMeta, check_compatible, load_weights_into, read_meta, save_checkpoint
+from teachers.models import create_model
+
+NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
+
+
+def training_fingerprint_inputs(stage: StageConfig | StudentConfig, seed: int, data: DataInfo) -> dict:
+    """What a trained model depends on (runtime and save cadence excluded)."""
+    train = {k: v for k, v in to_dict(stage.train).items() if k not in NOT_RESULT_AFFECTING}
+    train["policy"] = str(parse_policy(stage.train.policy))
+    return {"model": to_dict(stage.model), "train": train, "seed": seed,
+            "data_manifest": data.manifest["splits"]["labeled"]["shards"]}
+
+
+def build_model(stage: StageConfig | StudentConfig, data: DataInfo) -> torch.nn.Module:
+    model = create_model(stage.model.arch, data.num_classes, data.in_chans,
+                         stage.model.drop_rate, stage.model.drop_path_rate)
+    if stage.model.init:
+        meta = read_meta(Path(stage.model.init))
+        check_compatible(meta, stage.model.arch, data.num_classes, f"model.init {stage.model.init}")
+        load_weights_into(model, Path(stage.model.init))
+    return model
+
+
+@dataclass
+class TrainingSetup:
+    name: str
+    config: Config
+    stage: StageConfig | StudentConfig
+    run: RunDir
+    data: DataInfo
+    accelerator: Accelerator
+    model: torch.nn.Module
+    labeled: ImageSet
+    test: ImageSet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    policy: Transform
+    eval_transform: Transform
+    channels_last: bool
+    workers: int
+    fingerprint_inputs: dict
+    started: float = field(default_factory=time.time)
+
+    def device_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        return torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device)
+
+    def test_logits(self, model: torch.nn.Module | None = None) -> np.ndarray:
+        return predict_logits(self.accelerator, model if model is not None else self.model, self.test.images,
+                              self.eval_transform, torch.tensor(self.mean), torch.tensor(self.std),
+                              self.stage.train.eval_batch_size, self.workers, self.channels_last,
+                              desc=f"{self.name} eval", progress=self.config.runtime.progress)
+
+
+def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConfig | StudentConfig, name: str,
+                   extra_fingerprint: dict | None = None) -> TrainingSetup:
+    configure_threads(config.runtime)
+    torch.manual_seed(config.seed)
+    labeled = load_labeled_split(data, "labeled")
+    test = load_labeled_split(data, "test")
+    mean, std = channel_stats(labeled.images)
+    policy = build_policy(stage.train.policy, stage.model.input_size)
+    inputs = {**training_fingerprint_inputs(stage, config.seed, data), **(extra_fingerprint or {})}
+    accelerator = make_accelerator(config.runtime, run.logs_dir(), name, {"policy": str(policy), **_flat(inputs)})
+    channels_last = use_channels_last(config.runtime)
+    model = build_model(stage, data)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, mean, std, policy,
+                         build_eval_transform(stage.model.input_size), channels_last,
+                         loader_workers(config.runtime), inputs)
+
+
+def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metrics: dict | None = None,
+           logits: np.ndarray | None = None) -> dict:
+    """Evaluate on the test split, export checkpoint + metrics.json, mark done."""
+    from pipeline.config import fingerprint
+
+    accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
+    if logits is None:
+        logits = setup.test_logits()
+    metrics = classification_metrics(logits, setup.test.labels, data.classes)
+    metrics.update({
+        "stage": name, "arch": stage.model.arch, "policy": str(parse_policy(stage.train.policy)),
+        "epochs": stage.train.epochs, "steps": result.steps,
+        "resumed_from_step": result.resumed_from, "num_labeled": len(setup.labeled),
+        "train_seconds": round(result.seconds, 2), "train_images_per_s": round(result.images_per_s, 1),
+        "data_wait_fraction": round(result.data_wait_fraction, 4), "final_losses": result.last_losses,
+        "wall_seconds": round(time.time() - setup.started, 2), "channels_last": setup.channels_last,
+        "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+        "drop_rate": stage.model.drop_rate, "drop_path_rate": stage.model.drop_path_rate,
+        **(extra_metrics or {}), "loss_history": result.history,
+    })
+    if accelerator.is_main_process:
+        meta = CheckpointMeta(arch=stage.model.arch, num_classes=data.num_classes, in_chans=data.in_chans,
+                              input_size=stage.model.input_size, mean=setup.mean, std=setup.std,
+                              class_names=tuple(data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
+                              lineage={"stage": name, "init": stage.model.init, **lineage})
+        save_checkpoint(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
+        write_json(setup.run.metrics_path(name), metrics)
+        setup.run.mark_done(name)
+        setup.run.drop_training_state(name)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}  "
+                      f"({metrics['wall_seconds']:.0f} s) -> {setup.run.metrics_path(name)}")
+    return metrics
+
+
+def _flat(obj: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+    return out
