@@ -17,10 +17,12 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardE
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from augment import PolicyError
+    from pipeline.pool import PoolError
     from teachers.checkpoint import CheckpointError
     from teachers.models import ModelError
+    from teachers.sidecar import SidecarError
 
-    return USER_ERRORS + (PolicyError, CheckpointError, ModelError)
+    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError)
 
 
 def _add_split_args(parser: argparse.ArgumentParser) -> None:
