@@ -32,6 +32,8 @@ def _add_split_args(parser: argparse.ArgumentParser) -> None:
                         help="of those labels, how many per class go to holdout/ for tuning (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw (default 0)")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    parser.add_argument("--max-unlabeled", type=int, default=None,
+                        help="keep only this many (seeded) images of the unlabeled pool (default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage (its inputs must be done)")
     run.add_argument("--from", dest="start", default=None, metavar="STAGE",
                      help="redo this stage and every later one")
+    run.add_argument("--preset", default=None, help="named overrides applied before --set: quick")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable)")
 
@@ -78,7 +81,7 @@ def _cmd_data(args: argparse.Namespace) -> None:
     from pipeline.importer import import_fashion_mnist, import_folder
 
     common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
-                  seed=args.seed, shard_size=args.shard_size)
+                  seed=args.seed, shard_size=args.shard_size, max_unlabeled=args.max_unlabeled)
     if args.kind == "fashion-mnist":
         manifest = import_fashion_mnist(args.out, source=args.source_dir, **common)
     else:
@@ -89,9 +92,10 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
+    from pipeline.presets import preset_overrides
     from pipeline.stages import run_pipeline
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, preset_overrides(args.preset) + args.overrides)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     run_pipeline(config, run_dir, only=args.only, start=args.start)
     print(f"run directory: {run_dir}")

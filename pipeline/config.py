@@ -31,6 +31,8 @@ class DataConfig:
     holdout_per_class: int = field(default=0, metadata=bounds(ge=0))
     seed: int = 0
     shard_size: int = field(default=5000, metadata=bounds(ge=1))
+    # keep only this many (seeded) images of the unlabeled pool; null = all of it
+    max_unlabeled: int | None = field(default=None, metadata=bounds(ge=1))
     # folder import only: fraction of each class kept aside as the test split
     test_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
 
@@ -81,8 +83,9 @@ class StageConfig:
 
 
 def _student_stage() -> StageConfig:
+    # an epoch here is a pass over the whole pseudo-labeled stream: far fewer, longer epochs
     return StageConfig(model=ModelConfig(drop_rate=0.3, drop_path_rate=0.1),
-                       train=TrainConfig(policy="s4", epochs=3))
+                       train=TrainConfig(policy="s4", epochs=5, warmup_epochs=0.2))
 
 
 @dataclass(frozen=True)

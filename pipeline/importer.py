@@ -26,10 +26,11 @@ FORMAT = "selftrain-data/1"
 
 
 def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
-                  seed: int, classes: list[str]) -> dict[str, np.ndarray]:
+                  seed: int, classes: list[str], max_unlabeled: int | None = None) -> dict[str, np.ndarray]:
     """Pick `per_class` human labels per class (seeded); `holdout_per_class` of them are held out.
 
-    Returns sorted index arrays for "labeled", "holdout" and "unlabeled" (the rest).
+    Returns sorted index arrays for "labeled", "holdout" and "unlabeled" (the rest, or a
+    seeded subset of `max_unlabeled` of it).
     """
     if holdout_per_class >= per_class:
         raise DataSourceError(f"holdout_per_class ({holdout_per_class}) must be smaller than labels_per_class ({per_class})")
@@ -48,13 +49,19 @@ def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
     rest = np.ones(len(labels), dtype=bool)
     rest[labeled_idx] = False
     rest[holdout_idx] = False
-    return {"labeled": labeled_idx, "holdout": holdout_idx, "unlabeled": np.flatnonzero(rest)}
+    unlabeled = np.flatnonzero(rest)
+    if max_unlabeled is not None and max_unlabeled < len(unlabeled):
+        unlabeled = np.sort(rng.choice(unlabeled, size=max_unlabeled, replace=False))
+    return {"labeled": labeled_idx, "holdout": holdout_idx, "unlabeled": unlabeled}
 
 
-def import_params(kind: str, source: str | None, per_class: int, holdout: int, seed: int,
-                  shard_size: int, test_fraction: float | None = None) -> dict[str, object]:
+def import_params(kind: str, per_class: int, holdout: int, seed: int, shard_size: int,
+                  test_fraction: float | None = None, max_unlabeled: int | None = None) -> dict[str, object]:
+    """What the import's result depends on (not where the raw files were found)."""
     params: dict[str, object] = {"kind": kind, "labels_per_class": per_class, "holdout_per_class": holdout,
                                  "seed": seed, "shard_size": shard_size}
+    if max_unlabeled is not None:
+        params["max_unlabeled"] = max_unlabeled
     if test_fraction is not None:
         params["test_fraction"] = test_fraction
     return params
@@ -118,15 +125,16 @@ def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
 
 def import_fashion_mnist(out: str | Path, source: str | None = None, per_class: int = 100,
                          holdout_per_class: int = 0, seed: int = 0, shard_size: int = 5000,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, max_unlabeled: int | None = None) -> dict:
     out = Path(out)
-    params = import_params("fashion-mnist", source, per_class, holdout_per_class, seed, shard_size)
+    params = import_params("fashion-mnist", per_class, holdout_per_class, seed, shard_size,
+                           max_unlabeled=max_unlabeled)
     if (manifest := existing_import(out, params)) is not None:
         return manifest
     arrays = fashion_mnist.load(source)
     classes = list(fashion_mnist.CLASS_NAMES)
     train_x, train_y = arrays["train_images"], arrays["train_labels"]
-    parts = split_labeled(train_y, per_class, holdout_per_class, seed, classes)
+    parts = split_labeled(train_y, per_class, holdout_per_class, seed, classes, max_unlabeled)
 
     def items(x: np.ndarray, y: np.ndarray, prefix: str, idx: np.ndarray, keep_label: bool) -> list:
         return [(f"{prefix}-{i:05d}", int(y[i]) if keep_label else -1,
@@ -145,10 +153,10 @@ def import_fashion_mnist(out: str | Path, source: str | None = None, per_class: 
 
 def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdout_per_class: int = 0,
                   seed: int = 0, shard_size: int = 5000, test_fraction: float = 0.2,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, max_unlabeled: int | None = None) -> dict:
     """Import an image folder; `test_fraction` of each class becomes the held-out test split."""
     out = Path(out)
-    params = import_params("folder", str(src), per_class, holdout_per_class, seed, shard_size, test_fraction)
+    params = import_params("folder", per_class, holdout_per_class, seed, shard_size, test_fraction, max_unlabeled)
     if (manifest := existing_import(out, params)) is not None:
         return manifest
     classes, images = folder.scan(src)
@@ -159,7 +167,7 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
         members = rng.permutation(np.flatnonzero(labels == c))
         is_test[members[:max(1, int(round(test_fraction * len(members))))]] = True
     train_idx = np.flatnonzero(~is_test)
-    parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes)
+    parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes, max_unlabeled)
     mode = "RGB" if any(folder.header_mode(im) == "RGB" for im in images) else "L"
 
     def payload(i: int) -> Callable[[], tuple[str, bytes]]:

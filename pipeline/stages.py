@@ -59,12 +59,12 @@ def run_data(config: Config, run: RunDir, progress: bool) -> None:
     d = config.data
     if d.source == "fashion-mnist":
         import_fashion_mnist(run.data_dir, d.path, d.labels_per_class, d.holdout_per_class, d.seed,
-                             d.shard_size, progress=progress)
+                             d.shard_size, progress=progress, max_unlabeled=d.max_unlabeled)
     elif d.source == "folder":
         if not d.path:
             raise RunDirError("data.source is 'folder' but data.path (the image folder) is not set")
         import_folder(d.path, run.data_dir, d.labels_per_class, d.holdout_per_class, d.seed,
-                      d.shard_size, d.test_fraction, progress=progress)
+                      d.shard_size, d.test_fraction, progress=progress, max_unlabeled=d.max_unlabeled)
     else:
         open_data(data_root(config, run))  # validates the existing import
     run.mark_done("data")

@@ -1,0 +1,37 @@
+"""CLI entry points users type: data import, augmentation preview, errors as messages (exit 2)."""
+
+import numpy as np
+from PIL import Image
+
+from pipeline.cli import main
+
+
+def test_data_fashion_mnist_command(tiny_fashion_dir, tmp_path, capsys):
+    out = tmp_path / "fm"
+    assert main(["data", "fashion-mnist", "--out", str(out), "--source", str(tiny_fashion_dir),
+                 "--labels-per-class", "10", "--holdout-per-class", "2", "--shard-size", "50",
+                 "--max-unlabeled", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "labeled 80" in text and "holdout 20" in text and "unlabeled 100" in text and "test 200" in text
+    assert (out / "manifest.json").exists()
+
+
+def test_data_errors_are_messages(tmp_path, capsys):
+    assert main(["data", "fashion-mnist", "--out", str(tmp_path / "x"), "--source", str(tmp_path)]) == 2
+    assert "missing train-images-idx3-ubyte.gz" in capsys.readouterr().err
+    assert main(["data", "folder", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_augment_preview(tiny_data, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["augment", "preview", "--policy", "s4", "--data", str(tiny_data), "--out", str(out),
+                 "--images", "3", "--draws", "4", "--size", "32"]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.ndim == 3 and grid.shape[0] >= 3 * 32 and grid.shape[1] >= 5 * 32
+
+
+def test_bad_policy_in_preview_is_a_message(tiny_data, tmp_path, capsys):
+    assert main(["augment", "preview", "--policy", "s7", "--data", str(tiny_data), "--out",
+                 str(tmp_path / "g.png")]) == 2
+    assert "s7" in capsys.readouterr().err
