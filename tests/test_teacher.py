@@ -10,20 +10,17 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
+from conftest import TINY_TEACHER, tiny_config
 from pipeline.cli import main
 from pipeline.faults import env_name
 
 KILL_ENV = env_name("step")
 
-TINY = ["teacher.model.arch=test_resnet", "teacher.model.input_size=16", "teacher.train.epochs=6",
-        "teacher.train.batch_size=32", "teacher.train.lr=0.05", "teacher.train.save_every_steps=5",
-        "teacher.train.warmup_epochs=1", "runtime.workers=0", "runtime.progress=false"]
+TINY = TINY_TEACHER + ["teacher.train.epochs=6", "student.rounds=0"]
 
 
 def write_config(tmp_path: Path, data_dir: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data_dir}\n")
-    return path
+    return tiny_config(tmp_path, data_dir)
 
 
 def run_cli(config: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
