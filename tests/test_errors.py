@@ -80,3 +80,14 @@ def test_truncated_shard_strict_and_lenient(tiny_data, tmp_path):
     assert 0 < len(kept) < len(full) and kept == full[: len(kept)]
     assert problems.truncated[0]["shard"] == shard.name
     assert problems.truncated[0]["after_key"] == kept[-1]
+
+
+def test_image_of_other_mode_is_converted_to_the_data_mode(tmp_path):
+    """An RGB or palette image in a grayscale data set decodes to the manifest's mode, not an error."""
+    import numpy as np
+    from PIL import Image
+    from pipeline.shards import decode_image
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8), "RGB").save(buffer, format="PNG")
+    image = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "L")
+    assert image.shape == (20, 30, 1) and image.dtype == np.uint8

@@ -91,3 +91,13 @@ def test_status_and_only(tiny_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data" in out and "done" in out and "teacher" in out and "pending" in out
     assert main(["run", str(config), "--run-dir", str(run), "--only", "nope"]) == 2
+
+
+def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data)
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "data"]
+    assert main(args + [x for s in TINY for x in ("--set", s)]) == 0
+    args[-1] = "teacher"
+    sets = TINY + ["teacher.train.epochs=2", "runtime.log_with=tensorboard"]
+    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
