@@ -103,13 +103,12 @@ class RunDir:
         """
         previous = self.stage_record(stage)
         if previous is not None and previous.get("fingerprint") != record["fingerprint"]:
-            old, new = _flatten(previous.get("inputs", {})), _flatten(record.get("inputs", {}))
-            diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                     if old.get(k) != new.get(k)]
-            raise RunDirError(
-                f"stage '{stage}' in {self.root} was started with different inputs "
-                f"({'; '.join(diffs) or 'fingerprint differs'}). Rerun with --from {stage} to redo it "
-                "(and everything after it), or use a new --run-dir.")
+            diffs = input_differences(previous.get("inputs", {}), record.get("inputs", {}))
+            if diffs or "inputs" not in previous:
+                raise RunDirError(
+                    f"stage '{stage}' in {self.root} was started with different inputs "
+                    f"({'; '.join(diffs) or 'fingerprint differs'}). Rerun with --from {stage} to redo it "
+                    "(and everything after it), or use a new --run-dir.")
         if previous is None:
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
             write_json(self.stage_dir(stage) / "stage.json", record)
@@ -130,6 +129,13 @@ class RunDir:
         if self.stage_dir(stage).exists():
             return "started" if not self.state_dir(stage).exists() else "resumable"
         return "pending"
+
+
+def input_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Readable `key: old -> new` lines; a setting added to the config since (null) is no difference."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(set(flat_old) | set(flat_new))
+            if flat_old.get(k) != flat_new.get(k) and not (k not in flat_old and flat_new.get(k) is None)]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -45,3 +45,11 @@ def test_done_and_states(tmp_path):
     assert run.stage_state("teacher") == "started"
     run.mark_done("teacher")
     assert run.is_done("teacher") and run.stage_state("teacher") == "done"
+
+
+def test_a_setting_added_later_with_null_default_does_not_refuse_old_runs(tmp_path):
+    run = RunDir(tmp_path)
+    run.begin_stage("data", {"fingerprint": "old", "inputs": {"seed": 0}})
+    run.begin_stage("data", {"fingerprint": "new", "inputs": {"seed": 0, "max_unlabeled": None}})
+    with pytest.raises(RunDirError, match="max_unlabeled: None -> 5"):
+        run.begin_stage("data", {"fingerprint": "newer", "inputs": {"seed": 0, "max_unlabeled": 5}})
