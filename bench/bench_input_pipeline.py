@@ -50,10 +50,10 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
-import psutil
 import torch
 
 from augment import build_policy
+from neighbour_load import NeighbourLoad
 from pipeline.config import TrainConfig
 from pipeline.imageset import channel_stats, load_labeled_split, open_data
 from pipeline.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
@@ -62,30 +62,6 @@ from pipeline.trainer import build_optimizer, warmup_cosine
 from teachers.models import create_model
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
-
-
-class NeighbourLoad:
-    """CPU used by other processes on this machine (and hypervisor steal) while measuring, in cores.
-
-    Busy CPU time of the whole machine minus this process and its reaped children (DataLoader
-    workers are joined when their iterator is deleted, before `cores()` is read). Near 0 on a
-    quiet machine; on a shared 2-core machine anything above ~0.2 means that round is disturbed.
-    """
-
-    def __init__(self) -> None:
-        self.me = psutil.Process()
-        self.start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        cpu = psutil.cpu_times()
-        busy = sum(cpu) - cpu.idle - getattr(cpu, "iowait", 0.0) - getattr(cpu, "guest", 0.0) \
-            - getattr(cpu, "guest_nice", 0.0)
-        own = sum(self.me.cpu_times()[:4])  # user, system, children_user, children_system
-        return time.perf_counter(), busy, own
-
-    def cores(self) -> float:
-        wall, busy, own = self._read()
-        return max(0.0, ((busy - self.start[1]) - (own - self.start[2])) / max(1e-9, wall - self.start[0]))
 
 
 class Stepper:

@@ -40,10 +40,10 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
-import psutil
 import torch
 
 from augment import build_eval_transform
+from neighbour_load import NeighbourLoad
 from pipeline.config import PseudoLabelConfig
 from pipeline.imageset import open_data
 from pipeline.loader import to_model_input
@@ -69,30 +69,6 @@ def omp_env() -> dict:
     """Thread settings that change CPU results, recorded with them."""
     return {k.lower(): os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
             if k in os.environ}
-
-
-class NeighbourLoad:
-    """CPU used by other processes on this machine (and hypervisor steal) while measuring, in cores.
-
-    Busy CPU time of the whole machine minus this process and its reaped children (the DataLoader
-    workers, joined when the loader finishes). Near 0 on a quiet machine; on a shared 2-core
-    machine anything above ~0.2 means the figures of that round are disturbed.
-    """
-
-    def __init__(self) -> None:
-        self.me = psutil.Process()
-        self.start = self._read()
-
-    def _read(self) -> tuple[float, float, float]:
-        cpu = psutil.cpu_times()
-        busy = sum(cpu) - cpu.idle - getattr(cpu, "iowait", 0.0) - getattr(cpu, "guest", 0.0) \
-            - getattr(cpu, "guest_nice", 0.0)
-        own = sum(self.me.cpu_times()[:4])  # user, system, children_user, children_system
-        return time.perf_counter(), busy, own
-
-    def cores(self) -> float:
-        wall, busy, own = self._read()
-        return max(0.0, ((busy - self.start[1]) - (own - self.start[2])) / max(1e-9, wall - self.start[0]))
 
 
 def real_rate(model, shards, records, tmp: Path, rep: int, transform, mode, mean, std, batch, workers,
