@@ -28,7 +28,9 @@ data_wait_fraction is the share of the real side's timed step wall time spent in
 the training step (on a 2-core machine they share the cores with torch's threads).
 
 Each line also gives neighbour_cpu_cores_per_round: CPU used meanwhile by other processes (and
-steal), in cores; rounds with neighbours above ~0.2 cores on a 2-core machine are disturbed.
+steal), in cores. With 2 torch threads on 2 cores, a busy neighbour slows a step several times
+over, so rounds above 0.15 cores are disturbed; ratio_quiet_rounds is the median over the
+rounds at or below it (null when none was quiet: rerun on a quieter machine).
 
 Prints one JSON line per (policy, workers) case, e.g.
   {"bench": "input_pipeline", "policy": "s4-n2-m10-j0.5:2.0", "workers": 2, "real_img_s": ...,
@@ -62,6 +64,7 @@ from pipeline.trainer import build_optimizer, warmup_cosine
 from teachers.models import create_model
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
+QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this many cores meanwhile
 
 
 class Stepper:
@@ -140,6 +143,7 @@ def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: l
         memory.append(timed_steps(cycle(premade), step, args.warmup, args.steps))
         neighbours.append(round(load.cores(), 2))
 
+    quiet = [m[0] / r[0] for r, m, cores in zip(real, memory, neighbours) if cores <= QUIET_CORES]
     images_timed = args.steps * args.batch * args.reps
     real_rate = images_timed / sum(r[0] for r in real)
     memory_rate = images_timed / sum(m[0] for m in memory)
@@ -156,6 +160,8 @@ def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: l
         "augment_ms_per_batch_1proc": round(augment_ms_per_batch, 1),
         "loader_startup_s": round(median(r[2] for r in real), 3),
         "neighbour_cpu_cores_per_round": neighbours,
+        "quiet_rounds": len(quiet),
+        "ratio_quiet_rounds": round(median(quiet), 3) if quiet else None,
         "arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.reps, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "channels_last": step.channels_last, "num_labeled": n,

@@ -15,8 +15,10 @@ real, ..., bare (`--reps` real rounds). Each real round is divided by the mean o
 rounds on either side of it; "ratio" is the median of these per-round ratios. The rates are
 totals over the rounds (images / seconds).
 
-Each line also gives neighbour_cpu_cores: CPU used meanwhile by other processes (and steal), in
-cores; figures taken with neighbours above ~0.2 cores on a 2-core machine are disturbed.
+Each line also gives neighbour_cpu_cores(_per_round): CPU used meanwhile by other processes (and
+steal), in cores. With 2 torch threads on 2 cores a busy neighbour slows the forward several
+times over, so rounds above 0.15 cores are disturbed; ratio_quiet_rounds is the median over the
+rounds at or below it (null when none was quiet: rerun on a quieter machine).
 
 With `--breakdown` (default on) a second JSON line gives the cost of each stage of the real
 path measured one at a time in this process on one shard: tar read, PNG decode, eval
@@ -55,6 +57,7 @@ from teachers.sidecar import write_sidecar
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "runs" / "fm" / "data"
 DEFAULT_TEACHER = ROOT / "runs" / "fm" / "teacher" / "checkpoint"
+QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this many cores meanwhile
 
 
 def bare_rate(model: torch.nn.Module, x: torch.Tensor, batches: int) -> float:
@@ -168,22 +171,26 @@ def main() -> None:
             # bare, real, bare, real, ..., bare: each real round is compared with the mean of the
             # bare rounds just before and after it, so drift on a shared machine hits both sides
             load = NeighbourLoad()
+            segment = NeighbourLoad()
             bare = [bare_rate(model, x, args.bare_batches)]
             real, neighbours = [], []
             for rep in range(args.reps):
-                round_load = NeighbourLoad()
+                # a round spans bare before, real, bare after
                 real.append(real_rate(model, shards, records, tmp, rep, transform, data.mode, mean, std, args.batch,
                                       workers, channels_last, teacher_hash, topk, total))
-                neighbours.append(round(round_load.cores(), 2))
                 bare.append(bare_rate(model, x, args.bare_batches))
+                neighbours.append(round(segment.cores(), 2))
+                segment = NeighbourLoad()
             per_round = [r / ((bare[i] + bare[i + 1]) / 2) for i, r in enumerate(real)]
+            quiet = [ratio for ratio, cores in zip(per_round, neighbours) if cores <= QUIET_CORES]
             real_total = len(real) * total / sum(total / r for r in real)
             bare_total = len(bare) / sum(1 / b for b in bare)
             print(json.dumps({
                 "bench": "pseudo_label", "real_img_s": round(real_total, 1), "bare_forward_img_s": round(bare_total, 1),
                 "ratio": round(median(per_round), 3), "ratio_per_round": [round(r, 3) for r in per_round],
                 "real_img_s_per_round": [round(r, 1) for r in real], "bare_img_s_per_round": [round(b, 1) for b in bare],
-                "neighbour_cpu_cores": round(load.cores(), 2), "neighbour_cpu_cores_per_real_round": neighbours,
+                "neighbour_cpu_cores": round(load.cores(), 2), "neighbour_cpu_cores_per_round": neighbours,
+                "quiet_rounds": len(quiet), "ratio_quiet_rounds": round(median(quiet), 3) if quiet else None,
                 "shards": len(shards), "images": total, "batch": args.batch, "workers": workers,
                 "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "channels_last": channels_last,
                 "arch": meta.arch, "input_size": meta.input_size, "rounds": args.reps, **omp_env(),
