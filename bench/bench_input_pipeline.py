@@ -20,9 +20,10 @@ torch threads, on the same model and optimizer:
              with channels_last strides, exactly what the loader yields), cycled; the step is
              identical (to_model_input + forward + backward + optimizer + scheduler).
 
-The two sides run interleaved (A/B/A/B..., `--reps` rounds) so drift on a shared machine hits
-both. "ratio" is the median over rounds of (real rate / in-memory rate of the same round);
-"ratio_of_totals" and the rates are total images / total timed wall time over the rounds.
+The two sides run interleaved, real first in even rounds and in-memory first in odd ones
+(AB BA AB ..., `--reps` rounds), so drift on a shared machine hits both and a steady drift
+cancels over each pair of rounds. "ratio" is the median over rounds of (real rate / in-memory
+rate of the same round); "ratio_of_totals" and the rates are total images / total timed wall time over the rounds.
 data_wait_fraction is the share of the real side's timed step wall time spent in
 `next(loader)`; the rest of any gap between the sides is the loader's workers taking CPU from
 the training step (on a 2-core machine they share the cores with torch's threads).
@@ -37,7 +38,7 @@ Prints one JSON line per (policy, workers) case, e.g.
    "in_memory_img_s": ..., "ratio": ..., "data_wait_fraction": ..., ...}
 
 Usage:
-  python bench/bench_input_pipeline.py                       # s4, workers 0 1 2, 3 rounds of 40 steps
+  python bench/bench_input_pipeline.py                       # s4, workers 0 1 2, 4 rounds of 30 steps
   python bench/bench_input_pipeline.py --policy s1 s2 s3 s4 --workers 2
   python bench/bench_input_pipeline.py --steps 4 --warmup 1 --reps 1 --workers 0   # smoke test
 """
@@ -138,9 +139,13 @@ def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: l
         load = NeighbourLoad()
         sampler = StepBatchSampler(sources, (rep + 1) * per_segment, args.seed, start_step=rep * per_segment)
         loader = make_loader(dataset, sampler, workers, args.seed)
-        real.append(timed_steps(loader, step, args.warmup, args.steps))
+        if rep % 2 == 0:  # A B, B A, A B, ...: a steady drift cancels over each pair of rounds
+            real.append(timed_steps(loader, step, args.warmup, args.steps))
+            memory.append(timed_steps(cycle(premade), step, args.warmup, args.steps))
+        else:
+            memory.append(timed_steps(cycle(premade), step, args.warmup, args.steps))
+            real.append(timed_steps(loader, step, args.warmup, args.steps))
         del loader
-        memory.append(timed_steps(cycle(premade), step, args.warmup, args.steps))
         neighbours.append(round(load.cores(), 2))
 
     quiet = [m[0] / r[0] for r, m, cores in zip(real, memory, neighbours) if cores <= QUIET_CORES]
@@ -178,9 +183,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--policy", nargs="+", default=["s4"], help="s1 s2 s3 s4 (any policy string)")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per segment")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per segment")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps per segment (>= 1)")
-    parser.add_argument("--reps", type=int, default=3, help="A/B rounds per case")
+    parser.add_argument("--reps", type=int, default=4, help="rounds per case (AB, BA, ...; even is best)")
     parser.add_argument("--premade", type=int, default=8, help="distinct pre-made batches")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-channels-last", action="store_true")

@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=PseudoLabelConfig().batch_size)
     parser.add_argument("--workers", nargs="+", type=int, default=[2])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--reps", type=int, default=2, help="bare/real rounds per worker count")
+    parser.add_argument("--reps", type=int, default=3, help="real rounds per worker count (each between two bare ones)")
     parser.add_argument("--bare-batches", type=int, default=10, help="timed bare forwards per round")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true")
