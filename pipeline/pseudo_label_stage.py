@@ -66,18 +66,10 @@ def pending_shards(out_dir: Path, data: DataInfo, teacher_hash: str, stage: str)
     return pending
 
 
-class _Autocast:
-    def __init__(self, device: torch.device, precision: str):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.context = torch.autocast(device.type, dtype=dtype) if dtype and device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self.context is not None:
-            self.context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc)
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The configured mixed precision on a GPU; a no-op on CPU."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
 def label_shards(model: torch.nn.Module, shards: list[Path], records: list[dict], out_dir: Path,
@@ -89,13 +81,12 @@ def label_shards(model: torch.nn.Module, shards: list[Path], records: list[dict]
     labeled = batches = 0
     bar = tqdm(total=total_images, desc="pseudo-label", unit="img", disable=not progress, dynamic_ncols=True)
     shard_bar_done = 0
-    autocast = _Autocast(device, precision)
     mean, std = mean.to(device), std.to(device)
     with torch.inference_mode():
         for item in stream_loader(shards, transform, batch_size, mode, workers):
             if isinstance(item, ShardBatch):
                 x = to_model_input(item.images, mean, std, device, channels_last)
-                with autocast:
+                with _autocast(device, precision):
                     logits = model(x).float().cpu().numpy()
                 keys, chunks = buffers.setdefault(item.shard, ([], []))
                 keys.extend(item.keys)
