@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="list the stages of a run directory and their state")
     status.add_argument("run_dir")
 
+    summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)")
+    summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    summarize.add_argument("--out", default=None, help="also write the table to this Markdown file")
+
     augment = sub.add_parser("augment", help="augmentation tools")
     aug_sub = augment.add_subparsers(dest="action", required=True)
     preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
@@ -108,6 +112,16 @@ def _cmd_status(args: argparse.Namespace) -> None:
         print(f"{stage:12s} {state}")
 
 
+def _cmd_summarize(args: argparse.Namespace) -> None:
+    from pipeline.atomic import write_text
+    from pipeline.summary import summary_table
+
+    table = summary_table([Path(d) for d in args.run_dirs])
+    print(table)
+    if args.out:
+        write_text(Path(args.out), table + "\n")
+
+
 def _cmd_preview(args: argparse.Namespace) -> None:
     from augment import build_policy
     from augment.preview import make_preview_grid, save_preview_grid
@@ -122,7 +136,8 @@ def _cmd_preview(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "augment": _cmd_preview}
+    handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "summarize": _cmd_summarize,
+                "augment": _cmd_preview}
     try:
         handlers[args.command](args)
     except _user_errors() as exc:

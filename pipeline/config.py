@@ -45,7 +45,8 @@ class ModelConfig:
     input_size: int = field(default=32, metadata=bounds(ge=8))
     drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    # a checkpoint directory (model.safetensors + meta.json) to start from; null = random init
+    # a checkpoint directory (model.safetensors + meta.json) to start from; null = random init;
+    # "teacher" (student stages): the round's teacher, so the student starts where its teacher ended
     init: str | None = None
 
 
@@ -64,6 +65,8 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
     save_every_steps: int = field(default=200, metadata=bounds(ge=1))
     eval_batch_size: int = field(default=512, metadata=bounds(ge=1))
+    # evaluate/export a moving average of the weights (pipeline/ema.py); null = the last weights
+    ema_decay: float | None = field(default=None, metadata=bounds(gt=0, lt=1))
 
     def __post_init__(self) -> None:
         from augment import PolicyError, parse_policy

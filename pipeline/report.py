@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.plots import save_figure
 from pipeline.rundir import RunDir
 
-COLUMNS = ("stage", "arch", "policy", "top1", "ece", "teacher_agreement", "pool_accuracy", "kept",
+COLUMNS = ("stage", "arch", "policy", "top1", "holdout_top1", "ece", "teacher_agreement", "pool_accuracy", "kept",
            "wall_seconds")
 
 
@@ -33,13 +33,15 @@ def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
     rows = []
     for stage in stages:
         path = run.metrics_path(stage)
-        if stage == "report" or not path.exists():
+        wall = run.wall_seconds(stage)
+        if stage == "report" or (not path.exists() and wall is None):
             continue
-        m = read_json(path)
+        m = read_json(path) if path.exists() else {}
         row = {"stage": stage, "arch": m.get("arch", ""), "policy": m.get("policy", ""), "top1": m.get("top1"),
-               "ece": m.get("ece"), "teacher_agreement": m.get("teacher_agreement"),
-               "pool_accuracy": m.get("pool_accuracy"), "wall_seconds": m.get("wall_seconds"), "kept": ""}
-        if stage.startswith("select"):
+               "holdout_top1": (m.get("holdout") or {}).get("top1"), "ece": m.get("ece"),
+               "teacher_agreement": m.get("teacher_agreement"), "pool_accuracy": m.get("pool_accuracy"),
+               "wall_seconds": wall if wall is not None else m.get("wall_seconds"), "kept": ""}
+        if stage.startswith("select") and m:
             sel = m["selection"]
             row["kept"] = f"{sel['unique_kept']} ({sel['copies']} with copies)"
             row["pool_accuracy"] = (m.get("selected_accuracy") or {}).get("weighted_by_copies")
@@ -48,11 +50,12 @@ def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| stage | arch | policy | test top-1 % | ECE | agreement with teacher % | pseudo-label acc % "
-            "| kept | wall s |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| stage | arch | policy | test top-1 % | holdout top-1 % | ECE | agreement with teacher % "
+            "| pseudo-label acc % | kept | wall s |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
-        cells = [r["stage"], r["arch"], r["policy"], _pct(r["top1"]), _num(r["ece"], "{:.4f}"),
+        cells = [r["stage"], r["arch"], r["policy"], _pct(r["top1"]), _pct(r["holdout_top1"]),
+                 _num(r["ece"], "{:.4f}"),
                  _pct(r["teacher_agreement"]), _pct(r["pool_accuracy"]), str(r["kept"]),
                  _num(r["wall_seconds"], "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -6,6 +6,7 @@ Layout:
     RUN/data/                 imported shards + manifest.json
     RUN/<stage>/stage.json    what the stage was started with (fingerprint, inputs)
     RUN/<stage>/DONE          written last; a rerun skips the stage
+    RUN/<stage>/wall_time.json  seconds spent in the stage, summed over invocations (resumes)
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ class RunDir:
     # ---- stage state -------------------------------------------------------
     def is_done(self, stage: str) -> bool:
         return (self.stage_dir(stage) / "DONE").exists()
+
+    def record_wall_time(self, stage: str, seconds: float) -> None:
+        path = self.stage_dir(stage) / "wall_time.json"
+        before = read_json(path) if path.exists() else {"seconds": 0.0, "invocations": 0}
+        write_json(path, {"seconds": round(before["seconds"] + seconds, 2), "invocations": before["invocations"] + 1})
+
+    def wall_seconds(self, stage: str) -> float | None:
+        """Total seconds the stage has run (all invocations), None if never timed."""
+        path = self.stage_dir(stage) / "wall_time.json"
+        return float(read_json(path)["seconds"]) if path.exists() else None
 
     def mark_done(self, stage: str) -> None:
         write_text(self.stage_dir(stage) / "DONE", "done\n")

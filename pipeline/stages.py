@@ -11,6 +11,7 @@ and runs them again.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.atomic import write_text
@@ -146,13 +147,15 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None,
             if stage != "report" and run.is_done(stage):
                 state.print(f"[{stage}] done already; skipping (use --from {stage} to redo)")
                 continue
+            started = time.perf_counter()
             if stage == "data":
                 if state.is_main_process:
                     run_data(config, run, config.runtime.progress)
-                state.wait_for_everyone()
-                continue
-            _run_stage(stage, config, run, open_data(data_root(config, run)))
+            else:
+                _run_stage(stage, config, run, open_data(data_root(config, run)))
             state.wait_for_everyone()
+            if stage != "report" and state.is_main_process:
+                run.record_wall_time(stage, time.perf_counter() - started)
     finally:
         if state.is_main_process:
             run.release()

@@ -24,7 +24,7 @@ from pipeline.loader import AugmentedSources, Batch, Source, StepBatchSampler, m
 from pipeline.pool import load_selected_pool
 from pipeline.rundir import RunDir
 from pipeline.trainer import train
-from pipeline.training_stage import finish, setup_training
+from pipeline.training_stage import finish, setup_training, swap_in_ema
 from students.losses import LossBalance, soft_cross_entropy
 from teachers.checkpoint import checkpoint_hash, load_checkpoint, read_meta
 from teachers.models import create_model
@@ -67,7 +67,7 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
              "unlabeled_ratio": cfg.unlabeled_ratio, "pseudo_weight": cfg.pseudo_weight,
              "loss_balance": cfg.loss_balance, "labels": select["labels"],
              "label_temperature": select["label_temperature"]}
-    setup = setup_training(config, run, data, stage, name, extra)
+    setup = setup_training(config, run, data, stage, name, extra, teacher_dir)
     accelerator = setup.accelerator
     sizes = warn_if_smaller(cfg.model.arch, teacher_dir, data, accelerator.print)
     pool = load_selected_pool(data, run.stage_dir(labels_stage), run.stage_dir(select_stage), select["labels"],
@@ -95,6 +95,7 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
     result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress,
                    extra_state=[balance])
+    ema = swap_in_ema(setup, result)
     logits = setup.test_logits()
     teacher_model, _ = load_checkpoint(teacher_dir, num_classes=data.num_classes)
     if setup.channels_last:
@@ -103,6 +104,6 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
     agreement = float((logits.argmax(1) == teacher_logits.argmax(1)).mean())
     lineage = {"round": round_index, "teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"],
                "labels": labels_stage, "selection": select_stage}
-    metrics = {**extra, **sizes, "teacher_agreement": agreement, "num_pseudo_unique": len(pool.images),
+    metrics = {**extra, **sizes, **ema, "teacher_agreement": agreement, "num_pseudo_unique": len(pool.images),
                "num_pseudo_with_copies": int(len(population)), "steps_per_epoch": steps_per_epoch}
     return finish(setup, result, lineage, metrics, logits=logits)

@@ -18,7 +18,7 @@ from pipeline.imageset import DataInfo
 from pipeline.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
 from pipeline.rundir import RunDir
 from pipeline.trainer import train
-from pipeline.training_stage import finish, setup_training
+from pipeline.training_stage import finish, setup_training, swap_in_ema
 
 
 def supervised_loss(labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
@@ -54,4 +54,4 @@ def run_teacher(config: Config, run: RunDir, data: DataInfo, name: str = "teache
     result = train(accelerator, setup.model, stage.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress)
     lineage = {"labeled_shards": [r["sha256"] for r in data.manifest["splits"]["labeled"]["shards"]]}
-    return finish(setup, result, lineage)
+    return finish(setup, result, lineage, swap_in_ema(setup, result))

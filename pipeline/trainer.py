@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.ema import WeightEma
 from pipeline.faults import kill_point
 
 LOG_EVERY = 10
@@ -52,6 +53,7 @@ class TrainResult:
     data_wait_fraction: float
     last_losses: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)  # losses every `log_every` steps
+    ema: WeightEma | None = None  # the moving average, when train.ema_decay is set
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -114,7 +116,9 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     state = TrainProgress()
-    accelerator.register_for_checkpointing(scheduler, state, *extra_state)
+    raw_model = accelerator.unwrap_model(model)
+    ema = WeightEma(raw_model, cfg.ema_decay) if cfg.ema_decay else None
+    accelerator.register_for_checkpointing(scheduler, state, *extra_state, *([ema] if ema else []))
     resume = _state_path(state_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -133,6 +137,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(raw_model)
         state.step += 1
         images += len(batch) * accelerator.num_processes
         if state.step % LOG_EVERY == 0 or state.step == total_steps:
@@ -154,4 +160,4 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     return TrainResult(steps=state.step, resumed_from=start, seconds=seconds,
                        images_per_s=images / max(1e-9, seconds),
                        data_wait_fraction=wait / max(1e-9, seconds), last_losses=last,
-                       history=state.history)
+                       history=state.history, ema=ema)

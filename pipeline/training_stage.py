@@ -28,7 +28,7 @@ from pipeline.rundir import RunDir
 from pipeline.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
 from pipeline.trainer import TrainResult
 from teachers.checkpoint import CheckpointMeta, check_compatible, load_weights_into, read_meta, save_checkpoint
-from teachers.models import create_model
+from teachers.models import ModelError, create_model
 
 NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
 
@@ -41,13 +41,26 @@ def training_fingerprint_inputs(stage: StageConfig | StudentConfig, seed: int, d
             "data_manifest": data.manifest["splits"]["labeled"]["shards"]}
 
 
-def build_model(stage: StageConfig | StudentConfig, data: DataInfo) -> torch.nn.Module:
+INIT_FROM_TEACHER = "teacher"
+
+
+def resolve_init(init: str | None, teacher_dir: Path | None) -> Path | None:
+    """`model.init`: null, a checkpoint dir, or "teacher" (the round's teacher; student stages only)."""
+    if init != INIT_FROM_TEACHER:
+        return Path(init) if init else None
+    if teacher_dir is None:
+        raise ModelError('model.init "teacher" only applies to student stages (the teacher has no teacher); '
+                         "give a checkpoint directory or null")
+    return teacher_dir
+
+
+def build_model(stage: StageConfig | StudentConfig, data: DataInfo, init: Path | None) -> torch.nn.Module:
     model = create_model(stage.model.arch, data.num_classes, data.in_chans,
                          stage.model.drop_rate, stage.model.drop_path_rate)
-    if stage.model.init:
-        meta = read_meta(Path(stage.model.init))
-        check_compatible(meta, stage.model.arch, data.num_classes, f"model.init {stage.model.init}")
-        load_weights_into(model, Path(stage.model.init))
+    if init is not None:
+        meta = read_meta(init)
+        check_compatible(meta, stage.model.arch, data.num_classes, f"model.init {init}")
+        load_weights_into(model, init)
     return model
 
 
@@ -62,6 +75,7 @@ class TrainingSetup:
     model: torch.nn.Module
     labeled: ImageSet
     test: ImageSet
+    holdout: ImageSet | None  # for tuning without looking at test; None when the import has no holdout
     mean: tuple[float, ...]
     std: tuple[float, ...]
     policy: Transform
@@ -69,6 +83,7 @@ class TrainingSetup:
     channels_last: bool
     workers: int
     fingerprint_inputs: dict
+    init: Path | None  # the checkpoint the weights started from
     started: float = field(default_factory=time.time)
 
     def device_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,29 +91,52 @@ class TrainingSetup:
         return torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device)
 
     def test_logits(self, model: torch.nn.Module | None = None) -> np.ndarray:
-        return predict_logits(self.accelerator, model if model is not None else self.model, self.test.images,
+        return self.logits(self.test, "test", model)
+
+    def logits(self, images: ImageSet, split: str, model: torch.nn.Module | None = None) -> np.ndarray:
+        return predict_logits(self.accelerator, model if model is not None else self.model, images.images,
                               self.eval_transform, torch.tensor(self.mean), torch.tensor(self.std),
                               self.stage.train.eval_batch_size, self.workers, self.channels_last,
-                              desc=f"{self.name} eval", progress=self.config.runtime.progress)
+                              desc=f"{self.name} eval {split}", progress=self.config.runtime.progress)
+
+    def holdout_metrics(self) -> dict:
+        """Top-1/ECE/NLL on the holdout split (what tuning should look at), {} without one."""
+        if self.holdout is None:
+            return {}
+        found = classification_metrics(self.logits(self.holdout, "holdout"), self.holdout.labels, self.data.classes)
+        return {"holdout": {k: found[k] for k in ("top1", "ece", "nll")} | {"num_holdout": len(self.holdout)}}
 
 
 def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConfig | StudentConfig, name: str,
-                   extra_fingerprint: dict | None = None) -> TrainingSetup:
+                   extra_fingerprint: dict | None = None, teacher_dir: Path | None = None) -> TrainingSetup:
     configure_threads(config.runtime)
     torch.manual_seed(config.seed)
     labeled = load_labeled_split(data, "labeled")
     test = load_labeled_split(data, "test")
+    holdout = load_labeled_split(data, "holdout") if data.count("holdout") else None
     mean, std = channel_stats(labeled.images)
     policy = build_policy(stage.train.policy, stage.model.input_size)
     inputs = {**training_fingerprint_inputs(stage, config.seed, data), **(extra_fingerprint or {})}
     accelerator = make_accelerator(config.runtime, run.logs_dir(), name, {"policy": str(policy), **_flat(inputs)})
     channels_last = use_channels_last(config.runtime)
-    model = build_model(stage, data)
+    init = resolve_init(stage.model.init, teacher_dir)
+    model = build_model(stage, data, init)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, mean, std, policy,
+    return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, holdout, mean, std, policy,
                          build_eval_transform(stage.model.input_size), channels_last,
-                         loader_workers(config.runtime), inputs)
+                         loader_workers(config.runtime), inputs, init)
+
+
+def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
+    """With `train.ema_decay`: measure the last weights, then load the average (evaluated and exported)."""
+    if result.ema is None:
+        return {}
+    raw = classification_metrics(setup.test_logits(), setup.test.labels, setup.data.classes)
+    held = setup.holdout_metrics().get("holdout", {})
+    result.ema.copy_to(setup.accelerator.unwrap_model(setup.model))
+    return {"ema": {"decay": result.ema.decay, "raw_top1": raw["top1"], "raw_ece": raw["ece"],
+                    **({"raw_holdout_top1": held["top1"]} if held else {})}}
 
 
 def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metrics: dict | None = None,
@@ -119,20 +157,22 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
         "wall_seconds": round(time.time() - setup.started, 2), "channels_last": setup.channels_last,
         "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
         "drop_rate": stage.model.drop_rate, "drop_path_rate": stage.model.drop_path_rate,
-        **(extra_metrics or {}), "loss_history": result.history,
+        **setup.holdout_metrics(), **(extra_metrics or {}), "loss_history": result.history,
     })
     if accelerator.is_main_process:
         meta = CheckpointMeta(arch=stage.model.arch, num_classes=data.num_classes, in_chans=data.in_chans,
                               input_size=stage.model.input_size, mean=setup.mean, std=setup.std,
                               class_names=tuple(data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
-                              lineage={"stage": name, "init": stage.model.init, **lineage})
+                              lineage={"stage": name, "init": str(setup.init) if setup.init else None,
+                                       **lineage})
         save_checkpoint(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
         write_json(setup.run.metrics_path(name), metrics)
         setup.run.mark_done(name)
         setup.run.drop_training_state(name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}  "
+    held = f"  holdout top-1 {metrics['holdout']['top1']:.4f}" if "holdout" in metrics else ""
+    accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}{held}  "
                       f"({metrics['wall_seconds']:.0f} s) -> {setup.run.metrics_path(name)}")
     return metrics
 

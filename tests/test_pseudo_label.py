@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import TINY_TEACHER, set_args
 from pipeline.faults import env_name

@@ -1,0 +1,70 @@
+"""`selftrain summarize RUN...`: mean +- std of each stage over several runs (e.g. seeds).
+
+Reads the metrics.json of every stage in each run directory; prints one Markdown
+table: test top-1 (and holdout top-1 where the import has a holdout), the gain of
+each student round over the same run's teacher, and wall time per stage.
+Spread is the sample standard deviation (n-1) over the runs that have the stage.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+from pipeline.atomic import read_json
+from pipeline.rundir import RunDir, RunDirError
+
+STAGE_ORDER = re.compile(r"^(data|teacher|pseudo_label_r\d+|select_r\d+|student_r\d+)$")
+
+
+def _stage_key(stage: str) -> tuple[int, int]:
+    if stage in ("data", "teacher"):
+        return (0, ("data", "teacher").index(stage))
+    name, index = stage.rsplit("_r", 1)
+    return (int(index), ["pseudo_label", "select", "student"].index(name) + 1)
+
+
+def run_metrics(run_dir: Path) -> dict[str, dict]:
+    """{stage: metrics (+ "wall_seconds" over all invocations)} for the finished stages of one run."""
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a run directory")
+    run = RunDir(run_dir)
+    found = {}
+    for done in sorted(run_dir.glob("*/DONE")):
+        stage = done.parent.name
+        if STAGE_ORDER.match(stage):
+            metrics = read_json(run.metrics_path(stage)) if run.metrics_path(stage).exists() else {}
+            wall = run.wall_seconds(stage)
+            found[stage] = {**metrics, **({"wall_seconds": wall} if wall is not None else {})}
+    if "teacher" not in found:
+        raise RunDirError(f"{run_dir}: no finished teacher stage (teacher/DONE); nothing to summarize")
+    return found
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summary_table(run_dirs: list[Path]) -> str:
+    runs = [run_metrics(Path(d)) for d in run_dirs]
+    stages = sorted({s for r in runs for s in r}, key=_stage_key)
+    lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
+             "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
+             "| wall s | per run test top-1 % |", "|" + "---|" * 8]
+    for stage in stages:
+        have = [r for r in runs if stage in r]
+        top1 = [100 * r[stage]["top1"] for r in have if "top1" in r[stage]]
+        gain = [100 * (r[stage]["top1"] - r["teacher"]["top1"]) for r in have
+                if stage.startswith("student") and "top1" in r[stage]]
+        held = [100 * r[stage]["holdout"]["top1"] for r in have if "holdout" in r[stage]]
+        pool = [100 * r[stage]["pool_accuracy"] for r in have if "pool_accuracy" in r[stage]]
+        wall = [r[stage]["wall_seconds"] for r in have if "wall_seconds" in r[stage]]
+        cells = [stage, str(len(have)), mean_std(top1), mean_std(gain), mean_std(held), mean_std(pool),
+                 f"{statistics.mean(wall):.0f}" if wall else "", " / ".join(f"{v:.2f}" for v in top1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

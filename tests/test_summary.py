@@ -1,0 +1,43 @@
+"""`selftrain summarize`: mean +- std over runs, gain over each run's own teacher, wall time per stage."""
+
+import json
+from pathlib import Path
+
+from pipeline.cli import main
+from pipeline.rundir import RunDir
+
+
+def fake_run(root: Path, teacher: float, student: float, seconds: float) -> Path:
+    run = RunDir(root)
+    for stage, top1 in (("teacher", teacher), ("student_r1", student)):
+        run.stage_dir(stage).mkdir(parents=True)
+        run.metrics_path(stage).write_text(json.dumps({"top1": top1, "holdout": {"top1": top1 - 0.01}}))
+        run.record_wall_time(stage, seconds)
+        run.record_wall_time(stage, seconds)  # a resumed stage: the two invocations add up
+        run.mark_done(stage)
+    return root
+
+
+def test_summary_reports_mean_std_gain_and_wall(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", 0.80, 0.84, 10)
+    b = fake_run(tmp_path / "b", 0.82, 0.84, 20)
+    assert main(["summarize", str(a), str(b), "--out", str(tmp_path / "t.md")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:]] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["teacher"][1] == "81.00 ± 1.41"          # test top-1, sample std
+    assert rows["student_r1"][2] == "3.00 ± 1.41"        # gains 4 and 2 points over each run's own teacher
+    assert rows["student_r1"][3] == "83.00 ± 0.00"       # holdout top-1
+    assert rows["student_r1"][5] == "30"                 # mean of 2x10 s and 2x20 s
+    assert (tmp_path / "t.md").read_text().strip() == out.strip()
+
+
+def test_summary_names_a_run_without_teacher(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["summarize", str(tmp_path / "empty")]) == 2
+    assert "no finished teacher stage" in capsys.readouterr().err
+
+
+def test_summary_names_a_missing_directory(tmp_path, capsys):
+    assert main(["summarize", str(tmp_path / "nope")]) == 2
+    assert "nope: not a run directory" in capsys.readouterr().err
