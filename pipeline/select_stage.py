@@ -118,5 +118,6 @@ def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
     run.mark_done(name)
     kept = summary["unique_kept"]
     print(f"[{name}] kept {kept} unique images ({summary['copies']} with copies) of {summary['total']}; "
-          f"temperature {temperature:.3f} -> {out_dir / 'metrics.json'}")
+          f"{cfg.labels} labels at temperature {metrics['label_temperature']:.3f} (calibration {temperature:.3f}) "
+          f"-> {out_dir / 'metrics.json'}")
     return metrics

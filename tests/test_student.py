@@ -20,7 +20,9 @@ from teachers.models import create_model
 STUDENT = ["student.model.arch=test_resnet", "student.model.input_size=16", "student.train.epochs=1",
            "student.train.batch_size=16", "student.train.lr=0.05", "student.train.save_every_steps=2",
            "student.train.warmup_epochs=0", "student.unlabeled_ratio=2", "select.per_class=20",
-           "pseudo_label.batch_size=100", "runtime.threads=1", "select.min_confidence=0.0"]
+           "pseudo_label.batch_size=100", "runtime.threads=1", "select.min_confidence=0.0",
+           # warm start as the shipped config; EMA so kill-and-resume covers its saved state
+           "student.model.init=teacher", "student.train.ema_decay=0.9"]
 
 
 def test_mixture_honours_ratio_and_repeats():
@@ -94,6 +96,9 @@ def test_two_rounds_end_to_end(two_round_run):
     meta2 = json.loads((run / "student_r2" / "checkpoint" / "meta.json").read_text())
     meta1 = json.loads((run / "student_r1" / "checkpoint" / "meta.json").read_text())
     assert meta2["lineage"]["teacher_sha256"] == meta1["weights_sha256"]  # round 2 learned from round 1
+    assert meta1["lineage"]["init"] == str(run / "teacher" / "checkpoint")  # init: teacher = the round's teacher
+    assert meta2["lineage"]["init"] == str(run / "student_r1" / "checkpoint")
+    assert r1["ema"]["decay"] == 0.9 and "raw_top1" in r1["ema"]
     labels2 = json.loads((run / "pseudo_label_r2" / "manifest.json").read_text())
     assert labels2["teacher_sha256"] == meta1["weights_sha256"]
     assert (run / "report" / "report.md").exists() and (run / "report" / "accuracy_by_round.png").exists()
