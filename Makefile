@@ -27,7 +27,7 @@ data-package:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; \
 	fi
 
-# make demo                 the full demo (about 17 minutes on a 2-core CPU)
+# make demo                 the full demo (about 16 minutes on a 2-core CPU)
 # make demo PRESET=quick    a 10,000-image pool and short training (about 3 minutes)
 demo: install data-package
 	$(VENV)/bin/selftrain run configs/fashion_mnist.yaml --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET))
