@@ -19,6 +19,8 @@ class WeightEma:
         self.decay = decay
         self.updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.float_keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        self.other_keys = [k for k, v in self.shadow.items() if not v.is_floating_point()]
 
     def decay_at(self, updates: int) -> float:
         return min(self.decay, (1.0 + updates) / (10.0 + updates))
@@ -28,11 +30,10 @@ class WeightEma:
         self.updates += 1
         weight = 1.0 - self.decay_at(self.updates)
         state = model.state_dict()
-        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], weight)
-        for key, value in self.shadow.items():
-            if not value.is_floating_point():
-                value.copy_(state[key])
+        torch._foreach_lerp_([self.shadow[k] for k in self.float_keys],
+                             [state[k].detach() for k in self.float_keys], weight)
+        for key in self.other_keys:
+            self.shadow[key].copy_(state[key])
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict(self.shadow)

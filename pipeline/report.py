@@ -29,18 +29,23 @@ def _pct(value: object) -> str:
     return _num(100 * value, "{:.2f}") if isinstance(value, (int, float)) else ""
 
 
+def stage_wall_seconds(run: RunDir, stage: str, metrics: dict) -> float | None:
+    """Seconds over all invocations (wall_time.json); runs made before it existed: the metrics' own figure."""
+    wall = run.wall_seconds(stage)
+    return wall if wall is not None else metrics.get("wall_seconds")
+
+
 def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
     rows = []
     for stage in stages:
         path = run.metrics_path(stage)
-        wall = run.wall_seconds(stage)
-        if stage == "report" or (not path.exists() and wall is None):
+        if stage == "report" or (not path.exists() and run.wall_seconds(stage) is None):
             continue
         m = read_json(path) if path.exists() else {}
         row = {"stage": stage, "arch": m.get("arch", ""), "policy": m.get("policy", ""), "top1": m.get("top1"),
                "holdout_top1": (m.get("holdout") or {}).get("top1"), "ece": m.get("ece"),
                "teacher_agreement": m.get("teacher_agreement"), "pool_accuracy": m.get("pool_accuracy"),
-               "wall_seconds": wall if wall is not None else m.get("wall_seconds"), "kept": ""}
+               "wall_seconds": stage_wall_seconds(run, stage, m), "kept": ""}
         if stage.startswith("select") and m:
             sel = m["selection"]
             row["kept"] = f"{sel['unique_kept']} ({sel['copies']} with copies)"

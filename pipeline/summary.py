@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from pipeline.atomic import read_json
+from pipeline.report import stage_wall_seconds
 from pipeline.rundir import RunDir, RunDirError
 
 STAGE_ORDER = re.compile(r"^(data|teacher|pseudo_label_r\d+|select_r\d+|student_r\d+)$")
@@ -35,8 +36,7 @@ def run_metrics(run_dir: Path) -> dict[str, dict]:
         stage = done.parent.name
         if STAGE_ORDER.match(stage):
             metrics = read_json(run.metrics_path(stage)) if run.metrics_path(stage).exists() else {}
-            wall = run.wall_seconds(stage)
-            found[stage] = {**metrics, **({"wall_seconds": wall} if wall is not None else {})}
+            found[stage] = {**metrics, "wall_seconds": stage_wall_seconds(run, stage, metrics)}
     if "teacher" not in found:
         raise RunDirError(f"{run_dir}: no finished teacher stage (teacher/DONE); nothing to summarize")
     return found
@@ -63,7 +63,7 @@ def summary_table(run_dirs: list[Path]) -> str:
                 if stage.startswith("student") and "top1" in r[stage]]
         held = [100 * r[stage]["holdout"]["top1"] for r in have if "holdout" in r[stage]]
         pool = [100 * r[stage]["pool_accuracy"] for r in have if "pool_accuracy" in r[stage]]
-        wall = [r[stage]["wall_seconds"] for r in have if "wall_seconds" in r[stage]]
+        wall = [r[stage]["wall_seconds"] for r in have if r[stage]["wall_seconds"] is not None]
         cells = [stage, str(len(have)), mean_std(top1), mean_std(gain), mean_std(held), mean_std(pool),
                  f"{statistics.mean(wall):.0f}" if wall else "", " / ".join(f"{v:.2f}" for v in top1)]
         lines.append("| " + " | ".join(cells) + " |")
