@@ -38,14 +38,17 @@ def stage_wall_seconds(run: RunDir, stage: str, metrics: dict) -> float | None:
 def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
     rows = []
     for stage in stages:
-        path = run.metrics_path(stage)
-        if stage == "report" or (not path.exists() and run.wall_seconds(stage) is None):
+        if stage == "report":
             continue
+        path = run.metrics_path(stage)
         m = read_json(path) if path.exists() else {}
+        wall = stage_wall_seconds(run, stage, m)
+        if not path.exists() and wall is None:
+            continue
         row = {"stage": stage, "arch": m.get("arch", ""), "policy": m.get("policy", ""), "top1": m.get("top1"),
                "holdout_top1": (m.get("holdout") or {}).get("top1"), "ece": m.get("ece"),
                "teacher_agreement": m.get("teacher_agreement"), "pool_accuracy": m.get("pool_accuracy"),
-               "wall_seconds": stage_wall_seconds(run, stage, m), "kept": ""}
+               "wall_seconds": wall, "kept": ""}
         if stage.startswith("select") and m:
             sel = m["selection"]
             row["kept"] = f"{sel['unique_kept']} ({sel['copies']} with copies)"
