@@ -37,5 +37,5 @@ test: install data-package
 	$(PY) -m pytest -q
 
 bench: install data-package
-	$(PY) bench/bench_channels_last.py
+	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_augment.py --quick

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from augment import build_eval_transform
 from pipeline.loader import Transform, eval_batches, to_model_input
+from teachers.checkpoint import load_checkpoint
 
 
 @torch.no_grad()
@@ -29,3 +33,15 @@ def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: lis
                 outputs.append(model(x).float())
         logits = torch.cat(outputs) if outputs else torch.empty(0)
     return accelerator.gather(logits)[:n].cpu().numpy()
+
+
+def checkpoint_logits(accelerator: Accelerator, directory: Path, num_classes: int, images: list[np.ndarray],
+                      batch_size: int, workers: int, channels_last: bool, desc: str, progress: bool) -> np.ndarray:
+    """Logits of a saved model through its own preprocessing: the input size and normalisation
+    come from its meta.json, not from whichever stage asks (a student may run at another size)."""
+    model, meta = load_checkpoint(directory, num_classes=num_classes)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return predict_logits(accelerator, model.to(accelerator.device), images, build_eval_transform(meta.input_size),
+                          torch.tensor(meta.mean), torch.tensor(meta.std), batch_size, workers, channels_last,
+                          desc=desc, progress=progress)

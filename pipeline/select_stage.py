@@ -13,20 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
-from augment import build_eval_transform
 from pipeline.atomic import atomic_open, read_json, write_json
 from pipeline.config import Config
 from pipeline.imageset import DataInfo, load_labeled_split
 from pipeline.plots import class_count_chart
-from pipeline.predict import predict_logits
+from pipeline.predict import checkpoint_logits
 from pipeline.pseudo_label_stage import shard_records, sidecar_path
 from pipeline.rundir import RunDir, RunDirError
 from pipeline.runtime import loader_workers, make_accelerator, process_state, use_channels_last
 from teachers.calibration import accuracy_above, calibration_report, fit_temperature
-from teachers.checkpoint import load_checkpoint
 from teachers.selection import plan_selection
 from teachers.sidecar import confidence_and_prediction, read_sidecar
 
@@ -36,16 +33,11 @@ def plan_path(out_dir: Path, sidecar: Path) -> Path:
 
 
 def _teacher_logits(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    model, meta = load_checkpoint(teacher_dir, num_classes=data.num_classes)
-    channels_last = use_channels_last(config.runtime)
-    model = model.to(memory_format=torch.channels_last) if channels_last else model
     accelerator = make_accelerator(config.runtime, run.logs_dir(), "select", {})
-    model = model.to(accelerator.device)
     images = load_labeled_split(data, split)
-    logits = predict_logits(accelerator, model, images.images, build_eval_transform(meta.input_size),
-                            torch.tensor(meta.mean), torch.tensor(meta.std), config.pseudo_label.batch_size,
-                            loader_workers(config.runtime), channels_last, desc=f"teacher on {split}",
-                            progress=config.runtime.progress)
+    logits = checkpoint_logits(accelerator, teacher_dir, data.num_classes, images.images, config.pseudo_label.batch_size,
+                               loader_workers(config.runtime), use_channels_last(config.runtime),
+                               desc=f"teacher on {split}", progress=config.runtime.progress)
     return logits, images.labels
 
 

@@ -26,7 +26,7 @@ from pipeline.rundir import RunDir
 from pipeline.trainer import train
 from pipeline.training_stage import finish, setup_training, swap_in_ema
 from students.losses import LossBalance, soft_cross_entropy
-from teachers.checkpoint import checkpoint_hash, load_checkpoint, read_meta
+from teachers.checkpoint import checkpoint_hash, read_meta
 from teachers.models import create_model
 
 LABELED, UNLABELED = 0, 1
@@ -97,10 +97,7 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
                    extra_state=[balance])
     ema = swap_in_ema(setup, result)
     logits = setup.test_logits()
-    teacher_model, _ = load_checkpoint(teacher_dir, num_classes=data.num_classes)
-    if setup.channels_last:
-        teacher_model = teacher_model.to(memory_format=torch.channels_last)
-    teacher_logits = setup.test_logits(teacher_model.to(accelerator.device))
+    teacher_logits = setup.checkpoint_test_logits(teacher_dir)
     agreement = float((logits.argmax(1) == teacher_logits.argmax(1)).mean())
     lineage = {"round": round_index, "teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"],
                "labels": labels_stage, "selection": select_stage}

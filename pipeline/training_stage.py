@@ -23,7 +23,7 @@ from pipeline.configschema import to_dict
 from pipeline.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
 from pipeline.loader import Transform
 from pipeline.metrics import classification_metrics
-from pipeline.predict import predict_logits
+from pipeline.predict import checkpoint_logits, predict_logits
 from pipeline.rundir import RunDir
 from pipeline.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
 from pipeline.trainer import TrainResult
@@ -90,14 +90,20 @@ class TrainingSetup:
         device = self.accelerator.device
         return torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device)
 
-    def test_logits(self, model: torch.nn.Module | None = None) -> np.ndarray:
-        return self.logits(self.test, "test", model)
+    def test_logits(self) -> np.ndarray:
+        return self.logits(self.test, "test")
 
-    def logits(self, images: ImageSet, split: str, model: torch.nn.Module | None = None) -> np.ndarray:
-        return predict_logits(self.accelerator, model if model is not None else self.model, images.images,
+    def logits(self, images: ImageSet, split: str) -> np.ndarray:
+        return predict_logits(self.accelerator, self.model, images.images,
                               self.eval_transform, torch.tensor(self.mean), torch.tensor(self.std),
                               self.stage.train.eval_batch_size, self.workers, self.channels_last,
                               desc=f"{self.name} eval {split}", progress=self.config.runtime.progress)
+
+    def checkpoint_test_logits(self, directory: Path) -> np.ndarray:
+        """Test logits of another checkpoint (the round's teacher) through its own preprocessing."""
+        return checkpoint_logits(self.accelerator, directory, self.data.num_classes, self.test.images,
+                                 self.stage.train.eval_batch_size, self.workers, self.channels_last,
+                                 desc=f"{self.name} eval test ({directory.name})", progress=self.config.runtime.progress)
 
     def holdout_metrics(self) -> dict:
         """Top-1/ECE/NLL on the holdout split (what tuning should look at), {} without one."""

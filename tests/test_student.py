@@ -142,3 +142,25 @@ def test_kill_inside_and_between_rounds_resumes_to_same_weights(two_round_run, t
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same(weights(straight, "student_r1"), weights(run, "student_r1"))
     assert_same(weights(straight, "student_r2"), weights(run, "student_r2"))
+
+
+def test_student_at_a_larger_input_size_is_compared_with_the_teacher_at_its_own(tiny_teacher_run, tmp_path):
+    """Resolution is a student-scaling axis: the teacher keeps its own preprocessing when agreement is measured."""
+    from accelerate import Accelerator
+
+    from pipeline.imageset import load_labeled_split, open_data
+    from pipeline.predict import checkpoint_logits
+    config, teacher_run = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
+    result = cli(config, run, "--set", "student.model.input_size=24")
+    assert result.returncode == 0, result.stderr[-3000:]
+    student_dir, teacher_dir = run / "student_r1" / "checkpoint", run / "teacher" / "checkpoint"
+    assert json.loads((student_dir / "meta.json").read_text())["input_size"] == 24
+    assert json.loads((teacher_dir / "meta.json").read_text())["input_size"] == 16
+    test = load_labeled_split(open_data(Path(config.read_text().split("path: ")[1].strip())), "test")
+    accelerator = Accelerator(cpu=True)
+    student, teacher = (checkpoint_logits(accelerator, d, 10, test.images, 500, 0, True, "eval", False)
+                        for d in (student_dir, teacher_dir))
+    metrics = json.loads((run / "student_r1" / "metrics.json").read_text())
+    assert metrics["teacher_agreement"] == pytest.approx(float((student.argmax(1) == teacher.argmax(1)).mean()))

@@ -1,0 +1,67 @@
+"""Training images/s of a model on CPU: NCHW fp32, channels_last fp32, channels_last bf16 autocast.
+
+Prints one JSON line per architecture: images/s of each variant, measured in one run, and the
+ratios channels_last/NCHW and bf16/fp32 (bf16 only pays on CPUs with AVX512-BF16 or AMX).
+Usage: python bench/bench_train_step.py [--arch resnet18 ...] [--size 32] [--batch 128] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from teachers.models import create_model
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX; without them oneDNN emulates bf16, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool, in_chans: int,
+               bf16: bool = False) -> float:
+    torch.manual_seed(0)
+    model = create_model(arch, 10, in_chans)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, in_chans, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    for i in range(steps + 2):
+        if i == 2:  # two warm-up steps
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", nargs="+", default=["resnet18", "mobilenetv3_small_100", "efficientnet_b0"])
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--in-chans", type=int, default=1)
+    args = parser.parse_args()
+    for arch in args.arch:
+        nchw = train_rate(arch, args.size, args.batch, args.steps, False, args.in_chans)
+        nhwc = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans)
+        nhwc_bf16 = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans, bf16=True)
+        print(json.dumps({"bench": "train_step", "arch": arch, "size": args.size, "batch": args.batch,
+                          "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+                          "nchw_img_s": round(nchw, 1), "channels_last_img_s": round(nhwc, 1),
+                          "channels_last_bf16_img_s": round(nhwc_bf16, 1),
+                          "channels_last_ratio": round(nhwc / nchw, 3),
+                          "bf16_ratio": round(nhwc_bf16 / nhwc, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
