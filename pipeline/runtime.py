@@ -15,9 +15,10 @@ from pipeline.config import RuntimeConfig
 def mixed_precision(runtime: RuntimeConfig) -> str:
     """"auto": bf16 on a GPU that supports it, fp16 on an older GPU, none on CPU.
 
-    Not bf16 on CPU, even where it is native (AVX512-BF16/AMX) and twice as fast
-    (bench/bench_train_step.py): with torch 2.14.1, oneDNN's bf16 weight gradient of a 3x3
-    convolution on a 1x1 feature map can come back as garbage (~1e16..1e30; README, Speed)."""
+    Not bf16 on CPU, even where it is native (AVX512-BF16/AMX): it makes resnet18 only 10-46 %
+    faster and depthwise nets twice as slow (bench/bench_train_step.py), and with torch 2.14.1
+    oneDNN's bf16 weight gradient of a 3x3 convolution on a 1x1 feature map can come back as
+    garbage, ~1e15 and up (bench/check_cpu_bf16.py; README, Benchmarks)."""
     if runtime.mixed_precision != "auto":
         return runtime.mixed_precision
     if not torch.cuda.is_available():

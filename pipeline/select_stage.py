@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from pipeline.atomic import atomic_open, read_json, write_json
 from pipeline.config import Config
 from pipeline.imageset import DataInfo, load_labeled_split
