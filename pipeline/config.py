@@ -46,7 +46,8 @@ class ModelConfig:
     drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     # a checkpoint directory (model.safetensors + meta.json) to start from; null = random init;
-    # "teacher" (student stages): the round's teacher, so the student starts where its teacher ended
+    # "teacher" (student stages): the round's teacher, so the student starts where its teacher ended.
+    # A deeper model of the checkpoint's family (resnet34 from resnet18) is grown from it (teachers/grow.py).
     init: str | None = None
 
 

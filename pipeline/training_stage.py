@@ -28,6 +28,7 @@ from pipeline.rundir import RunDir
 from pipeline.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
 from pipeline.trainer import TrainResult
 from teachers.checkpoint import CheckpointMeta, check_compatible, load_weights_into, read_meta, save_checkpoint
+from teachers.grow import Growth, grow_from
 from teachers.models import ModelError, create_model
 
 NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
@@ -54,14 +55,19 @@ def resolve_init(init: str | None, teacher_dir: Path | None) -> Path | None:
     return teacher_dir
 
 
-def build_model(stage: StageConfig | StudentConfig, data: DataInfo, init: Path | None) -> torch.nn.Module:
+def build_model(stage: StageConfig | StudentConfig, data: DataInfo,
+                init: Path | None) -> tuple[torch.nn.Module, Growth | None]:
+    """The stage's model, with `init`'s weights; a deeper model of the init's family is grown from it."""
     model = create_model(stage.model.arch, data.num_classes, data.in_chans,
                          stage.model.drop_rate, stage.model.drop_path_rate)
-    if init is not None:
-        meta = read_meta(init)
-        check_compatible(meta, stage.model.arch, data.num_classes, f"model.init {init}")
-        load_weights_into(model, init)
-    return model
+    if init is None:
+        return model, None
+    meta = read_meta(init)
+    check_compatible(meta, None, data.num_classes, f"model.init {init}")
+    if meta.arch != stage.model.arch:
+        return model, grow_from(model, init, meta)
+    load_weights_into(model, init)
+    return model, None
 
 
 @dataclass
@@ -126,7 +132,11 @@ def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConf
     accelerator = make_accelerator(config.runtime, run.logs_dir(), name, {"policy": str(policy), **_flat(inputs)})
     channels_last = use_channels_last(config.runtime)
     init = resolve_init(stage.model.init, teacher_dir)
-    model = build_model(stage, data, init)
+    model, growth = build_model(stage, data, init)
+    if growth is not None:
+        accelerator.print(f"{name}: {stage.model.arch} grown from {read_meta(init).arch} at {init}: {growth.loaded} "
+                          f"tensors copied, {growth.fresh} new ones start as identity blocks "
+                          f"(largest logit difference {growth.max_logit_diff:.1e})")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, holdout, mean, std, policy,
