@@ -134,7 +134,7 @@ def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConf
     init = resolve_init(stage.model.init, teacher_dir)
     model, growth = build_model(stage, data, init)
     if growth is not None:
-        accelerator.print(f"{name}: {stage.model.arch} grown from {read_meta(init).arch} at {init}: {growth.loaded} "
+        accelerator.print(f"{name}: {stage.model.arch} grown from {growth.source_arch} at {init}: {growth.loaded} "
                           f"tensors copied, {growth.fresh} new ones start as identity blocks "
                           f"(largest logit difference {growth.max_logit_diff:.1e})")
     if channels_last:

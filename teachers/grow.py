@@ -1,7 +1,7 @@
 """Warm-start a deeper student from a shallower checkpoint of the same family (resnet18 -> resnet34).
 
-Noisy Student wants a student equal to or larger than its teacher, and on small data the student
-only gains when it starts from the teacher's weights. timm's ResNets zero the last BatchNorm of
+Noisy Student wants a student equal to or larger than its teacher, and on this project's small
+data the student gained only when it started from the teacher's weights (README, Measured). timm's ResNets zero the last BatchNorm of
 every residual block (`zero_init_last`), so a fresh block computes the identity: copying the
 teacher's tensors into the blocks that share their names and leaving the extra blocks fresh gives
 a larger model that starts as exactly the teacher's function. That is checked on a probe batch,
@@ -25,6 +25,7 @@ FUNCTION_TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Growth:
+    source_arch: str  # the checkpoint's architecture
     loaded: int  # tensors copied from the checkpoint
     fresh: int  # tensors of the larger model left at their initialisation
     max_logit_diff: float  # teacher vs grown student on the probe batch, eval mode
@@ -51,7 +52,7 @@ def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta) -> 
         raise CheckpointError(f"{where}: '{meta.arch}' weights fit this model, but the grown model does not compute "
                               f"the checkpoint's function (largest logit difference {diff:.3g}); its extra blocks "
                               "must start as the identity (timm ResNets do: zero_init_last)")
-    return Growth(loaded=len(source), fresh=len(target) - len(source), max_logit_diff=diff)
+    return Growth(source_arch=meta.arch, loaded=len(source), fresh=len(target) - len(source), max_logit_diff=diff)
 
 
 @torch.no_grad()
