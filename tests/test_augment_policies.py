@@ -76,8 +76,11 @@ def test_same_seed_same_output_different_seeds_differ(text: str) -> None:
     assert len({out.tobytes() for out in first}) >= 11
     assert np.array_equal(policy(image, seed=(7, 3, 1)), policy(image, seed=(7, 3, 1)))
     assert not np.array_equal(policy(image, seed=(7, 3, 1)), policy(image, seed=(7, 3, 2)))
-    unseeded = [policy(image).tobytes() for _ in range(6)]
-    assert len(set(unseeded)) >= 5
+    # Unseeded calls draw fresh randomness. S1 on a 28-px image has only ~560 distinct outcomes (the
+    # likeliest 3.8 %), so "5 distinct of 6" failed in 0.6 % of runs; fewer than 12 of 20 did not
+    # occur in 200,000 simulated draws, while a fixed or cycling seed gives a handful at most.
+    unseeded = [policy(image).tobytes() for _ in range(20)]
+    assert len(set(unseeded)) >= 12
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "7", (1, -2), (1, 2.0), True])
