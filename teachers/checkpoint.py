@@ -73,12 +73,17 @@ def check_compatible(meta: CheckpointMeta, arch: str | None, num_classes: int | 
         raise CheckpointError(f"{where}: checkpoint has {meta.num_classes} classes, the data has {num_classes}")
 
 
-def load_weights_into(model: torch.nn.Module, directory: Path) -> None:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read weights ({exc})") from None
+
+
+def load_weights_into(model: torch.nn.Module, directory: Path) -> None:
+    path = Path(directory) / WEIGHTS
+    state = read_weights(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
