@@ -8,11 +8,13 @@ from pathlib import Path
 
 from pipeline.configschema import ConfigError
 from pipeline.imageset import DataDirError
+from pipeline.owned import ForeignFilesError
 from pipeline.rundir import RunDirError
 from pipeline.shards import ShardError
 from pipeline.sources.fashion_mnist import DataSourceError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError,
+                                             ForeignFilesError)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

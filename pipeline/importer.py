@@ -7,7 +7,7 @@ without it is an incomplete import and is redone from scratch.
 
 from __future__ import annotations
 
-import shutil
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import read_json, sha256_file, write_json
-from pipeline.shards import encode_png, write_shards
+from pipeline.owned import claim, refuse_foreign
+from pipeline.shards import encode_png, shard_name, write_shards
 from pipeline.sources import fashion_mnist, folder
 from pipeline.sources.fashion_mnist import DataSourceError
 
@@ -23,6 +24,8 @@ SPLITS = ("labeled", "holdout", "unlabeled", "test")
 MANIFEST = "manifest.json"
 TRUTH_FILE = "unlabeled_truth.json"
 FORMAT = "selftrain-data/1"
+# files of the run directory's stage protocol that may sit beside an import (RUN/data); never removed here
+RUN_BOOKKEEPING = ("stage.json", "DONE", "wall_time.json")
 
 
 def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
@@ -71,6 +74,7 @@ def existing_import(out: Path, params: dict[str, object]) -> dict | None:
     """The manifest if `out` already holds this exact import; raise if it holds another one."""
     path = out / MANIFEST
     if not path.exists():
+        refuse_foreign(out, RUN_BOOKKEEPING)  # before any work: the import would write here
         return None
     manifest = read_json(path)
     if manifest.get("params") != params:
@@ -100,12 +104,17 @@ def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callabl
     return records
 
 
+def planned_files(split_items: dict[str, list], shard_size: int) -> list[str]:
+    """Every path (relative to the output directory) the import will write."""
+    shards = [f"{split}/{shard_name(split, i)}" for split, items in split_items.items()
+              for i in range(math.ceil(len(items) / shard_size))]
+    return shards + [TRUTH_FILE, MANIFEST]
+
+
 def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
             split_items: dict[str, list], shard_size: int, truth: dict[str, int], source: str,
             progress: bool) -> dict:
-    for split in SPLITS:
-        shutil.rmtree(out / split, ignore_errors=True)  # leftovers of an interrupted import
-    out.mkdir(parents=True, exist_ok=True)
+    claim(out, planned_files(split_items, shard_size), tolerated=RUN_BOOKKEEPING)
     records = _write_splits(out, split_items, shard_size, progress)
     write_json(out / TRUTH_FILE, truth)
     manifest = {

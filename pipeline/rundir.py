@@ -12,12 +12,22 @@ Layout:
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import read_json, write_json, write_text
+from pipeline.owned import JOURNAL, describe_foreign, owned_paths
+
+MARKER = ".selftrain-run"
+# what a run directory may hold before this marker existed (runs made by earlier versions)
+LEGACY_MARKERS = ("lock", "config.yaml")
+# every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
+STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "metrics.json", "manifest.json", "*.labels.npz",
+                 "*.plan.npz", "*.png", "report.md", "summary.csv", "checkpoint/*", "state/*", "state.tmp/*",
+                 "state.prev/*", "*.tmp")
 
 
 class RunDirError(RuntimeError):
@@ -57,8 +67,13 @@ class RunDir:
 
     # ---- lock --------------------------------------------------------------
     def acquire(self) -> None:
-        """Take the run's lock or fail at once; the OS drops it if the process dies."""
+        """Take the run's lock or fail at once; the OS drops it if the process dies.
+
+        A directory that exists, holds anything, and was not made by this tool is refused:
+        a run writes and deletes files under its root."""
+        self._refuse_foreign_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        write_text(self.root / MARKER, "selftrain run directory\n")
         path = self.root / "lock"
         handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -71,6 +86,18 @@ class RunDir:
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_handle = handle
+
+    def _refuse_foreign_root(self) -> None:
+        if not self.root.exists() or (self.root / MARKER).exists():
+            return
+        if all((self.root / name).exists() for name in LEGACY_MARKERS):
+            return
+        if not self.root.is_dir():
+            raise RunDirError(f"run directory {self.root} exists and is not a directory")
+        present = sorted(p.name for p in self.root.iterdir())
+        if present:
+            raise RunDirError(f"{describe_foreign(self.root, present)} and is not a selftrain run directory; "
+                              "nothing was changed. Use a new or empty --run-dir")
 
     def release(self) -> None:
         if self._lock_handle is not None:
@@ -131,8 +158,15 @@ class RunDir:
             shutil.rmtree(path.with_name(path.name + suffix), ignore_errors=True)
 
     def reset_stage(self, stage: str) -> None:
-        """Forget a stage completely (used by --from)."""
-        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        """Forget a stage completely (used by --from); refuse if its directory holds files a stage never writes."""
+        directory = self.stage_dir(stage)
+        if not directory.exists():
+            return
+        foreign = foreign_stage_files(directory)
+        if foreign:
+            raise RunDirError(f"--from {stage}: {describe_foreign(directory, foreign)}; nothing was removed. "
+                              "Move them out of the run directory first")
+        shutil.rmtree(directory)
 
     def stage_state(self, stage: str) -> str:
         if self.is_done(stage):
@@ -140,6 +174,24 @@ class RunDir:
         if self.stage_dir(stage).exists():
             return "started" if not self.state_dir(stage).exists() else "resumable"
         return "pending"
+
+
+def foreign_stage_files(directory: Path) -> list[str]:
+    """Files under a stage directory that are neither journaled nor match STAGE_OUTPUTS (any depth under state*/)."""
+    journaled = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
+    found = []
+    for path in sorted(directory.rglob("*")):
+        if path.is_dir():
+            continue
+        relative = str(path.relative_to(directory))
+        if relative in journaled:
+            continue
+        top = relative.split("/", 1)[0]
+        if top in ("state", "state.tmp", "state.prev", "checkpoint"):
+            relative = f"{top}/{path.name}"
+        if not any(fnmatch.fnmatchcase(relative, pattern) for pattern in STAGE_OUTPUTS):
+            found.append(str(path.relative_to(directory)))
+    return found
 
 
 def input_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
