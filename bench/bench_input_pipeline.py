@@ -11,7 +11,7 @@ torch threads, on the same model and optimizer:
 * real:      the labeled Fashion-MNIST images decoded from the shards into memory
              (`imageset.load_labeled_split`, as the teacher stage does), `AugmentedSources` +
              one `Source` + `StepBatchSampler` + `make_loader(workers)` + `collate_uint8`, as
-             `teacher_stage.run_teacher` wires them, the policy built by
+             `pipeline.stages.teacher.run` wires them, the policy built by
              `augment.build_policy`. A fresh loader per timed segment; its start-up (time to the
              first batch) is reported apart and excluded, then `--warmup` untimed steps, then
              `--steps` timed steps. The sampler runs past the timed steps so the workers stay busy
@@ -57,11 +57,11 @@ import torch
 
 from augment import build_policy
 from neighbour_load import NeighbourLoad
-from pipeline.config import TrainConfig
-from pipeline.imageset import channel_stats, load_labeled_split, open_data
-from pipeline.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
-from pipeline.teacher_stage import supervised_loss
-from pipeline.trainer import build_optimizer, warmup_cosine
+from pipeline.config.sections import TrainConfig
+from pipeline.data.imageset import channel_stats, load_labeled_split, open_data
+from pipeline.data.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
+from pipeline.stages.teacher import supervised_loss
+from pipeline.engine.trainer import build_optimizer, warmup_cosine
 from teachers.models import create_model
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
@@ -69,7 +69,7 @@ QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this 
 
 
 class Stepper:
-    """One optimizer step exactly as `pipeline.trainer.train` does it on one CPU process."""
+    """One optimizer step exactly as `pipeline.engine.trainer.train` does it on one CPU process."""
 
     def __init__(self, args: argparse.Namespace, num_classes: int, in_chans: int, labels: torch.Tensor,
                  mean: torch.Tensor, std: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 DESIGN.md section 8, issue 4 (goal: >= 0.85 on CPU).
 
-* real: `pipeline.pseudo_label_stage.label_shards` on the first `--shards` unlabeled shards of
+* real: `pipeline.stages.pseudo_label.label_shards` on the first `--shards` unlabeled shards of
   the imported data dir (tar read, PNG decode, eval transform and collate in `--workers`
   DataLoader workers, `to_model_input`, forward under inference_mode, fp16 sidecar written
   atomically into a temporary directory). Timed end to end, worker start-up included.
@@ -38,6 +38,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
@@ -46,11 +47,11 @@ import torch
 
 from augment import build_eval_transform
 from neighbour_load import NeighbourLoad
-from pipeline.config import PseudoLabelConfig
-from pipeline.imageset import open_data
-from pipeline.loader import to_model_input
-from pipeline.pseudo_label_stage import label_shards, shard_records
-from pipeline.shards import decode_image, iter_shard
+from pipeline.config.sections import PseudoLabelConfig
+from pipeline.data.imageset import open_data
+from pipeline.data.loader import to_model_input
+from pipeline.stages.pseudo_label import Labeler, LabelingJob, label_shards
+from pipeline.data.shards import decode_image, iter_shard
 from teachers.checkpoint import checkpoint_hash, load_checkpoint
 from teachers.sidecar import write_sidecar
 
@@ -74,12 +75,12 @@ def omp_env() -> dict:
             if k in os.environ}
 
 
-def real_rate(model, shards, records, tmp: Path, rep: int, transform, mode, mean, std, batch, workers,
-              channels_last, teacher_hash, topk, total) -> float:
+def real_rate(labeler: Labeler, job: LabelingJob, tmp: Path, rep: int, workers: int) -> float:
     out_dir = tmp / f"round{rep}-w{workers}"
+    job = replace(job, workers=workers, sidecars=[out_dir / (p.stem + ".labels.npz") for p in job.shards])
+    total = job.total_images
     start = time.perf_counter()
-    labeled = label_shards(model, shards, records, out_dir, transform, mode, mean, std, torch.device("cpu"),
-                           batch, workers, channels_last, "no", teacher_hash, topk, False, total)
+    labeled = label_shards(labeler, job)
     seconds = time.perf_counter() - start
     if labeled != total:
         raise RuntimeError(f"label_shards labeled {labeled} images, expected {total}")
@@ -143,8 +144,8 @@ def main() -> None:
     channels_last = not args.no_channels_last
 
     data = open_data(args.data)
-    records = shard_records(data)[:args.shards]
-    shards = [data.root / "unlabeled" / r["name"] for r in records]
+    records = data.shard_records("unlabeled")[:args.shards]
+    shards = [data.shard_path("unlabeled", r["name"]) for r in records]
     total = sum(int(r["count"]) for r in records)
     teacher_hash = checkpoint_hash(args.teacher)
     model, meta = load_checkpoint(args.teacher, num_classes=data.num_classes)
@@ -165,6 +166,9 @@ def main() -> None:
     x = to_model_input(uint8, mean, std, torch.device("cpu"), channels_last)
     bare_rate(model, x, 2)  # warm-up (oneDNN primitives, allocator)
 
+    labeler = Labeler(model, transform, mean, std, torch.device("cpu"), channels_last, "no", teacher_hash)
+    job = LabelingJob(shards=shards, records=records, sidecars=[], mode=data.mode, batch_size=args.batch,
+                      workers=0, topk=topk, progress=False)
     with tempfile.TemporaryDirectory(prefix="bench-pseudo-label-") as tmp_name:
         tmp = Path(tmp_name)
         for workers in args.workers:
@@ -176,8 +180,7 @@ def main() -> None:
             real, neighbours = [], []
             for rep in range(args.reps):
                 # a round spans bare before, real, bare after
-                real.append(real_rate(model, shards, records, tmp, rep, transform, data.mode, mean, std, args.batch,
-                                      workers, channels_last, teacher_hash, topk, total))
+                real.append(real_rate(labeler, job, tmp, rep, workers))
                 bare.append(bare_rate(model, x, args.bare_batches))
                 neighbours.append(round(segment.cores(), 2))
                 segment = NeighbourLoad()

@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.configschema import ConfigError
-from pipeline.imageset import DataDirError
-from pipeline.owned import ForeignFilesError
-from pipeline.rundir import RunDirError
-from pipeline.shards import ShardError
-from pipeline.sources.fashion_mnist import DataSourceError
+from pipeline.config.schema import ConfigError
+from pipeline.data.imageset import DataDirError
+from pipeline.core.owned import ForeignFilesError
+from pipeline.core.rundir import RunDirError
+from pipeline.data.shards import ShardError
+from pipeline.data.sources.fashion_mnist import DataSourceError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError,
                                              ForeignFilesError)
@@ -19,7 +19,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardE
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from augment import PolicyError
-    from pipeline.pool import PoolError
+    from pipeline.data.pool import PoolError
     from teachers.checkpoint import CheckpointError
     from teachers.models import ModelError
     from teachers.sidecar import SidecarError
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from pipeline.importer import import_fashion_mnist, import_folder
+    from pipeline.data.importer import import_fashion_mnist, import_folder
 
     common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
                   seed=args.seed, shard_size=args.shard_size, max_unlabeled=args.max_unlabeled)
@@ -97,9 +97,9 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from pipeline.config import load_config
-    from pipeline.presets import preset_overrides
-    from pipeline.stages import run_pipeline
+    from pipeline.config.sections import load_config
+    from pipeline.config.presets import preset_overrides
+    from pipeline.stages.runner import run_pipeline
 
     config = load_config(args.config, preset_overrides(args.preset) + args.overrides)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
@@ -108,15 +108,15 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
-    from pipeline.stages import describe
+    from pipeline.stages.runner import describe
 
     for stage, state in describe(args.run_dir):
         print(f"{stage:12s} {state}")
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
-    from pipeline.atomic import write_text
-    from pipeline.summary import summary_table
+    from pipeline.core.atomic import write_text
+    from pipeline.experiments.summary import summary_table
 
     table = summary_table([Path(d) for d in args.run_dirs])
     print(table)
@@ -127,7 +127,7 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
 def _cmd_preview(args: argparse.Namespace) -> None:
     from augment import build_policy
     from augment.preview import make_preview_grid, save_preview_grid
-    from pipeline.preview_data import sample_images
+    from pipeline.data.preview import sample_images
 
     images = sample_images(Path(args.data), args.images)
     grid = make_preview_grid(images, build_policy(args.policy, args.size), args.draws, args.seed)

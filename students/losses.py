@@ -109,6 +109,8 @@ def hard_cross_entropy(
     _check_weights(weights, logits.shape[0])
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
+    if weights is None:  # torch's own mean: bit-identical to a plain F.cross_entropy call
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     per_row = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
     return _reduce(per_row, weights, logits)
 

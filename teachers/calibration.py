@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.metrics import expected_calibration_error, softmax_np
+from pipeline.core.metrics import expected_calibration_error, softmax_np
 
 T_MIN, T_MAX = 0.05, 20.0
 

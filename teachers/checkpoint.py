@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from pipeline.atomic import read_json, sha256_file, write_bytes, write_json
+from pipeline.core.atomic import read_json, sha256_file, write_bytes, write_json
 from teachers.models import create_model
 
 WEIGHTS = "model.safetensors"

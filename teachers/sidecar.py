@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_open
-from pipeline.metrics import softmax_np
+from pipeline.core.atomic import atomic_open
+from pipeline.core.metrics import softmax_np
 
 FORMAT = 1
 _FP16_MIN = float(np.finfo(np.float16).min)

@@ -43,7 +43,7 @@ def tiny_fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_fashion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.importer import import_fashion_mnist
+    from pipeline.data.importer import import_fashion_mnist
 
     out = tmp_path_factory.mktemp("fm_data")
     import_fashion_mnist(out, source=str(tiny_fashion_dir), per_class=20, seed=0, shard_size=100, progress=False)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.metrics import classification_metrics, softmax_np
+from pipeline.core.metrics import classification_metrics, softmax_np
 from teachers.calibration import (T_MAX, T_MIN, accuracy_above, accuracy_by_confidence, calibration_report,
                                   fit_temperature)
 

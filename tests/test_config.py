@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
-from pipeline.configschema import ConfigError
+from pipeline.config.sections import Config, load_config
+from pipeline.config.schema import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.ema import WeightEma
-from pipeline.training_stage import resolve_init
+from pipeline.engine.ema import WeightEma
+from pipeline.engine.training import resolve_init
 from teachers.models import ModelError
 
 

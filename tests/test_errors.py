@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from pipeline.imageset import load_labeled_split, open_data
-from pipeline.shards import ShardError, iter_shard, ReadProblems
+from pipeline.data.imageset import load_labeled_split, open_data
+from pipeline.data.shards import ShardError, iter_shard, ReadProblems
 
 
 def copy_data(tiny_data, tmp_path):
@@ -46,7 +46,7 @@ def test_sha_mismatch_names_shard(tiny_data, tmp_path):
 
 
 def test_undecodable_labeled_sample_names_shard_and_key(tiny_data, tmp_path):
-    from pipeline.shards import decode_image
+    from pipeline.data.shards import decode_image
     data = copy_data(tiny_data, tmp_path)
     shard = open_data(data).shard_paths("labeled")[0]
     key = first_key(shard)
@@ -57,7 +57,7 @@ def test_undecodable_labeled_sample_names_shard_and_key(tiny_data, tmp_path):
 
 
 def test_missing_cls_names_shard_and_key(tiny_data, tmp_path):
-    from pipeline.shards import decode_label
+    from pipeline.data.shards import decode_label
     data = copy_data(tiny_data, tmp_path)
     shard = open_data(data).shard_paths("labeled")[0]
     key = first_key(shard)
@@ -86,7 +86,7 @@ def test_image_of_other_mode_is_converted_to_the_data_mode(tmp_path):
     """An RGB or palette image in a grayscale data set decodes to the manifest's mode, not an error."""
     import numpy as np
     from PIL import Image
-    from pipeline.shards import decode_image
+    from pipeline.data.shards import decode_image
     buffer = io.BytesIO()
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8), "RGB").save(buffer, format="PNG")
     image = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "L")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.importer import import_fashion_mnist, import_folder
-from pipeline.imageset import load_labeled_split, open_data
-from pipeline.shards import iter_shard
-from pipeline.sources.fashion_mnist import DataSourceError
+from pipeline.data.importer import import_fashion_mnist, import_folder
+from pipeline.data.imageset import load_labeled_split, open_data
+from pipeline.data.shards import iter_shard
+from pipeline.data.sources.fashion_mnist import DataSourceError
 
 
 def keys_of(data_dir, split):

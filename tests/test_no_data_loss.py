@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.importer import import_fashion_mnist
-from pipeline.owned import JOURNAL, ForeignFilesError
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.data.importer import import_fashion_mnist
+from pipeline.core.owned import JOURNAL, ForeignFilesError
+from pipeline.core.rundir import RunDir, RunDirError
 
 
 def tree_hashes(root):

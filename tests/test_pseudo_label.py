@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import TINY_TEACHER, set_args
-from pipeline.faults import env_name
+from pipeline.core.faults import env_name
 from teachers.sidecar import read_sidecar
 
 PL = ["pseudo_label.batch_size=30", "runtime.threads=1", "student.rounds=0"]

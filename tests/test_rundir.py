@@ -4,13 +4,13 @@ import textwrap
 
 import pytest
 
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.core.rundir import RunDir, RunDirError
 
 
 def test_lock_refuses_a_second_process(tmp_path):
     with RunDir(tmp_path / "run"):
         code = textwrap.dedent(f"""
-            from pipeline.rundir import RunDir, RunDirError
+            from pipeline.core.rundir import RunDir, RunDirError
             try:
                 RunDir({str(tmp_path / 'run')!r}).acquire()
             except RunDirError as exc:
@@ -24,7 +24,7 @@ def test_lock_refuses_a_second_process(tmp_path):
 
 
 def test_lock_is_dropped_when_holder_is_killed(tmp_path):
-    code = f"from pipeline.rundir import RunDir; import os, signal; RunDir({str(tmp_path / 'r')!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+    code = f"from pipeline.core.rundir import RunDir; import os, signal; RunDir({str(tmp_path / 'r')!r}).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
     subprocess.run([sys.executable, "-c", code])
     with RunDir(tmp_path / "r"):
         pass

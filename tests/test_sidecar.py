@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import softmax_np
+from pipeline.core.metrics import softmax_np
 from teachers.sidecar import (Sidecar, SidecarError, confidence_and_prediction, hard_labels, read_sidecar,
                               read_sidecar_meta, soft_labels, write_sidecar)
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_TEACHER, set_args
-from pipeline.faults import env_name
-from pipeline.loader import Source, StepBatchSampler
+from pipeline.core.faults import env_name
+from pipeline.data.loader import Source, StepBatchSampler
 from teachers.models import create_model
 
 STUDENT = ["student.model.arch=test_resnet", "student.model.input_size=16", "student.train.epochs=1",
@@ -108,15 +108,17 @@ def test_two_rounds_end_to_end(two_round_run):
 
 def test_student_never_reads_hidden_labels(two_round_run, tmp_path):
     """Pool targets are the teacher's sidecar labels, and loading works without the truth file."""
-    from pipeline.imageset import open_data
-    from pipeline.pool import load_selected_pool
+    from pipeline.data.imageset import open_data
+    from pipeline.data.pool import load_selected_pool
     from teachers.sidecar import read_sidecar, soft_labels
     config, run, _ = two_round_run
     data_dir = tmp_path / "data"
     shutil.copytree(Path(config.read_text().split("path: ")[1].strip()), data_dir)
     (data_dir / "unlabeled_truth.json").unlink()  # the hidden labels are not there to read
-    pool = load_selected_pool(open_data(data_dir), run / "pseudo_label_r1", run / "select_r1", "soft", 1.0, 0.0,
-                              progress=False)
+    from pipeline.core.rundir import RunDir
+    from pipeline.data.pool import LabelForm
+    pool = load_selected_pool(open_data(data_dir), RunDir(run, data_dir), "pseudo_label_r1", "select_r1",
+                              LabelForm("soft", 1.0, 0.0), progress=False)
     expected = {}
     for path in sorted((run / "pseudo_label_r1").glob("*.labels.npz")):
         sidecar = read_sidecar(path)
@@ -148,8 +150,8 @@ def test_student_at_a_larger_input_size_is_compared_with_the_teacher_at_its_own(
     """Resolution is a student-scaling axis: the teacher keeps its own preprocessing when agreement is measured."""
     from accelerate import Accelerator
 
-    from pipeline.imageset import load_labeled_split, open_data
-    from pipeline.predict import checkpoint_logits
+    from pipeline.data.imageset import load_labeled_split, open_data
+    from pipeline.engine.predict import checkpoint_logits
     config, teacher_run = tiny_teacher_run
     run = tmp_path / "run"
     shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))

@@ -4,13 +4,15 @@ import json
 from pathlib import Path
 
 from pipeline.cli import main
-from pipeline.rundir import RunDir
+from pipeline.core.rundir import RunDir
 
 
 def fake_run(root: Path, teacher: float, student: float, seconds: float) -> Path:
     run = RunDir(root)
+    root.mkdir(parents=True)
+    run.config_path.write_text("seed: 0\n")  # the stage graph comes from the run's config
     for stage, top1 in (("teacher", teacher), ("student_r1", student)):
-        run.stage_dir(stage).mkdir(parents=True)
+        run.stage_dir(stage).mkdir()
         run.metrics_path(stage).write_text(json.dumps({"top1": top1, "holdout": {"top1": top1 - 0.01}}))
         run.record_wall_time(stage, seconds)
         run.record_wall_time(stage, seconds)  # a resumed stage: the two invocations add up

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from pipeline.tarstream import TarDamaged, iter_members
+from pipeline.data.tarstream import TarDamaged, iter_members
 
 
 def make_tar(path, members, fmt=tarfile.USTAR_FORMAT, compress=False):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TEACHER, tiny_config
 from pipeline.cli import main
-from pipeline.faults import env_name
+from pipeline.core.faults import env_name
 
 KILL_ENV = env_name("step")
 

@@ -1,7 +1,7 @@
 """What every training stage shares: set-up, evaluation, checkpoint and metrics.
 
 A stage (teacher, student round i) builds a `TrainingSetup`, runs
-`pipeline.trainer.train` with its own data sources and loss, then calls
+`pipeline.engine.trainer.train` with its own data sources and loss, then calls
 `finish` to evaluate on the test split, export the checkpoint, write
 metrics.json and mark the stage done.
 """
@@ -17,16 +17,16 @@ import torch
 from accelerate import Accelerator
 
 from augment import build_eval_transform, build_policy, parse_policy
-from pipeline.atomic import write_json
-from pipeline.config import Config, StageConfig, StudentConfig
-from pipeline.configschema import to_dict
-from pipeline.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
-from pipeline.loader import Transform
-from pipeline.metrics import classification_metrics
-from pipeline.predict import checkpoint_logits, predict_logits
-from pipeline.rundir import RunDir
-from pipeline.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
-from pipeline.trainer import TrainResult
+from pipeline.core.atomic import write_json
+from pipeline.config.sections import Config, StageConfig, StudentConfig
+from pipeline.config.schema import to_dict
+from pipeline.data.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
+from pipeline.data.loader import Transform
+from pipeline.core.metrics import classification_metrics
+from pipeline.engine.predict import checkpoint_logits, predict_logits
+from pipeline.core.rundir import RunDir
+from pipeline.engine.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
+from pipeline.engine.trainer import TrainResult
 from teachers.checkpoint import CheckpointMeta, check_compatible, load_weights_into, read_meta, save_checkpoint
 from teachers.grow import Growth, grow_from
 from teachers.models import ModelError, create_model
@@ -158,7 +158,7 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
 def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metrics: dict | None = None,
            logits: np.ndarray | None = None) -> dict:
     """Evaluate on the test split, export checkpoint + metrics.json, mark done."""
-    from pipeline.config import fingerprint
+    from pipeline.config.sections import fingerprint
 
     accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
     if logits is None:
@@ -186,11 +186,16 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
         setup.run.mark_done(name)
         setup.run.drop_training_state(name)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_trackers(accelerator)  # not accelerator.end_training(): the process group belongs to the runner
     held = f"  holdout top-1 {metrics['holdout']['top1']:.4f}" if "holdout" in metrics else ""
     accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}{held}  "
                       f"({metrics['wall_seconds']:.0f} s) -> {setup.run.metrics_path(name)}")
     return metrics
+
+
+def end_trackers(accelerator: Accelerator) -> None:
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _flat(obj: dict, prefix: str = "") -> dict:

@@ -19,8 +19,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.atomic import atomic_open, sha256_file
-from pipeline.tarstream import TarDamaged, iter_members
+from pipeline.core.atomic import atomic_open, sha256_file
+from pipeline.data.tarstream import TarDamaged, iter_members
 
 OnError = Literal["raise", "skip"]
 

@@ -21,9 +21,9 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
-from pipeline.ema import WeightEma
-from pipeline.faults import kill_point
+from pipeline.config.sections import TrainConfig
+from pipeline.engine.ema import WeightEma
+from pipeline.core.faults import kill_point
 
 LOG_EVERY = 10
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]

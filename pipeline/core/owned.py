@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from pipeline.atomic import read_json, write_json
+from pipeline.core.atomic import read_json, write_json
 
 JOURNAL = ".selftrain-owned.json"
 MAX_NAMED = 5

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from pipeline.atomic import read_json, write_text
-from pipeline.config import Config
-from pipeline.plots import save_figure
-from pipeline.rundir import RunDir
+from pipeline.core.atomic import read_json, write_text
+from pipeline.core.plots import save_figure
+from pipeline.core.rundir import RunDir
+from pipeline.stages.base import Stage, StageContext
 
 COLUMNS = ("stage", "arch", "policy", "top1", "holdout_top1", "ece", "teacher_agreement", "pool_accuracy", "kept",
            "wall_seconds")
@@ -35,11 +35,12 @@ def stage_wall_seconds(run: RunDir, stage: str, metrics: dict) -> float | None:
     return wall if wall is not None else metrics.get("wall_seconds")
 
 
-def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
+def collect_rows(run: RunDir, stages: list[Stage]) -> list[dict]:
     rows = []
-    for stage in stages:
-        if stage == "report":
+    for item in stages:
+        if item.kind == "report":
             continue
+        stage = item.name
         path = run.metrics_path(stage)
         m = read_json(path) if path.exists() else {}
         wall = stage_wall_seconds(run, stage, m)
@@ -49,7 +50,7 @@ def collect_rows(run: RunDir, stages: list[str]) -> list[dict]:
                "holdout_top1": (m.get("holdout") or {}).get("top1"), "ece": m.get("ece"),
                "teacher_agreement": m.get("teacher_agreement"), "pool_accuracy": m.get("pool_accuracy"),
                "wall_seconds": wall, "kept": ""}
-        if stage.startswith("select") and m:
+        if item.kind == "select" and m:
             sel = m["selection"]
             row["kept"] = f"{sel['unique_kept']} ({sel['copies']} with copies)"
             row["pool_accuracy"] = (m.get("selected_accuracy") or {}).get("weighted_by_copies")
@@ -70,8 +71,8 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_by_round_chart(run: RunDir, stages: list[str], path: Path) -> None:
-    names = [s for s in stages if (s == "teacher" or s.startswith("student")) and run.metrics_path(s).exists()]
+def accuracy_by_round_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
+    names = [s.name for s in stages if s.trains_model and run.metrics_path(s.name).exists()]
     if not names:
         return
     top1 = [100 * read_json(run.metrics_path(s))["top1"] for s in names]
@@ -85,8 +86,8 @@ def accuracy_by_round_chart(run: RunDir, stages: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def loss_terms_chart(run: RunDir, stages: list[str], path: Path) -> None:
-    students = [s for s in stages if s.startswith("student") and run.metrics_path(s).exists()]
+def loss_terms_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
+    students = [s.name for s in stages if s.kind == "student" and run.metrics_path(s.name).exists()]
     if not students:
         return
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -103,22 +104,24 @@ def loss_terms_chart(run: RunDir, stages: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def run_report(config: Config, run: RunDir, stages: list[str]) -> str:
-    out = run.stage_dir("report")
+def run(ctx: StageContext, this: Stage) -> str:
+    config, run_dir, stages = ctx.config, ctx.run, list(ctx.graph.stages)
+    out = run_dir.stage_dir(this.name)
     out.mkdir(parents=True, exist_ok=True)
-    rows = collect_rows(run, stages)
+    rows = collect_rows(run_dir, stages)
     table = markdown_table(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "summary.csv", buffer.getvalue())
-    accuracy_by_round_chart(run, stages, out / "accuracy_by_round.png")
-    loss_terms_chart(run, stages, out / "loss_terms.png")
-    text = (f"# Run report: {run.root}\n\nSeed {config.seed}; {config.data.labels_per_class} labels per class.\n\n"
+    accuracy_by_round_chart(run_dir, stages, out / "accuracy_by_round.png")
+    loss_terms_chart(run_dir, stages, out / "loss_terms.png")
+    text = (f"# Run report: {run_dir.root}\n\nSeed {config.seed}; {config.data.labels_per_class} labels per class.\n\n"
             f"{table}\n\nPseudo-label accuracy uses the pool's hidden labels (reporting only).\n\n"
             "![accuracy by round](accuracy_by_round.png)\n\n![loss terms](loss_terms.png)\n")
     write_text(out / "report.md", text)
+    run_dir.mark_done(this.name)
     print(table)
     print(f"report: {out / 'report.md'}")
     return text

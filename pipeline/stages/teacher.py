@@ -13,12 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config
-from pipeline.imageset import DataInfo
-from pipeline.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
-from pipeline.rundir import RunDir
-from pipeline.trainer import train
-from pipeline.training_stage import finish, setup_training, swap_in_ema
+from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
+from pipeline.engine.trainer import train
+from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
+from pipeline.stages.base import Stage, StageContext
 
 
 def supervised_loss(labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
@@ -32,7 +30,12 @@ def supervised_loss(labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return loss_fn
 
 
-def run_teacher(config: Config, run: RunDir, data: DataInfo, name: str = "teacher") -> dict:
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    return training_fingerprint_inputs(ctx.config.teacher, ctx.config.seed, ctx.data())
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run, data, name = ctx.config, ctx.run, ctx.data(), this.name
     stage = config.teacher
     setup = setup_training(config, run, data, stage, name)
     accelerator, labeled = setup.accelerator, setup.labeled

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.atomic import write_bytes  # noqa: E402
+from pipeline.core.atomic import write_bytes  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.sources.fashion_mnist import DataSourceError
+from pipeline.data.sources.fashion_mnist import DataSourceError
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}

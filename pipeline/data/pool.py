@@ -1,7 +1,7 @@
 """The selected unlabeled pool for a student: images joined with sidecar labels by `__key__`.
 
 Reads the unlabeled shards, the pseudo-label sidecars and the selection plans;
-keeps rows with a repeat count > 0. Never reads the pool's hidden true labels.
+keeps rows with a repeat count > 0. Every path comes from the run directory. Never reads the pool's hidden true labels.
 Decoded images are held in memory (fine for pools of a few million small
 images; larger pools need a streaming mixture, not built yet).
 """
@@ -14,13 +14,27 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.imageset import DataInfo
-from pipeline.shards import ShardError, decode_image, iter_shard
+from pipeline.core.rundir import RunDir
+from pipeline.data.imageset import DataInfo
+from pipeline.data.shards import ShardError, decode_image, iter_shard
 from teachers.sidecar import hard_labels, read_sidecar, soft_labels
 
 
 class PoolError(RuntimeError):
     """Sidecars, plans and shards do not line up."""
+
+
+@dataclass(frozen=True)
+class LabelForm:
+    """How sidecar logits become training targets (recorded by the select stage)."""
+
+    labels: str  # "soft" (softmax at `temperature`) or "hard" (argmax with `smoothing`)
+    temperature: float
+    smoothing: float
+
+    @classmethod
+    def from_select_metrics(cls, metrics: dict) -> "LabelForm":
+        return cls(metrics["labels"], metrics["label_temperature"], metrics["label_smoothing"])
 
 
 @dataclass
@@ -35,23 +49,24 @@ class SelectedPool:
         return np.repeat(np.arange(len(self.images)), self.repeats)
 
 
-def load_selected_pool(data: DataInfo, labels_dir: Path, select_dir: Path, labels: str,
-                       temperature: float, smoothing: float, progress: bool = True) -> SelectedPool:
+def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_stage: str, form: LabelForm,
+                       progress: bool = True) -> SelectedPool:
     images: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     repeats: list[np.ndarray] = []
     keys: list[str] = []
-    records = data.manifest["splits"]["unlabeled"]["shards"]
-    for record in tqdm(records, desc="load pool", unit="shard", disable=not progress, leave=False):
-        stem = record["name"].removesuffix(".tar")
-        sidecar = read_sidecar(labels_dir / f"{stem}.labels.npz")
-        plan = np.load(select_dir / f"{stem}.plan.npz")
+    for record in tqdm(data.shard_records("unlabeled"), desc="load pool", unit="shard", disable=not progress,
+                       leave=False):
+        sidecar = read_sidecar(run.sidecar_path(labels_stage, record["name"]))
+        plan_path = run.plan_path(select_stage, record["name"])
+        plan = np.load(plan_path)
         if list(plan["keys"]) != list(sidecar.keys):
-            raise PoolError(f"{select_dir / stem}.plan.npz does not match its sidecar's keys; rerun --from select")
+            raise PoolError(f"{plan_path} does not match its sidecar's keys; rerun --from {select_stage}")
         keep = plan["repeats"] > 0
         wanted = {str(k): i for i, k in enumerate(sidecar.keys) if keep[i]}
-        dist = (soft_labels(sidecar, temperature) if labels == "soft" else hard_labels(sidecar, smoothing))
-        shard = data.root / "unlabeled" / record["name"]
+        dist = (soft_labels(sidecar, form.temperature) if form.labels == "soft"
+                else hard_labels(sidecar, form.smoothing))
+        shard = data.shard_path("unlabeled", record["name"])
         found: dict[int, np.ndarray] = {}
         for sample in iter_shard(shard, on_error="skip"):
             row = wanted.get(str(sample["__key__"]))
@@ -72,5 +87,6 @@ def load_selected_pool(data: DataInfo, labels_dir: Path, select_dir: Path, label
         targets.append(dist[rows])
         repeats.append(plan["repeats"][rows])
     if not images:
-        raise PoolError(f"selection in {select_dir} kept no unlabeled images; lower select.min_confidence")
+        raise PoolError(f"selection in {run.stage_dir(select_stage)} kept no unlabeled images; "
+                        "lower select.min_confidence")
     return SelectedPool(images, np.concatenate(targets).astype(np.float32), np.concatenate(repeats), keys)

@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import read_json, write_json, write_text
-from pipeline.owned import JOURNAL, describe_foreign, owned_paths
+from pipeline.core.atomic import read_json, write_json, write_text
+from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 
 MARKER = ".selftrain-run"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
@@ -35,8 +35,10 @@ class RunDirError(RuntimeError):
 
 
 class RunDir:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, data_path: str | Path | None = None):
+        """`data_path`: an import outside the run (data.source "shards"); default RUN/data."""
         self.root = Path(root)
+        self._data_path = Path(data_path) if data_path is not None else None
         self._lock_handle: int | None = None
 
     # ---- paths -------------------------------------------------------------
@@ -46,7 +48,23 @@ class RunDir:
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        """The imported data: RUN/data, or the import the config points at."""
+        return self._data_path if self._data_path is not None else self.root / "data"
+
+    def shard_path(self, split: str, shard_name: str) -> Path:
+        return self.data_dir / split / shard_name
+
+    def sidecar_path(self, labels_stage: str, shard_name: str) -> Path:
+        """Pseudo-label sidecar of one unlabeled shard: `<shard stem>.labels.npz`."""
+        return self.stage_dir(labels_stage) / (shard_name.removesuffix(".tar") + ".labels.npz")
+
+    def plan_path(self, select_stage: str, shard_name: str) -> Path:
+        """Selection plan of one unlabeled shard: `<shard stem>.plan.npz` (keys + repeat counts)."""
+        return self.stage_dir(select_stage) / (shard_name.removesuffix(".tar") + ".plan.npz")
+
+    def manifest_path(self, stage: str) -> Path:
+        """A stage's manifest.json, written last (pseudo-labels)."""
+        return self.stage_dir(stage) / "manifest.json"
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage

@@ -17,33 +17,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.atomic import read_json
-from pipeline.config import Config
-from pipeline.imageset import DataInfo
-from pipeline.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
-from pipeline.pool import load_selected_pool
-from pipeline.rundir import RunDir
-from pipeline.trainer import train
-from pipeline.training_stage import finish, setup_training, swap_in_ema
-from students.losses import LossBalance, soft_cross_entropy
+from pipeline.config.schema import to_dict
+from pipeline.core.atomic import read_json
+from pipeline.data.imageset import DataInfo
+from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
+from pipeline.data.pool import LabelForm, load_selected_pool
+from pipeline.engine.trainer import train
+from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
+from pipeline.stages.base import Stage, StageContext
+from students.losses import LossBalance
+from students.mixture import mixture_loss
 from teachers.checkpoint import checkpoint_hash, read_meta
 from teachers.models import create_model
 
 LABELED, UNLABELED = 0, 1
 
 
-def mixture_loss(labels: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 device: torch.device, channels_last: bool, smoothing: float, balance: LossBalance):
-    """CE (label smoothing) on the labeled rows + a * soft CE on the pseudo-labeled rows, one forward."""
+def batch_loss(labels: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               device: torch.device, channels_last: bool, smoothing: float, balance: LossBalance):
+    """One forward over the mixed batch, then the mixture loss; labels and targets are looked up by index."""
     labels, targets = labels.to(device), targets.to(device)
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         logits = model(to_model_input(batch.images, mean, std, device, channels_last))
         source, index = batch.source.to(device), batch.index.to(device)
         is_labeled = source == LABELED
-        loss_h = F.cross_entropy(logits[is_labeled], labels[index[is_labeled]], label_smoothing=smoothing)
-        loss_p = soft_cross_entropy(logits[~is_labeled], targets[index[~is_labeled]])
-        return balance(loss_h, loss_p)
+        return mixture_loss(logits, is_labeled, labels[index[is_labeled]], targets[index[~is_labeled]],
+                            smoothing, balance)
     return loss_fn
 
 
@@ -58,8 +58,17 @@ def warn_if_smaller(student_arch: str, teacher_dir: Path, data: DataInfo, log) -
     return {"student_params": sizes[student_arch], "teacher_params": sizes[teacher.arch]}
 
 
-def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, teacher_dir: Path,
-                labels_stage: str, select_stage: str, name: str) -> dict:
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    student = ctx.config.student
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)),
+            **training_fingerprint_inputs(student, ctx.config.seed, ctx.data()),
+            "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")}}
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run, data, name = ctx.config, ctx.run, ctx.data(), this.name
+    round_index, teacher_dir = this.round, ctx.teacher_dir(this)
+    labels_stage, select_stage = this.labels, this.selection
     cfg = config.student
     stage = cfg  # StudentConfig carries model + train like a StageConfig
     select = read_json(run.metrics_path(select_stage))
@@ -70,8 +79,8 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
     setup = setup_training(config, run, data, stage, name, extra, teacher_dir)
     accelerator = setup.accelerator
     sizes = warn_if_smaller(cfg.model.arch, teacher_dir, data, accelerator.print)
-    pool = load_selected_pool(data, run.stage_dir(labels_stage), run.stage_dir(select_stage), select["labels"],
-                              select["label_temperature"], select["label_smoothing"], config.runtime.progress)
+    pool = load_selected_pool(data, run, labels_stage, select_stage, LabelForm.from_select_metrics(select),
+                              config.runtime.progress)
     population = pool.population()
     batch = cfg.train.batch_size
     sources = [Source(np.arange(len(setup.labeled)), batch), Source(population, batch * cfg.unlabeled_ratio)]
@@ -90,7 +99,7 @@ def run_student(config: Config, run: RunDir, data: DataInfo, round_index: int, t
 
     balance = LossBalance(cfg.pseudo_weight, cfg.loss_balance)
     mean, std = setup.device_stats()
-    loss_fn = mixture_loss(torch.from_numpy(setup.labeled.labels), torch.from_numpy(pool.targets), mean, std,
+    loss_fn = batch_loss(torch.from_numpy(setup.labeled.labels), torch.from_numpy(pool.targets), mean, std,
                            accelerator.device, setup.channels_last, cfg.train.label_smoothing, balance)
     result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress,

@@ -1,4 +1,4 @@
-"""Stage `select`: calibration (optional), confidence threshold and class balancing.
+"""Stage `select_r{i}`: calibration (optional), confidence threshold and class balancing.
 
 Reads: pseudo_label sidecars, the teacher checkpoint (for calibration on the
 holdout split and ECE on the test split).
@@ -14,21 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_open, read_json, write_json
-from pipeline.config import Config
-from pipeline.imageset import DataInfo, load_labeled_split
-from pipeline.plots import class_count_chart
-from pipeline.predict import checkpoint_logits
-from pipeline.pseudo_label_stage import shard_records, sidecar_path
-from pipeline.rundir import RunDir, RunDirError
-from pipeline.runtime import loader_workers, make_accelerator, process_state, use_channels_last
+from pipeline.core.atomic import atomic_open, read_json, write_json
+from pipeline.config.sections import Config
+from pipeline.data.imageset import DataInfo, load_labeled_split
+from pipeline.core.plots import class_count_chart
+from pipeline.engine.predict import checkpoint_logits
+from pipeline.config.schema import to_dict
+from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.engine.runtime import loader_workers, make_accelerator, use_channels_last
+from pipeline.stages.base import Stage, StageContext
+from teachers.checkpoint import checkpoint_hash
 from teachers.calibration import accuracy_above, calibration_report, fit_temperature
 from teachers.selection import plan_selection
 from teachers.sidecar import confidence_and_prediction, read_sidecar
-
-
-def plan_path(out_dir: Path, sidecar: Path) -> Path:
-    return out_dir / sidecar.name.replace(".labels.npz", ".plan.npz")
 
 
 def _teacher_logits(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -54,18 +52,23 @@ def calibrate(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path) ->
             "test": calibration_report(test_logits, test_labels, temperature)}
 
 
-def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
-               labels_stage: str = "pseudo_label_r1", name: str = "select_r1") -> dict:
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "select": to_dict(ctx.config.select),
+            "holdout_shards": [r["sha256"] for r in ctx.data().shard_records("holdout")]}
+
+
+def run(ctx: StageContext, stage: Stage) -> dict:
+    config, run, data, name = ctx.config, ctx.run, ctx.data(), stage.name
     cfg = config.select
     out_dir = run.stage_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calibration = calibrate(config, run, data, teacher_dir)  # every process: the forward is split
-    if not process_state().is_main_process:
+    calibration = calibrate(config, run, data, ctx.teacher_dir(stage))  # every process: the forward is split
+    if not ctx.state.is_main_process:
         return {}
     temperature = calibration["temperature"]
-    sidecars = [sidecar_path(run.stage_dir(labels_stage), data.root / "unlabeled" / r["name"])
-                for r in shard_records(data)]
-    pool = sum(int(r["count"]) for r in shard_records(data))
+    records = data.shard_records("unlabeled")
+    sidecars = [run.sidecar_path(stage.labels, r["name"]) for r in records]
+    pool = sum(int(r["count"]) for r in records)
     per_class = cfg.per_class or max(1, pool // data.num_classes)
 
     def stats():
@@ -74,13 +77,12 @@ def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
             yield path.name, conf, pred
 
     plan = plan_selection(stats(), data.num_classes, cfg.min_confidence, per_class, cfg.seed)
-    truth_path = data.root / "unlabeled_truth.json"
-    truth = read_json(truth_path) if truth_path.exists() else None
+    truth = read_json(data.truth_path) if data.truth_path.exists() else None
     kept_conf, kept_right, kept_weight = [], [], []
-    for path in sidecars:
+    for record, path in zip(records, sidecars):
         sidecar = read_sidecar(path)
         repeats = plan.repeats[path.name]
-        with atomic_open(plan_path(out_dir, path)) as handle:
+        with atomic_open(run.plan_path(name, record["name"])) as handle:
             np.savez(handle, keys=sidecar.keys, repeats=repeats)
         if truth is not None:
             conf, pred = confidence_and_prediction(sidecar, temperature)
@@ -105,7 +107,7 @@ def run_select(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path,
             "note": "hidden true labels of the pool; reporting only"}
     class_count_chart(summary["per_class_table"], out_dir / "class_counts.png",
                       title=f"selection: conf >= {cfg.min_confidence}, {per_class} per class")
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(run.metrics_path(name), metrics)
     run.mark_done(name)
     kept = summary["unique_kept"]
     print(f"[{name}] kept {kept} unique images ({summary['copies']} with copies) of {summary['total']}; "

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
-from pipeline.config import RuntimeConfig
+from pipeline.config.sections import RuntimeConfig
 
 
 def mixed_precision(runtime: RuntimeConfig) -> str:

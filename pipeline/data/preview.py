@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.imageset import DataDirError, open_data
-from pipeline.shards import decode_image, iter_shard
+from pipeline.data.imageset import DataDirError, open_data
+from pipeline.data.shards import decode_image, iter_shard
 
 
 def sample_images(source: Path, count: int) -> list[np.ndarray]:

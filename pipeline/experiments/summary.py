@@ -8,35 +8,36 @@ Spread is the sample standard deviation (n-1) over the runs that have the stage.
 
 from __future__ import annotations
 
-import re
 import statistics
 from pathlib import Path
 
-from pipeline.atomic import read_json
-from pipeline.report import stage_wall_seconds
-from pipeline.rundir import RunDir, RunDirError
+from pipeline.config.sections import Config, load_config
+from pipeline.core.atomic import read_json
+from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.stages.base import Stage
+from pipeline.stages.graph import build_graph
+from pipeline.stages.report import stage_wall_seconds
 
-STAGE_ORDER = re.compile(r"^(data|teacher|pseudo_label_r\d+|select_r\d+|student_r\d+)$")
 
-
-def _stage_key(stage: str) -> tuple[int, int]:
-    if stage in ("data", "teacher"):
-        return (0, ("data", "teacher").index(stage))
-    name, index = stage.rsplit("_r", 1)
-    return (int(index), ["pseudo_label", "select", "student"].index(name) + 1)
+def run_stages(run_dir: Path) -> list[Stage]:
+    """The run's stage graph, from the config it was run with (RUN/config.yaml; the defaults without one)."""
+    run = RunDir(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a run directory")
+    config = load_config(run.config_path) if run.config_path.exists() else Config()
+    return list(build_graph(config).stages)
 
 
 def run_metrics(run_dir: Path) -> dict[str, dict]:
     """{stage: metrics (+ "wall_seconds" over all invocations)} for the finished stages of one run."""
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: not a run directory")
     run = RunDir(run_dir)
     found = {}
-    for done in sorted(run_dir.glob("*/DONE")):
-        stage = done.parent.name
-        if STAGE_ORDER.match(stage):
-            metrics = read_json(run.metrics_path(stage)) if run.metrics_path(stage).exists() else {}
-            found[stage] = {**metrics, "wall_seconds": stage_wall_seconds(run, stage, metrics)}
+    for stage in run_stages(run_dir):
+        if stage.kind != "report" and run.is_done(stage.name):
+            path = run.metrics_path(stage.name)
+            metrics = read_json(path) if path.exists() else {}
+            found[stage.name] = {**metrics, "kind": stage.kind,
+                                 "wall_seconds": stage_wall_seconds(run, stage.name, metrics)}
     if "teacher" not in found:
         raise RunDirError(f"{run_dir}: no finished teacher stage (teacher/DONE); nothing to summarize")
     return found
@@ -52,7 +53,7 @@ def mean_std(values: list[float]) -> str:
 
 def summary_table(run_dirs: list[Path]) -> str:
     runs = [run_metrics(Path(d)) for d in run_dirs]
-    stages = sorted({s for r in runs for s in r}, key=_stage_key)
+    stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
     lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
              "| wall s | per run test top-1 % |", "|" + "---|" * 8]
@@ -60,7 +61,7 @@ def summary_table(run_dirs: list[Path]) -> str:
         have = [r for r in runs if stage in r]
         top1 = [100 * r[stage]["top1"] for r in have if "top1" in r[stage]]
         gain = [100 * (r[stage]["top1"] - r["teacher"]["top1"]) for r in have
-                if stage.startswith("student") and "top1" in r[stage]]
+                if r[stage]["kind"] == "student" and "top1" in r[stage]]
         held = [100 * r[stage]["holdout"]["top1"] for r in have if "holdout" in r[stage]]
         pool = [100 * r[stage]["pool_accuracy"] for r in have if "pool_accuracy" in r[stage]]
         wall = [r[stage]["wall_seconds"] for r in have if r[stage]["wall_seconds"] is not None]

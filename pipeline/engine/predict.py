@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from augment import build_eval_transform
-from pipeline.loader import Transform, eval_batches, to_model_input
+from pipeline.data.loader import Transform, eval_batches, to_model_input
 from teachers.checkpoint import load_checkpoint
 
 

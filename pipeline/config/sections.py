@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.configschema import ConfigError, bounds, from_dict, set_by_path, to_dict
+from pipeline.config.schema import ConfigError, bounds, from_dict, set_by_path, to_dict
 
 DataSource = Literal["fashion-mnist", "folder", "shards"]
 
@@ -66,7 +66,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
     save_every_steps: int = field(default=200, metadata=bounds(ge=1))
     eval_batch_size: int = field(default=512, metadata=bounds(ge=1))
-    # evaluate/export a moving average of the weights (pipeline/ema.py); null = the last weights
+    # evaluate/export a moving average of the weights (pipeline/engine/ema.py); null = the last weights
     ema_decay: float | None = field(default=None, metadata=bounds(gt=0, lt=1))
 
     def __post_init__(self) -> None:

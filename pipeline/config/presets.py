@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.configschema import ConfigError
+from pipeline.config.schema import ConfigError
 
 PRESETS: dict[str, list[str]] = {
     # the whole pipeline in about 3 minutes on a 2-core CPU: a 10,000-image pool, short training

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import read_json, sha256_file
-from pipeline.importer import MANIFEST
-from pipeline.shards import ShardError, decode_image, decode_label, iter_shard
+from pipeline.core.atomic import read_json, sha256_file
+from pipeline.data.importer import MANIFEST
+from pipeline.data.shards import ShardError, decode_image, decode_label, iter_shard
 
 
 class DataDirError(RuntimeError):
@@ -42,8 +42,20 @@ class DataInfo:
     def in_chans(self) -> int:
         return 1 if self.mode == "L" else 3
 
+    def shard_records(self, split: str) -> list[dict]:
+        """One record per shard of `split`: name, count, sha256."""
+        return list(self.manifest["splits"].get(split, {}).get("shards", []))
+
+    def shard_path(self, split: str, shard_name: str) -> Path:
+        return self.root / split / shard_name
+
     def shard_paths(self, split: str) -> list[Path]:
-        return [self.root / split / rec["name"] for rec in self.manifest["splits"].get(split, {}).get("shards", [])]
+        return [self.shard_path(split, rec["name"]) for rec in self.shard_records(split)]
+
+    @property
+    def truth_path(self) -> Path:
+        """Hidden true labels of the unlabeled pool (reporting only); may not exist."""
+        return self.root / self.manifest.get("unlabeled_truth", {}).get("file", "unlabeled_truth.json")
 
     def count(self, split: str) -> int:
         return int(self.manifest["splits"].get(split, {}).get("count", 0))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.loader import Transform
-from pipeline.shards import ReadProblems, ShardError, decode_image, iter_shard
+from pipeline.data.loader import Transform
+from pipeline.data.shards import ReadProblems, ShardError, decode_image, iter_shard
 
 
 @dataclass

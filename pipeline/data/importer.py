@@ -14,11 +14,11 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import read_json, sha256_file, write_json
-from pipeline.owned import claim, refuse_foreign
-from pipeline.shards import encode_png, shard_name, write_shards
-from pipeline.sources import fashion_mnist, folder
-from pipeline.sources.fashion_mnist import DataSourceError
+from pipeline.core.atomic import read_json, sha256_file, write_json
+from pipeline.core.owned import claim, refuse_foreign
+from pipeline.data.shards import encode_png, shard_name, write_shards
+from pipeline.data.sources import fashion_mnist, folder
+from pipeline.data.sources.fashion_mnist import DataSourceError
 
 SPLITS = ("labeled", "holdout", "unlabeled", "test")
 MANIFEST = "manifest.json"

@@ -1,0 +1,1 @@
+"""selftrain: staged self-training and distillation pipeline."""

@@ -1,0 +1,1 @@
+"""Configuration: strict schema, the config sections, presets."""

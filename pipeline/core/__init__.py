@@ -1,0 +1,1 @@
+"""Shared core: atomic files, file ownership, run directory, metrics, plots, fault injection."""

@@ -1,0 +1,1 @@
+"""Data plane: import, shards, image sets, loaders, the selected pool."""

@@ -1,0 +1,1 @@
+"""Training engine: accelerator and runtime, trainer loop, EMA, prediction, shared stage set-up."""

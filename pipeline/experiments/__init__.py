@@ -1,0 +1,1 @@
+"""Experiments over several runs: summaries (and the compare grid)."""

@@ -1,0 +1,1 @@
+"""Stages: the declared stage graph, the runner, one module per stage."""

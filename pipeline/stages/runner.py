@@ -1,0 +1,101 @@
+"""Running a stage graph: skip what is done, refuse what was started with other inputs, redo on request.
+
+Each stage writes under RUN/<stage>/ with a DONE marker last and records its inputs in
+stage.json; a rerun with other inputs is refused. `--only` runs one stage (the stages it
+needs must be done); `--from` forgets that stage and every stage downstream of it and runs
+them again.
+
+The runner owns the process lifecycle: one process state (accelerate's PartialState) is
+created before the first stage, shared by every stage, and torn down once after the last.
+Stages never end the process group, so several processes (torchrun, accelerate launch)
+pass every barrier between stages.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.config.sections import Config, config_to_yaml, fingerprint, load_config
+from pipeline.core.atomic import write_text
+from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.engine.runtime import process_state
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.graph import build_graph
+
+
+def make_run_dir(config: Config, run_dir: str | Path) -> RunDir:
+    """The run directory; with `data.source: shards` its data is the import at `data.path`."""
+    if config.data.source == "shards":
+        if not config.data.path:
+            raise RunDirError("data.source is 'shards' but data.path is not set (the imported data directory)")
+        return RunDir(run_dir, config.data.path)
+    return RunDir(run_dir)
+
+
+def _check_needs(ctx: StageContext, stage: Stage, running: set[str]) -> None:
+    for need in stage.needs:
+        if need not in running and not ctx.run.is_done(need):
+            raise RunDirError(f"stage '{stage.name}' needs '{need}', which is not done in {ctx.run.root}; "
+                              f"run without --only, or with --only {need} first")
+
+
+def _run_stage(ctx: StageContext, stage: Stage) -> None:
+    state, run = ctx.state, ctx.run
+    if stage.fingerprinted and state.is_main_process:
+        record = stage.inputs(ctx, stage)
+        run.begin_stage(stage.name, {"fingerprint": fingerprint(record), "inputs": record})
+    state.wait_for_everyone()
+    if stage.fingerprinted and run.is_done(stage.name):
+        state.print(f"[{stage.name}] done already; skipping (use --from {stage.name} to redo)")
+        return
+    started = time.perf_counter()
+    if state.is_main_process or not stage.main_process_only:
+        stage.run(ctx, stage)
+    state.wait_for_everyone()
+    if stage.fingerprinted and state.is_main_process:
+        run.record_wall_time(stage.name, time.perf_counter() - started)
+
+
+def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, start: str | None = None) -> None:
+    graph = build_graph(config)
+    stages = graph.select(only, start)
+    state = process_state()  # the one process state of this run
+    run = make_run_dir(config, run_dir)
+    try:
+        if state.is_main_process:
+            run.acquire()
+        try:
+            ctx = StageContext(config, run, state, graph)
+            if state.is_main_process:
+                write_text(run.config_path, config_to_yaml(config))
+                if start:
+                    for stage in stages:
+                        run.reset_stage(stage.name)
+            state.wait_for_everyone()
+            running = {s.name for s in stages}
+            for stage in stages:
+                _check_needs(ctx, stage, running)
+                _run_stage(ctx, stage)
+        finally:
+            if state.is_main_process:
+                run.release()
+    finally:
+        end_processes(state)
+
+
+def end_processes(state) -> None:
+    """Tear the process group down once, after the last stage (every rank reaches this)."""
+    if dist.is_available() and dist.is_initialized():
+        state.destroy_process_group()
+
+
+def describe(run_dir: str | Path) -> list[tuple[str, str]]:
+    """(stage, state) for every stage of a run directory's graph."""
+    run = RunDir(run_dir)
+    if not run.root.exists():
+        raise RunDirError(f"run directory {run.root} does not exist")
+    config = load_config(run.config_path) if run.config_path.exists() else Config()
+    return [(stage.name, run.stage_state(stage.name)) for stage in build_graph(config).stages]
