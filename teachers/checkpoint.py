@@ -5,17 +5,21 @@ The weights load into `timm.create_model(meta["arch"], num_classes=..., in_chans
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
+from timm.models._hub import save_config_for_hf  # the writer behind timm.models.save_for_hf
 
 from pipeline.core.atomic import read_json, sha256_file, write_bytes, write_json
 from teachers.models import create_model
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+TIMM_CONFIG = "config.json"  # timm's format: architecture, num_classes, model_args, pretrained_cfg
+SOURCE_WEIGHT_FIELDS = ("tag", "hf_hub_id", "url", "origin_url", "paper_ids", "license", "notes")
 FORMAT = "selftrain-checkpoint/1"
 
 
@@ -37,10 +41,44 @@ class CheckpointMeta:
     format: str = FORMAT
 
 
+def stable_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the metadata keys in sorted order.
+
+    safetensors writes `__metadata__` from a hash map, so the same tensors came out as
+    different bytes (and a different sha256) from one process to the next. The header is
+    re-serialised with sorted metadata; it has the same length, so offsets do not move.
+    """
+    blob = save(state, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > size:  # cannot happen for the same content; keep the library's bytes then
+        return blob
+    return blob[:8] + text.ljust(size, b" ") + blob[8 + size:]
+
+
+def write_timm_config(directory: Path, model: torch.nn.Module, meta: CheckpointMeta) -> None:
+    """timm's own `config.json` (as `timm.models.save_for_hf` writes it), so that
+    `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds the model with these weights
+    and `timm.data.resolve_data_config` returns the preprocessing it was trained with."""
+    data_config = {"input_size": (meta.in_chans, meta.input_size, meta.input_size), "mean": tuple(meta.mean),
+                   "std": tuple(meta.std), "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    tmp = directory / (TIMM_CONFIG + ".tmp")
+    save_config_for_hf(model, str(tmp), model_config={"label_names": list(meta.class_names)},
+                       data_config=data_config)
+    config = read_json(tmp)
+    tmp.unlink()
+    for key in SOURCE_WEIGHT_FIELDS:  # they describe timm's published weights, not these
+        config["pretrained_cfg"].pop(key, None)
+    write_json(directory / TIMM_CONFIG, config)
+
+
 def save_checkpoint(directory: Path, model: torch.nn.Module, meta: CheckpointMeta) -> str:
-    """Write weights then meta.json (last, atomically); returns the weights' sha256."""
+    """Write weights, timm's config.json, then meta.json (last, atomically); returns the weights' sha256."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    write_bytes(directory / WEIGHTS, save(state, metadata={"arch": meta.arch, "format": FORMAT}))
+    write_bytes(directory / WEIGHTS, stable_safetensors(state, {"arch": meta.arch, "format": FORMAT}))
+    write_timm_config(directory, model, meta)
     digest = sha256_file(directory / WEIGHTS)
     write_json(directory / META, {**asdict(meta), "weights_sha256": digest})
     return digest

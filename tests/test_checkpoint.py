@@ -39,3 +39,41 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
 def test_unknown_arch_is_named():
     with pytest.raises(ModelError, match="unknown timm architecture 'resnet19x'"):
         create_model("resnet19x", 10, 1)
+
+
+def test_same_tensors_give_the_same_bytes_in_every_process(tmp_path):
+    """safetensors orders its metadata by a per-process hash; the checkpoint must not."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from pathlib import Path; from teachers.checkpoint import stable_safetensors; "
+            "torch.manual_seed(0); s = {'w': torch.randn(4, 3), 'b': torch.arange(3)}; "
+            "Path(sys.argv[1]).write_bytes(stable_safetensors(s, {'arch': 'x', 'format': 'f', 'z': 'y'}))")
+    blobs = []
+    for i in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+        blobs.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert all(blob == blobs[0] for blob in blobs)
+
+
+def test_checkpoint_loads_through_timm_local_dir_with_its_preprocessing(tmp_path):
+    import timm
+    import torch
+
+    from teachers.checkpoint import CheckpointMeta, save_checkpoint
+    from teachers.models import create_model
+
+    model = create_model("resnet18", 3, 1).eval()
+    meta = CheckpointMeta("resnet18", 3, 1, 40, (0.25,), (0.5,), ("a", "b", "c"), "hash")
+    save_checkpoint(tmp_path / "ckpt", model, meta)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'ckpt'}", pretrained=True).eval()
+    x = torch.randn(2, 1, 40, 40)
+    assert torch.equal(model(x), loaded(x))
+    data_config = timm.data.resolve_data_config(model=loaded)
+    assert data_config["input_size"] == (1, 40, 40)
+    assert tuple(data_config["mean"]) == (0.25,) and tuple(data_config["std"]) == (0.5,)
+    assert data_config["crop_pct"] == 1.0
+
+
+def test_unknown_architecture_names_the_closest_timm_names():
+    with pytest.raises(ModelError, match=r"unknown timm architecture 'resnet19'; did you mean resnet18"):
+        create_model("resnet19", 10, 1)

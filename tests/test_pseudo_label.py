@@ -25,15 +25,18 @@ def copy_run(tiny_teacher_run, tmp_path: Path, name: str = "run") -> tuple[Path,
     return config, target
 
 
-def cli(config: Path, run: Path, *extra: str, env: dict | None = None, launcher: list[str] | None = None,
-        workers: int = 2) -> subprocess.CompletedProcess:
+def cli_args(config: Path, run: Path, *extra: str, launcher: list[str] | None = None, workers: int = 2) -> list[str]:
     base = launcher or [sys.executable, "-m", "pipeline.cli"]
     if launcher:
         base = base + ["-m", "pipeline.cli"]
-    args = base + ["run", str(config), "--run-dir", str(run)] + set_args(
+    return base + ["run", str(config), "--run-dir", str(run)] + set_args(
         TINY_TEACHER + PL + [f"runtime.workers={workers}"]) + list(extra)
-    return subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def cli(config: Path, run: Path, *extra: str, env: dict | None = None, launcher: list[str] | None = None,
+        workers: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_args(config, run, *extra, launcher=launcher, workers=workers), capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def sidecars(run: Path) -> dict[str, object]:
@@ -82,6 +85,22 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"{4 - finished} of 4 shards to label" in again.stdout + again.stderr
     assert_same_sidecars(sidecars(straight), sidecars(killed))
+
+
+def test_killing_only_the_main_process_frees_the_run_at_once(tiny_teacher_run, tmp_path):
+    """The OOM killer's way: SIGKILL the main process while its loader workers live on a few seconds."""
+    from pipeline.core.rundir import RunDir
+
+    config, run = copy_run(tiny_teacher_run, tmp_path)
+    with open(tmp_path / "killed.log", "w") as log:  # not a pipe: nothing waits for the orphaned workers
+        main_process = subprocess.Popen(cli_args(config, run, "--only", "pseudo_label_r1"), stdout=log, stderr=log,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1", env_name("batch"): "10"})
+        assert main_process.wait(timeout=600) == -9
+    with RunDir(run):  # at once, while the workers may still be exiting
+        pass
+    again = cli(config, run, "--only", "pseudo_label_r1")
+    assert again.returncode == 0, again.stderr
+    assert "of 4 shards to label" in again.stdout + again.stderr
 
 
 def test_two_processes_equal_one(tiny_teacher_run, tmp_path):

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
+from pipeline.core.provenance import provenance
 
 MARKER = ".selftrain-run"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
@@ -32,6 +33,40 @@ STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "metrics.json", "manife
 
 class RunDirError(RuntimeError):
     """The run directory is locked, or holds results made with other inputs."""
+
+
+# Lock descriptors this process holds. A forked child (a DataLoader worker) closes its copies at
+# once, so the lock dies with the process that took it: a main process killed by the OOM killer
+# must not leave its still-exiting workers holding the run directory.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for handle in _HELD_LOCKS:
+        try:
+            os.close(handle)  # the child's copy only; the parent's lock stays
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def describe_holder(recorded: str) -> str:
+    """'pid N' from the lock file, saying so when that process no longer runs."""
+    try:
+        pid = int(recorded.split()[-1])
+    except (ValueError, IndexError):
+        return "another process"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return (f"{recorded}, which is no longer running (a process it started still holds the lock; "
+                "it should exit within seconds)")
+    except PermissionError:
+        pass
+    return recorded
 
 
 class RunDir:
@@ -93,17 +128,22 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text(self.root / MARKER, "selftrain run directory\n")
         path = self.root / "lock"
-        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise RunDirError(f"run directory {self.root}: cannot open its lock file {path} "
+                              f"({exc.strerror}); is the directory read-only?") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip()
             os.close(handle)
-            raise RunDirError(f"run directory {self.root} is in use by {holder}; "
+            raise RunDirError(f"run directory {self.root} is in use by {describe_holder(holder)}; "
                               "wait for it to finish or use another --run-dir") from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()}\n".encode(), 0)
         self._lock_handle = handle
+        _HELD_LOCKS.add(handle)
 
     def _refuse_foreign_root(self) -> None:
         if not self.root.exists() or (self.root / MARKER).exists():
@@ -119,6 +159,7 @@ class RunDir:
 
     def release(self) -> None:
         if self._lock_handle is not None:
+            _HELD_LOCKS.discard(self._lock_handle)
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             os.close(self._lock_handle)
             self._lock_handle = None
@@ -143,6 +184,10 @@ class RunDir:
         """Total seconds the stage has run (all invocations), None if never timed."""
         path = self.stage_dir(stage) / "wall_time.json"
         return float(read_json(path)["seconds"]) if path.exists() else None
+
+    def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
+        """The stage's metrics.json, with what made it (code revision, versions, device, processes)."""
+        write_json(self.metrics_path(stage), {**metrics, "provenance": provenance()})
 
     def mark_done(self, stage: str) -> None:
         write_text(self.stage_dir(stage) / "DONE", "done\n")

@@ -9,7 +9,6 @@ images; larger pools need a streaming mixture, not built yet).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm

@@ -17,7 +17,6 @@ import torch
 from accelerate import Accelerator
 
 from augment import build_eval_transform, build_policy, parse_policy
-from pipeline.core.atomic import write_json
 from pipeline.config.sections import Config, StageConfig, StudentConfig
 from pipeline.config.schema import to_dict
 from pipeline.data.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
@@ -182,7 +181,7 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
                               lineage={"stage": name, "init": str(setup.init) if setup.init else None,
                                        **lineage})
         save_checkpoint(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
-        write_json(setup.run.metrics_path(name), metrics)
+        setup.run.write_metrics(name, metrics)
         setup.run.mark_done(name)
         setup.run.drop_training_state(name)
     accelerator.wait_for_everyone()

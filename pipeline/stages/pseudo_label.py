@@ -215,6 +215,6 @@ def write_manifest(ctx: StageContext, stage: Stage, topk: int | None, this_run: 
                 "layout": "topk" if topk else "full", "topk": topk, "sidecars": sidecars,
                 "skipped": skipped, "truncated": truncated, **{k: metrics[k] for k in
                 ("num_labeled", "num_skipped", "num_truncated_shards", "images_per_s_this_run")}}
-    write_json(run_dir.metrics_path(stage.name), metrics)
+    run_dir.write_metrics(stage.name, metrics)
     write_json(run_dir.manifest_path(stage.name), manifest)
     return metrics

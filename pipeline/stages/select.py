@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_open, read_json, write_json
+from pipeline.core.atomic import atomic_open, read_json
 from pipeline.config.sections import Config
 from pipeline.data.imageset import DataInfo, load_labeled_split
 from pipeline.core.plots import class_count_chart
@@ -107,7 +107,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
             "note": "hidden true labels of the pool; reporting only"}
     class_count_chart(summary["per_class_table"], out_dir / "class_counts.png",
                       title=f"selection: conf >= {cfg.min_confidence}, {per_class} per class")
-    write_json(run.metrics_path(name), metrics)
+    run.write_metrics(name, metrics)
     run.mark_done(name)
     kept = summary["unique_kept"]
     print(f"[{name}] kept {kept} unique images ({summary['copies']} with copies) of {summary['total']}; "

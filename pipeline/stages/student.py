@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json
