@@ -27,6 +27,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError)
 
 
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("selftrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def _add_split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
     parser.add_argument("--labels-per-class", type=int, default=100, help="human labels per class (default 100)")
@@ -40,6 +49,7 @@ def _add_split_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selftrain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="import a data set into webdataset shards")

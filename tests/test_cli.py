@@ -35,3 +35,18 @@ def test_bad_policy_in_preview_is_a_message(tiny_data, tmp_path, capsys):
     assert main(["augment", "preview", "--policy", "s7", "--data", str(tiny_data), "--out",
                  str(tmp_path / "g.png")]) == 2
     assert "s7" in capsys.readouterr().err
+
+
+def test_augment_preview_accepts_a_split_folder(tiny_data, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["augment", "preview", "--policy", "s1", "--data", str(tiny_data / "labeled"), "--out", str(out),
+                 "--images", "2", "--draws", "2", "--size", "16"]) == 0
+    assert out.exists()
+
+
+def test_version(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("selftrain 0.")

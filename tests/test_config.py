@@ -69,3 +69,38 @@ def test_config_is_frozen():
     config = load_config(None)
     with pytest.raises(Exception):
         config.seed = 3  # type: ignore[misc]
+
+
+def test_lists_and_mappings_of_sections_are_checked_item_by_item():
+    from dataclasses import dataclass, field
+
+    from pipeline.config.schema import bounds, from_dict, to_dict
+
+    @dataclass(frozen=True)
+    class Student:
+        arch: str = "mobilenetv3_small_100"
+        input_size: int = field(default=64, metadata=bounds(ge=8))
+
+    @dataclass(frozen=True)
+    class Grid:
+        students: tuple[Student, ...] = ()
+        seeds: tuple[int, ...] = (0,)
+        budgets: dict[str, int] = field(default_factory=dict)
+
+    grid = from_dict(Grid, {"students": [{"arch": "efficientnet_lite0"}, {"input_size": 32}],
+                            "seeds": [0, 1], "budgets": {"s1": 100}})
+    assert grid.students == (Student("efficientnet_lite0"), Student(input_size=32))
+    assert grid.seeds == (0, 1) and grid.budgets == {"s1": 100}
+    assert to_dict(grid) == {"students": [{"arch": "efficientnet_lite0", "input_size": 64},
+                                          {"arch": "mobilenetv3_small_100", "input_size": 32}],
+                             "seeds": [0, 1], "budgets": {"s1": 100}}
+    with pytest.raises(ConfigError, match=r"unknown config key 'students\[1\].arh'.*Did you mean 'students\[1\].arch'"):
+        from_dict(Grid, {"students": [{}, {"arh": "x"}]})
+    with pytest.raises(ConfigError, match=r"students\[0\].input_size: 4 is out of range"):
+        from_dict(Grid, {"students": [{"input_size": 4}]})
+    with pytest.raises(ConfigError, match=r"seeds\[1\]: expected an integer"):
+        from_dict(Grid, {"seeds": [0, "one"]})
+    with pytest.raises(ConfigError, match=r"budgets.s1: expected an integer"):
+        from_dict(Grid, {"budgets": {"s1": 1.5}})
+    with pytest.raises(ConfigError, match=r"seeds: expected a list"):
+        from_dict(Grid, {"seeds": 3})

@@ -344,3 +344,19 @@ def test_distillation_validation() -> None:
         distillation_loss(z, z, torch.tensor([0, 3]), 1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="alpha"):
         distillation_loss(z, z, None, 1.0, -1.0, 1.0)
+
+
+def test_mixture_loss_with_no_labeled_row_is_finite_and_trains_the_pseudo_term():
+    import torch
+
+    from students.losses import LossBalance
+    from students.mixture import mixture_loss
+
+    logits = torch.randn(4, 3, requires_grad=True)
+    is_labeled = torch.zeros(4, dtype=torch.bool)
+    targets = torch.softmax(torch.randn(4, 3), 1)
+    losses = mixture_loss(logits, is_labeled, torch.zeros(0, dtype=torch.long), targets, 0.1,
+                          LossBalance(1.0, False))
+    assert torch.isfinite(losses["loss"]) and float(losses["loss_labeled"]) == 0.0
+    losses["loss"].backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

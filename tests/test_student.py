@@ -84,6 +84,16 @@ def two_round_run(tiny_teacher_run, tmp_path_factory):
     return config, run, result
 
 
+def test_status_of_a_finished_run_shows_every_stage_done(two_round_run, capsys):
+    from pipeline.cli import main
+    _, run, _ = two_round_run
+    assert main(["status", str(run)]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in lines] == ["data", "teacher", "pseudo_label_r1", "select_r1", "student_r1",
+                                           "pseudo_label_r2", "select_r2", "student_r2", "report"]
+    assert {state for _, state in lines} == {"done"}
+
+
 def test_two_rounds_end_to_end(two_round_run):
     _, run, result = two_round_run
     for stage in ("pseudo_label_r1", "select_r1", "student_r1", "pseudo_label_r2", "select_r2", "student_r2"):

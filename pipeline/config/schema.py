@@ -2,11 +2,13 @@
 
 Unknown keys are rejected with the closest valid name, types are checked
 (no silent str -> int), and numeric ranges declared in field metadata are
-enforced. This is the only place that knows how config text becomes objects.
+enforced. Lists (`tuple[X, ...]`) and mappings (`dict[str, X]`) of any supported type, dataclass sections included, are checked
+item by item with the item's path in the message (`distill.students[1].arch`). This is the only place that knows how config text becomes objects.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -95,11 +97,21 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
         if value not in choices:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if origin is tuple and typing.get_args(hint)[-1:] == (Ellipsis,) or origin is list:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict or origin is typing.Mapping or origin is collections.abc.Mapping:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {_convert(key_type, k, f"{path} key {k!r}"): _convert(item, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, path, default if dataclasses.is_dataclass(default) else None)
     if hint is bool:
@@ -146,7 +158,7 @@ def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
+    """Plain nested dict (tuples become lists, mappings dicts) suitable for YAML/JSON."""
     def clean(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}

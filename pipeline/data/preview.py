@@ -7,12 +7,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.imageset import DataDirError, open_data
+from pipeline.data.importer import MANIFEST
 from pipeline.data.shards import decode_image, iter_shard
 
 
 def sample_images(source: Path, count: int) -> list[np.ndarray]:
-    """The first `count` images of a shard, or of the labeled split of a data dir."""
-    if source.is_dir():
+    """The first `count` images of a shard, of a split folder (RUN/data/labeled), or of a data dir's labeled split."""
+    if source.is_dir() and not (source / MANIFEST).exists() and (source.parent / MANIFEST).exists():
+        info = open_data(source.parent)  # a split folder: its parent holds the manifest
+        if source.name not in info.manifest["splits"]:
+            raise DataDirError(f"--data {source}: not a split of {source.parent} "
+                               f"(splits: {', '.join(info.manifest['splits'])})")
+        shards, mode = info.shard_paths(source.name), info.mode
+    elif source.is_dir():
         info = open_data(source)
         shards, mode = info.shard_paths("labeled") or info.shard_paths("test"), info.mode
     elif source.suffix == ".tar" and source.exists():

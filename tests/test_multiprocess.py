@@ -1,0 +1,80 @@
+"""The whole quick pipeline under torchrun and accelerate launch, 2 CPU processes (gloo).
+
+Every stage passes the barriers between stages (the process group belongs to the
+runner, not to a stage) and writes its artifacts once. The pseudo-label sidecars equal
+those of one process labeling with the same teacher, byte for byte. (The teacher itself
+differs from a one-process teacher in the last bits: each DDP rank normalises its own
+half batch, so the comparison holds the teacher fixed.)
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_TEACHER, set_args, tiny_config
+from test_student import STUDENT
+
+STAGES = ["data", "teacher", "pseudo_label_r1", "select_r1", "student_r1", "report"]
+
+
+def pipeline_args(config: Path, run: Path) -> list[str]:
+    return ["run", str(config), "--run-dir", str(run)] + set_args(TINY_TEACHER + STUDENT + ["runtime.threads=1"])
+
+
+def run_cli(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher + ["-m", "pipeline.cli"] + args, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def sidecar_bytes(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "pseudo_label_r1").glob("*.labels.npz"))}
+
+
+@pytest.fixture
+def config(tiny_data, tmp_path) -> Path:
+    return tiny_config(tmp_path, tiny_data)
+
+
+def one_process_sidecars(config: Path, run: Path, tmp_path: Path) -> dict[str, bytes]:
+    """Sidecars of one process labeling with the teacher of `run`."""
+    reference = tmp_path / "one_process"
+    reference.mkdir()
+    for item in ("data", "teacher", "config.yaml", ".selftrain-run"):
+        copy = shutil.copytree if (run / item).is_dir() else shutil.copy
+        copy(run / item, reference / item)
+    result = run_cli([sys.executable], pipeline_args(config, reference) + ["--only", "pseudo_label_r1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sidecar_bytes(reference)
+
+
+def assert_complete_two_process_run(config: Path, run: Path, output: str, tmp_path: Path) -> None:
+    for stage in STAGES:
+        assert (run / stage / "DONE").exists(), f"{stage} not done:\n{output[-3000:]}"
+    for stage in STAGES[:-1]:  # fingerprinted stages ran once, in one invocation
+        assert json.loads((run / stage / "wall_time.json").read_text())["invocations"] == 1
+    assert not list(run.rglob("*.tmp")), "a partial file was left under the run directory"
+    for stage in ("teacher", "pseudo_label_r1", "student_r1"):
+        metrics = json.loads((run / stage / "metrics.json").read_text())
+        assert metrics["provenance"]["num_processes"] == 2
+    assert output.count("[teacher] test top-1") == 1  # printed (and exported) by one process
+    assert sidecar_bytes(run) == one_process_sidecars(config, run, tmp_path)
+
+
+def test_quick_pipeline_under_torchrun(config, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    result = run_cli(torchrun, pipeline_args(config, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete_two_process_run(config, tmp_path / "run", result.stdout + result.stderr, tmp_path)
+
+
+def test_quick_pipeline_under_accelerate_launch(config, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543"]
+    result = run_cli(launch, pipeline_args(config, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_complete_two_process_run(config, tmp_path / "run", result.stdout + result.stderr, tmp_path)
