@@ -8,23 +8,25 @@ from pathlib import Path
 
 from pipeline.config.schema import ConfigError
 from pipeline.data.imageset import DataDirError
+from pipeline.core.atomic import ArtifactError
 from pipeline.core.owned import ForeignFilesError
 from pipeline.core.rundir import RunDirError
 from pipeline.data.shards import ShardError
 from pipeline.data.sources.fashion_mnist import DataSourceError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError,
-                                             ForeignFilesError)
+                                             ForeignFilesError, ArtifactError)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from augment import PolicyError
     from pipeline.data.pool import PoolError
+    from pipeline.engine.serving import PredictError
     from teachers.checkpoint import CheckpointError
     from teachers.models import ModelError
     from teachers.sidecar import SidecarError
 
-    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError)
+    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError)
 
 
 def _version() -> str:
@@ -80,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     summarize.add_argument("--out", default=None, help="also write the table to this Markdown file")
 
+    predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file")
+    predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+
     augment = sub.add_parser("augment", help="augmentation tools")
     aug_sub = augment.add_subparsers(dest="action", required=True)
     preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
@@ -134,6 +143,38 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
         write_text(Path(args.out), table + "\n")
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.engine.serving import image_files, load_predictor, predict_files
+
+    from pipeline.engine.serving import PredictError
+
+    if args.top_k < 1:
+        raise PredictError(f"--top-k {args.top_k}: must be at least 1")
+    if args.threads:
+        torch_threads(args.threads)
+    predictor = load_predictor(args.model, args.threads)
+    files = image_files(args.images)
+    if not files:
+        raise PredictError(f"no image files in {' '.join(args.images)}")
+    results, errors = predict_files(predictor, files, min(args.top_k, len(predictor.meta.class_names)))
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
+    for error in errors:
+        print(f"selftrain: error: {error}", file=sys.stderr)
+    return 2 if errors else 0
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _cmd_preview(args: argparse.Namespace) -> None:
     from augment import build_policy
     from augment.preview import make_preview_grid, save_preview_grid
@@ -149,16 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "summarize": _cmd_summarize,
-                "augment": _cmd_preview}
+                "augment": _cmd_preview, "predict": _cmd_predict}
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except _user_errors() as exc:
         print(f"selftrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selftrain: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -257,17 +257,22 @@ def distillation_loss(
     alpha: float,
     beta: float,
     label_smoothing: float = 0.0,
+    hard: bool = False,
 ) -> dict[str, Tensor]:
     """``alpha * CE(labels, z_s) + beta * kd_loss(z_s, z_t, T)`` as a loss dict.
 
     ``labels`` None means no row is labeled; a label of ``IGNORE_LABEL`` (-1) marks one
     unlabeled row. CE (at T = 1, with ``label_smoothing``) is the mean over labeled rows only,
-    0 when there are none; KD is the mean over all rows. Returns {"loss", "loss_ce", "loss_kd"}.
+    0 when there are none; KD is the mean over all rows. ``hard``: the KD term is CE on the
+    teacher's argmax instead (T plays no part). Returns {"loss", "loss_ce", "loss_kd"}.
     """
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    loss_kd = kd_loss(student_logits, teacher_logits, temperature)
+    if hard:
+        loss_kd = hard_cross_entropy(student_logits, teacher_logits.detach().argmax(dim=1))
+    else:
+        loss_kd = kd_loss(student_logits, teacher_logits, temperature)
     if labels is None:
         loss_ce = student_logits.sum() * 0.0
     else:

@@ -78,7 +78,8 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, meta: CheckpointMet
     """Write weights, timm's config.json, then meta.json (last, atomically); returns the weights' sha256."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_bytes(directory / WEIGHTS, stable_safetensors(state, {"arch": meta.arch, "format": FORMAT}))
-    write_timm_config(directory, model, meta)
+    if hasattr(model, "pretrained_cfg"):  # timm models; torchvision's ShuffleNet has no timm config
+        write_timm_config(directory, model, meta)
     digest = sha256_file(directory / WEIGHTS)
     write_json(directory / META, {**asdict(meta), "weights_sha256": digest})
     return digest
@@ -99,7 +100,20 @@ def read_meta(directory: Path) -> CheckpointMeta:
 
 
 def checkpoint_hash(directory: Path) -> str:
-    return read_json(Path(directory) / META).get("weights_sha256", "")
+    """sha256 of the weights file's content (a checkpoint's identity), checked against meta.json.
+
+    Weights swapped under a meta.json that describes others are refused rather than labelled
+    with the wrong identity."""
+    directory = Path(directory)
+    path = directory / WEIGHTS
+    if not path.exists():
+        raise CheckpointError(f"{directory}: not a checkpoint (no {WEIGHTS})")
+    digest = sha256_file(path)
+    recorded = read_json(directory / META).get("weights_sha256")
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(f"{path}: its sha256 {digest[:12]} differs from the {recorded[:12]} recorded in "
+                              f"{directory / META}: the weights were replaced after the checkpoint was written")
+    return digest
 
 
 def check_compatible(meta: CheckpointMeta, arch: str | None, num_classes: int | None,
@@ -122,6 +136,13 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_weights_into(model: torch.nn.Module, directory: Path) -> None:
     path = Path(directory) / WEIGHTS
     state = read_weights(directory)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not fit the model {Path(directory) / META} describes "
+                              f"({len(wrong)} tensors of another shape, e.g. {wrong[0]}): meta.json names another "
+                              "architecture, class count or channel count than the weights were trained with")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

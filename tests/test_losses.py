@@ -360,3 +360,19 @@ def test_mixture_loss_with_no_labeled_row_is_finite_and_trains_the_pseudo_term()
     assert torch.isfinite(losses["loss"]) and float(losses["loss_labeled"]) == 0.0
     losses["loss"].backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_distillation_hard_mode_is_ce_on_the_teacher_argmax() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from students.losses import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    labels = torch.tensor([1, -1, 2, -1, -1, 0])
+    out = distillation_loss(student, teacher, labels, temperature=4.0, alpha=0.0, beta=1.0, hard=True)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(student, teacher.argmax(1)))
+    both = distillation_loss(student, teacher, labels, temperature=4.0, alpha=0.5, beta=2.0, hard=True)
+    ce = F.cross_entropy(student[labels >= 0], labels[labels >= 0])
+    torch.testing.assert_close(both["loss"], 0.5 * ce + 2.0 * F.cross_entropy(student, teacher.argmax(1)))

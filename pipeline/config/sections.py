@@ -135,6 +135,69 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class DistillStudent:
+    """One small student of the distill stage: any timm name, or torchvision's shufflenet_v2_x0_5 / x1_0."""
+
+    arch: str = "mobilenetv3_small_100"
+    # EfficientNet/MobileNet downsample 32x: 32 px leaves a 1x1 map; 64 px measured better (README)
+    input_size: int = field(default=64, metadata=bounds(ge=8))
+    drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+
+
+def _distill_train() -> TrainConfig:
+    # a pass is one pass over the unlabeled pool; pad-crop + flip view shared by teacher and student
+    return TrainConfig(policy="s1", epochs=4, batch_size=224, optimizer="adamw", lr=0.004, weight_decay=0.05,
+                       warmup_epochs=0.2, label_smoothing=0.0)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Structured L1 filter pruning of each distilled student (Li et al. 2016), fine-tuned with the KD loss."""
+
+    enabled: bool = False
+    target_macs: float = field(default=0.5, metadata=bounds(gt=0, lt=1))  # MACs after / before
+    steps: int = field(default=2, metadata=bounds(ge=1))  # prune, fine-tune; repeated
+    fine_tune_steps: int = field(default=200, metadata=bounds(ge=0))  # KD steps after each pruning step
+    lr: float = field(default=0.001, metadata=bounds(gt=0))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX fp32 + int8 of every distilled (and pruned) student and of the teacher, and the deployment table."""
+
+    int8: bool = True
+    calibration_images: int = field(default=300, metadata=bounds(ge=1))  # training images for int8 ranges
+    latency_budget_ms: float = field(default=2.0, metadata=bounds(gt=0))  # best model at batch 1 under this
+    repeats: int = field(default=30, metadata=bounds(ge=3))  # timed runs per latency figure (median)
+    eval_images: int | None = field(default=None, metadata=bounds(ge=1))  # test images scored; null = all
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hinton KD of the final self-trained model into small students, one `distill_<arch>` stage each.
+
+    Each step feeds `labeled_batch` labeled and `train.batch_size` unlabeled images through one
+    augmented view; online, the teacher sees exactly that view (resized to its own input size, its
+    own normalisation). Loss: alpha * CE(labels) + beta * T^2 * KL(teacher_T || student_T); unlabeled
+    rows give the KD term only.
+    """
+
+    students: tuple[DistillStudent, ...] = ()  # empty: no distillation stages
+    teacher: str | None = None  # null: the last self-training round; or a checkpoint directory
+    mode: Literal["online", "offline"] = "online"  # offline: logits from pseudo-label sidecars (clean view)
+    temperature: float = field(default=1.0, metadata=bounds(gt=0))
+    alpha: float = field(default=0.1, metadata=bounds(ge=0))
+    beta: float = field(default=0.9, metadata=bounds(ge=0))
+    hard: bool = False  # KD target is the teacher's argmax (CE) instead of its softened distribution
+    mixup: float = field(default=0.0, metadata=bounds(ge=0))  # Beta(m, m) mixup of the shared view; 0 = off
+    labeled_batch: int = field(default=32, metadata=bounds(ge=0))
+    train: TrainConfig = field(default_factory=_distill_train)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How to use the hardware; none of this changes results on CPU."""
 
@@ -154,6 +217,7 @@ class Config:
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -178,9 +242,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if data is None:  # the built-in defaults differ from any shipped recipe: never run them by accident
+            raise ConfigError(f"{path}: the config file is empty; start from configs/fashion_mnist.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:

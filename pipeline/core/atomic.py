@@ -54,9 +54,19 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class ArtifactError(ValueError):
+    """A file the pipeline wrote (manifest, meta, metrics) cannot be read; the message names it."""
+
+
 def read_json(path: str | Path) -> Any:
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                            "the file is damaged: restore it or redo the stage that wrote it") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: not a text JSON file (undecodable bytes)") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -125,8 +125,12 @@ class RunDir:
         A directory that exists, holds anything, and was not made by this tool is refused:
         a run writes and deletes files under its root."""
         self._refuse_foreign_root()
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_text(self.root / MARKER, "selftrain run directory\n")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_text(self.root / MARKER, "selftrain run directory\n")
+        except OSError as exc:
+            raise RunDirError(f"run directory {self.root} is not writable ({exc.strerror}: {exc.filename}); "
+                              "use another --run-dir") from None
         path = self.root / "lock"
         try:
             handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

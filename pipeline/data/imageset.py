@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.core.atomic import read_json, sha256_file
 from pipeline.data.importer import MANIFEST
-from pipeline.data.shards import ShardError, decode_image, decode_label, iter_shard
+from pipeline.data.shards import ReadProblems, ShardError, decode_image, decode_label, iter_shard
 
 
 class DataDirError(RuntimeError):
@@ -102,6 +102,22 @@ def load_labeled_split(info: DataInfo, split: str) -> ImageSet:
     if len(images) != expected:
         raise ShardError(f"split '{split}' in {info.root}: read {len(images)} samples, manifest says {expected}")
     return ImageSet(images, np.asarray(labels, dtype=np.int64), keys)
+
+
+def load_unlabeled_split(info: DataInfo) -> tuple[ImageSet, ReadProblems]:
+    """Decode the unlabeled pool into memory, skip-and-count: a bad sample or a truncated shard is
+    recorded in the returned problems, never fatal. Labels are -1 (the pool's are never read)."""
+    images, keys = [], []
+    problems = ReadProblems()
+    for path in info.shard_paths("unlabeled"):
+        for sample in iter_shard(path, on_error="skip", problems=problems):
+            try:
+                images.append(decode_image(sample, path, info.mode))
+            except ShardError as exc:
+                problems.skipped.append({"shard": path.name, "key": str(sample["__key__"]), "reason": str(exc)})
+                continue
+            keys.append(str(sample["__key__"]))
+    return ImageSet(images, np.full(len(images), -1, dtype=np.int64), keys), problems
 
 
 def channel_stats(images: list[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:

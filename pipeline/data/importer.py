@@ -60,7 +60,18 @@ def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
 
 def import_params(kind: str, per_class: int, holdout: int, seed: int, shard_size: int,
                   test_fraction: float | None = None, max_unlabeled: int | None = None) -> dict[str, object]:
-    """What the import's result depends on (not where the raw files were found)."""
+    """What the import's result depends on (not where the raw files were found); values are checked here,
+    for the command line and the config alike."""
+    checks = [("labels_per_class", per_class, per_class >= 1, "at least 1"),
+              ("holdout_per_class", holdout, holdout >= 0, "at least 0"),
+              ("shard_size", shard_size, shard_size >= 1, "at least 1"),
+              ("max_unlabeled", max_unlabeled, max_unlabeled is None or max_unlabeled >= 1,
+               "at least 1 (an empty unlabeled pool leaves nothing to self-train on)"),
+              ("test_fraction", test_fraction, test_fraction is None or 0 < test_fraction < 1,
+               "between 0 and 1, exclusive")]
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise DataSourceError(f"{name} (--{name.replace('_', '-')} / data.{name}) must be {rule}, got {value}")
     params: dict[str, object] = {"kind": kind, "labels_per_class": per_class, "holdout_per_class": holdout,
                                  "seed": seed, "shard_size": shard_size}
     if max_unlabeled is not None:

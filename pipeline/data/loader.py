@@ -51,6 +51,8 @@ class StreamPosition:
         return self._cache[epoch]
 
     def take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        if count == 0:  # a source that contributes nothing this run (e.g. distill.labeled_batch: 0)
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         n = len(self.source.population)
         index, seeds = [], []
         position = start

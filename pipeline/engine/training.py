@@ -106,9 +106,13 @@ class TrainingSetup:
 
     def checkpoint_test_logits(self, directory: Path) -> np.ndarray:
         """Test logits of another checkpoint (the round's teacher) through its own preprocessing."""
-        return checkpoint_logits(self.accelerator, directory, self.data.num_classes, self.test.images,
+        return self.checkpoint_logits(directory, self.test, "test")
+
+    def checkpoint_logits(self, directory: Path, images: ImageSet, split: str) -> np.ndarray:
+        """Logits of another checkpoint on `images` through its own preprocessing (input size, mean/std)."""
+        return checkpoint_logits(self.accelerator, directory, self.data.num_classes, images.images,
                                  self.stage.train.eval_batch_size, self.workers, self.channels_last,
-                                 desc=f"{self.name} eval test ({directory.name})", progress=self.config.runtime.progress)
+                                 desc=f"{self.name} eval {split} ({directory.name})", progress=self.config.runtime.progress)
 
     def holdout_metrics(self) -> dict:
         """Top-1/ECE/NLL on the holdout split (what tuning should look at), {} without one."""

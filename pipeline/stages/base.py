@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from accelerate import PartialState
 
@@ -17,8 +17,8 @@ from pipeline.config.sections import Config
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import DataInfo, open_data
 
-StageKind = Literal["data", "teacher", "pseudo_label", "select", "student", "report"]
-TRAINING_KINDS: tuple[StageKind, ...] = ("teacher", "student")
+StageKind = Literal["data", "teacher", "pseudo_label", "select", "student", "distill", "prune", "export", "report"]
+TRAINING_KINDS: tuple[StageKind, ...] = ("teacher", "student", "distill", "prune")
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,12 @@ class Stage:
     needs: tuple[str, ...] = ()  # stages that must be done before this one runs
     round: int | None = None  # Noisy Student round (pseudo-label, select, student)
     teacher: str | None = None  # stage whose checkpoint is this stage's teacher
+    teacher_path: str | None = None  # or a checkpoint directory given in the config
     labels: str | None = None  # pseudo-label stage whose sidecars this stage reads
     selection: str | None = None  # select stage whose plans this stage reads
     main_process_only: bool = False  # other ranks wait at the barrier after it
+    spec: Any = None  # the config item this stage was made from (one distill student)
+    source: str | None = None  # the stage whose checkpoint this stage starts from (prune)
 
     @property
     def trains_model(self) -> bool:
@@ -108,6 +111,8 @@ class StageContext:
         return self._data
 
     def teacher_dir(self, stage: Stage) -> Path:
+        if stage.teacher_path is not None:
+            return Path(stage.teacher_path)
         if stage.teacher is None:
             raise RunDirError(f"stage '{stage.name}' has no teacher")
         return self.run.checkpoint_dir(stage.teacher)

@@ -1,18 +1,49 @@
 """The declared stage graph of a run: the one place that creates and names stages.
 
-    data -> teacher -> pseudo_label_r1 -> select_r1 -> student_r1 -> pseudo_label_r2 -> ... -> report
+    data -> teacher -> pseudo_label_r1 -> select_r1 -> student_r1 -> pseudo_label_r2 -> ...
+         -> [pseudo_label_distill] -> distill_<arch> ... -> report
 
 Round i's teacher is `teacher` (i = 1) or `student_r{i-1}`. With `student.rounds: 0`
-the run stops after the first selection. Adding a stage means adding an entry here
+the run stops after the first selection. Each `distill.students` entry adds one
+`distill_<arch>` stage whose teacher is the last round (or `distill.teacher`); offline
+distillation adds a pseudo-label stage for that teacher when no round labels with it. Adding a stage means adding an entry here
 and one module under `pipeline/stages/` with `run(ctx, stage)` (and `inputs(ctx, stage)`
 when its result depends on inputs that a rerun must match).
 """
 
 from __future__ import annotations
 
-from pipeline.config.sections import Config
-from pipeline.stages import data_import, pseudo_label, report, select, student, teacher
+from pipeline.config.sections import Config, DistillStudent
+from pipeline.stages import data_import, distill, pseudo_label, report, select, student, teacher
 from pipeline.stages.base import Stage, StageGraph
+
+
+def distill_stage_name(student: DistillStudent, students: tuple[DistillStudent, ...]) -> str:
+    """`distill_<arch>`, with the input size when one architecture appears twice."""
+    twice = sum(s.arch == student.arch for s in students) > 1
+    return f"distill_{student.arch}" + (f"_{student.input_size}" if twice else "")
+
+
+def distill_stages(config: Config, stages: list[Stage], final: str) -> list[Stage]:
+    """One stage per distill student (plus a labeling stage for offline teaching when needed)."""
+    cfg = config.distill
+    if not cfg.students:
+        return []
+    teacher_of = {"teacher": None, "teacher_path": cfg.teacher} if cfg.teacher else {"teacher": final}
+    added: list[Stage] = []
+    labels = None
+    if cfg.mode == "offline":
+        labels = next((s.name for s in stages if s.kind == "pseudo_label" and s.teacher == final
+                       and not cfg.teacher), None)
+        if labels is None:
+            labels = "pseudo_label_distill"
+            added.append(Stage(labels, "pseudo_label", pseudo_label.run, pseudo_label.inputs,
+                               needs=("data",) + ((final,) if not cfg.teacher else ()), **teacher_of))
+    for spec in cfg.students:
+        needs = ("data",) + ((final,) if not cfg.teacher else ()) + ((labels,) if labels else ())
+        added.append(Stage(distill_stage_name(spec, cfg.students), "distill", distill.run, distill.inputs,
+                           needs=needs, labels=labels, spec=spec, **teacher_of))
+    return added
 
 
 def build_graph(config: Config) -> StageGraph:
@@ -32,6 +63,8 @@ def build_graph(config: Config) -> StageGraph:
                                 needs=(round_teacher, labels, selection), round=i, teacher=round_teacher,
                                 labels=labels, selection=selection))
         round_teacher = trained
+    final = f"student_r{config.student.rounds}" if config.student.rounds else "teacher"
+    stages += distill_stages(config, stages, final)
     stages.append(Stage("report", "report", report.run, needs=tuple(s.name for s in stages),
                         main_process_only=True))
     return StageGraph(tuple(stages))

@@ -1,0 +1,125 @@
+"""Predictions for users: a checkpoint directory or an exported `.onnx` file, with the model's own
+preprocessing (input size, mean, std, class names travel with it), on image files.
+
+An ONNX file written by the export stage carries the checkpoint's meta.json in its
+`metadata_props` (key `selftrain_meta`), so it needs nothing beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from augment import build_eval_transform
+from teachers.checkpoint import META, CheckpointMeta, load_checkpoint
+
+ONNX_META_KEY = "selftrain_meta"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class PredictError(ValueError):
+    """A model or image cannot be used for prediction; the message names it."""
+
+
+@dataclass
+class Predictor:
+    meta: CheckpointMeta
+    logits_of: Callable[[np.ndarray], np.ndarray]  # float32 NCHW normalised -> logits
+    source: str
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        mode = "L" if self.meta.in_chans == 1 else "RGB"
+        array = np.asarray(image.convert(mode), dtype=np.uint8)
+        array = array[:, :, None] if array.ndim == 2 else array
+        view = build_eval_transform(self.meta.input_size)(array).astype(np.float32) / 255.0
+        mean, std = np.asarray(self.meta.mean, np.float32), np.asarray(self.meta.std, np.float32)
+        return ((view - mean) / std).transpose(2, 0, 1)
+
+    def top_k(self, batch: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        logits = self.logits_of(batch).astype(np.float64)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [[(self.meta.class_names[c], float(p[c])) for c in row] for row, p in zip(order, probs)]
+
+
+def onnx_meta(path: Path) -> CheckpointMeta:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if ONNX_META_KEY not in props:
+        raise PredictError(f"{path}: no '{ONNX_META_KEY}' metadata (input size, mean/std, classes); "
+                           "export it with the pipeline's export stage")
+    raw = json.loads(props[ONNX_META_KEY])
+    raw.pop("weights_sha256", None)
+    return CheckpointMeta(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]),
+                             "class_names": tuple(raw["class_names"])})
+
+
+def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
+    path = Path(path)
+    if path.suffix == ".onnx" and path.is_file():
+        import onnxruntime as ort
+
+        meta = onnx_meta(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return Predictor(meta, lambda x: session.run(None, {name: x})[0], str(path))
+    if path.is_dir() and (path / META).exists():
+        model, meta = load_checkpoint(path)
+        model.eval()
+
+        def torch_logits(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).float().numpy()
+        return Predictor(meta, torch_logits, str(path))
+    raise PredictError(f"{path}: not a checkpoint directory (with {META}) or an .onnx file")
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Files as given, and every image under a given directory (sorted)."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+def predict_files(predictor: Predictor, files: list[Path], k: int,
+                  batch_size: int = 64) -> tuple[list[dict], list[str]]:
+    """Top-k for every readable image; an unreadable one becomes an error line and the rest go on."""
+    results, errors, pending = [], [], []
+
+    def flush() -> None:
+        if pending:
+            tops = predictor.top_k(np.stack([x for _, x in pending]), k)
+            results.extend({"image": str(f), "top": [{"class": c, "probability": round(p, 6)} for c, p in top]}
+                           for (f, _), top in zip(pending, tops))
+            pending.clear()
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                pending.append((path, predictor.preprocess(image)))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            errors.append(f"{path}: not a readable image ({type(exc).__name__}: {exc})")
+            continue
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return results, errors
+

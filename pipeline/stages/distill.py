@@ -1,0 +1,182 @@
+"""Stage `distill_<arch>`: Hinton KD of the final self-trained model into one small student.
+
+Reads: labeled/test (and holdout) splits, the unlabeled pool decoded into memory (skip-and-count),
+the teacher checkpoint (the last self-training round, or `distill.teacher`); offline mode also the
+teacher's pseudo-label sidecars.
+Writes: like every training stage (checkpoint, metrics.json with agreement with the teacher, DONE),
+resumable from `state/`.
+
+Consistent teaching (online, default): every step draws `labeled_batch` labeled and
+`train.batch_size` unlabeled images, augments each once at the student's input size, and the
+teacher (eval mode, no_grad) sees exactly that view resized to its own input size with its own
+normalisation. Optional mixup mixes the shared view before both see it ("function matching",
+Beyer et al. 2022; mixed rows give the KD term only). Offline: the teacher's logits of the clean
+view come from the sidecars (unlabeled) and one eval pass (labeled).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config.schema import to_dict
+from pipeline.config.sections import Config, DistillStudent, ModelConfig, StageConfig
+from pipeline.core.rundir import RunDirError
+from pipeline.data.imageset import ImageSet, load_unlabeled_split
+from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
+from pipeline.engine.trainer import train
+from pipeline.engine.training import TrainingSetup, finish, setup_training, training_fingerprint_inputs
+from pipeline.stages.base import Stage, StageContext
+from students.losses import IGNORE_LABEL, distillation_loss
+from teachers.checkpoint import CheckpointMeta, checkpoint_hash, load_checkpoint
+from teachers.sidecar import read_sidecar
+
+LABELED, UNLABELED = 0, 1
+
+
+def student_stage_config(config: Config, student: DistillStudent) -> StageConfig:
+    """The student as a training stage: its model from the distill entry, training from `distill.train`."""
+    return StageConfig(model=ModelConfig(arch=student.arch, input_size=student.input_size,
+                                         drop_rate=student.drop_rate, drop_path_rate=student.drop_path_rate),
+                       train=config.distill.train)
+
+
+def _kd_settings(config: Config) -> dict:
+    return {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
+                                                                        "train")}
+
+
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": _kd_settings(ctx.config),
+            **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data())}
+
+
+class TeacherView:
+    """The teacher on the student's view: resized to its input size, its own normalisation, no_grad."""
+
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: torch.device, channels_last: bool):
+        self.model = model.to(device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.size, self.device, self.channels_last = meta.input_size, device, channels_last
+        self.mean = torch.tensor(meta.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(meta.std, device=device).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, view01: torch.Tensor) -> torch.Tensor:
+        """`view01`: float NCHW in [0, 1] at the student's size."""
+        x = view01
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = ((x - self.mean) / self.std).contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return self.model(x).float()
+
+
+def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:
+    """Mix the batch with a permutation of itself; lambda and the permutation come from the batch's
+    own indices, so a resumed run draws the same ones."""
+    if alpha <= 0 or len(batch) < 2:
+        return view01, False
+    seed = int((batch.index.to(torch.int64) * (batch.source.to(torch.int64) + 1)).sum()) % (2 ** 31)
+    rng = np.random.default_rng(seed)
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.from_numpy(rng.permutation(len(batch))).to(view01.device)
+    return lam * view01 + (1 - lam) * view01[perm], True
+
+
+def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.ndarray,
+                           unlabeled: ImageSet) -> torch.Tensor:
+    """(L + U, C) teacher logits of the clean views: labeled rows, then the unlabeled pool in its order."""
+    rows = {}
+    for record in ctx.data().shard_records("unlabeled"):
+        sidecar = read_sidecar(ctx.run.sidecar_path(stage.labels, record["name"]))
+        if sidecar.is_topk:
+            raise RunDirError(f"distill.mode offline needs full logits in the sidecars of {stage.labels}; "
+                              "these keep only the top-k (many classes): use distill.mode online")
+        for key, row in zip(sidecar.keys, sidecar.full_logits()):
+            rows[str(key)] = row
+    missing = [k for k in unlabeled.keys if k not in rows]
+    if missing:
+        raise RunDirError(f"{len(missing)} unlabeled images have no logits in {ctx.run.stage_dir(stage.labels)} "
+                          f"(e.g. '{missing[0]}'); rerun --from {stage.labels}")
+    table = np.concatenate([labeled_logits, np.stack([rows[k] for k in unlabeled.keys]).astype(np.float32)])
+    return torch.from_numpy(table)
+
+
+def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, labels: torch.Tensor,
+               offline: torch.Tensor | None, num_labeled: int):
+    """One forward of the student on the shared view, the teacher on the same view (or stored logits)."""
+    cfg = ctx.config.distill
+    device = setup.accelerator.device
+    mean, std = (t.view(1, -1, 1, 1) for t in setup.device_stats())
+    labels = labels.to(device)
+    offline = offline.to(device) if offline is not None else None
+
+    def loss_fn(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        view = batch.images.to(device, non_blocking=True).float().div_(255.0)
+        view, mixed = mixup_view(view, batch, cfg.mixup)
+        x = ((view - mean) / std).contiguous(
+            memory_format=torch.channels_last if setup.channels_last else torch.contiguous_format)
+        source, index = batch.source.to(device), batch.index.to(device)
+        if offline is None:
+            target = teacher(view)
+        else:
+            target = offline[torch.where(source == LABELED, index, index + num_labeled)]
+        row_labels = torch.where(source == LABELED, labels[index.clamp_max(len(labels) - 1)],
+                                 torch.full_like(index, IGNORE_LABEL))
+        if mixed:
+            row_labels = torch.full_like(index, IGNORE_LABEL)  # a mixed view has no single true class
+        return distillation_loss(model(x), target, row_labels, cfg.temperature, cfg.alpha, cfg.beta,
+                                 label_smoothing=cfg.train.label_smoothing, hard=cfg.hard)
+    return loss_fn
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run_dir, data, name = ctx.config, ctx.run, ctx.data(), this.name
+    cfg, spec = config.distill, this.spec
+    teacher_dir = ctx.teacher_dir(this)
+    extra = {"teacher_sha256": checkpoint_hash(teacher_dir), "kd": _kd_settings(config)}
+    setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
+    accelerator = setup.accelerator
+    unlabeled, problems = load_unlabeled_split(data)
+    teacher_model, teacher_meta = load_checkpoint(teacher_dir, num_classes=data.num_classes)
+    teacher = TeacherView(teacher_model, teacher_meta, accelerator.device, setup.channels_last)
+    offline = None
+    if cfg.mode == "offline":
+        labeled_logits = setup.checkpoint_logits(teacher_dir, setup.labeled, "labeled")
+        offline = offline_teacher_logits(ctx, this, labeled_logits, unlabeled)
+    if not unlabeled.images:
+        raise RunDirError(f"[{name}] the unlabeled pool of {data.root} has no readable image to distill on")
+    sources = [Source(np.arange(len(setup.labeled)), cfg.labeled_batch),
+               Source(np.arange(len(unlabeled)), cfg.train.batch_size)]
+    steps_per_epoch = math.ceil(len(unlabeled) / cfg.train.batch_size)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    accelerator.print(f"[{name}] {spec.arch} at {spec.input_size} px from {teacher_meta.arch} ({teacher_dir}), "
+                      f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
+                      f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
+                      f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step, {total_steps} steps, "
+                      f"policy {setup.policy!r}")
+    dataset = AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy)
+
+    def batches(start: int):
+        sampler = StepBatchSampler(sources, total_steps, config.seed, start,
+                                   accelerator.process_index, accelerator.num_processes)
+        return make_loader(dataset, sampler, setup.workers, config.seed)
+
+    loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled))
+    result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
+                   state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress)
+    logits = setup.test_logits()
+    teacher_logits = setup.checkpoint_test_logits(teacher_dir)
+    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, "teacher": str(teacher_dir),
+               "teacher_arch": teacher_meta.arch, "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
+               "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean()),
+               "num_unlabeled": len(unlabeled), "unlabeled_problems": problems.as_dict(),
+               "steps_per_epoch": steps_per_epoch}
+    lineage = {"teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}
+    return finish(setup, result, lineage, metrics, logits=logits)

@@ -1,0 +1,127 @@
+"""Distill stage: consistent views, offline logits, CE only on labeled rows, kill-and-resume, ShuffleNet."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_TEACHER, set_args
+from pipeline.config.sections import load_config
+from pipeline.core.faults import env_name
+from pipeline.data.loader import Batch
+from pipeline.stages.distill import kd_loss_fn
+from teachers.checkpoint import CheckpointMeta
+
+DISTILL = ["student.rounds=0", "pseudo_label.batch_size=100", "runtime.threads=1",
+           "distill.students=[{arch: test_efficientnet, input_size: 24}]", "distill.labeled_batch=8",
+           "distill.train.batch_size=24", "distill.train.epochs=1", "distill.train.save_every_steps=4",
+           "distill.train.lr=0.01", "distill.train.warmup_epochs=0"]
+STAGE = "distill_test_efficientnet"
+
+
+def cli(config: Path, run: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run)]
+    args += set_args(TINY_TEACHER + DISTILL) + list(extra)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def copy_run(tiny_teacher_run, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    config, run = tiny_teacher_run
+    shutil.copytree(run, tmp_path / name, ignore=shutil.ignore_patterns("lock"))
+    return config, tmp_path / name
+
+
+class Recorder(torch.nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+        self.classes = classes
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return x.mean(dim=(2, 3)).repeat(1, self.classes)[:, :self.classes]
+
+
+def fake_setup(mean=0.5, std=0.25):
+    stats = (torch.tensor([mean]), torch.tensor([std]))
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), device_stats=lambda: stats,
+                           channels_last=False)
+
+
+def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessing():
+    from pipeline.stages.distill import TeacherView
+
+    config = load_config(None, ["distill.alpha=0.5", "distill.beta=0.5"])
+    teacher_model = Recorder()
+    teacher = TeacherView(teacher_model, CheckpointMeta("x", 3, 1, 8, (0.1,), (0.2,), ("a", "b", "c"), "h"),
+                          torch.device("cpu"), channels_last=False)
+    ctx = SimpleNamespace(config=config)
+    loss_fn = kd_loss_fn(ctx, fake_setup(), teacher, torch.tensor([0, 1, 2]), None, 3)
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    batch = Batch(images, torch.tensor([0, 0, 1, 1]), torch.tensor([2, 0, 5, 6]))
+    student = Recorder()
+    loss_fn(student, batch)
+    view = images.float() / 255
+    torch.testing.assert_close(student.seen[0], (view - 0.5) / 0.25)  # the student's own normalisation
+    resized = torch.nn.functional.interpolate(view, size=(8, 8), mode="bilinear", antialias=True)
+    torch.testing.assert_close(teacher_model.seen[0], (resized - 0.1) / 0.2)  # same view, teacher's size/stats
+
+
+def test_unlabeled_rows_contribute_no_cross_entropy():
+    config = load_config(None, ["distill.alpha=1.0", "distill.beta=0.0"])
+    ctx = SimpleNamespace(config=config)
+    offline = torch.zeros(3 + 4, 3)
+    loss_fn = kd_loss_fn(ctx, fake_setup(), None, torch.tensor([0, 1, 2]), offline, 3)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    only_unlabeled = loss_fn(student, Batch(images, torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2])))
+    assert float(only_unlabeled["loss_ce"]) == 0.0 and float(only_unlabeled["loss"]) == 0.0
+    mixed = loss_fn(student, Batch(images, torch.tensor([0, 1, 1]), torch.tensor([2, 1, 2])))
+    logits = student(((images.float() / 255 - 0.5) / 0.25))
+    torch.testing.assert_close(mixed["loss_ce"], torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2])))
+
+
+def test_distill_online_and_offline_end_to_end(tiny_teacher_run, tmp_path):
+    config, run = copy_run(tiny_teacher_run, tmp_path, "online")
+    result = cli(config, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / STAGE / "metrics.json").read_text())
+    assert metrics["mode"] == "online" and metrics["input_size"] == 24 and 0 <= metrics["teacher_agreement"] <= 1
+    assert metrics["teacher_arch"] == "test_resnet" and metrics["num_unlabeled"] == 400
+    meta = json.loads((run / STAGE / "checkpoint" / "meta.json").read_text())
+    assert meta["arch"] == "test_efficientnet" and meta["input_size"] == 24
+    _, off = copy_run(tiny_teacher_run, tmp_path, "offline")
+    result = cli(config, off, "--set", "distill.mode=offline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((off / STAGE / "metrics.json").read_text())["mode"] == "offline"
+    assert (off / "pseudo_label_r1" / "DONE").exists()  # offline reuses the teacher's own sidecars
+
+
+def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp_path):
+    config, straight = copy_run(tiny_teacher_run, tmp_path, "straight")
+    _, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
+    mix = ["--set", "distill.mixup=0.5"]  # mixup draws must resume exactly too
+    assert cli(config, straight, *mix).returncode == 0
+    dead = cli(config, killed, *mix, env={env_name("step"): "6"})
+    assert dead.returncode == -9 and (killed / STAGE / "state").exists()
+    again = cli(config, killed, *mix)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step 4" in again.stdout + again.stderr
+    a = load_file(str(straight / STAGE / "checkpoint" / "model.safetensors"))
+    b = load_file(str(killed / STAGE / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shufflenet_student_from_torchvision(tiny_teacher_run, tmp_path):
+    config, run = copy_run(tiny_teacher_run, tmp_path, "shuffle")
+    result = cli(config, run, "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meta = json.loads((run / "distill_shufflenet_v2_x0_5" / "checkpoint" / "meta.json").read_text())
+    assert meta["arch"] == "shufflenet_v2_x0_5" and meta["num_classes"] == 10
