@@ -8,14 +8,14 @@ from pathlib import Path
 
 from pipeline.config.schema import ConfigError
 from pipeline.data.imageset import DataDirError
-from pipeline.core.atomic import ArtifactError
+from pipeline.core.atomic import ArtifactError, WriteFailed
 from pipeline.core.owned import ForeignFilesError
 from pipeline.core.rundir import RunDirError
 from pipeline.data.shards import ShardError
 from pipeline.data.sources.fashion_mnist import DataSourceError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError,
-                                             ForeignFilesError, ArtifactError)
+                                             ForeignFilesError, ArtifactError, WriteFailed)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -74,11 +74,14 @@ def write_timm_config(directory: Path, model: torch.nn.Module, meta: CheckpointM
     write_json(directory / TIMM_CONFIG, config)
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, meta: CheckpointMeta) -> str:
-    """Write weights, timm's config.json, then meta.json (last, atomically); returns the weights' sha256."""
+def save_checkpoint(directory: Path, model: torch.nn.Module, meta: CheckpointMeta, timm_config: bool = True) -> str:
+    """Write weights, timm's config.json, then meta.json (last, atomically); returns the weights' sha256.
+
+    `timm_config` False: no config.json (a pruned model, whose widths timm's config cannot describe)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_bytes(directory / WEIGHTS, stable_safetensors(state, {"arch": meta.arch, "format": FORMAT}))
-    if hasattr(model, "pretrained_cfg"):  # timm models; torchvision's ShuffleNet has no timm config
+    (directory / TIMM_CONFIG).unlink(missing_ok=True)
+    if timm_config and hasattr(model, "pretrained_cfg"):  # timm models; torchvision's ShuffleNet has none
         write_timm_config(directory, model, meta)
     digest = sha256_file(directory / WEIGHTS)
     write_json(directory / META, {**asdict(meta), "weights_sha256": digest})
@@ -139,6 +142,9 @@ def load_weights_into(model: torch.nn.Module, directory: Path) -> None:
     expected = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
              if k in expected and v.shape != expected[k].shape]
+    if wrong and (Path(directory) / "structure.json").exists():
+        raise CheckpointError(f"{directory} is a pruned checkpoint (structure.json): load it with "
+                              "pipeline.engine.predict.load_model or students.prune.load_pruned")
     if wrong:
         raise CheckpointError(f"{path}: weights do not fit the model {Path(directory) / META} describes "
                               f"({len(wrong)} tensors of another shape, e.g. {wrong[0]}): meta.json names another "

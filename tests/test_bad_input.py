@@ -29,8 +29,8 @@ def image(tmp_path):
 def error_of(args, capsys) -> str:
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.startswith("selftrain: error:")
-    return err
+    assert "Traceback" not in err and "selftrain: error:" in err  # after any progress bar output
+    return err[err.index("selftrain: error:"):]
 
 
 def test_meta_json_that_is_not_json_is_named(checkpoint, image, capsys):
@@ -109,3 +109,94 @@ def test_unreadable_image_is_named_and_the_others_are_predicted(checkpoint, imag
     assert f"{broken}: not a readable image" in captured.err
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert [line["image"] for line in lines] == [str(image)] and len(lines[0]["top"]) == 3
+
+
+def test_duplicate_unlabeled_keys_are_skipped_counted_and_named(tiny_teacher_run, tiny_data, tmp_path):
+    import io
+    import tarfile
+
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.core.atomic import sha256_file
+
+    config, teacher_run = tiny_teacher_run
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shards = [data / "unlabeled" / r["name"] for r in manifest["splits"]["unlabeled"]["shards"]]
+    with tarfile.open(shards[0]) as tar:
+        first = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()][:1]  # one sample (a .png) of shard 0
+    with tarfile.open(shards[1]) as tar:
+        own = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shards[1], "w") as tar:  # shard 1: a key of shard 0, its own samples, its first one again
+        for name, payload in first + own + own[:1]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    record = manifest["splits"]["unlabeled"]["shards"][1]
+    record["sha256"] = sha256_file(shards[1])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
+    cfg = tiny_config(tmp_path, data)
+    for stage in ("pseudo_label_r1", "select_r1"):
+        assert main(["run", str(cfg), "--run-dir", str(run), "--only", stage, "--set", "student.rounds=0"]
+                    + set_args(TINY_TEACHER)) == 0
+    labels = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
+    reasons = [s["reason"] for s in labels["skipped"]]
+    assert reasons == [f"duplicate __key__ in shard {shards[1].name} (the first is kept)"]
+    duplicates = json.loads((run / "select_r1" / "metrics.json").read_text())["duplicate_keys"]
+    assert duplicates["count"] == 1 and shards[0].name in duplicates["examples"][0]
+
+
+def test_unknown_architecture_is_refused_before_any_stage_records_it(tiny_data, tmp_path, capsys):
+    from conftest import TINY_TEACHER, set_args
+
+    config = tiny_config(tmp_path, tiny_data)
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run"), "--set", "student.rounds=0"]
+    err = error_of(args + set_args(TINY_TEACHER + ["teacher.model.arch=resnet19"]), capsys)
+    assert "unknown timm architecture 'resnet19'; did you mean resnet18" in err
+    assert not list(tmp_path.glob("run/*/stage.json"))  # nothing recorded: the corrected rerun just runs
+    err = error_of(args + set_args(TINY_TEACHER + ["teacher.model.init=/nonexistent/ckpt"]), capsys)
+    assert "teacher.model.init: /nonexistent/ckpt is not a checkpoint directory" in err
+
+
+def test_an_import_without_unlabeled_pool_is_refused_before_training(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["unlabeled"] = {"count": 0, "per_class": None, "shards": []}
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    err = error_of(["run", str(tiny_config(tmp_path, data)), "--run-dir", str(tmp_path / "run")], capsys)
+    assert "the unlabeled pool is empty" in err and not (tmp_path / "run" / "teacher").exists()
+
+
+def test_disk_full_during_a_write_leaves_no_partial_file_and_names_enospc(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pipeline.core.atomic import WriteFailed, write_bytes
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteFailed, match=rf"cannot write {tmp_path / 'x.bin'}: ENOSPC"):
+        write_bytes(tmp_path / "x.bin", b"payload")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_import_on_a_full_disk_fails_cleanly(tiny_fashion_dir, tmp_path, capsys):
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        err = error_of(["data", "fashion-mnist", "--out", str(small / "fm"), "--source", str(tiny_fashion_dir),
+                        "--labels-per-class", "20", "--shard-size", "100"], capsys)
+        assert "ENOSPC" in err and str(small / "fm") in err
+        assert not list(small.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(small)])

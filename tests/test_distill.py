@@ -125,3 +125,56 @@ def test_shufflenet_student_from_torchvision(tiny_teacher_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((run / "distill_shufflenet_v2_x0_5" / "checkpoint" / "meta.json").read_text())
     assert meta["arch"] == "shufflenet_v2_x0_5" and meta["num_classes"] == 10
+
+
+COMPRESS = ["--set", "distill.prune.enabled=true", "--set", "distill.prune.steps=1",
+            "--set", "distill.prune.fine_tune_steps=3", "--set", "distill.export.repeats=3",
+            "--set", "distill.export.calibration_images=32", "--set", "distill.export.eval_images=64"]
+
+
+def check_compressed_run(run: Path) -> None:
+    pruned = json.loads((run / "prune_test_efficientnet" / "metrics.json").read_text())
+    assert pruned["macs_after"] <= 0.5 * pruned["macs_before"] * 1.02 and pruned["fine_tune_steps_total"] == 3
+    assert (run / "prune_test_efficientnet" / "checkpoint" / "structure.json").exists()
+    table = json.loads((run / "export" / "metrics.json").read_text())
+    rows = {(r["model"], r["runtime"], r["precision"]) for r in table["rows"]}
+    for model in ("teacher", STAGE, "prune_test_efficientnet"):
+        assert {(model, "pytorch", "fp32"), (model, "onnxruntime", "fp32"), (model, "onnxruntime", "int8")} <= rows
+    for row in table["rows"]:
+        if row["runtime"] == "onnxruntime" and row["precision"] == "fp32":
+            assert row["max_abs_logit_diff_vs_torch"] < 1e-3 and row["top1_agreement_vs_torch"] == 1.0
+        assert 0 <= row["top1"] <= 1 and row["batch1_ms"] > 0 and row["macs"] > 0
+    assert (run / "export" / "pareto.png").exists() and "## Deployment" in (run / "report" / "report.md").read_text()
+
+
+def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_path, capsys):
+    from pipeline.cli import main
+
+    config, run = copy_run(tiny_teacher_run, tmp_path, "compress")
+    result = cli(config, run, *COMPRESS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_compressed_run(run)
+    images = tiny_data / "preview"
+    images.mkdir(exist_ok=True)
+    from pipeline.data.imageset import load_labeled_split, open_data
+    from PIL import Image
+    for i, image in enumerate(load_labeled_split(open_data(tiny_data), "test").images[:6]):
+        Image.fromarray(image[:, :, 0]).save(images / f"{i}.png")
+    tops = []
+    for model in (run / STAGE / "checkpoint", run / "export" / f"{STAGE}.onnx",
+                  run / "prune_test_efficientnet" / "checkpoint", run / "export" / f"{STAGE}.int8.onnx"):
+        assert main(["predict", str(model), str(images), "--json", "--top-k", "2"]) == 0
+        tops.append([json.loads(line)["top"][0]["class"] for line in capsys.readouterr().out.splitlines()])
+        assert len(tops[-1]) == 6
+    assert tops[0] == tops[1]  # same top-1 from the checkpoint and its ONNX export
+
+
+def test_distill_prune_export_under_torchrun(tiny_teacher_run, tmp_path):
+    config, run = copy_run(tiny_teacher_run, tmp_path, "torchrun")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+            "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run)] + set_args(TINY_TEACHER + DISTILL)
+    result = subprocess.run(args + COMPRESS, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / STAGE / "metrics.json").read_text())["provenance"]["num_processes"] == 2
+    check_compressed_run(run)

@@ -53,3 +53,25 @@ def test_a_setting_added_later_with_null_default_does_not_refuse_old_runs(tmp_pa
     run.begin_stage("data", {"fingerprint": "new", "inputs": {"seed": 0, "max_unlabeled": None}})
     with pytest.raises(RunDirError, match="max_unlabeled: None -> 5"):
         run.begin_stage("data", {"fingerprint": "newer", "inputs": {"seed": 0, "max_unlabeled": 5}})
+
+
+def test_wall_time_counts_an_invocation_killed_midway(tmp_path):
+    import json
+
+    path = tmp_path / "stage" / "wall_time.json"
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from pipeline.core.wallclock import StageClock
+        with StageClock(Path({str(path)!r}), heartbeat_s=0.05):
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", code])
+    killed = json.loads(path.read_text())
+    assert killed["running"] and killed["invocations"] == 1 and killed["seconds"] >= 0.4
+    from pipeline.core.wallclock import StageClock
+    with StageClock(path, heartbeat_s=0.05):
+        pass
+    resumed = json.loads(path.read_text())
+    assert not resumed["running"] and resumed["invocations"] == 2 and resumed["seconds"] >= killed["seconds"]

@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A timm model and its noise (dropout before the head, stochastic depth)."""
+    """A timm model (or torchvision's ShuffleNet V2) and its noise (dropout before the head, stochastic depth)."""
 
     arch: str = "resnet18"
     input_size: int = field(default=32, metadata=bounds(ge=8))
@@ -134,17 +134,6 @@ class SelectConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class DistillStudent:
-    """One small student of the distill stage: any timm name, or torchvision's shufflenet_v2_x0_5 / x1_0."""
-
-    arch: str = "mobilenetv3_small_100"
-    # EfficientNet/MobileNet downsample 32x: 32 px leaves a 1x1 map; 64 px measured better (README)
-    input_size: int = field(default=64, metadata=bounds(ge=8))
-    drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-
-
 def _distill_train() -> TrainConfig:
     # a pass is one pass over the unlabeled pool; pad-crop + flip view shared by teacher and student
     return TrainConfig(policy="s1", epochs=4, batch_size=224, optimizer="adamw", lr=0.004, weight_decay=0.05,
@@ -183,7 +172,9 @@ class DistillConfig:
     rows give the KD term only.
     """
 
-    students: tuple[DistillStudent, ...] = ()  # empty: no distillation stages
+    # one entry per student (arch, input_size, drop_rate, drop_path_rate, init), e.g. mobilenetv3_small_100
+    # at 64 px: EfficientNet/MobileNet downsample 32x, so 32 px leaves a 1x1 map (README); empty: no stages
+    students: tuple[ModelConfig, ...] = ()
     teacher: str | None = None  # null: the last self-training round; or a checkpoint directory
     mode: Literal["online", "offline"] = "online"  # offline: logits from pseudo-label sidecars (clean view)
     temperature: float = field(default=1.0, metadata=bounds(gt=0))

@@ -7,11 +7,16 @@ leaves at most a stray `.tmp` that the next writer overwrites.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+
+class WriteFailed(RuntimeError):
+    """A file could not be written (disk full, read-only); the message names the errno and the path."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -28,17 +33,32 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        try:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as handle:
+            try:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            except BaseException:
+                _close_quietly(handle)  # flushing a full disk fails again; the file goes either way
+                tmp.unlink(missing_ok=True)
+                raise
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise WriteFailed(f"cannot write {path}: {errno.errorcode[exc.errno]} ({os.strerror(exc.errno)}); "
+                              "nothing partial was left under that name") from None
+        raise
+
+
+def _close_quietly(handle: BinaryIO) -> None:
+    try:
+        handle.close()
+    except OSError:
+        pass
+
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

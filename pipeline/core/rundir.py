@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
+from pipeline.core.wallclock import StageClock
 
 MARKER = ".selftrain-run"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
@@ -183,6 +184,10 @@ class RunDir:
         path = self.stage_dir(stage) / "wall_time.json"
         before = read_json(path) if path.exists() else {"seconds": 0.0, "invocations": 0}
         write_json(path, {"seconds": round(before["seconds"] + seconds, 2), "invocations": before["invocations"] + 1})
+
+    def stage_clock(self, stage: str) -> StageClock:
+        """Times one invocation of a stage into wall_time.json, with heartbeats (a kill loses seconds only)."""
+        return StageClock(self.stage_dir(stage) / "wall_time.json")
 
     def wall_seconds(self, stage: str) -> float | None:
         """Total seconds the stage has run (all invocations), None if never timed."""

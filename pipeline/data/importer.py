@@ -101,17 +101,17 @@ def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callabl
     total = sum(len(items) for items in split_items.values())
     bar = tqdm(total=total, desc="import", unit="img", disable=not progress)
     records = {}
-    for split, items in split_items.items():
-        def samples() -> Iterator[dict[str, bytes | str]]:
-            for key, label, payload in items:
-                ext, data = payload()
-                bar.update(1)
-                sample: dict[str, bytes | str] = {"__key__": key, ext: data}
-                if label >= 0:  # the unlabeled pool carries no labels at all
-                    sample["cls"] = str(label).encode()
-                yield sample
-        records[split] = write_shards(out / split, split, samples(), shard_size) if items else []
-    bar.close()
+    with bar:  # closed before an error message is printed
+        for split, items in split_items.items():
+            def samples() -> Iterator[dict[str, bytes | str]]:
+                for key, label, payload in items:
+                    ext, data = payload()
+                    bar.update(1)
+                    sample: dict[str, bytes | str] = {"__key__": key, ext: data}
+                    if label >= 0:  # the unlabeled pool carries no labels at all
+                        sample["cls"] = str(label).encode()
+                    yield sample
+            records[split] = write_shards(out / split, split, samples(), shard_size) if items else []
     return records
 
 

@@ -49,8 +49,14 @@ class UnlabeledShardStream(IterableDataset):
             keys: list[str] = []
             images: list[np.ndarray] = []
             count = 0
+            seen: set[str] = set()
             for sample in iter_shard(path, on_error="skip", problems=problems):
                 key = str(sample["__key__"])
+                if key in seen:  # labels are joined by key: a second sample under one key is skipped, named
+                    problems.skipped.append({"shard": path.name, "key": key,
+                                             "reason": f"duplicate __key__ in shard {path.name} (the first is kept)"})
+                    continue
+                seen.add(key)
                 try:
                     image = decode_image(sample, path, self.mode)
                 except ShardError as exc:

@@ -68,9 +68,16 @@ def write_shards(out_dir: Path, prefix: str, samples: Iterator[dict[str, bytes |
         path = out_dir / shard_name(prefix, len(records))
         with atomic_open(path) as handle:
             writer = wds.TarWriter(handle, encoder=False, mtime=0)  # int mtime: no PAX headers
-            for sample in batch:
-                writer.write(sample)
-            writer.close()  # finishes the tar; the handle is ours (atomic_open) and stays open
+            try:
+                for sample in batch:
+                    writer.write(sample)
+                writer.close()  # finishes the tar; the handle is ours (atomic_open) and stays open
+            except BaseException:
+                # tarfile's stream would flush again when collected, into the closed (removed) file
+                stream = getattr(writer.tarstream, "fileobj", None)
+                if stream is not None:
+                    stream.closed = True
+                raise
         records.append({"name": path.name, "count": len(batch), "sha256": sha256_file(path)})
         batch.clear()
 

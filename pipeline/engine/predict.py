@@ -11,7 +11,17 @@ from tqdm import tqdm
 
 from augment import build_eval_transform
 from pipeline.data.loader import Transform, eval_batches, to_model_input
-from teachers.checkpoint import load_checkpoint
+from students.prune import is_pruned_checkpoint, load_pruned
+from teachers.checkpoint import CheckpointMeta, check_compatible, load_checkpoint
+
+
+def load_model(directory: Path, num_classes: int | None = None) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """Any checkpoint the pipeline writes: a timm/torchvision model, or a pruned one (structure.json)."""
+    if is_pruned_checkpoint(directory):
+        model, meta = load_pruned(directory)
+        check_compatible(meta, None, num_classes, str(directory))
+        return model, meta
+    return load_checkpoint(directory, num_classes=num_classes)
 
 
 @torch.no_grad()
@@ -39,7 +49,7 @@ def checkpoint_logits(accelerator: Accelerator, directory: Path, num_classes: in
                       batch_size: int, workers: int, channels_last: bool, desc: str, progress: bool) -> np.ndarray:
     """Logits of a saved model through its own preprocessing: the input size and normalisation
     come from its meta.json, not from whichever stage asks (a student may run at another size)."""
-    model, meta = load_checkpoint(directory, num_classes=num_classes)
+    model, meta = load_model(directory, num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return predict_logits(accelerator, model.to(accelerator.device), images, build_eval_transform(meta.input_size),

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from augment import build_eval_transform
-from teachers.checkpoint import META, CheckpointMeta, load_checkpoint
+from pipeline.engine.predict import load_model
+from teachers.checkpoint import META, CheckpointMeta
 
 ONNX_META_KEY = "selftrain_meta"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -76,7 +77,7 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
         name = session.get_inputs()[0].name
         return Predictor(meta, lambda x: session.run(None, {name: x})[0], str(path))
     if path.is_dir() and (path / META).exists():
-        model, meta = load_checkpoint(path)
+        model, meta = load_model(path)
         model.eval()
 
         def torch_logits(x: np.ndarray) -> np.ndarray:

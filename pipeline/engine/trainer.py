@@ -9,6 +9,7 @@ swapped in, so a kill at any moment leaves one complete state on disk.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
+from pipeline.core.atomic import WriteFailed
 from pipeline.core.faults import kill_point
 
 LOG_EVERY = 10
@@ -90,7 +92,14 @@ def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete state stays; nothing partial is left
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteFailed(f"cannot save the training state to {tmp}: {errno.errorcode[exc.errno]} "
+                              f"({os.strerror(exc.errno)}); the previous state in {state_dir} is intact") from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if state_dir.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -159,7 +160,8 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
 
 
 def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metrics: dict | None = None,
-           logits: np.ndarray | None = None) -> dict:
+           logits: np.ndarray | None = None,
+           save: Callable[[Path, torch.nn.Module, CheckpointMeta], str] = save_checkpoint) -> dict:
     """Evaluate on the test split, export checkpoint + metrics.json, mark done."""
     from pipeline.config.sections import fingerprint
 
@@ -184,7 +186,7 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
                               class_names=tuple(data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
                               lineage={"stage": name, "init": str(setup.init) if setup.init else None,
                                        **lineage})
-        save_checkpoint(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
+        save(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
         setup.run.write_metrics(name, metrics)
         setup.run.mark_done(name)
         setup.run.drop_training_state(name)

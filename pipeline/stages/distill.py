@@ -17,6 +17,7 @@ view come from the sidecars (unlabeled) and one eval pass (labeled).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import to_dict
-from pipeline.config.sections import Config, DistillStudent, ModelConfig, StageConfig
+from pipeline.config.sections import Config, ModelConfig, StageConfig
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
@@ -32,26 +33,25 @@ from pipeline.engine.trainer import train
 from pipeline.engine.training import TrainingSetup, finish, setup_training, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
 from students.losses import IGNORE_LABEL, distillation_loss
-from teachers.checkpoint import CheckpointMeta, checkpoint_hash, load_checkpoint
+from pipeline.engine.predict import load_model
+from teachers.checkpoint import CheckpointMeta, checkpoint_hash
 from teachers.sidecar import read_sidecar
 
 LABELED, UNLABELED = 0, 1
 
 
-def student_stage_config(config: Config, student: DistillStudent) -> StageConfig:
+def student_stage_config(config: Config, student: ModelConfig) -> StageConfig:
     """The student as a training stage: its model from the distill entry, training from `distill.train`."""
-    return StageConfig(model=ModelConfig(arch=student.arch, input_size=student.input_size,
-                                         drop_rate=student.drop_rate, drop_path_rate=student.drop_path_rate),
-                       train=config.distill.train)
+    return StageConfig(model=student, train=config.distill.train)
 
 
-def _kd_settings(config: Config) -> dict:
+def kd_settings(config: Config) -> dict:
     return {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
                                                                         "train")}
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
-    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": _kd_settings(ctx.config),
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": kd_settings(ctx.config),
             **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data())}
 
 
@@ -136,47 +136,78 @@ def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, la
     return loss_fn
 
 
-def run(ctx: StageContext, this: Stage) -> dict:
-    config, run_dir, data, name = ctx.config, ctx.run, ctx.data(), this.name
-    cfg, spec = config.distill, this.spec
+@dataclass
+class KDSetup:
+    """What a KD training loop needs beyond the student: data sources, the loss, the teacher."""
+
+    dataset: AugmentedSources
+    sources: list[Source]
+    loss_fn: object
+    teacher_dir: Path
+    teacher_meta: CheckpointMeta
+    num_unlabeled: int
+    problems: dict
+    steps_per_epoch: int
+
+    def batches(self, ctx: StageContext, setup: TrainingSetup, total_steps: int, offset: int = 0):
+        """Loader factory for `train`: steps [offset + start, offset + total_steps) of the KD stream."""
+        accelerator = setup.accelerator
+
+        def make(start: int):
+            sampler = StepBatchSampler(self.sources, offset + total_steps, ctx.config.seed, offset + start,
+                                       accelerator.process_index, accelerator.num_processes)
+            return make_loader(self.dataset, sampler, setup.workers, ctx.config.seed)
+        return make
+
+
+def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup) -> KDSetup:
+    """The unlabeled pool, the teacher on the student's view (or its stored logits), the KD loss."""
+    cfg, data = ctx.config.distill, ctx.data()
     teacher_dir = ctx.teacher_dir(this)
-    extra = {"teacher_sha256": checkpoint_hash(teacher_dir), "kd": _kd_settings(config)}
-    setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
-    accelerator = setup.accelerator
     unlabeled, problems = load_unlabeled_split(data)
-    teacher_model, teacher_meta = load_checkpoint(teacher_dir, num_classes=data.num_classes)
-    teacher = TeacherView(teacher_model, teacher_meta, accelerator.device, setup.channels_last)
+    if not unlabeled.images:
+        raise RunDirError(f"[{this.name}] the unlabeled pool of {data.root} has no readable image to distill on")
+    teacher_model, teacher_meta = load_model(teacher_dir, data.num_classes)
+    teacher = TeacherView(teacher_model, teacher_meta, setup.accelerator.device, setup.channels_last)
     offline = None
     if cfg.mode == "offline":
         labeled_logits = setup.checkpoint_logits(teacher_dir, setup.labeled, "labeled")
         offline = offline_teacher_logits(ctx, this, labeled_logits, unlabeled)
-    if not unlabeled.images:
-        raise RunDirError(f"[{name}] the unlabeled pool of {data.root} has no readable image to distill on")
     sources = [Source(np.arange(len(setup.labeled)), cfg.labeled_batch),
                Source(np.arange(len(unlabeled)), cfg.train.batch_size)]
-    steps_per_epoch = math.ceil(len(unlabeled) / cfg.train.batch_size)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    accelerator.print(f"[{name}] {spec.arch} at {spec.input_size} px from {teacher_meta.arch} ({teacher_dir}), "
-                      f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
-                      f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
-                      f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step, {total_steps} steps, "
-                      f"policy {setup.policy!r}")
-    dataset = AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy)
-
-    def batches(start: int):
-        sampler = StepBatchSampler(sources, total_steps, config.seed, start,
-                                   accelerator.process_index, accelerator.num_processes)
-        return make_loader(dataset, sampler, setup.workers, config.seed)
-
     loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled))
-    result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
-                   state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress)
+    return KDSetup(AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy), sources, loss_fn,
+                   teacher_dir, teacher_meta, len(unlabeled), problems.as_dict(),
+                   math.ceil(len(unlabeled) / cfg.train.batch_size))
+
+
+def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray) -> dict:
+    """The teacher's own test top-1 and how often the student agrees with it."""
+    teacher_logits = setup.checkpoint_test_logits(kd.teacher_dir)
+    return {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
+            "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
+            "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run_dir, data, name = ctx.config, ctx.run, ctx.data(), this.name
+    cfg, spec = config.distill, this.spec
+    extra = {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(this)), "kd": kd_settings(config)}
+    setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
+    kd = prepare_kd(ctx, this, setup)
+    total_steps = cfg.train.epochs * kd.steps_per_epoch
+    setup.accelerator.print(
+        f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir}), "
+        f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
+        f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
+        f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step, {total_steps} steps, "
+        f"policy {setup.policy!r}")
+    result = train(setup.accelerator, setup.model, cfg.train, total_steps, kd.steps_per_epoch,
+                   kd.batches(ctx, setup, total_steps), kd.loss_fn, state_dir=run_dir.state_dir(name), name=name,
+                   progress=config.runtime.progress)
     logits = setup.test_logits()
-    teacher_logits = setup.checkpoint_test_logits(teacher_dir)
-    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, "teacher": str(teacher_dir),
-               "teacher_arch": teacher_meta.arch, "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
-               "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean()),
-               "num_unlabeled": len(unlabeled), "unlabeled_problems": problems.as_dict(),
-               "steps_per_epoch": steps_per_epoch}
-    lineage = {"teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}
+    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits),
+               "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": kd.problems,
+               "steps_per_epoch": kd.steps_per_epoch}
+    lineage = {"teacher": str(kd.teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}
     return finish(setup, result, lineage, metrics, logits=logits)

@@ -1,24 +1,26 @@
 """The declared stage graph of a run: the one place that creates and names stages.
 
     data -> teacher -> pseudo_label_r1 -> select_r1 -> student_r1 -> pseudo_label_r2 -> ...
-         -> [pseudo_label_distill] -> distill_<arch> ... -> report
+         -> [pseudo_label_distill] -> distill_<arch> [-> prune_<arch>] ... -> export -> report
 
 Round i's teacher is `teacher` (i = 1) or `student_r{i-1}`. With `student.rounds: 0`
 the run stops after the first selection. Each `distill.students` entry adds one
 `distill_<arch>` stage whose teacher is the last round (or `distill.teacher`); offline
-distillation adds a pseudo-label stage for that teacher when no round labels with it. Adding a stage means adding an entry here
+distillation adds a pseudo-label stage for that teacher when no round labels with it.
+`distill.prune.enabled` adds `prune_<arch>` after each; `export` takes every distilled and
+pruned student and the teacher to ONNX fp32 + int8 and measures them. Adding a stage means adding an entry here
 and one module under `pipeline/stages/` with `run(ctx, stage)` (and `inputs(ctx, stage)`
 when its result depends on inputs that a rerun must match).
 """
 
 from __future__ import annotations
 
-from pipeline.config.sections import Config, DistillStudent
-from pipeline.stages import data_import, distill, pseudo_label, report, select, student, teacher
+from pipeline.config.sections import Config, ModelConfig
+from pipeline.stages import data_import, distill, export, prune, pseudo_label, report, select, student, teacher
 from pipeline.stages.base import Stage, StageGraph
 
 
-def distill_stage_name(student: DistillStudent, students: tuple[DistillStudent, ...]) -> str:
+def distill_stage_name(student: ModelConfig, students: tuple[ModelConfig, ...]) -> str:
     """`distill_<arch>`, with the input size when one architecture appears twice."""
     twice = sum(s.arch == student.arch for s in students) > 1
     return f"distill_{student.arch}" + (f"_{student.input_size}" if twice else "")
@@ -41,8 +43,16 @@ def distill_stages(config: Config, stages: list[Stage], final: str) -> list[Stag
                                needs=("data",) + ((final,) if not cfg.teacher else ()), **teacher_of))
     for spec in cfg.students:
         needs = ("data",) + ((final,) if not cfg.teacher else ()) + ((labels,) if labels else ())
-        added.append(Stage(distill_stage_name(spec, cfg.students), "distill", distill.run, distill.inputs,
-                           needs=needs, labels=labels, spec=spec, **teacher_of))
+        name = distill_stage_name(spec, cfg.students)
+        added.append(Stage(name, "distill", distill.run, distill.inputs, needs=needs, labels=labels, spec=spec,
+                           **teacher_of))
+        if cfg.prune.enabled:
+            added.append(Stage(name.replace("distill_", "prune_", 1), "prune", prune.run, prune.inputs,
+                               needs=needs + (name,), labels=labels, spec=spec, source=name, **teacher_of))
+    models = tuple(s.name for s in added if s.kind in ("distill", "prune"))
+    added.append(Stage("export", "export", export.run, export.inputs, needs=models + ((final,) if not cfg.teacher
+                                                                                      else ()),
+                       main_process_only=True, **teacher_of))
     return added
 
 

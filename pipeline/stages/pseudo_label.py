@@ -30,7 +30,8 @@ from pipeline.data.shard_stream import ShardBatch, stream_loader
 from pipeline.engine.runtime import configure_threads, loader_workers, mixed_precision, use_channels_last
 from pipeline.stages.base import Stage, StageContext
 from teachers.calibration import accuracy_above, accuracy_by_confidence
-from teachers.checkpoint import checkpoint_hash, load_checkpoint
+from pipeline.engine.predict import load_model
+from teachers.checkpoint import checkpoint_hash
 from teachers.sidecar import confidence_and_prediction, read_sidecar, read_sidecar_meta, write_sidecar
 
 
@@ -156,7 +157,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     run_dir.stage_dir(stage.name).mkdir(parents=True, exist_ok=True)
     teacher_dir = ctx.teacher_dir(stage)
     teacher_hash = checkpoint_hash(teacher_dir)
-    model, meta = load_checkpoint(teacher_dir, num_classes=data.num_classes)
+    model, meta = load_model(teacher_dir, data.num_classes)
     channels_last = use_channels_last(config.runtime)
     model = model.to(state.device).eval()
     if channels_last:

@@ -104,6 +104,20 @@ def loss_terms_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
     save_figure(fig, path)
 
 
+def deployment_section(run: RunDir, stages: list[Stage]) -> str:
+    """The export stage's deployment table and Pareto plot, when the run has one."""
+    for stage in stages:
+        table = run.stage_dir(stage.name) / "deployment.md"
+        if stage.kind == "export" and table.exists() and run.metrics_path(stage.name).exists():
+            best = read_json(run.metrics_path(stage.name)).get("best_under_budget")
+            verdict = (f"Best under the {read_json(run.metrics_path(stage.name))['latency_budget_ms']} ms batch-1 "
+                       f"budget: **{best['model']} {best['precision']}** ({100 * best['top1']:.2f} %, "
+                       f"{best['batch1_ms']:.2f} ms).\n\n" if best else "")
+            return (f"\n## Deployment\n\n{table.read_text()}\n{verdict}"
+                    f"![accuracy against batch-1 latency](../{stage.name}/pareto.png)\n")
+    return ""
+
+
 def run(ctx: StageContext, this: Stage) -> str:
     config, run_dir, stages = ctx.config, ctx.run, list(ctx.graph.stages)
     out = run_dir.stage_dir(this.name)
@@ -119,7 +133,8 @@ def run(ctx: StageContext, this: Stage) -> str:
     loss_terms_chart(run_dir, stages, out / "loss_terms.png")
     text = (f"# Run report: {run_dir.root}\n\nSeed {config.seed}; {config.data.labels_per_class} labels per class.\n\n"
             f"{table}\n\nPseudo-label accuracy uses the pool's hidden labels (reporting only).\n\n"
-            "![accuracy by round](accuracy_by_round.png)\n\n![loss terms](loss_terms.png)\n")
+            "![accuracy by round](accuracy_by_round.png)\n\n![loss terms](loss_terms.png)\n"
+            + deployment_section(run_dir, stages))
     write_text(out / "report.md", text)
     run_dir.mark_done(this.name)
     print(table)

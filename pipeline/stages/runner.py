@@ -13,7 +13,7 @@ pass every barrier between stages.
 
 from __future__ import annotations
 
-import time
+import contextlib
 from pathlib import Path
 
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.engine.runtime import process_state
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.graph import build_graph
+from pipeline.stages.preflight import preflight
 
 
 def make_run_dir(config: Config, run_dir: str | Path) -> RunDir:
@@ -51,19 +52,19 @@ def _run_stage(ctx: StageContext, stage: Stage) -> None:
     if stage.fingerprinted and run.is_done(stage.name):
         state.print(f"[{stage.name}] done already; skipping (use --from {stage.name} to redo)")
         return
-    started = time.perf_counter()
-    if state.is_main_process or not stage.main_process_only:
-        stage.run(ctx, stage)
-    state.wait_for_everyone()
-    if stage.fingerprinted and state.is_main_process:
-        run.record_wall_time(stage.name, time.perf_counter() - started)
+    timed = stage.fingerprinted and state.is_main_process
+    with run.stage_clock(stage.name) if timed else contextlib.nullcontext():
+        if state.is_main_process or not stage.main_process_only:
+            stage.run(ctx, stage)
+        state.wait_for_everyone()
 
 
 def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, start: str | None = None) -> None:
     graph = build_graph(config)
     stages = graph.select(only, start)
-    state = process_state()  # the one process state of this run
     run = make_run_dir(config, run_dir)
+    preflight(config, graph, run)  # before anything is written or started
+    state = process_state()  # the one process state of this run
     try:
         if state.is_main_process:
             run.acquire()

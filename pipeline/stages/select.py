@@ -52,6 +52,33 @@ def calibrate(config: Config, run: RunDir, data: DataInfo, teacher_dir: Path) ->
             "test": calibration_report(test_logits, test_labels, temperature)}
 
 
+class DuplicateKeys:
+    """Keys met again in a later unlabeled shard: hidden labels and sidecars are joined by key, so a
+    second image under one key is never selected (skipped and counted, with examples named)."""
+
+    MAX_EXAMPLES = 5
+
+    def __init__(self) -> None:
+        self.first_shard: dict[str, str] = {}
+        self.count = 0
+        self.examples: list[str] = []
+
+    def mark(self, keys: np.ndarray, shard: str) -> np.ndarray:
+        """Boolean mask of the keys of `shard` already seen in an earlier shard."""
+        mask = np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(map(str, keys)):
+            first = self.first_shard.setdefault(key, shard)
+            if first != shard:
+                mask[i] = True
+                self.count += 1
+                if len(self.examples) < self.MAX_EXAMPLES:
+                    self.examples.append(f"'{key}' in {shard}, first in {first}")
+        return mask
+
+    def report(self) -> dict:
+        return {"count": self.count, "examples": self.examples}
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "select": to_dict(ctx.config.select),
             "holdout_shards": [r["sha256"] for r in ctx.data().shard_records("holdout")]}
@@ -71,10 +98,13 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     pool = sum(int(r["count"]) for r in records)
     per_class = cfg.per_class or max(1, pool // data.num_classes)
 
+    duplicates = DuplicateKeys()
+
     def stats():
-        for path in sidecars:
-            conf, pred = confidence_and_prediction(read_sidecar(path), temperature)
-            yield path.name, conf, pred
+        for record, path in zip(records, sidecars):
+            sidecar = read_sidecar(path)
+            conf, pred = confidence_and_prediction(sidecar, temperature)
+            yield path.name, np.where(duplicates.mark(sidecar.keys, record["name"]), -1.0, conf), pred
 
     plan = plan_selection(stats(), data.num_classes, cfg.min_confidence, per_class, cfg.seed)
     truth = read_json(data.truth_path) if data.truth_path.exists() else None
@@ -96,7 +126,10 @@ def run(ctx: StageContext, stage: Stage) -> dict:
         row["name"] = data.classes[row["class"]]
     metrics = {"labels": cfg.labels, "label_temperature": temperature * cfg.temperature,
                "label_smoothing": cfg.label_smoothing if cfg.labels == "hard" else 0.0,
-               "calibration": calibration, "selection": summary}
+               "calibration": calibration, "selection": summary, "duplicate_keys": duplicates.report()}
+    if duplicates.count:
+        print(f"[{name}] warning: {duplicates.count} unlabeled keys already seen in an earlier shard were dropped "
+              f"(e.g. {duplicates.examples[0]}); see duplicate_keys in {run.metrics_path(name)}")
     if truth is not None and kept_conf:
         right = np.concatenate(kept_right).astype(np.float64)
         weight = np.concatenate(kept_weight).astype(np.float64)

@@ -1,0 +1,49 @@
+"""Wall time of a stage over every invocation, interrupted ones included.
+
+While a stage runs, a daemon thread rewrites `RUN/<stage>/wall_time.json` every `HEARTBEAT_S`
+seconds with the total so far, so a SIGKILL loses at most one heartbeat of the count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pipeline.core.atomic import read_json, write_json
+
+HEARTBEAT_S = 10.0
+
+
+class StageClock:
+    """Context manager: adds this invocation's seconds to `path` (and counts the invocation)."""
+
+    def __init__(self, path: Path, heartbeat_s: float = HEARTBEAT_S):
+        self.path, self.heartbeat_s = path, heartbeat_s
+        before = read_json(path) if path.exists() else {}
+        self.seconds_before = float(before.get("seconds", 0.0))
+        self.invocations = int(before.get("invocations", 0)) + 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"wall clock {path.parent.name}", daemon=True)
+        self._started = 0.0
+
+    def _write(self, running: bool) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"seconds": round(self.seconds_before + time.perf_counter() - self._started, 2),
+                               "invocations": self.invocations, "running": running})
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self._write(running=True)
+
+    def __enter__(self) -> "StageClock":
+        self._started = time.perf_counter()
+        self._write(running=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write(running=False)

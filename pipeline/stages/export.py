@@ -1,0 +1,155 @@
+"""Stage `export`: ONNX fp32 + int8 of every distilled (and pruned) student and of the teacher,
+checked against PyTorch, measured side by side.
+
+Reads: the checkpoints of the distill teacher and of every distill/prune stage, the test split,
+a few hundred labeled training images for int8 calibration.
+Writes: `<stage>.onnx` and `<stage>.int8.onnx` (each carrying its preprocessing in its
+metadata, so `selftrain predict` needs nothing beside it), `metrics.json` with the deployment
+table (one row per model x runtime/precision: test top-1, ECE, agreement with the teacher,
+parameters, MACs, file size, batch-1 latency and batch-64 throughput, median of repeated runs,
+same threads), the best model under `distill.export.latency_budget_ms`, `pareto.png`,
+`deployment.md`, DONE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from augment import build_eval_transform
+from pipeline.core.atomic import read_json, write_text
+from pipeline.core.metrics import classification_metrics
+from pipeline.data.imageset import ImageSet, load_labeled_split
+from pipeline.engine.predict import load_model
+from pipeline.engine.runtime import configure_threads
+from pipeline.engine.serving import ONNX_META_KEY
+from pipeline.stages.base import Stage, StageContext
+from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
+from students.export import (compare_with_torch, export_onnx, file_size_bytes, onnx_latency, onnx_logits,
+                             onnx_session, quantize_int8, torch_latency, torch_logits)
+from teachers.checkpoint import META, checkpoint_hash
+
+
+def exported_models(ctx: StageContext, this: Stage) -> list[tuple[str, Path]]:
+    """(stage name, checkpoint dir): the teacher first, then every model stage this stage needs."""
+    teacher = ctx.teacher_dir(this)
+    return [(this.teacher or "teacher", teacher)] + [(n, ctx.run.checkpoint_dir(n)) for n in this.needs
+                                                      if ctx.graph.get(n).kind in ("distill", "prune")]
+
+
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    return {"models": {name: checkpoint_hash(path) for name, path in exported_models(ctx, stage)},
+            "export": dataclasses.asdict(ctx.config.distill.export)}
+
+
+def model_input(images: ImageSet, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """float32 NCHW through the model's own eval transform and normalisation (one batch op)."""
+    transform = build_eval_transform(size)
+    views = np.stack([transform(image) for image in images.images]).astype(np.float32) / 255.0
+    views = (views - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(views.transpose(0, 3, 1, 2))
+
+
+def embed_meta(path: Path, checkpoint: Path) -> None:
+    """Put the checkpoint's meta.json into the ONNX file's metadata (preprocessing travels with it)."""
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_META_KEY, json.dumps(read_json(checkpoint / META))
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+
+
+def score(logits: np.ndarray, labels: np.ndarray, classes: list[str], teacher_pred: np.ndarray) -> dict:
+    found = classification_metrics(logits, labels, classes)
+    return {"top1": found["top1"], "ece": found["ece"],
+            "teacher_agreement": float((logits.argmax(1) == teacher_pred).mean())}
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run_dir, data = ctx.config, ctx.run, ctx.data()
+    cfg = config.distill.export
+    configure_threads(config.runtime)
+    out = run_dir.stage_dir(this.name)
+    out.mkdir(parents=True, exist_ok=True)
+    test = load_labeled_split(data, "test")
+    if cfg.eval_images is not None:
+        test = ImageSet(test.images[:cfg.eval_images], test.labels[:cfg.eval_images], test.keys[:cfg.eval_images])
+    calibration_set = load_labeled_split(data, "labeled")
+    calibration_set = ImageSet(calibration_set.images[:cfg.calibration_images], calibration_set.labels, [])
+    threads = torch.get_num_threads()
+    rows: list[dict] = []
+    teacher_pred = None
+    for name, checkpoint in exported_models(ctx, this):
+        model, meta = load_model(checkpoint, data.num_classes)
+        model.eval()
+        shape = (meta.in_chans, meta.input_size, meta.input_size)
+        x_test = model_input(test, meta.input_size, meta.mean, meta.std)
+        reference = torch_logits(model, x_test)
+        teacher_pred = reference.argmax(1) if teacher_pred is None else teacher_pred
+        macs, params = count_macs_and_params(model, shape)
+        common = {"model": name, "arch": meta.arch, "input_size": meta.input_size, "params": params, "macs": macs}
+        torch_speed = torch_latency(model, shape, batch=64, repeats=cfg.repeats, channels_last=True)
+        rows.append({**common, "runtime": "pytorch", "precision": "fp32", **score(reference, test.labels, data.classes,
+                     teacher_pred), "file_bytes": file_size_bytes(checkpoint / "model.safetensors"),
+                     **_speed(torch_speed)})
+        fp32_path = out / f"{name}.onnx"
+        exporter = export_onnx(model, fp32_path, shape)
+        embed_meta(fp32_path, checkpoint)
+        session = onnx_session(fp32_path, threads)
+        check = compare_with_torch(model, session, x_test[:256])
+        rows.append({**common, "runtime": "onnxruntime", "precision": "fp32", "path": str(fp32_path),
+                     **score(onnx_logits(session, x_test), test.labels, data.classes, teacher_pred),
+                     "file_bytes": file_size_bytes(fp32_path), "exporter": exporter["exporter"],
+                     "max_abs_logit_diff_vs_torch": check["max_abs_logit_diff"],
+                     "top1_agreement_vs_torch": check["top1_agreement"],
+                     **_speed(onnx_latency(session, shape, batch=64, repeats=cfg.repeats))})
+        if cfg.int8:
+            int8_path = out / f"{name}.int8.onnx"
+            settings = quantize_int8(fp32_path, int8_path,
+                                     model_input(calibration_set, meta.input_size, meta.mean, meta.std))
+            embed_meta(int8_path, checkpoint)
+            session8 = onnx_session(int8_path, threads)
+            rows.append({**common, "runtime": "onnxruntime", "precision": "int8", "path": str(int8_path),
+                         **score(onnx_logits(session8, x_test), test.labels, data.classes, teacher_pred),
+                         "file_bytes": file_size_bytes(int8_path), "quantization": settings,
+                         **_speed(onnx_latency(session8, shape, batch=64, repeats=cfg.repeats))})
+        print(f"[{this.name}] {name}: " + "; ".join(
+            f"{r['runtime']} {r['precision']} top-1 {r['top1']:.4f} {r['batch1_ms']:.2f} ms"
+            for r in rows if r["model"] == name))
+    for row in rows:
+        row["label"] = f"{row['model']} {row['precision']}"
+    onnx_rows = [r for r in rows if r["runtime"] == "onnxruntime"]
+    best = best_under_budget(onnx_rows, "batch1_ms", cfg.latency_budget_ms, "top1")
+    front = pareto_front(onnx_rows, "batch1_ms", "top1")
+    pareto_plot(onnx_rows, out / "pareto.png", "batch1_ms", "top1", "label")
+    metrics = {"rows": rows, "threads": threads, "num_test": len(test),
+               "latency_budget_ms": cfg.latency_budget_ms,
+               "best_under_budget": {k: best[k] for k in ("model", "precision", "top1", "batch1_ms")} if best else None,
+               "pareto": [{k: r[k] for k in ("model", "precision", "top1", "batch1_ms")} for r in front]}
+    write_text(out / "deployment.md", deployment_table(rows) + "\n")
+    run_dir.write_metrics(this.name, metrics)
+    run_dir.mark_done(this.name)
+    print(deployment_table(rows))
+    return metrics
+
+
+def _speed(latency: dict) -> dict:
+    return {"batch1_ms": latency["batch1_ms"], "batch64_img_s": latency["batch64_img_s"]}
+
+
+def deployment_table(rows: list[dict]) -> str:
+    lines = ["| model | arch | px | runtime | precision | test top-1 % | ECE | agrees with teacher % | params (M) "
+             "| MMACs | file MB | batch-1 ms | batch-64 img/s |", "|" + "---|" * 13]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['arch']} | {r['input_size']} | {r['runtime']} | {r['precision']} "
+                     f"| {100 * r['top1']:.2f} | {r['ece']:.4f} | {100 * r['teacher_agreement']:.2f} "
+                     f"| {r['params'] / 1e6:.2f} | {r['macs'] / 1e6:.1f} | {r['file_bytes'] / 1e6:.2f} "
+                     f"| {r['batch1_ms']:.2f} | {r['batch64_img_s']:.0f} |")
+    return "\n".join(lines)

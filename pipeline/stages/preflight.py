@@ -1,0 +1,63 @@
+"""Checks that run before the first stage: what later stages need and can be checked cheaply.
+
+A value refused here never reaches a stage's stage.json, so the corrected rerun simply runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.config.sections import Config, ModelConfig
+from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.data.imageset import open_data
+from pipeline.stages.base import StageGraph
+from teachers.checkpoint import META
+from teachers.models import ModelError, create_model, is_known_arch
+
+# bytes a Fashion-MNIST-sized import writes per image (PNG + tar headers), with room to spare
+BYTES_PER_IMAGE_ESTIMATE = 2048
+FASHION_MNIST_IMAGES = 70_000
+
+
+def _check_model(model: ModelConfig, where: str) -> None:
+    if not is_known_arch(model.arch):
+        create_model(model.arch, 2, 1)  # raises ModelError with the closest names
+    if model.init and model.init != "teacher":
+        init = Path(model.init)
+        if not (init / META).exists():
+            raise ModelError(f"{where}.init: {init} is not a checkpoint directory (no {META})")
+
+
+def check_models(config: Config) -> None:
+    _check_model(config.teacher.model, "teacher.model")
+    if config.student.rounds:
+        _check_model(config.student.model, "student.model")
+    for i, student in enumerate(config.distill.students):
+        _check_model(student, f"distill.students[{i}]")
+    if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():
+        raise ModelError(f"distill.teacher: {config.distill.teacher} is not a checkpoint directory (no {META})")
+
+
+def check_data(config: Config, run: RunDir) -> None:
+    """An existing import must have an unlabeled pool; a new import must fit on the disk."""
+    if config.data.source == "shards" or (run.data_dir / "manifest.json").exists():
+        data = open_data(run.data_dir)
+        if data.count("unlabeled") == 0:
+            raise RunDirError(f"{run.data_dir}: the unlabeled pool is empty; self-training needs unlabeled images "
+                              "(re-import with a larger or no --max-unlabeled)")
+        return
+    needed = FASHION_MNIST_IMAGES * BYTES_PER_IMAGE_ESTIMATE if config.data.source == "fashion-mnist" else None
+    if config.data.source == "folder" and config.data.path:
+        needed = sum(p.stat().st_size for p in Path(config.data.path).rglob("*") if p.is_file()) * 2
+    existing = run.root if run.root.exists() else next(p for p in run.root.parents if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed is not None and free < needed:
+        raise RunDirError(f"{existing}: {free / 1e6:.0f} MB free, the import needs about {needed / 1e6:.0f} MB "
+                          "(ENOSPC ahead); free some space or use another --run-dir")
+
+
+def preflight(config: Config, graph: StageGraph, run: RunDir) -> None:
+    check_models(config)
+    if any(stage.kind == "data" for stage in graph.stages):
+        check_data(config, run)

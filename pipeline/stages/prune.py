@@ -1,0 +1,79 @@
+"""Stage `prune_<arch>` (optional, `distill.prune.enabled`): structured L1 filter pruning of one
+distilled student, fine-tuned with the same KD loss after every pruning step, down to
+`distill.prune.target_macs` of its MACs (students/prune.py, torch-pruning's dependency graph).
+
+Reads: the distilled student's checkpoint, its teacher, the data (as the distill stage).
+Writes: a pruned checkpoint (same format plus structure.json: the layer widths), metrics.json with
+MACs and parameters before/after per step, and measured PyTorch latency before/after, DONE.
+A killed prune stage starts again from the distilled checkpoint (it holds no resumable state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pipeline.config.schema import to_dict
+from pipeline.engine.trainer import TrainResult, train
+from pipeline.engine.training import finish, setup_training, training_fingerprint_inputs
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.distill import kd_settings, prepare_kd, student_stage_config, teacher_comparison
+from students.export import torch_latency
+from students.prune import prune_to_macs, save_pruned
+from teachers.checkpoint import checkpoint_hash
+
+
+def _stage_config(ctx: StageContext, this: Stage):
+    base = student_stage_config(ctx.config, this.spec)
+    prune = ctx.config.distill.prune
+    train_cfg = dataclasses.replace(base.train, lr=prune.lr, warmup_epochs=0.0,
+                                    save_every_steps=prune.fine_tune_steps + 1)  # never saves: restarts whole
+    model = dataclasses.replace(base.model, init=str(ctx.run.checkpoint_dir(this.source)))
+    return dataclasses.replace(base, model=model, train=train_cfg)
+
+
+def inputs(ctx: StageContext, stage: Stage) -> dict:
+    return {"source_sha256": checkpoint_hash(ctx.run.checkpoint_dir(stage.source)),
+            "teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": kd_settings(ctx.config),
+            "prune": to_dict(ctx.config.distill.prune),
+            **training_fingerprint_inputs(_stage_config(ctx, stage), ctx.config.seed, ctx.data())}
+
+
+def run(ctx: StageContext, this: Stage) -> dict:
+    config, run_dir, name = ctx.config, ctx.run, this.name
+    cfg = config.distill.prune
+    stage_cfg = _stage_config(ctx, this)
+    extra = {"source": this.source, "source_sha256": checkpoint_hash(run_dir.checkpoint_dir(this.source)),
+             "prune": to_dict(cfg)}
+    setup = setup_training(config, run_dir, ctx.data(), stage_cfg, name, extra)
+    kd = prepare_kd(ctx, this, setup)
+    size, chans = this.spec.input_size, ctx.data().in_chans
+    example = torch.zeros(1, chans, size, size)
+    before = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20,
+                           channels_last=setup.channels_last)
+    results: list[TrainResult] = []
+
+    def fine_tune(model: torch.nn.Module, step: int) -> None:
+        if cfg.fine_tune_steps == 0:
+            return
+        batches = kd.batches(ctx, setup, cfg.fine_tune_steps, offset=(step - 1) * cfg.fine_tune_steps)
+        state_dir = run_dir.state_dir(name) / f"step{step}"
+        results.append(train(setup.accelerator, model, stage_cfg.train, cfg.fine_tune_steps, kd.steps_per_epoch,
+                             batches, kd.loss_fn, state_dir=state_dir, name=f"{name} step {step}",
+                             progress=config.runtime.progress))
+
+    setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
+                            f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
+    report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune)
+    after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
+    result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
+    logits = setup.test_logits()
+    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits),
+               "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
+               "params_before": report.params_before, "params_after": report.params_after,
+               "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,
+               "batch1_speedup": before["batch1_ms"] / after["batch1_ms"],
+               "fine_tune_steps_total": sum(r.steps for r in results)}
+    lineage = {"source": str(run_dir.checkpoint_dir(this.source)), "teacher": str(kd.teacher_dir)}
+    return finish(setup, result, lineage, metrics, logits=logits, save=save_pruned)
