@@ -1,59 +1,27 @@
-"""ONNX export, int8 static quantization (onnxruntime) and latency measurement.
+"""ONNX export and onnxruntime sessions, checked against PyTorch.
 
 Small functions over models, arrays and files; no stage or CLI code. Every file is written
 atomically (``name.tmp`` then ``os.replace``), so a reader never sees a half-written model.
 
 The ONNX graph has one input ``images`` (float32 NCHW, normalised like the training data) and one
-output ``logits``, both with a dynamic first axis named ``batch``.
+output ``logits``, both with a dynamic first axis named ``batch``. Quantization lives in
+`students/quantize.py`, latency in `students/latency.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import statistics
-import tempfile
-import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.core.atomic import write_bytes
-
-__all__ = [
-    "DEFAULT_QUANT",
-    "INPUT_NAME",
-    "OUTPUT_NAME",
-    "QuantSetup",
-    "compare_quant_setups",
-    "compare_with_torch",
-    "depthwise_conv_nodes",
-    "export_onnx",
-    "file_size_bytes",
-    "latency_ms",
-    "logit_agreement",
-    "onnx_latency",
-    "onnx_logits",
-    "onnx_session",
-    "quantize_int8",
-    "torch_latency",
-    "torch_logits",
-]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -198,287 +166,9 @@ def compare_with_torch(model: torch.nn.Module, session: ort.InferenceSession, im
     return logit_agreement(torch_logits(model, images), onnx_logits(session, images))
 
 
-# --------------------------------------------------------------------------------------------
-# Quantization
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantSetup:
-    """One onnxruntime static-quantization configuration (see :data:`DEFAULT_QUANT`)."""
-
-    quant_format: str = "QDQ"  # "QDQ" or "QOperator"
-    per_channel: bool = True
-    reduce_range: bool = True
-    activation_type: str = "QUInt8"
-    weight_type: str = "QInt8"
-    calibrate_method: str = "MinMax"
-    op_types_to_quantize: tuple[str, ...] | None = None  # None: every op onnxruntime can quantize
-    exclude_depthwise: bool = False
-    extra_options: tuple[tuple[str, Any], ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["op_types_to_quantize"] = list(self.op_types_to_quantize) if self.op_types_to_quantize else None
-        out["extra_options"] = dict(self.extra_options)
-        return out
-
-
-DEFAULT_QUANT = QuantSetup()
-"""Default: QDQ, per-channel int8 weights, uint8 activations, reduce_range, MinMax, every op.
-
-Measured on this 2-core Xeon (Sapphire Rapids: AVX512-VNNI, AMX), onnxruntime 1.32, sessions
-with 2 intra-op threads, other processes loading the machine (load 3-5), so timings are medians of
-5 interleaved rounds (:func:`compare_quant_setups` order fp32, set-up, ...) x 30 runs; +-15 % noise.
-Models trained briefly on Fashion-MNIST (resnet18 200 steps, mobilenetv3_small_100 300 steps,
-batch 128, AdamW), accuracy on the 10k test images; efficientnet_lite0 latency only (random
-weights). x = speed-up over fp32 ORT; "-acc" = accuracy points lost::
-
-    model              input  setup            b1 ms (x)     b64 img/s (x)   acc -acc
-    resnet18           32px   fp32             1.36          888             86.51
-                              qdq_u8s8_rr      0.83 (1.63)   1338 (1.51)     86.15 0.36
-                              qdq_u8s8 (no rr) 0.82 (1.66)   1495 (1.68)     86.16 0.35
-                              qop_u8s8_rr      0.83 (1.64)   1341 (1.51)     86.15 0.36
-                              qdq_s8s8_rr      7.61 (0.18)    323 (0.36)     86.15 0.36
-    mobilenetv3_small  64px   fp32             0.61          2020            81.86
-                              qdq_u8s8_rr      0.55 (1.11)   2222 (1.10)     80.86 1.00
-                              qdq_u8s8 (no rr) 0.55 (1.11)   2142 (1.06)     81.11 0.75
-                              qop_u8s8_rr      0.53 (1.15)   2175 (1.08)     80.86 1.00
-                              conv/gemm only   0.62 (0.99)   1840 (0.91)     80.66 1.20
-                              no depthwise     0.60 (1.01)   2073 (1.03)     80.86 1.00
-                              percentile calib 0.56 (1.10)   2089 (1.03)     80.99 0.87
-                              qdq_s8s8_rr      4.24 (0.14)    533 (0.26)     80.86 1.00
-    efficientnet_lite0 64px   fp32             2.00          468
-                              qdq_u8s8_rr      0.78 (2.58)   1053 (2.25)
-
-Why this default: int8 activations (S8S8) are 3-7x *slower* than fp32 here (no fused s8s8
-QLinearConv path); uint8 activations are the fast path. QOperator runs as fast as QDQ (the
-CPU provider fuses DQ-Conv-Q into QLinearConv) and QDQ is the portable format. Restricting
-quantization to Conv/MatMul/Gemm or leaving depthwise convs in float only adds Q/DQ pairs and is
-slower on MobileNetV3. reduce_range=False is as fast and ~0.2 points better on this VNNI CPU;
-reduce_range=True is kept because it is the safe choice on AVX2 CPUs without VNNI (where u8s8
-products saturate). MobileNetV3-small at 64 px gains only ~1.1x: its hard-swish becomes
-HardSigmoid (float, between DQ/Q) + QLinearMul, and Q/DQ + those ops take ~43 % of the int8 run
-time (onnxruntime profiling), so ship its int8 model only if the measured speed-up is worth the
-~1 point; ReLU/ReLU6 nets (resnet18, efficientnet_lite0) gain 1.5-2.6x.
-
-Command (a scratch bench script, not in the repo: train briefly, :func:`export_onnx`, then)::
-
-    rows = compare_quant_setups(work / "fp32.onnx", work, (1, S, S), calibration_256_train_images,
-                                test_images_2000, labels, {name: QuantSetup(...), ...},
-                                batch=64, repeats=30, rounds=3, threads=2)
-
-and the latencies above re-run on the saved files with ``onnx_latency(onnx_session(f, 2),
-(1, S, S), batch=64, repeats=30)`` in 5 interleaved rounds.
-"""
-
-
-class _ArrayReader(CalibrationDataReader):
-    """Feeds `images` to the calibrator in batches under the model's input name."""
-
-    def __init__(self, images: np.ndarray, input_name: str, batch_size: int) -> None:
-        self._batches = [
-            np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)
-            for i in range(0, len(images), batch_size)
-        ]
-        self._name = input_name
-        self._index = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._index >= len(self._batches):
-            return None
-        self._index += 1
-        return {self._name: self._batches[self._index - 1]}
-
-    def rewind(self) -> None:
-        self._index = 0
-
-
-def depthwise_conv_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of depthwise Conv nodes (group > 1 and group == input channels of the weight's kernel)."""
-    weights = {init.name: init for init in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        weight = weights.get(node.input[1]) if len(node.input) > 1 else None
-        # depthwise: one input channel per group (weight shape (C_out, 1, kh, kw)) and many groups
-        if group > 1 and weight is not None and len(weight.dims) == 4 and weight.dims[1] == 1:
-            names.append(node.name)
-    return names
-
-
-def _input_name(model: onnx.ModelProto) -> str:
-    initializers = {init.name for init in model.graph.initializer}
-    return next(i.name for i in model.graph.input if i.name not in initializers)
-
-
-def quantize_int8(
-    fp32_path: Path,
-    int8_path: Path,
-    calibration: np.ndarray,
-    setup: QuantSetup = DEFAULT_QUANT,
-    batch_size: int = 32,
-) -> dict[str, Any]:
-    """Static post-training int8 quantization of `fp32_path` into `int8_path` (written atomically).
-
-    Runs ``quant_pre_process`` (shape inference + graph optimisation) first, then
-    ``quantize_static`` with MinMax calibration over `calibration` (float32 NCHW, normalised like
-    the model's inputs; a few hundred images) fed in batches of `batch_size`. Returns the settings.
-    """
-    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
-    if calibration.ndim != 4 or len(calibration) == 0:
-        raise ValueError(f"calibration must be a non-empty (N, C, H, W) array, got {calibration.shape}")
-    with tempfile.TemporaryDirectory(prefix="quant-") as work:
-        prepared, quantized = Path(work) / "prepared.onnx", Path(work) / "quantized.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        model = onnx.load(str(prepared))
-        exclude = depthwise_conv_nodes(model) if setup.exclude_depthwise else None
-        reader = _ArrayReader(calibration, _input_name(model), batch_size)
-        del model
-        quantize_static(
-            str(prepared),
-            str(quantized),
-            reader,
-            quant_format=QuantFormat[setup.quant_format],
-            op_types_to_quantize=list(setup.op_types_to_quantize) if setup.op_types_to_quantize else None,
-            per_channel=setup.per_channel,
-            reduce_range=setup.reduce_range,
-            activation_type=QuantType[setup.activation_type],
-            weight_type=QuantType[setup.weight_type],
-            nodes_to_exclude=exclude,
-            calibrate_method=CalibrationMethod[setup.calibrate_method],
-            extra_options=dict(setup.extra_options) or None,
-        )
-        write_bytes(int8_path, quantized.read_bytes())  # int8_path.tmp, fsync, os.replace
-    return {
-        **setup.as_dict(),
-        "calibration_images": int(len(calibration)),
-        "calibration_batch_size": int(batch_size),
-        "excluded_nodes": len(exclude or []),
-        "preprocessed": True,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Latency and size
-# --------------------------------------------------------------------------------------------
-
-
-def latency_ms(run_batch: Callable[[], object], repeats: int = 30, warmup: int = 5) -> float:
-    """Median wall time of `run_batch()` in milliseconds over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
-        run_batch()
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        run_batch()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(statistics.median(times))
-
-
-def _latency_result(batch1_ms: float, batch: int, batch_ms: float, threads: int) -> dict[str, float]:
-    return {
-        "batch1_ms": batch1_ms,
-        f"batch{batch}_ms": batch_ms,
-        f"batch{batch}_img_s": batch * 1000.0 / batch_ms,
-        "threads": threads,
-    }
-
-
-def onnx_latency(
-    session: ort.InferenceSession, input_shape: tuple[int, int, int], batch: int = 64, repeats: int = 30
-) -> dict[str, float]:
-    """Median batch-1 latency (ms) and batch-`batch` throughput (images/s) of an ONNX session."""
-    name = session.get_inputs()[0].name
-    rng = np.random.default_rng(0)
-    one = rng.standard_normal((1, *input_shape), dtype=np.float32)
-    many = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-    threads = session.get_session_options().intra_op_num_threads
-    return _latency_result(
-        latency_ms(lambda: session.run(None, {name: one}), repeats),
-        batch,
-        latency_ms(lambda: session.run(None, {name: many}), repeats),
-        threads,
-    )
-
-
-def torch_latency(
-    model: torch.nn.Module,
-    input_shape: tuple[int, int, int],
-    batch: int = 64,
-    repeats: int = 30,
-    channels_last: bool = True,
-) -> dict[str, float]:
-    """Like :func:`onnx_latency` for PyTorch (a CPU copy in eval mode, inference_mode, global threads)."""
-    model = copy.deepcopy(model).cpu().eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    one = torch.randn(1, *input_shape).contiguous(memory_format=memory_format)
-    many = torch.randn(batch, *input_shape).contiguous(memory_format=memory_format)
-    with torch.inference_mode():
-        return _latency_result(
-            latency_ms(lambda: model(one), repeats), batch, latency_ms(lambda: model(many), repeats),
-            torch.get_num_threads(),
-        )
-
 
 def file_size_bytes(path: Path) -> int:
     """Size of a model file in bytes, including an external-data file ``<name>.data`` next to it."""
     path = Path(path)
     extra = path.with_name(path.name + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
-
-
-# --------------------------------------------------------------------------------------------
-# Comparing quantization set-ups (bench helper, not used by tests)
-# --------------------------------------------------------------------------------------------
-
-
-def compare_quant_setups(
-    fp32_path: Path,
-    workdir: Path,
-    input_shape: tuple[int, int, int],
-    calibration: np.ndarray,
-    images: np.ndarray,
-    labels: np.ndarray | None,
-    setups: dict[str, QuantSetup],
-    batch: int = 64,
-    repeats: int = 30,
-    rounds: int = 3,
-    threads: int | None = None,
-) -> list[dict[str, Any]]:
-    """fp32 and each set-up: size, batch-1 latency, batch throughput, top-1 agreement (and accuracy).
-
-    One row per model file, the fp32 row first. Latency: :func:`onnx_latency` on sessions with
-    `threads` intra-op threads, taken in `rounds` interleaved rounds (fp32, set-up 1, ..., fp32, ...)
-    and reduced by the median, so that load from other processes hits every model alike.
-    """
-    workdir = Path(workdir)
-    rows: list[dict[str, Any]] = [{"setup": "fp32", "path": Path(fp32_path)}]
-    for name, setup in setups.items():
-        path = workdir / f"{name}.onnx"
-        try:
-            rows.append({"setup": name, "path": path, "settings": quantize_int8(fp32_path, path, calibration, setup)})
-        except Exception as error:  # noqa: BLE001 - a set-up onnxruntime cannot build is reported
-            rows.append({"setup": name, "error": f"{type(error).__name__}: {str(error)[:300]}"})
-    runnable = [r for r in rows if "error" not in r]
-    reference = onnx_logits(onnx_session(runnable[0]["path"]), images)
-    for r in runnable:
-        logits = onnx_logits(onnx_session(r["path"]), images)
-        r.update({k: v for k, v in logit_agreement(reference, logits).items() if k != "max_abs_logit_diff"})
-        if labels is not None:
-            r["accuracy"] = float(np.mean(logits.argmax(1) == labels))
-        r["size_bytes"] = file_size_bytes(r["path"])
-    sessions = {r["setup"]: onnx_session(r["path"], threads) for r in runnable}
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
-    for _ in range(max(1, rounds)):
-        for name, session in sessions.items():
-            samples[name].append(onnx_latency(session, input_shape, batch, repeats))
-    for r in runnable:
-        runs = samples[r["setup"]]
-        r["batch1_ms"] = float(statistics.median(x["batch1_ms"] for x in runs))
-        r[f"batch{batch}_img_s"] = float(statistics.median(x[f"batch{batch}_img_s"] for x in runs))
-        r["path"] = str(r["path"])
-    return rows

@@ -11,17 +11,9 @@ import torch
 
 from students import export
 from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
-from students.export import (
-    compare_with_torch,
-    export_onnx,
-    file_size_bytes,
-    latency_ms,
-    onnx_latency,
-    onnx_logits,
-    onnx_session,
-    quantize_int8,
-    torch_latency,
-)
+from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session
+from students.latency import latency_ms, onnx_latency, torch_latency
+from students.quantize import quantize_int8
 
 SHAPE = (1, 32, 32)
 

@@ -30,8 +30,9 @@ from pipeline.engine.runtime import configure_threads
 from pipeline.engine.serving import ONNX_META_KEY
 from pipeline.stages.base import Stage, StageContext
 from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
-from students.export import (compare_with_torch, export_onnx, file_size_bytes, onnx_latency, onnx_logits,
-                             onnx_session, quantize_int8, torch_latency, torch_logits)
+from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session, torch_logits
+from students.latency import onnx_latency, torch_latency
+from students.quantize import quantize_int8, setup_for_this_cpu
 from teachers.checkpoint import META, checkpoint_hash
 
 
@@ -113,7 +114,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
         if cfg.int8:
             int8_path = out / f"{name}.int8.onnx"
             settings = quantize_int8(fp32_path, int8_path,
-                                     model_input(calibration_set, meta.input_size, meta.mean, meta.std))
+                                     model_input(calibration_set, meta.input_size, meta.mean, meta.std),
+                                     setup=setup_for_this_cpu())
             embed_meta(int8_path, checkpoint)
             session8 = onnx_session(int8_path, threads)
             rows.append({**common, "runtime": "onnxruntime", "precision": "int8", "path": str(int8_path),

@@ -19,7 +19,7 @@ from pipeline.engine.trainer import TrainResult, train
 from pipeline.engine.training import finish, setup_training, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.distill import kd_settings, prepare_kd, student_stage_config, teacher_comparison
-from students.export import torch_latency
+from students.latency import torch_latency
 from students.prune import prune_to_macs, save_pruned
 from teachers.checkpoint import checkpoint_hash
 

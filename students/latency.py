@@ -1,0 +1,78 @@
+"""Latency of a model: median wall time of repeated calls, batch 1 and a larger batch.
+
+Same threads for every runtime: ONNX sessions use their own intra-op setting, PyTorch the global
+`torch.get_num_threads()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Latency and size
+# --------------------------------------------------------------------------------------------
+
+
+def latency_ms(run_batch: Callable[[], object], repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time of `run_batch()` in milliseconds over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        run_batch()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        run_batch()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def _latency_result(batch1_ms: float, batch: int, batch_ms: float, threads: int) -> dict[str, float]:
+    return {
+        "batch1_ms": batch1_ms,
+        f"batch{batch}_ms": batch_ms,
+        f"batch{batch}_img_s": batch * 1000.0 / batch_ms,
+        "threads": threads,
+    }
+
+
+def onnx_latency(
+    session: ort.InferenceSession, input_shape: tuple[int, int, int], batch: int = 64, repeats: int = 30
+) -> dict[str, float]:
+    """Median batch-1 latency (ms) and batch-`batch` throughput (images/s) of an ONNX session."""
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    one = rng.standard_normal((1, *input_shape), dtype=np.float32)
+    many = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+    threads = session.get_session_options().intra_op_num_threads
+    return _latency_result(
+        latency_ms(lambda: session.run(None, {name: one}), repeats),
+        batch,
+        latency_ms(lambda: session.run(None, {name: many}), repeats),
+        threads,
+    )
+
+
+def torch_latency(
+    model: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    batch: int = 64,
+    repeats: int = 30,
+    channels_last: bool = True,
+) -> dict[str, float]:
+    """Like :func:`onnx_latency` for PyTorch (a CPU copy in eval mode, inference_mode, global threads)."""
+    model = copy.deepcopy(model).cpu().eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    one = torch.randn(1, *input_shape).contiguous(memory_format=memory_format)
+    many = torch.randn(batch, *input_shape).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        return _latency_result(
+            latency_ms(lambda: model(one), repeats), batch, latency_ms(lambda: model(many), repeats),
+            torch.get_num_threads(),
+        )
