@@ -200,3 +200,24 @@ def test_import_on_a_full_disk_fails_cleanly(tiny_fashion_dir, tmp_path, capsys)
         assert not list(small.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(small)])
+
+
+def test_a_sidecar_from_another_teacher_is_refused_by_select(tiny_teacher_run, tmp_path, capsys):
+    from conftest import TINY_TEACHER, set_args
+    from teachers.sidecar import read_sidecar, write_sidecar
+
+    config, teacher_run = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
+    args = ["run", str(config), "--run-dir", str(run), "--set", "student.rounds=0"] + set_args(TINY_TEACHER)
+    assert main(args + ["--only", "pseudo_label_r1"]) == 0
+    capsys.readouterr()
+    victim = sorted((run / "pseudo_label_r1").glob("*.labels.npz"))[1]
+    original = read_sidecar(victim)
+    write_sidecar(victim, list(original.keys), original.full_logits(),
+                  {**original.meta, "teacher_sha256": "f" * 64})  # what another teacher's sidecar would say
+    before = {p.name: p.read_bytes() for p in run.glob("pseudo_label_r1/*")}
+    err = error_of(args + ["--only", "select_r1"], capsys)
+    assert f"{victim}: not the sidecar" in err and "teacher_sha256 ffffffffffff" in err
+    assert {p.name: p.read_bytes() for p in run.glob("pseudo_label_r1/*")} == before  # nothing finished changed
+    assert not (run / "select_r1" / "DONE").exists()

@@ -32,7 +32,7 @@ from pipeline.stages.base import Stage, StageContext
 from teachers.calibration import accuracy_above, accuracy_by_confidence
 from pipeline.engine.predict import load_model
 from teachers.checkpoint import checkpoint_hash
-from teachers.sidecar import confidence_and_prediction, read_sidecar, read_sidecar_meta, write_sidecar
+from teachers.sidecar import SidecarError, confidence_and_prediction, read_sidecar, read_sidecar_meta, write_sidecar
 
 
 def _expected_meta(teacher_hash: str, record: dict) -> dict:
@@ -56,6 +56,24 @@ def pending_shards(run: RunDir, data: DataInfo, teacher_hash: str, stage: str) -
             raise RunDirError(f"{path} was made from a different {what}; rerun with --from {stage} "
                               "(or a new --run-dir) instead of mixing labels")
     return pending
+
+
+def verify_sidecars(run: RunDir, data: DataInfo, labels_stage: str, teacher_hash: str) -> None:
+    """Every sidecar was made by `teacher_hash` from the shard the data manifest names, as the
+    pseudo-label manifest says: a sidecar swapped in from another teacher or shard is refused."""
+    manifest_path = run.manifest_path(labels_stage)
+    manifest = read_json(manifest_path)
+    if manifest.get("teacher_sha256") != teacher_hash:
+        raise SidecarError(f"{manifest_path}: labels made by teacher {str(manifest.get('teacher_sha256'))[:12]}, "
+                           f"but this stage's teacher is {teacher_hash[:12]}; rerun with --from {labels_stage}")
+    for record in data.shard_records("unlabeled"):
+        path = run.sidecar_path(labels_stage, record["name"])
+        meta = read_sidecar_meta(path)
+        wrong = {k: (meta.get(k), v) for k, v in _expected_meta(teacher_hash, record).items() if meta.get(k) != v}
+        if wrong:
+            what = ", ".join(f"{k} {str(a)[:12]} (expected {str(b)[:12]})" for k, (a, b) in wrong.items())
+            raise SidecarError(f"{path}: not the sidecar {manifest_path} lists ({what}); "
+                               f"rerun with --from {labels_stage}")
 
 
 def _autocast(device: torch.device, precision: str) -> torch.autocast:

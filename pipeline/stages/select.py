@@ -23,6 +23,7 @@ from pipeline.config.schema import to_dict
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.engine.runtime import loader_workers, make_accelerator, use_channels_last
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.pseudo_label import verify_sidecars
 from teachers.checkpoint import checkpoint_hash
 from teachers.calibration import accuracy_above, calibration_report, fit_temperature
 from teachers.selection import plan_selection
@@ -89,6 +90,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     cfg = config.select
     out_dir = run.stage_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
+    verify_sidecars(run, data, stage.labels, checkpoint_hash(ctx.teacher_dir(stage)))
     calibration = calibrate(config, run, data, ctx.teacher_dir(stage))  # every process: the forward is split
     if not ctx.state.is_main_process:
         return {}

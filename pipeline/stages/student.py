@@ -24,6 +24,7 @@ from pipeline.data.pool import LabelForm, load_selected_pool
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.pseudo_label import verify_sidecars
 from students.losses import LossBalance
 from students.mixture import mixture_loss
 from teachers.checkpoint import checkpoint_hash, read_meta
@@ -78,6 +79,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     setup = setup_training(config, run, data, stage, name, extra, teacher_dir)
     accelerator = setup.accelerator
     sizes = warn_if_smaller(cfg.model.arch, teacher_dir, data, accelerator.print)
+    verify_sidecars(run, data, labels_stage, extra["teacher_sha256"])
     pool = load_selected_pool(data, run, labels_stage, select_stage, LabelForm.from_select_metrics(select),
                               config.runtime.progress)
     population = pool.population()
