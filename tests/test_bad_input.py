@@ -221,3 +221,24 @@ def test_a_sidecar_from_another_teacher_is_refused_by_select(tiny_teacher_run, t
     assert f"{victim}: not the sidecar" in err and "teacher_sha256 ffffffffffff" in err
     assert {p.name: p.read_bytes() for p in run.glob("pseudo_label_r1/*")} == before  # nothing finished changed
     assert not (run / "select_r1" / "DONE").exists()
+
+
+def test_16_bit_png_is_scaled_not_saturated_and_alpha_is_composited_on_black(tmp_path):
+    import io
+
+    from pipeline.data.shards import decode_image
+
+    gray16 = np.full((4, 4), 32896, dtype=np.uint16)  # 32896 / 257 = 128
+    buffer = io.BytesIO()
+    Image.fromarray(gray16).save(buffer, format="PNG")
+    decoded = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "L")
+    assert decoded.shape == (4, 4, 1) and (decoded == 128).all()
+
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = 255            # hidden white ...
+    rgba[0, 0] = (200, 100, 50, 255)  # one opaque pixel
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    decoded = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "RGB")
+    assert (decoded[0, 0] == (200, 100, 50)).all()
+    assert (decoded.reshape(-1, 3)[1:] == 0).all()  # ... behind full transparency stays hidden

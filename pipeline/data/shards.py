@@ -145,10 +145,26 @@ def decode_image(sample: dict[str, bytes | str], shard: Path, mode: str) -> np.n
     if array is None:
         try:
             with Image.open(io.BytesIO(sample[ext])) as image:
-                array = np.asarray(image.convert(mode), dtype=np.uint8)
+                array = np.asarray(to_8bit_opaque(image).convert(mode), dtype=np.uint8)
         except Exception as exc:  # PIL raises many types for undecodable bytes
             raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
     return array[:, :, None] if array.ndim == 2 else array
+
+
+ALPHA_BACKGROUND = (0, 0, 0)  # transparent pixels become black, the background of Fashion-MNIST-like data
+
+
+def to_8bit_opaque(image: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (value / 257; PIL's convert would clip it to white), and an
+    image with transparency composited over ALPHA_BACKGROUND (its hidden RGB must not show through)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.int64)
+        return Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image
 
 
 def decode_label(sample: dict[str, bytes | str], shard: Path, num_classes: int) -> int:
