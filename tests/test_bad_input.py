@@ -242,3 +242,59 @@ def test_16_bit_png_is_scaled_not_saturated_and_alpha_is_composited_on_black(tmp
     decoded = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "RGB")
     assert (decoded[0, 0] == (200, 100, 50)).all()
     assert (decoded.reshape(-1, 3)[1:] == 0).all()  # ... behind full transparency stays hidden
+
+
+@pytest.mark.parametrize("override,message", [
+    ("teacher.train.epocs=3", "unknown config key 'teacher.train.epocs'. Did you mean 'teacher.train.epochs'?"),
+    ("teacher.train.epochs=ten", "teacher.train.epochs: expected an integer, got 'ten'"),
+    ("teacher.train.lr=-1", "teacher.train.lr: -1.0 is out of range; it must be > 0"),
+    ("teacher.train.policy=s7", "teacher.train.policy: "),
+    ("distill.students=[{arh: mobilenetv3_small_100}]", "unknown config key 'distill.students[0].arh'"),
+    ("distill.mode=online-ish", "distill.mode: 'online-ish' is not one of 'online', 'offline'"),
+    ("seed", "--set 'seed': expected KEY=VALUE"),
+])
+def test_config_mistakes_are_named_before_anything_runs(tiny_data, tmp_path, capsys, override, message):
+    err = error_of(["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(tmp_path / "run"),
+                    "--set", override], capsys)
+    assert message in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text,message", [("- a\n- b\n", "the top level must be a mapping"),
+                                          ("a: [1, 2\n", "not valid YAML")])
+def test_config_files_that_are_not_a_config_are_named(tmp_path, capsys, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    assert message in error_of(["run", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run")], capsys)
+
+
+@pytest.mark.parametrize("flags,message", [(["--only", "techer"], "--only 'techer': unknown stage"),
+                                           (["--only", "teacher", "--from", "teacher"], "either --only or --from")])
+def test_stage_selection_mistakes_are_named(tiny_data, tmp_path, capsys, flags, message):
+    assert message in error_of(["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(tmp_path / "r")]
+                               + flags, capsys)
+
+
+def test_truncated_weights_are_named(checkpoint, image, capsys):
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = error_of(["predict", str(checkpoint), str(image)], capsys)
+    assert "model.safetensors" in err
+
+
+@pytest.mark.parametrize("args,message", [(["--top-k", "0"], "--top-k 0: must be at least 1"),
+                                          ([], "no image files in")])
+def test_predict_mistakes_are_named(checkpoint, tmp_path, capsys, args, message):
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    assert message in error_of(["predict", str(checkpoint), str(empty)] + args, capsys)
+
+
+def test_predict_on_something_that_is_no_model_is_named(tmp_path, image, capsys):
+    assert "not a checkpoint directory (with meta.json) or an .onnx file" in error_of(
+        ["predict", str(tmp_path), str(image)], capsys)
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path, capsys):
+    (tmp_path / "src" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "src" / "only" / "a.png")
+    assert "need one sub-folder per class (at least 2)" in error_of(
+        ["data", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "out")], capsys)

@@ -58,6 +58,9 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) ->
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # a missing field, or a __post_init__ check
+        name, _, rest = str(exc).partition(": ")
+        if name in fields and rest:  # "policy: ..." from a section's own check: name the full key path
+            raise ConfigError(f"{path + '.' if path else ''}{name}: {rest}") from None
         raise ConfigError(f"{where}: {exc}") from None
 
 
