@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from conftest import TINY_TEACHER, set_args
 from pipeline.core.faults import env_name
@@ -117,10 +118,14 @@ def test_two_processes_equal_one(tiny_teacher_run, tmp_path):
 def test_other_teacher_is_refused(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path)
     assert cli(config, run, "--only", "pseudo_label_r1", env={env_name("batch"): "5"}).returncode == -9
-    weights = run / "teacher" / "checkpoint" / "meta.json"
-    meta = json.loads(weights.read_text())
-    meta["weights_sha256"] = "0" * 64  # as if another teacher had been trained into the run
-    weights.write_text(json.dumps(meta))
+    # another teacher trained into the run: other weights, saved consistently (meta.json matches them;
+    # weights swapped under an old meta.json are refused earlier, see test_bad_input.py)
+    from teachers.checkpoint import load_checkpoint, read_meta, save_checkpoint
+    checkpoint = run / "teacher" / "checkpoint"
+    model, meta = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_checkpoint(checkpoint, model, read_meta(checkpoint))
     refused = cli(config, run, "--only", "pseudo_label_r1")
     assert refused.returncode == 2
     assert "teacher_sha256" in refused.stderr and "--from pseudo_label_r1" in refused.stderr

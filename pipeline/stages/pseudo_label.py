@@ -184,6 +184,9 @@ def run(ctx: StageContext, stage: Stage) -> dict:
                       state.device, channels_last, mixed_precision(config.runtime), teacher_hash)
     started = time.perf_counter()
     pending = pending_shards(run_dir, data, teacher_hash, stage.name)
+    # every rank must split the same list: without this barrier a fast rank's first sidecar could
+    # already exist when a slow rank lists the pending shards, and one shard would go unlabeled
+    state.wait_for_everyone()
     mine = pending[state.process_index::state.num_processes]
     job = LabelingJob(shards=[data.shard_path("unlabeled", r["name"]) for r in mine], records=mine,
                       sidecars=[run_dir.sidecar_path(stage.name, r["name"]) for r in mine], mode=data.mode,
