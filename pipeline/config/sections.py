@@ -136,7 +136,7 @@ class SelectConfig:
 
 def _distill_train() -> TrainConfig:
     # a pass is one pass over the unlabeled pool; pad-crop + flip view shared by teacher and student
-    return TrainConfig(policy="s1", epochs=4, batch_size=224, optimizer="adamw", lr=0.004, weight_decay=0.05,
+    return TrainConfig(policy="s1", epochs=3, batch_size=224, optimizer="adamw", lr=0.004, weight_decay=0.05,
                        warmup_epochs=0.2, label_smoothing=0.0)
 
 
