@@ -27,8 +27,8 @@ data-package:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; \
 	fi
 
-# make demo                 the full demo (about 16 minutes on a 2-core CPU)
-# make demo PRESET=quick    a 10,000-image pool and short training (about 3 minutes)
+# make demo                 the full demo (about 27 minutes on a 2-core CPU, distillation and export included)
+# make demo PRESET=quick    a 10,000-image pool and short training (about 3 minutes before distill/export were added)
 demo: install data-package
 	$(VENV)/bin/selftrain run configs/fashion_mnist.yaml --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET))
 	@echo "report: $(RUN_DIR)/report/report.md   metrics: $(RUN_DIR)/<stage>/metrics.json"
