@@ -200,7 +200,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     state.wait_for_everyone()
     metrics: dict = {}
     if state.is_main_process:
-        metrics = write_manifest(ctx, stage, job.topk, LabelingRun(labeled, seconds, len(pending), state.num_processes))
+        metrics = write_manifest(ctx, stage, teacher_hash, job.topk, LabelingRun(labeled, seconds, len(pending), state.num_processes))
         run_dir.mark_done(stage.name)
         state.print(f"[{stage.name}] {metrics['num_labeled']} images labeled, {metrics['num_skipped']} skipped"
                     + (f"; pool accuracy {metrics['pool_accuracy']:.4f}" if "pool_accuracy" in metrics else ""))
@@ -218,7 +218,8 @@ class LabelingRun:
     processes: int
 
 
-def write_manifest(ctx: StageContext, stage: Stage, topk: int | None, this_run: LabelingRun) -> dict:
+def write_manifest(ctx: StageContext, stage: Stage, teacher_hash: str, topk: int | None,
+                   this_run: LabelingRun) -> dict:
     run_dir, data = ctx.run, ctx.data()
     teacher_dir = ctx.teacher_dir(stage)
     sidecars, skipped, truncated, total = [], [], [], 0
@@ -233,7 +234,7 @@ def write_manifest(ctx: StageContext, stage: Stage, topk: int | None, this_run: 
                "images_per_s_this_run": round(this_run.images / max(this_run.seconds, 1e-9), 1),
                "shards_this_run": this_run.shards, "processes": this_run.processes,
                **pool_report(run_dir, stage.name, data)}
-    manifest = {"format": "selftrain-labels/1", "teacher": str(teacher_dir), "teacher_sha256": checkpoint_hash(teacher_dir),
+    manifest = {"format": "selftrain-labels/1", "teacher": str(teacher_dir), "teacher_sha256": teacher_hash,
                 "layout": "topk" if topk else "full", "topk": topk, "sidecars": sidecars,
                 "skipped": skipped, "truncated": truncated, **{k: metrics[k] for k in
                 ("num_labeled", "num_skipped", "num_truncated_shards", "images_per_s_this_run")}}
