@@ -26,7 +26,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from teachers.models import ModelError
     from teachers.sidecar import SidecarError
 
-    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError)
+    from pipeline.experiments.compare import BudgetError
+    from teachers.init_sources import InitError
+
+    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
+                          InitError, BudgetError)
 
 
 def _version() -> str:
@@ -47,6 +51,10 @@ def _add_split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     parser.add_argument("--max-unlabeled", type=int, default=None,
                         help="keep only this many (seeded) images of the unlabeled pool (default: all)")
+    parser.add_argument("--classes", default=None, metavar="NAME,...",
+                        help="keep only these classes (names or indices), renumbered 0..k-1 in this order")
+    parser.add_argument("--out-of-domain-unlabeled", action="store_true",
+                        help="with --classes: the other classes' training images join the unlabeled pool, unlabeled")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     summarize.add_argument("--out", default=None, help="also write the table to this Markdown file")
 
+    compare = sub.add_parser("compare", help="pretraining vs self-training: run an experiment grid and report it",
+                             description="Run every arm of a compare config (init x self-training x policy x labels "
+                             "x seeds) with one training budget, sharing imports, pretraining and teachers; "
+                             "resumable (rerun the same command); writes OUT/report/{report.md,summary.csv,*.png}.")
+    compare.add_argument("config", help="compare config, e.g. configs/compare_fashion_mnist.yaml")
+    compare.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
+    compare.add_argument("--only", default=None, metavar="AXIS=VALUE[,...]",
+                         help="run only the matching arms, e.g. 'policy=s4' or 'init=random,seed=0'")
+    compare.add_argument("--dry-run", action="store_true", help="print the plan and estimated cost, run nothing")
+
     predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file")
     predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
@@ -103,16 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
-    from pipeline.data.importer import import_fashion_mnist, import_folder
+    from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
 
+    if args.out_of_domain_unlabeled and not args.classes:
+        raise DataSourceError("--out-of-domain-unlabeled needs --classes (which classes are the target task)")
+    keep = ClassFilter(tuple(c.strip() for c in args.classes.split(",")), args.out_of_domain_unlabeled) \
+        if args.classes else None
     common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
-                  seed=args.seed, shard_size=args.shard_size, max_unlabeled=args.max_unlabeled)
+                  seed=args.seed, shard_size=args.shard_size, max_unlabeled=args.max_unlabeled, class_filter=keep)
     if args.kind == "fashion-mnist":
         manifest = import_fashion_mnist(args.out, source=args.source_dir, **common)
     else:
         manifest = import_folder(args.src, args.out, test_fraction=args.test_fraction, **common)
     counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
     print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline.experiments.compare import run_compare
+    from pipeline.experiments.compare_config import load_compare_config
+
+    config = load_compare_config(args.config)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    run_compare(config, out, only=args.only, dry_run=args.dry_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -190,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "summarize": _cmd_summarize,
-                "augment": _cmd_preview, "predict": _cmd_predict}
+                "augment": _cmd_preview, "predict": _cmd_predict, "compare": _cmd_compare}
     try:
         code = handlers[args.command](args)
     except _user_errors() as exc:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline.engine.ema import WeightEma
-from pipeline.engine.training import resolve_init
+from pipeline.core.rundir import RunDir
+from pipeline.engine.init import resolve_init
 from teachers.models import ModelError
 
 
@@ -52,8 +53,11 @@ def test_state_round_trip_and_copy_to():
 
 
 def test_init_teacher_resolves_to_the_round_teacher(tmp_path):
-    assert resolve_init("teacher", tmp_path) == tmp_path
-    assert resolve_init(None, tmp_path) is None
-    assert resolve_init(str(tmp_path / "ckpt"), None) == tmp_path / "ckpt"
+    run = RunDir(tmp_path / "run")
+    assert resolve_init("teacher", tmp_path, run).path == tmp_path
+    assert resolve_init(None, tmp_path, run).is_random
+    assert resolve_init(str(tmp_path / "ckpt"), None, run).path == tmp_path / "ckpt"
+    assert resolve_init("pretrain", None, run).path == run.checkpoint_dir("pretrain")
+    assert resolve_init("timm:resnet18.a1_in1k", None, run).timm_name == "resnet18.a1_in1k"
     with pytest.raises(ModelError, match="only applies to student stages"):
-        resolve_init("teacher", None)
+        resolve_init("teacher", None, run)

@@ -81,6 +81,8 @@ def _section_default(field: dataclasses.Field, base: Any) -> Any:
 
 
 def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
+    if hint is Any:  # checked later by its own schema (e.g. a compare config's `base` pipeline config)
+        return value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)

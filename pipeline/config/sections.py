@@ -35,6 +35,10 @@ class DataConfig:
     max_unlabeled: int | None = field(default=None, metadata=bounds(ge=1))
     # folder import only: fraction of each class kept aside as the test split
     test_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
+    # keep only these classes (names or indices as text), renumbered 0..k-1 in this order; null = all
+    classes: tuple[str, ...] | None = None
+    # with `classes`: the other classes' training images join the unlabeled pool, without labels
+    out_of_domain_unlabeled: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,12 @@ class ModelConfig:
     input_size: int = field(default=32, metadata=bounds(ge=8))
     drop_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     drop_path_rate: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
-    # a checkpoint directory (model.safetensors + meta.json) to start from; null = random init;
-    # "teacher" (student stages): the round's teacher, so the student starts where its teacher ended.
-    # A deeper model of the checkpoint's family (resnet34 from resnet18) is grown from it (teachers/grow.py).
+    # where the weights start (pipeline/engine/init.py): null or "random"; a checkpoint directory
+    # (model.safetensors + meta.json; other classes: a new head); a weights file (.safetensors, .pt, .pth,
+    # .bin: a timm state dict; mismatched tensors are skipped and listed); "timm:NAME" (timm's published
+    # weights, from the local cache only); "pretrain" / "ssl_pretrain" (this run's pretraining stages);
+    # "teacher" (student stages: the round's teacher). A deeper model of the checkpoint's family
+    # (resnet34 from resnet18) is grown from it (teachers/grow.py).
     init: str | None = None
 
 
@@ -57,6 +64,8 @@ class TrainConfig:
 
     policy: str = "s1"
     epochs: int = field(default=80, metadata=bounds(ge=1))
+    # total optimizer steps; when set it replaces `epochs` (an equal budget across `selftrain compare` arms)
+    steps: int | None = field(default=None, metadata=bounds(ge=1))
     batch_size: int = field(default=128, metadata=bounds(ge=1))
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = field(default=0.1, metadata=bounds(gt=0))
@@ -68,6 +77,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=512, metadata=bounds(ge=1))
     # evaluate/export a moving average of the weights (pipeline/engine/ema.py); null = the last weights
     ema_decay: float | None = field(default=None, metadata=bounds(gt=0, lt=1))
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
 
     def __post_init__(self) -> None:
         from augment import PolicyError, parse_policy
@@ -189,6 +201,41 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised pretraining on another labeled data set: stage `pretrain`, used by `init: pretrain`.
+
+    The model is the teacher's architecture and input size; the target stage re-initialises the head
+    for its own classes. The source data is imported into RUN/pretrain/data (or read from `data.path`
+    when `data.source: shards`); only its labeled split is trained on.
+    """
+
+    data: DataConfig | None = None  # null: no pretrain stage
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, warmup_epochs=1.0))
+
+
+def _ssl_train() -> TrainConfig:
+    # both SimCLR views are drawn from this policy; an epoch is one pass over the unlabeled pool
+    return TrainConfig(policy="s4", epochs=10, batch_size=256, optimizer="adamw", lr=0.002, weight_decay=1e-4,
+                       warmup_epochs=1.0, label_smoothing=0.0)
+
+
+@dataclass(frozen=True)
+class SSLPretrainConfig:
+    """SimCLR (Chen et al. 2020) on the unlabeled pool: stage `ssl_pretrain`, used by `init: ssl_pretrain`.
+
+    Two views of each image from `train.policy`, a 2-layer projection head on the pooled features,
+    NT-Xent at `temperature`; the backbone is the teacher's architecture and input size.
+    """
+
+    enabled: bool = False
+    train: TrainConfig = field(default_factory=_ssl_train)
+    temperature: float = field(default=0.2, metadata=bounds(gt=0))
+    projection_dim: int = field(default=64, metadata=bounds(ge=2))
+    hidden_dim: int = field(default=256, metadata=bounds(ge=2))
+    knn_k: int = field(default=20, metadata=bounds(ge=1))  # k-NN probe on labeled -> test features (reported)
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How to use the hardware; none of this changes results on CPU."""
 
@@ -209,6 +256,8 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    ssl_pretrain: SSLPretrainConfig = field(default_factory=SSLPretrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

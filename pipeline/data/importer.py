@@ -8,6 +8,7 @@ without it is an incomplete import and is redone from scratch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,12 +29,50 @@ FORMAT = "selftrain-data/1"
 RUN_BOOKKEEPING = ("stage.json", "DONE", "wall_time.json")
 
 
+@dataclass(frozen=True)
+class ClassFilter:
+    """Keep some classes, renumbered 0..k-1 in the order given; optionally the other classes'
+    training images join the unlabeled pool without labels (out-of-domain data, as ImageNet
+    was for COCO in Zoph et al. 2020). Their hidden truth is not recorded: they have no target class."""
+
+    keep: tuple[str, ...]  # class names, or their indices as text ("5")
+    out_of_domain_unlabeled: bool = False
+
+    def resolve(self, names: list[str]) -> list[int]:
+        """The kept classes' original indices; unknown or repeated names are refused, naming them."""
+        chosen = []
+        for item in self.keep:
+            index = int(item) if str(item).isdigit() else (names.index(item) if item in names else None)
+            if index is None or not 0 <= index < len(names):
+                raise DataSourceError(f"data.classes: unknown class {item!r}; the source has {names} "
+                                      f"(names or indices 0..{len(names) - 1})")
+            if index in chosen:
+                raise DataSourceError(f"data.classes: class {item!r} is listed twice")
+            chosen.append(index)
+        if len(chosen) < 2:
+            raise DataSourceError(f"data.classes: keep at least 2 classes, got {list(self.keep)}")
+        return chosen
+
+    def apply(self, labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Labels renumbered (-1 for every other class) and the kept class names."""
+        chosen = self.resolve(names)
+        mapping = np.full(len(names), -1, dtype=np.int64)
+        mapping[chosen] = np.arange(len(chosen))
+        return mapping[labels], [names[i] for i in chosen]
+
+    def params(self, names: list[str]) -> dict[str, object]:
+        return {"classes": [names[i] for i in self.resolve(names)],
+                "out_of_domain_unlabeled": self.out_of_domain_unlabeled}
+
+
 def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
-                  seed: int, classes: list[str], max_unlabeled: int | None = None) -> dict[str, np.ndarray]:
+                  seed: int, classes: list[str], max_unlabeled: int | None = None,
+                  out_of_domain: bool = False) -> dict[str, np.ndarray]:
     """Pick `per_class` human labels per class (seeded); `holdout_per_class` of them are held out.
 
     Returns sorted index arrays for "labeled", "holdout" and "unlabeled" (the rest, or a
-    seeded subset of `max_unlabeled` of it).
+    seeded subset of `max_unlabeled` of it). Label -1 marks a filtered-out class: such images
+    join the unlabeled pool only with `out_of_domain`.
     """
     if holdout_per_class >= per_class:
         raise DataSourceError(f"holdout_per_class ({holdout_per_class}) must be smaller than labels_per_class ({per_class})")
@@ -52,6 +91,8 @@ def split_labeled(labels: np.ndarray, per_class: int, holdout_per_class: int,
     rest = np.ones(len(labels), dtype=bool)
     rest[labeled_idx] = False
     rest[holdout_idx] = False
+    if not out_of_domain:
+        rest[labels < 0] = False  # images of classes that were filtered out
     unlabeled = np.flatnonzero(rest)
     if max_unlabeled is not None and max_unlabeled < len(unlabeled):
         unlabeled = np.sort(rng.choice(unlabeled, size=max_unlabeled, replace=False))
@@ -145,16 +186,25 @@ def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
 
 def import_fashion_mnist(out: str | Path, source: str | None = None, per_class: int = 100,
                          holdout_per_class: int = 0, seed: int = 0, shard_size: int = 5000,
-                         progress: bool = True, max_unlabeled: int | None = None) -> dict:
+                         progress: bool = True, max_unlabeled: int | None = None,
+                         class_filter: ClassFilter | None = None) -> dict:
     out = Path(out)
+    classes = list(fashion_mnist.CLASS_NAMES)
     params = import_params("fashion-mnist", per_class, holdout_per_class, seed, shard_size,
                            max_unlabeled=max_unlabeled)
+    if class_filter is not None:
+        params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:
         return manifest
     arrays = fashion_mnist.load(source)
-    classes = list(fashion_mnist.CLASS_NAMES)
-    train_x, train_y = arrays["train_images"], arrays["train_labels"]
-    parts = split_labeled(train_y, per_class, holdout_per_class, seed, classes, max_unlabeled)
+    train_x, train_y = arrays["train_images"], arrays["train_labels"].astype(np.int64)
+    test_x, test_y = arrays["test_images"], arrays["test_labels"].astype(np.int64)
+    if class_filter is not None:
+        train_y, _ = class_filter.apply(train_y, classes)
+        test_y, classes = class_filter.apply(test_y, classes)
+        test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]
+    parts = split_labeled(train_y, per_class, holdout_per_class, seed, classes, max_unlabeled,
+                          out_of_domain=class_filter is not None and class_filter.out_of_domain_unlabeled)
 
     def items(x: np.ndarray, y: np.ndarray, prefix: str, idx: np.ndarray, keep_label: bool) -> list:
         return [(f"{prefix}-{i:05d}", int(y[i]) if keep_label else -1,
@@ -164,30 +214,36 @@ def import_fashion_mnist(out: str | Path, source: str | None = None, per_class: 
         "labeled": items(train_x, train_y, "train", parts["labeled"], True),
         "holdout": items(train_x, train_y, "train", parts["holdout"], True),
         "unlabeled": items(train_x, train_y, "train", parts["unlabeled"], False),
-        "test": items(arrays["test_images"], arrays["test_labels"], "test", np.arange(len(arrays["test_labels"])), True),
+        "test": items(test_x, test_y, "test", np.arange(len(test_y)), True),
     }
-    truth = {f"train-{i:05d}": int(train_y[i]) for i in parts["unlabeled"]}
+    truth = {f"train-{i:05d}": int(train_y[i]) for i in parts["unlabeled"] if train_y[i] >= 0}
     where = str(fashion_mnist.locate(source))
     return _finish(out, params, classes, "L", split_items, shard_size, truth, where, progress)
 
 
 def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdout_per_class: int = 0,
                   seed: int = 0, shard_size: int = 5000, test_fraction: float = 0.2,
-                  progress: bool = True, max_unlabeled: int | None = None) -> dict:
+                  progress: bool = True, max_unlabeled: int | None = None,
+                  class_filter: ClassFilter | None = None) -> dict:
     """Import an image folder; `test_fraction` of each class becomes the held-out test split."""
     out = Path(out)
     params = import_params("folder", per_class, holdout_per_class, seed, shard_size, test_fraction, max_unlabeled)
+    classes, images = folder.scan(src)
+    if class_filter is not None:
+        params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:
         return manifest
-    classes, images = folder.scan(src)
-    labels = np.array([im.label for im in images])
+    labels = np.array([im.label for im in images], dtype=np.int64)
+    if class_filter is not None:
+        labels, classes = class_filter.apply(labels, classes)
     rng = np.random.default_rng(seed + 1)  # independent of the labeled draw
     is_test = np.zeros(len(images), dtype=bool)
     for c in range(len(classes)):
         members = rng.permutation(np.flatnonzero(labels == c))
         is_test[members[:max(1, int(round(test_fraction * len(members))))]] = True
-    train_idx = np.flatnonzero(~is_test)
-    parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes, max_unlabeled)
+    train_idx = np.flatnonzero(~is_test)  # filtered-out classes (-1) are never test images
+    parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes, max_unlabeled,
+                          out_of_domain=class_filter is not None and class_filter.out_of_domain_unlabeled)
     mode = "RGB" if any(folder.header_mode(im) == "RGB" for im in images) else "L"
 
     def payload(i: int) -> Callable[[], tuple[str, bytes]]:
@@ -202,5 +258,5 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
         "unlabeled": items(train_idx[parts["unlabeled"]], False),
         "test": items(np.flatnonzero(is_test), True),
     }
-    truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]]}
+    truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]] if labels[i] >= 0}
     return _finish(out, params, classes, mode, split_items, shard_size, truth, str(src), progress)

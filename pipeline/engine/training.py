@@ -27,9 +27,9 @@ from pipeline.engine.predict import checkpoint_logits, predict_logits
 from pipeline.core.rundir import RunDir
 from pipeline.engine.runtime import configure_threads, loader_workers, make_accelerator, use_channels_last
 from pipeline.engine.trainer import TrainResult
-from teachers.checkpoint import CheckpointMeta, check_compatible, load_weights_into, read_meta, save_checkpoint
-from teachers.grow import Growth, grow_from
-from teachers.models import ModelError, create_model
+from pipeline.engine.init import InitOutcome, InitSource, apply_init, resolve_init
+from teachers.checkpoint import CheckpointMeta, save_checkpoint
+from teachers.models import create_model
 
 NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
 
@@ -37,37 +37,22 @@ NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
 def training_fingerprint_inputs(stage: StageConfig | StudentConfig, seed: int, data: DataInfo) -> dict:
     """What a trained model depends on (runtime and save cadence excluded)."""
     train = {k: v for k, v in to_dict(stage.train).items() if k not in NOT_RESULT_AFFECTING}
+    if train.get("steps") is None:  # unset: runs made before `train.steps` existed keep their fingerprint
+        train.pop("steps", None)
     train["policy"] = str(parse_policy(stage.train.policy))
     return {"model": to_dict(stage.model), "train": train, "seed": seed,
             "data_manifest": data.manifest["splits"]["labeled"]["shards"]}
 
 
-INIT_FROM_TEACHER = "teacher"
+def init_lineage(source: InitSource) -> str | None:
+    return None if source.is_random else str(source.path) if source.path is not None else source.text
 
 
-def resolve_init(init: str | None, teacher_dir: Path | None) -> Path | None:
-    """`model.init`: null, a checkpoint dir, or "teacher" (the round's teacher; student stages only)."""
-    if init != INIT_FROM_TEACHER:
-        return Path(init) if init else None
-    if teacher_dir is None:
-        raise ModelError('model.init "teacher" only applies to student stages (the teacher has no teacher); '
-                         "give a checkpoint directory or null")
-    return teacher_dir
-
-
-def build_model(stage: StageConfig | StudentConfig, data: DataInfo,
-                init: Path | None) -> tuple[torch.nn.Module, Growth | None]:
-    """The stage's model, with `init`'s weights; a deeper model of the init's family is grown from it."""
+def build_model(stage: StageConfig | StudentConfig, data: DataInfo, init: InitSource) -> tuple[torch.nn.Module, InitOutcome]:
+    """The stage's model, with `init`'s weights (pipeline/engine/init.py)."""
     model = create_model(stage.model.arch, data.num_classes, data.in_chans,
                          stage.model.drop_rate, stage.model.drop_path_rate)
-    if init is None:
-        return model, None
-    meta = read_meta(init)
-    check_compatible(meta, None, data.num_classes, f"model.init {init}")
-    if meta.arch != stage.model.arch:
-        return model, grow_from(model, init, meta)
-    load_weights_into(model, init)
-    return model, None
+    return model, apply_init(model, init, stage.model.arch, tuple(data.classes))
 
 
 @dataclass
@@ -89,7 +74,7 @@ class TrainingSetup:
     channels_last: bool
     workers: int
     fingerprint_inputs: dict
-    init: Path | None  # the checkpoint the weights started from
+    init: InitOutcome  # where the weights started
     started: float = field(default_factory=time.time)
 
     def device_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,12 +120,9 @@ def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConf
     inputs = {**training_fingerprint_inputs(stage, config.seed, data), **(extra_fingerprint or {})}
     accelerator = make_accelerator(config.runtime, run.logs_dir(), name, {"policy": str(policy), **_flat(inputs)})
     channels_last = use_channels_last(config.runtime)
-    init = resolve_init(stage.model.init, teacher_dir)
-    model, growth = build_model(stage, data, init)
-    if growth is not None:
-        accelerator.print(f"{name}: {stage.model.arch} grown from {growth.source_arch} at {init}: {growth.loaded} "
-                          f"tensors copied, {growth.fresh} new ones start as identity blocks "
-                          f"(largest logit difference {growth.max_logit_diff:.1e})")
+    model, init = build_model(stage, data, resolve_init(stage.model.init, teacher_dir, run))
+    if not init.source.is_random:
+        accelerator.print(f"[{name}] {stage.model.arch} init from {init.source.text}: {init.describe()}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, holdout, mean, std, policy,
@@ -159,12 +141,29 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
                     **({"raw_holdout_top1": held["top1"]} if held else {})}}
 
 
+def record_stage(setup: TrainingSetup, model: torch.nn.Module, metrics: dict, lineage: dict,
+                 save: Callable[[Path, torch.nn.Module, CheckpointMeta], str] = save_checkpoint) -> None:
+    """Main process: checkpoint (+ meta with lineage), metrics.json, DONE, training state dropped; all wait."""
+    from pipeline.config.sections import fingerprint
+
+    accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
+    if accelerator.is_main_process:
+        meta = CheckpointMeta(arch=stage.model.arch, num_classes=data.num_classes, in_chans=data.in_chans,
+                              input_size=stage.model.input_size, mean=setup.mean, std=setup.std,
+                              class_names=tuple(data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
+                              lineage={"stage": name, "init": init_lineage(setup.init.source), **lineage})
+        save(setup.run.checkpoint_dir(name), model, meta)
+        setup.run.write_metrics(name, metrics)
+        setup.run.mark_done(name)
+        setup.run.drop_training_state(name)
+    accelerator.wait_for_everyone()
+    end_trackers(accelerator)  # not accelerator.end_training(): the process group belongs to the runner
+
+
 def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metrics: dict | None = None,
            logits: np.ndarray | None = None,
            save: Callable[[Path, torch.nn.Module, CheckpointMeta], str] = save_checkpoint) -> dict:
     """Evaluate on the test split, export checkpoint + metrics.json, mark done."""
-    from pipeline.config.sections import fingerprint
-
     accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
     if logits is None:
         logits = setup.test_logits()
@@ -178,20 +177,10 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
         "wall_seconds": round(time.time() - setup.started, 2), "channels_last": setup.channels_last,
         "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
         "drop_rate": stage.model.drop_rate, "drop_path_rate": stage.model.drop_path_rate,
+        "init": setup.init.metrics(),
         **setup.holdout_metrics(), **(extra_metrics or {}), "loss_history": result.history,
     })
-    if accelerator.is_main_process:
-        meta = CheckpointMeta(arch=stage.model.arch, num_classes=data.num_classes, in_chans=data.in_chans,
-                              input_size=stage.model.input_size, mean=setup.mean, std=setup.std,
-                              class_names=tuple(data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
-                              lineage={"stage": name, "init": str(setup.init) if setup.init else None,
-                                       **lineage})
-        save(setup.run.checkpoint_dir(name), accelerator.unwrap_model(setup.model), meta)
-        setup.run.write_metrics(name, metrics)
-        setup.run.mark_done(name)
-        setup.run.drop_training_state(name)
-    accelerator.wait_for_everyone()
-    end_trackers(accelerator)  # not accelerator.end_training(): the process group belongs to the runner
+    record_stage(setup, accelerator.unwrap_model(setup.model), metrics, lineage, save)
     held = f"  holdout top-1 {metrics['holdout']['top1']:.4f}" if "holdout" in metrics else ""
     accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}{held}  "
                       f"({metrics['wall_seconds']:.0f} s) -> {setup.run.metrics_path(name)}")

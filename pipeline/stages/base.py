@@ -17,8 +17,8 @@ from pipeline.config.sections import Config
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import DataInfo, open_data
 
-StageKind = Literal["data", "teacher", "pseudo_label", "select", "student", "distill", "prune", "export", "report"]
-TRAINING_KINDS: tuple[StageKind, ...] = ("teacher", "student", "distill", "prune")
+StageKind = Literal["data", "pretrain", "ssl_pretrain", "teacher", "pseudo_label", "select", "student", "distill", "prune", "export", "report"]
+TRAINING_KINDS: tuple[StageKind, ...] = ("pretrain", "ssl_pretrain", "teacher", "student", "distill", "prune")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,14 @@ class StageGraph:
             if any(n in affected for n in stage.needs):
                 affected.add(stage.name)
         return [s for s in self.stages if s.name in affected]
+
+    def upstream(self, name: str) -> list[Stage]:
+        """`name` and every stage it needs, directly or not, in run order."""
+        needed = {self.get(name).name}
+        for stage in reversed(self.stages):
+            if stage.name in needed:
+                needed.update(stage.needs)
+        return [s for s in self.stages if s.name in needed]
 
     def select(self, only: str | None, start: str | None) -> list[Stage]:
         """The stages an invocation runs: all, `--only` one, or `--from` one and its downstream."""

@@ -7,10 +7,13 @@ files it writes journaled first (pipeline.core.owned), then DONE.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.config.schema import to_dict
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import open_data
-from pipeline.data.importer import import_fashion_mnist, import_folder
+from pipeline.config.sections import DataConfig
+from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
 from pipeline.stages.base import Stage, StageContext
 
 
@@ -18,16 +21,27 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
     return to_dict(ctx.config.data)
 
 
+def class_filter(data: DataConfig) -> ClassFilter | None:
+    if data.out_of_domain_unlabeled and not data.classes:
+        raise RunDirError("data.out_of_domain_unlabeled needs data.classes (which classes are the target task)")
+    return ClassFilter(data.classes, data.out_of_domain_unlabeled) if data.classes else None
+
+
 def run(ctx: StageContext, stage: Stage) -> None:
-    d, run_dir, progress = ctx.config.data, ctx.run, ctx.config.runtime.progress
+    import_data(ctx.config.data, ctx.run.data_dir, ctx.config.runtime.progress)
+    ctx.run.mark_done(stage.name)
+
+
+def import_data(d: DataConfig, out: Path, progress: bool) -> None:
+    """Import `d`'s source into `out` (or, for `source: shards`, check the existing import there)."""
     if d.source == "fashion-mnist":
-        import_fashion_mnist(run_dir.data_dir, d.path, d.labels_per_class, d.holdout_per_class, d.seed,
-                             d.shard_size, progress=progress, max_unlabeled=d.max_unlabeled)
+        import_fashion_mnist(out, d.path, d.labels_per_class, d.holdout_per_class, d.seed,
+                             d.shard_size, progress=progress, max_unlabeled=d.max_unlabeled, class_filter=class_filter(d))
     elif d.source == "folder":
         if not d.path:
             raise RunDirError("data.source is 'folder' but data.path (the image folder) is not set")
-        import_folder(d.path, run_dir.data_dir, d.labels_per_class, d.holdout_per_class, d.seed,
-                      d.shard_size, d.test_fraction, progress=progress, max_unlabeled=d.max_unlabeled)
+        import_folder(d.path, out, d.labels_per_class, d.holdout_per_class, d.seed,
+                      d.shard_size, d.test_fraction, progress=progress, max_unlabeled=d.max_unlabeled,
+                      class_filter=class_filter(d))
     else:
-        open_data(run_dir.data_dir)  # validates the existing import
-    run_dir.mark_done(stage.name)
+        open_data(out)  # validates the existing import

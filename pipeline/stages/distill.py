@@ -195,7 +195,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     extra = {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(this)), "kd": kd_settings(config)}
     setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
     kd = prepare_kd(ctx, this, setup)
-    total_steps = cfg.train.epochs * kd.steps_per_epoch
+    total_steps = cfg.train.total_steps(kd.steps_per_epoch)
     setup.accelerator.print(
         f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir}), "
         f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"

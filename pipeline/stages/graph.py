@@ -1,6 +1,6 @@
 """The declared stage graph of a run: the one place that creates and names stages.
 
-    data -> teacher -> pseudo_label_r1 -> select_r1 -> student_r1 -> pseudo_label_r2 -> ...
+    data [-> pretrain_data -> pretrain] [-> ssl_pretrain] -> teacher -> pseudo_label_r1 -> select_r1 -> student_r1 -> pseudo_label_r2 -> ...
          -> [pseudo_label_distill] -> distill_<arch> [-> prune_<arch>] ... -> export -> report
 
 Round i's teacher is `teacher` (i = 1) or `student_r{i-1}`. With `student.rounds: 0`
@@ -16,7 +16,8 @@ when its result depends on inputs that a rerun must match).
 from __future__ import annotations
 
 from pipeline.config.sections import Config, ModelConfig
-from pipeline.stages import data_import, distill, export, prune, pseudo_label, report, select, student, teacher
+from pipeline.stages import (data_import, distill, export, pretrain, prune, pseudo_label, report, select,
+                             ssl_pretrain, student, teacher)
 from pipeline.stages.base import Stage, StageGraph
 
 
@@ -56,9 +57,28 @@ def distill_stages(config: Config, stages: list[Stage], final: str) -> list[Stag
     return added
 
 
+def pretraining_stages(config: Config) -> list[Stage]:
+    """`pretrain_data` + `pretrain` (supervised, another labeled data set), `ssl_pretrain` (SimCLR on the pool)."""
+    stages = []
+    if config.pretrain.data is not None:
+        stages += [Stage(pretrain.DATA_STAGE, "data", pretrain.import_run, pretrain.import_inputs,
+                         main_process_only=True),
+                   Stage("pretrain", "pretrain", pretrain.run, pretrain.inputs, needs=(pretrain.DATA_STAGE,))]
+    if config.ssl_pretrain.enabled:
+        stages.append(Stage("ssl_pretrain", "ssl_pretrain", ssl_pretrain.run, ssl_pretrain.inputs, needs=("data",)))
+    return stages
+
+
+def init_needs(model: ModelConfig) -> tuple[str, ...]:
+    """A stage whose `model.init` names a pretraining stage needs that stage."""
+    return (model.init,) if model.init in ("pretrain", "ssl_pretrain") else ()
+
+
 def build_graph(config: Config) -> StageGraph:
     stages = [Stage("data", "data", data_import.run, data_import.inputs, main_process_only=True),
-              Stage("teacher", "teacher", teacher.run, teacher.inputs, needs=("data",))]
+              *pretraining_stages(config),
+              Stage("teacher", "teacher", teacher.run, teacher.inputs,
+                    needs=("data",) + init_needs(config.teacher.model))]
     round_teacher = "teacher"
     for i in range(1, max(config.student.rounds, 1) + 1):
         labels, selection, trained = f"pseudo_label_r{i}", f"select_r{i}", f"student_r{i}"
@@ -70,7 +90,7 @@ def build_graph(config: Config) -> StageGraph:
         ]
         if i <= config.student.rounds:
             stages.append(Stage(trained, "student", student.run, student.inputs,
-                                needs=(round_teacher, labels, selection), round=i, teacher=round_teacher,
+                                needs=(round_teacher, labels, selection) + init_needs(config.student.model), round=i, teacher=round_teacher,
                                 labels=labels, selection=selection))
         round_teacher = trained
     final = f"student_r{config.student.rounds}" if config.student.rounds else "teacher"

@@ -12,6 +12,7 @@ from pipeline.config.sections import Config, ModelConfig
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.stages.base import StageGraph
+from pipeline.engine.init import check_init_exists
 from teachers.checkpoint import META
 from teachers.models import ModelError, create_model, is_known_arch
 
@@ -23,16 +24,22 @@ FASHION_MNIST_IMAGES = 70_000
 def _check_model(model: ModelConfig, where: str) -> None:
     if not is_known_arch(model.arch):
         create_model(model.arch, 2, 1)  # raises ModelError with the closest names
-    if model.init and model.init != "teacher":
-        init = Path(model.init)
-        if not (init / META).exists():
-            raise ModelError(f"{where}.init: {init} is not a checkpoint directory (no {META})")
+    check_init_exists(model.init, where)
+
+
+def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
+    if model.init == "pretrain" and config.pretrain.data is None:
+        raise ModelError(f'{where}.init is "pretrain" but the config has no pretrain.data (the labeled source data)')
+    if model.init == "ssl_pretrain" and not config.ssl_pretrain.enabled:
+        raise ModelError(f'{where}.init is "ssl_pretrain" but ssl_pretrain.enabled is false')
 
 
 def check_models(config: Config) -> None:
     _check_model(config.teacher.model, "teacher.model")
+    _check_run_stage_init(config, config.teacher.model, "teacher.model")
     if config.student.rounds:
         _check_model(config.student.model, "student.model")
+        _check_run_stage_init(config, config.student.model, "student.model")
     for i, student in enumerate(config.distill.students):
         _check_model(student, f"distill.students[{i}]")
     if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():

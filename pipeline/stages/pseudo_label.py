@@ -155,12 +155,17 @@ def pool_report(run: RunDir, stage: str, data: DataInfo) -> dict:
         sidecar = read_sidecar(run.sidecar_path(stage, record["name"]))
         conf, pred = confidence_and_prediction(sidecar)
         labels = np.array([truth.get(str(k), -1) for k in sidecar.keys])
-        confs.append(conf)
-        correct.append(pred == labels)
+        in_domain = labels >= 0  # out-of-domain images (another data set's classes) have no true label here
+        confs.append(conf[in_domain])
+        correct.append((pred == labels)[in_domain])
     conf, right = np.concatenate(confs), np.concatenate(correct).astype(np.float64)
+    if not len(right):
+        return {"note": "no unlabeled image has a hidden label of a target class"}
     return {"pool_accuracy": float(right.mean()), "pool_ece": expected_calibration_error(conf, right),
             "accuracy_above": accuracy_above(conf, right), "accuracy_by_confidence": accuracy_by_confidence(conf, right),
-            "note": "measured with the pool's hidden true labels; never used for training or selection"}
+            "measured_images": len(right),
+            "note": "measured with the pool's hidden true labels (target classes only); "
+                    "never used for training or selection"}
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:

@@ -48,6 +48,7 @@ def collect_rows(run: RunDir, stages: list[Stage]) -> list[dict]:
             continue
         row = {"stage": stage, "arch": m.get("arch", ""), "policy": m.get("policy", ""), "top1": m.get("top1"),
                "holdout_top1": (m.get("holdout") or {}).get("top1"), "ece": m.get("ece"),
+               **({"policy": f"{m.get('policy', '')} (k-NN top-1)", "top1": m["knn_top1"]} if "knn_top1" in m else {}),
                "teacher_agreement": m.get("teacher_agreement"), "pool_accuracy": m.get("pool_accuracy"),
                "wall_seconds": wall, "kept": ""}
         if item.kind == "select" and m:
@@ -72,7 +73,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def accuracy_by_round_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
-    names = [s.name for s in stages if s.trains_model and run.metrics_path(s.name).exists()]
+    names = [s.name for s in stages if s.trains_model and s.kind not in ("pretrain", "ssl_pretrain")
+             and run.metrics_path(s.name).exists()]  # pretraining is measured on another task (or not at all)
     if not names:
         return
     top1 = [100 * read_json(run.metrics_path(s))["top1"] for s in names]

@@ -66,25 +66,39 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
     preflight(config, graph, run)  # before anything is written or started
     state = process_state()  # the one process state of this run
     try:
-        if state.is_main_process:
-            run.acquire()
-        try:
-            ctx = StageContext(config, run, state, graph)
-            if state.is_main_process:
-                write_text(run.config_path, config_to_yaml(config))
-                if start:
-                    for stage in stages:
-                        run.reset_stage(stage.name)
-            state.wait_for_everyone()
-            running = {s.name for s in stages}
-            for stage in stages:
-                _check_needs(ctx, stage, running)
-                _run_stage(ctx, stage)
-        finally:
-            if state.is_main_process:
-                run.release()
+        run_stages(config, run, graph, stages, state, reset=bool(start))
     finally:
         end_processes(state)
+
+
+def run_up_to(config: Config, run_dir: str | Path, target: str, state) -> None:
+    """Run `target` and every stage it needs (skipping what is done) in the caller's process state;
+    `selftrain compare` runs many such runs under one process group."""
+    graph = build_graph(config)
+    run = make_run_dir(config, run_dir)
+    preflight(config, graph, run)
+    run_stages(config, run, graph, graph.upstream(target), state, reset=False)
+
+
+def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, reset: bool) -> None:
+    """Hold the run's lock and run `stages` in order (`reset`: forget them first, for --from)."""
+    if state.is_main_process:
+        run.acquire()
+    try:
+        ctx = StageContext(config, run, state, graph)
+        if state.is_main_process:
+            write_text(run.config_path, config_to_yaml(config))
+            if reset:
+                for stage in stages:
+                    run.reset_stage(stage.name)
+        state.wait_for_everyone()
+        running = {s.name for s in stages}
+        for stage in stages:
+            _check_needs(ctx, stage, running)
+            _run_stage(ctx, stage)
+    finally:
+        if state.is_main_process:
+            run.release()
 
 
 def end_processes(state) -> None:

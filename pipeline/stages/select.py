@@ -119,7 +119,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
         if truth is not None:
             conf, pred = confidence_and_prediction(sidecar, temperature)
             labels = np.array([truth.get(str(k), -1) for k in sidecar.keys])
-            mask = repeats > 0
+            mask = (repeats > 0) & (labels >= 0)  # out-of-domain images have no true target label
             kept_conf.append(conf[mask])
             kept_right.append((pred == labels)[mask])
             kept_weight.append(repeats[mask])

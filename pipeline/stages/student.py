@@ -86,7 +86,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     batch = cfg.train.batch_size
     sources = [Source(np.arange(len(setup.labeled)), batch), Source(population, batch * cfg.unlabeled_ratio)]
     steps_per_epoch = math.ceil(len(population) / (batch * cfg.unlabeled_ratio))
-    total_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = cfg.train.total_steps(steps_per_epoch)
     accelerator.print(f"[{name}] {cfg.model.arch} (drop {cfg.model.drop_rate}, drop-path {cfg.model.drop_path_rate}) "
                       f"on {len(setup.labeled)} labeled + {len(pool.images)} pseudo-labeled images "
                       f"({len(population)} with copies), ratio 1:{cfg.unlabeled_ratio}, policy {setup.policy!r}, "

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config.sections import Config, StageConfig
+from pipeline.core.rundir import RunDir
+from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
@@ -35,14 +38,18 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
-    config, run, data, name = ctx.config, ctx.run, ctx.data(), this.name
-    stage = config.teacher
+    return train_supervised(ctx.config, ctx.run, ctx.data(), ctx.config.teacher, this.name)
+
+
+def train_supervised(config: Config, run: RunDir, data: DataInfo, stage: StageConfig, name: str) -> dict:
+    """Cross-entropy training on `data`'s labeled split; the teacher stage and supervised pretraining."""
     setup = setup_training(config, run, data, stage, name)
     accelerator, labeled = setup.accelerator, setup.labeled
-    accelerator.print(f"[{name}] {stage.model.arch} on {len(labeled)} labeled images, policy {setup.policy!r}")
     global_batch = min(stage.train.batch_size, len(labeled))
     steps_per_epoch = math.ceil(len(labeled) / global_batch)  # an epoch is one pass over the labeled set
-    total_steps = stage.train.epochs * steps_per_epoch
+    total_steps = stage.train.total_steps(steps_per_epoch)
+    accelerator.print(f"[{name}] {stage.model.arch} on {len(labeled)} labeled images, policy {setup.policy!r}, "
+                      f"{total_steps} steps")
     dataset = AugmentedSources([labeled.images], setup.policy)
     sources = [Source(np.arange(len(labeled)), global_batch)]
 

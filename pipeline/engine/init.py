@@ -1,0 +1,140 @@
+"""Where a training stage's weights start: `model.init` resolved and applied.
+
+    null / "random"         random init
+    "teacher"               the round's teacher (student stages)
+    "pretrain"              this run's supervised pretraining stage (new head for the target classes)
+    "ssl_pretrain"          this run's SimCLR stage (its head was never trained: re-initialised)
+    "timm:NAME"             timm's published weights, from the local cache only
+    a checkpoint directory  ours (meta.json): same classes load exactly; other classes get a new head;
+                            a deeper model of the same family is grown from it
+    a weights file          .safetensors / .pt / .pth / .bin: a timm state dict, matched by name and shape
+
+Whatever is not loaded keeps its random init and is listed (`InitOutcome.describe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.core.rundir import RunDir
+from teachers.checkpoint import META, WEIGHTS, load_weights_into, read_meta, read_weights
+from teachers.grow import Growth, grow_from
+from teachers.init_sources import InitError, InitReport, load_matching, load_state_dict_file, timm_pretrained_state
+from teachers.models import ModelError
+
+RANDOM, FROM_TEACHER, TIMM_PREFIX = "random", "teacher", "timm:"
+RUN_STAGES = ("pretrain", "ssl_pretrain")  # init names that mean "this run's stage of that name"
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """A resolved `model.init`: what to read, and what to call it in logs and metrics."""
+
+    text: str  # as configured
+    path: Path | None = None  # a checkpoint directory or a weights file
+    timm_name: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None and self.timm_name is None
+
+
+@dataclass(frozen=True)
+class InitOutcome:
+    source: InitSource
+    report: InitReport | None = None  # name/shape matching (other classes, files, timm weights)
+    growth: Growth | None = None  # a deeper model grown from a shallower checkpoint
+
+    def describe(self) -> str:
+        if self.source.is_random:
+            return "random init"
+        if self.growth is not None:
+            g = self.growth
+            return (f"grown from {g.source_arch} at {self.source.path}: {g.loaded} tensors copied, {g.fresh} new "
+                    f"ones start as identity blocks (largest logit difference {g.max_logit_diff:.1e})")
+        if self.report is None:
+            return f"all weights from {self.source.path}"
+        return self.report.describe()
+
+    def metrics(self) -> dict:
+        found = {"source": self.source.text}
+        if self.report is not None:
+            found.update({"loaded": self.report.loaded, "skipped": list(self.report.skipped),
+                          "missing": list(self.report.missing),
+                          "head_reinitialised": self.report.head_reinitialised})
+        return found
+
+
+def resolve_init(init: str | None, teacher_dir: Path | None, run: RunDir) -> InitSource:
+    if init is None or init == RANDOM:
+        return InitSource(init or RANDOM)
+    if init == FROM_TEACHER:
+        if teacher_dir is None:
+            raise ModelError('model.init "teacher" only applies to student stages (the teacher has no teacher); '
+                             "give a checkpoint directory or null")
+        return InitSource(init, path=teacher_dir)
+    if init in RUN_STAGES:
+        return InitSource(init, path=run.checkpoint_dir(init))
+    if init.startswith(TIMM_PREFIX):
+        return InitSource(init, timm_name=init[len(TIMM_PREFIX):])
+    return InitSource(init, path=Path(init))
+
+
+def check_init_exists(init: str | None, where: str) -> None:
+    """Preflight: a path init must exist (as a checkpoint directory or a weights file)."""
+    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX):
+        return
+    path = Path(init)
+    if path.is_dir() and not (path / META).exists():
+        raise ModelError(f"{where}.init: {path} is a directory but not a checkpoint (no {META}); give a checkpoint "
+                         "directory, a weights file (.safetensors/.pt/.pth/.bin), timm:NAME, pretrain, "
+                         "ssl_pretrain or random")
+    if not path.exists():
+        raise ModelError(f"{where}.init: {path} does not exist (a checkpoint directory, a weights file, timm:NAME, "
+                         "pretrain, ssl_pretrain or random)")
+
+
+def adapt_stem(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """3-channel conv weights summed into a model with other input channels, as timm's own loader does
+    (`timm.models.adapt_input_conv`): an RGB stem then starts a grayscale model."""
+    from timm.models import adapt_input_conv
+
+    expected = model.state_dict()
+    adapted = dict(state)
+    for name, value in state.items():
+        target = expected.get(name)
+        if (target is not None and value.ndim == 4 and target.ndim == 4 and value.shape[1] == 3
+                and target.shape[1] != 3 and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]):
+            adapted[name] = adapt_input_conv(target.shape[1], value)
+    return adapted
+
+
+def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_names: tuple[str, ...]) -> InitOutcome:
+    """Load `source` into `model` (built for `arch` and the target `class_names`)."""
+    if source.is_random:
+        return InitOutcome(source)
+    if source.timm_name is not None:
+        state = adapt_stem(model, timm_pretrained_state(source.timm_name))
+        return InitOutcome(source, report=load_matching(model, state, source.text))
+    path = source.path
+    if path.is_dir():
+        meta = read_meta(path)
+        if meta.arch != arch:
+            return InitOutcome(source, growth=grow_from(model, path, meta))
+        # a head trained on other classes (even as many) or never trained (SimCLR) is re-initialised
+        other_head = tuple(meta.class_names) != tuple(class_names) or meta.lineage.get("method") == "simclr"
+        if not other_head:
+            load_weights_into(model, path)
+            return InitOutcome(source)
+        state = read_weights(path)
+        if hasattr(model, "get_classifier"):
+            head = {f"{prefix}.{name}" for prefix, module in model.named_modules() if module is model.get_classifier()
+                    for name, _ in module.named_parameters()}
+            state = {k: v for k, v in state.items() if k not in head}
+        return InitOutcome(source, report=load_matching(model, state, str(path / WEIGHTS)))
+    if not path.exists():
+        raise InitError(f"model.init: {path} does not exist")
+    return InitOutcome(source, report=load_matching(model, adapt_stem(model, load_state_dict_file(path)), str(path)))

@@ -1,0 +1,150 @@
+"""`selftrain compare`: run the pretraining-vs-self-training grid, resumably, and report it.
+
+The plan (pipeline/experiments/compare_grid.py) is a list of ordinary run directories; each is run
+up to its target stage in this one process state (so torchrun / accelerate launch run every job
+with all ranks). Finished jobs are skipped without being opened; a killed job resumes. After
+each arm the optimizer steps of its final model are checked against the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config.schema import ConfigError, to_dict
+from pipeline.core.atomic import read_json, write_json, write_text
+from pipeline.core.provenance import provenance
+from pipeline.core.rundir import RunDir
+from pipeline.engine.runtime import process_state
+from pipeline.experiments.compare_config import CompareConfig
+from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, final_stage, job_images, plan_jobs,
+                                               select_arms)
+from pipeline.experiments.compare_report import ArmResult, write_compare_report
+from pipeline.stages.runner import end_processes, run_up_to
+
+import yaml
+
+ROUND_STAGES = ("pseudo_label_r{i}", "select_r{i}", "student_r{i}")
+
+
+class BudgetError(RuntimeError):
+    """An arm's final model trained another number of steps than the grid's budget."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    arms: list[Arm]
+    jobs: list[Job]
+    out: Path
+
+    def pending(self) -> list[Job]:
+        return [job for job in self.jobs if not RunDir(job.run_dir(self.out)).is_done(job.target)]
+
+
+def make_plan(config: CompareConfig, out: Path, only: str | None) -> Plan:
+    arms = select_arms(expand(config), only)
+    return Plan(arms, plan_jobs(config, arms, out), out)
+
+
+def measured_rate(config: CompareConfig) -> float:
+    """Training images per second of the base teacher model at the budget's batch, on this machine
+    (a few steps on random data), for the cost estimate only."""
+    import timm
+
+    from pipeline.engine.runtime import configure_threads
+
+    base = config.base_config()
+    configure_threads(base.runtime)
+    model = timm.create_model(base.teacher.model.arch, num_classes=10, in_chans=1)
+    size, batch = base.teacher.model.input_size, config.budget.batch_size
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))
+    start = 0.0
+    for step in range(4):
+        if step == 1:
+            start = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return 3 * batch / (time.perf_counter() - start)
+
+
+def describe_plan(config: CompareConfig, plan: Plan, rate: float | None) -> str:
+    a, b = config.axes, config.budget
+    pending = plan.pending()
+    images = sum(job_images(job) for job in pending)
+    lines = [f"compare: {len(plan.arms)} arms = init {list(a.init)} x self-training "
+             f"{[MODE_NAMES[s] for s in a.self_training]} x policy {list(a.policy)} x labels/class "
+             f"{list(a.labels_per_class)} x seeds {list(a.seeds)}",
+             f"budget: every arm's final model trains {b.steps} optimizer steps with {b.batch_size} labeled images "
+             f"a step (self-training adds {config.base_config().student.unlabeled_ratio}x as many pseudo-labeled "
+             "ones); pretraining and the teacher of a self-trained arm are set-up cost, as in Zoph et al.",
+             f"jobs: {len(plan.jobs)} ({len(plan.jobs) - len(pending)} done): "
+             + ", ".join(f"{sum(j.kind == k for j in plan.jobs)} {k}" for k in ("data", "pretrain", "arms")),
+             f"cost: {images:,} training images in the pending jobs"]
+    if rate:
+        lines[-1] += (f", about {images / rate / 60:.0f} min at {rate:.0f} img/s measured just now "
+                      "(plus imports, labeling and evaluation)")
+    for job in plan.jobs:
+        state = "done" if job not in pending else "pending"
+        lines.append(f"  [{state:7s}] {job.kind}/{job.name} -> {job.target}")
+    return "\n".join(lines)
+
+
+def arm_result(config: CompareConfig, arm: Arm, out: Path) -> ArmResult:
+    """The arm's top-1, steps and wall time from its run's metrics; the budget is enforced here."""
+    rounds = config.self_training.rounds
+    run = RunDir(out / "arms" / arm.run_name)
+    stage = final_stage(arm.self_training, rounds)
+    metrics = read_json(run.metrics_path(stage))
+    if metrics["steps"] != config.budget.steps:
+        raise BudgetError(f"arm {arm.name}: {stage} trained {metrics['steps']} steps, the budget is "
+                          f"{config.budget.steps} ({run.metrics_path(stage)})")
+    stages = ["teacher"] + ([s.format(i=i) for i in range(1, rounds + 1) for s in ROUND_STAGES]
+                            if arm.self_training else [])
+    wall = sum(run.wall_seconds(s) or read_json(run.metrics_path(s)).get("wall_seconds", 0.0) for s in stages)
+    return ArmResult(init=arm.init, self_training=MODE_NAMES[arm.self_training], policy=arm.policy,
+                     labels_per_class=arm.labels_per_class, seed=arm.seed, top1=float(metrics["top1"]),
+                     steps=int(metrics["steps"]), wall_seconds=round(float(wall), 1))
+
+
+def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
+                estimate: bool = True) -> dict | None:
+    out = Path(out)
+    plan = make_plan(config, out, only)
+    state = process_state()
+    try:
+        if state.is_main_process:
+            print(describe_plan(config, plan, measured_rate(config) if estimate and plan.pending() else None),
+                  flush=True)
+        if dry_run:
+            return None
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "compare.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        started = time.time()
+        pending = plan.pending()
+        for index, job in enumerate(pending, 1):
+            eta = ""
+            if index > 1:
+                per_job = (time.time() - started) / (index - 1)
+                eta = f", about {per_job * (len(pending) - index + 1) / 60:.0f} min left"
+            state.print(f"[compare {index}/{len(pending)}{eta}] {job.kind}/{job.name} -> {job.target}", flush=True)
+            run_up_to(job.config, job.run_dir(out), job.target, state)
+        results = [arm_result(config, arm, out) for arm in plan.arms]
+        summary = None
+        if state.is_main_process:
+            report_dir = out / "report"
+            budget = (f"Every arm's final model trained {config.budget.steps} optimizer steps at "
+                      f"{config.budget.batch_size} labeled images a step (checked per arm).")
+            summary = write_compare_report(report_dir, results, provenance(),
+                                           yaml.safe_dump(to_dict(config), sort_keys=False), budget)
+            write_json(report_dir / "metrics.json", summary)
+            print(f"report: {report_dir / 'report.md'}")
+        state.wait_for_everyone()
+        return summary
+    finally:
+        end_processes(state)

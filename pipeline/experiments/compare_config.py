@@ -1,0 +1,112 @@
+"""The `selftrain compare` config: a base pipeline config, the axes of the grid, the pretraining
+sources, and the one training budget every arm gets.
+
+    base:            a pipeline config (data, teacher, student, select, ... as for `selftrain run`)
+    budget:          {steps, batch_size}: optimizer steps and labeled images per step of each arm's
+                     final model (the teacher without self-training, the student with it)
+    sources:         named pretraining sources: supervised (another labeled data set), simclr (on the
+                     unlabeled pool), checkpoint (a directory or weights file), timm (published weights)
+    axes:            init (names of sources, or "random"), self_training (off/on), policy (s1..s4),
+                     labels_per_class, seeds
+    self_training:   rounds (the selection and student settings come from `base`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config.schema import ConfigError, bounds, from_dict
+from pipeline.config.sections import Config, DataConfig, TrainConfig
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = field(default=150, metadata=bounds(ge=1))
+    batch_size: int = field(default=64, metadata=bounds(ge=1))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One pretraining source; shared by every arm that starts from it (trained once, seed 0)."""
+
+    kind: Literal["supervised", "simclr", "checkpoint", "timm"]
+    data: DataConfig | None = None  # supervised: the labeled source data set
+    train: TrainConfig | None = None  # supervised / simclr: how long and how (default: the pipeline's)
+    path: str | None = None  # checkpoint: a checkpoint directory or weights file; timm: the weights' name
+    temperature: float = field(default=0.2, metadata=bounds(gt=0))  # simclr
+
+
+@dataclass(frozen=True)
+class Axes:
+    init: tuple[str, ...] = (RANDOM,)
+    self_training: tuple[bool, ...] = (False, True)  # YAML off/on
+    policy: tuple[str, ...] = ("s1", "s4")
+    labels_per_class: tuple[int, ...] = (20, 200)
+    seeds: tuple[int, ...] = (0, 1)
+
+
+@dataclass(frozen=True)
+class SelfTrainingAxis:
+    rounds: int = field(default=1, metadata=bounds(ge=1))
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    base: dict[str, Any] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    axes: Axes = field(default_factory=Axes)
+    self_training: SelfTrainingAxis = field(default_factory=SelfTrainingAxis)
+
+    def base_config(self) -> Config:
+        return from_dict(Config, self.base, "base")
+
+
+def check(config: CompareConfig) -> None:
+    """What the schema cannot see: every init named, sources complete, axes non-empty and unique."""
+    for name, values in vars(config.axes).items():
+        if not values:
+            raise ConfigError(f"axes.{name}: empty; give at least one value")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"axes.{name}: {list(values)} repeats a value")
+    for init in config.axes.init:
+        if init != RANDOM and init not in config.sources:
+            raise ConfigError(f"axes.init: {init!r} is neither 'random' nor a name under sources "
+                              f"({', '.join(config.sources) or 'none defined'})")
+    for name, source in config.sources.items():
+        if source.kind == "supervised" and source.data is None:
+            raise ConfigError(f"sources.{name}: kind supervised needs data (the labeled source data set)")
+        if source.kind in ("checkpoint", "timm") and not source.path:
+            raise ConfigError(f"sources.{name}: kind {source.kind} needs path "
+                              + ("(a checkpoint directory or weights file)" if source.kind == "checkpoint"
+                                 else "(timm weights, e.g. resnet18.a1_in1k)"))
+    for policy in config.axes.policy:
+        try:
+            TrainConfig(policy=policy)
+        except ValueError as exc:
+            raise ConfigError(f"axes.{exc}") from None
+    config.base_config()
+
+
+def load_compare_config(path: str | Path) -> CompareConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read compare config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: empty or not a mapping; see configs/compare_fashion_mnist.yaml")
+    try:
+        config = from_dict(CompareConfig, raw)
+        check(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config

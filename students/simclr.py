@@ -1,0 +1,66 @@
+"""SimCLR (Chen et al. 2020): NT-Xent on two augmented views, a projection head, a k-NN probe.
+
+Written here rather than taken from `lightly`: the loss is a dozen lines over a similarity matrix,
+and lightly would bring its own training stack (pytorch-lightning and its dependencies) to a
+project that trains through accelerate; `tests/test_simclr.py` checks the loss against a
+hand computation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Normalised-temperature cross-entropy: row i of `z1` and row i of `z2` are the positive pair; the
+    other 2N-2 embeddings of the batch are its negatives. Mean over all 2N anchors."""
+    n = len(z1)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    similarity = z @ z.T / temperature
+    similarity.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(similarity, positives)
+
+
+class ProjectionHead(nn.Sequential):
+    """The 2-layer MLP that SimCLR trains on top of the pooled features and throws away afterwards."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class PooledFeatures(nn.Module):
+    """A timm classifier's pooled features (the classifier's input), as a module."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+
+class SimCLRModel(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.features = PooledFeatures(backbone)
+        self.projection = ProjectionHead(backbone.num_features, hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.features(x))
+
+
+def knn_top1(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+             test_labels: np.ndarray, k: int, num_classes: int) -> float:
+    """Top-1 of a cosine k-NN vote (labeled split as memory): how linearly usable the features are,
+    without training a probe."""
+    train = F.normalize(torch.from_numpy(train_features).float(), dim=1)
+    test = F.normalize(torch.from_numpy(test_features).float(), dim=1)
+    k = min(k, len(train))
+    neighbours = (test @ train.T).topk(k, dim=1).indices
+    votes = F.one_hot(torch.from_numpy(train_labels)[neighbours], num_classes).sum(1)
+    return float((votes.argmax(1).numpy() == test_labels).mean())

@@ -1,0 +1,251 @@
+"""`selftrain compare`: grid expansion, shared artifacts, resume, equal budgets, the class filter,
+pretraining sources as init, and a tiny grid end to end (one process, and torchrun with two)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config.schema import ConfigError, from_dict
+from pipeline.core.rundir import RunDir
+from pipeline.data.importer import ClassFilter, import_fashion_mnist
+from pipeline.data.shards import iter_shard
+from pipeline.data.sources.fashion_mnist import DataSourceError
+from pipeline.engine.init import InitSource, apply_init
+from pipeline.experiments.compare import BudgetError, arm_result, make_plan
+from pipeline.experiments.compare_config import CompareConfig, check, load_compare_config
+from pipeline.experiments.compare_grid import Arm, expand, select_arms
+from teachers.checkpoint import CheckpointMeta, save_checkpoint
+from teachers.models import create_model
+
+GRID = {"axes": {"init": ["random", "supervised", "simclr"], "self_training": [False, True],
+                 "policy": ["s1", "s4"], "labels_per_class": [10, 200], "seeds": [0, 1]},
+        "sources": {"supervised": {"kind": "supervised", "data": {"classes": ["0", "1"]}},
+                    "simclr": {"kind": "simclr"}},
+        "budget": {"steps": 7, "batch_size": 16}}
+
+
+def grid_config(**changes) -> CompareConfig:
+    config = from_dict(CompareConfig, {**GRID, **changes})
+    check(config)
+    return config
+
+
+def test_grid_expands_every_combination_with_readable_unique_names():
+    arms = expand(grid_config())
+    assert len(arms) == 3 * 2 * 2 * 2 * 2
+    assert len({a.name for a in arms}) == len(arms)
+    assert Arm("supervised", True, "s4", 10, 1).name == "supervised-on-s4-l10-s1"
+    # self-training off and on of one cell read the same training run (one teacher)
+    assert Arm("random", False, "s1", 10, 0).run_name == Arm("random", True, "s1", 10, 0).run_name
+
+
+def test_plan_shares_imports_pretraining_and_teachers(tmp_path):
+    plan = make_plan(grid_config(), tmp_path, None)
+    kinds = [job.kind for job in plan.jobs]
+    assert kinds.count("data") == 2 * 2  # one import per (labels, seed)
+    assert kinds.count("pretrain") == 2  # one per trained source
+    assert kinds.count("arms") == 3 * 2 * 2 * 2  # one teacher per (init, policy, labels, seed): off and on share it
+    assert kinds == sorted(kinds, key=["data", "pretrain", "arms"].index)  # imports and pretraining first
+
+
+def test_only_selects_arms_and_needs_only_their_jobs(tmp_path):
+    config = grid_config()
+    arms = select_arms(expand(config), "policy=s4,init=random")
+    assert {(a.policy, a.init) for a in arms} == {("s4", "random")} and len(arms) == 2 * 2 * 2
+    plan = make_plan(config, tmp_path, "init=random,seed=0")
+    assert not [j for j in plan.jobs if j.kind == "pretrain"]
+    assert {j.name for j in plan.jobs if j.kind == "data"} == {"l10-s0", "l200-s0"}
+    with pytest.raises(ConfigError, match="unknown axis"):
+        select_arms(expand(config), "polcy=s4")
+    with pytest.raises(ConfigError, match="matches no arm"):
+        select_arms(expand(config), "policy=s3")
+
+
+def test_every_arm_gets_the_same_budget(tmp_path):
+    plan = make_plan(grid_config(), tmp_path, None)
+    for job in (j for j in plan.jobs if j.kind == "arms"):
+        for train in (job.config.teacher.train, job.config.student.train):
+            assert (train.steps, train.batch_size) == (7, 16)
+        assert job.config.teacher.train.policy == job.config.student.train.policy
+        assert job.config.teacher.model.init == job.config.student.model.init  # off and on start alike
+
+
+def test_an_arm_that_trained_another_number_of_steps_is_refused(tmp_path):
+    config = grid_config()
+    arm = Arm("random", False, "s1", 10, 0)
+    run = RunDir(tmp_path / "arms" / arm.run_name)
+    run.write_metrics("teacher", {"top1": 0.5, "steps": 6, "wall_seconds": 1.0})
+    with pytest.raises(BudgetError, match="trained 6 steps, the budget is 7"):
+        arm_result(config, arm, tmp_path)
+
+
+def test_compare_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="axes.init: 'imagenet' is neither"):
+        grid_config(axes={**GRID["axes"], "init": ["random", "imagenet"]})
+    with pytest.raises(ConfigError, match="sources.sup: kind supervised needs data"):
+        grid_config(sources={"sup": {"kind": "supervised"}}, axes={**GRID["axes"], "init": ["sup"]})
+    path = tmp_path / "c.yaml"
+    path.write_text("axes: {policy: [s1, s9]}\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_compare_config(path)
+
+
+def test_class_filter_import_renumbers_and_adds_out_of_domain_images_unlabeled(tiny_fashion_dir, tmp_path):
+    manifest = import_fashion_mnist(tmp_path / "d", str(tiny_fashion_dir), per_class=10, shard_size=1000,
+                                    progress=False, class_filter=ClassFilter(("7", "2"), True))
+    assert manifest["classes"] == ["Sneaker", "Pullover"] and manifest["num_classes"] == 2
+    assert manifest["splits"]["labeled"]["per_class"] == [10, 10]
+    assert manifest["splits"]["test"]["per_class"] == [20, 20] and manifest["splits"]["test"]["count"] == 40
+    unlabeled = [s for p in sorted((tmp_path / "d" / "unlabeled").glob("*.tar")) for s in iter_shard(p)]
+    assert len(unlabeled) == 600 - 20 and not any("cls" in s for s in unlabeled)  # 8 other classes join, unlabeled
+    truth = json.loads((tmp_path / "d" / "unlabeled_truth.json").read_text())
+    assert sorted(set(truth.values())) == [0, 1] and len(truth) == 2 * (60 - 10)  # truth only for target classes
+    inside = import_fashion_mnist(tmp_path / "e", str(tiny_fashion_dir), per_class=10, shard_size=1000,
+                                  progress=False, class_filter=ClassFilter(("Sneaker", "Pullover")))
+    assert inside["splits"]["unlabeled"]["count"] == 2 * 50
+    with pytest.raises(DataSourceError, match="unknown class 'Boot'"):
+        import_fashion_mnist(tmp_path / "f", str(tiny_fashion_dir), per_class=10, progress=False,
+                             class_filter=ClassFilter(("Boot", "7")))
+
+
+def test_class_filter_on_the_command_line(tiny_fashion_dir, tmp_path, capsys):
+    assert main(["data", "fashion-mnist", "--source", str(tiny_fashion_dir), "--out", str(tmp_path / "d"),
+                 "--labels-per-class", "5", "--classes", "Sneaker,Bag", "--out-of-domain-unlabeled"]) == 0
+    assert "imported 2 classes" in capsys.readouterr().out
+    assert main(["data", "fashion-mnist", "--source", str(tiny_fashion_dir), "--out", str(tmp_path / "e"),
+                 "--out-of-domain-unlabeled"]) == 2
+    assert "--out-of-domain-unlabeled needs --classes" in capsys.readouterr().err
+
+
+def _meta(classes: tuple[str, ...]) -> CheckpointMeta:
+    return CheckpointMeta(arch="test_resnet", num_classes=len(classes), in_chans=1, input_size=16, mean=(0.5,),
+                          std=(0.25,), class_names=classes, config_hash="x")
+
+
+def test_a_checkpoint_of_other_classes_starts_the_backbone_and_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("test_resnet", 5, 1)
+    save_checkpoint(tmp_path / "src", source, _meta(("a", "b", "c", "d", "e")))
+    for target_classes in (("v", "w", "x", "y", "z"), ("v", "w")):  # as many classes, and fewer
+        torch.manual_seed(1)
+        model = create_model("test_resnet", len(target_classes), 1)
+        fresh_head = model.get_classifier().weight.detach().clone()
+        outcome = apply_init(model, InitSource(str(tmp_path / "src"), path=tmp_path / "src"), "test_resnet",
+                             target_classes)
+        assert outcome.report.head_reinitialised and "classifier re-initialised" in outcome.describe()
+        assert outcome.metrics()["head_reinitialised"] is True
+        assert torch.equal(model.get_classifier().weight, fresh_head)
+        for name, value in model.state_dict().items():
+            if not name.startswith(("fc.", "head.")) and value.ndim:
+                assert torch.equal(value, source.state_dict()[name]), name
+    same = create_model("test_resnet", 5, 1)
+    outcome = apply_init(same, InitSource("x", path=tmp_path / "src"), "test_resnet", ("a", "b", "c", "d", "e"))
+    assert outcome.report is None and torch.equal(same.get_classifier().weight, source.get_classifier().weight)
+
+
+def test_timm_weights_not_cached_give_a_clear_error(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: {{source: shards, path: {tiny_data}}}\n"
+                      "teacher: {model: {arch: resnet18, init: 'timm:resnet18.a1_in1k'}, train: {steps: 1}}\n"
+                      "runtime: {progress: false, workers: 0}\n")
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "data"]) == 0
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet18.a1_in1k" in err and "cache" in err and "timm.create_model" in err
+
+
+def tiny_compare_config(tmp_path: Path, fashion_dir: Path, seeds=(0, 1), inits=("random", "supervised", "simclr"),
+                        steps: int = 3) -> Path:
+    path = tmp_path / "compare.yaml"
+    model = "{arch: test_resnet, input_size: 16}"
+    path.write_text(f"""
+base:
+  data: {{path: {fashion_dir}, classes: ["5", "6", "7", "8", "9"], out_of_domain_unlabeled: true,
+          max_unlabeled: 200, shard_size: 100}}
+  teacher: {{model: {model}, train: {{lr: 0.05, warmup_epochs: 0}}}}
+  student: {{model: {model}, train: {{lr: 0.05, warmup_epochs: 0}}}}
+  runtime: {{progress: false, workers: 0, threads: 1}}
+budget: {{steps: {steps}, batch_size: 16}}
+sources:
+  supervised: {{kind: supervised, data: {{path: {fashion_dir}, classes: ["0", "1", "2", "3", "4"],
+                labels_per_class: 20, max_unlabeled: 10}}, train: {{steps: 3, batch_size: 16}}}}
+  simclr: {{kind: simclr, train: {{steps: 2, batch_size: 16}}}}
+axes: {{init: {list(inits)}, self_training: [off, on], policy: [s1, s4], labels_per_class: [4],
+        seeds: {list(seeds)}}}
+""")
+    return path
+
+
+def stage_invocations(out: Path) -> dict[str, int]:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())["invocations"]
+            for p in sorted(out.rglob("wall_time.json"))}
+
+
+def test_tiny_grid_runs_shares_resumes_and_reports(tiny_fashion_dir, tmp_path, capsys):
+    config = tiny_compare_config(tmp_path, tiny_fashion_dir, seeds=(0, 1))
+    out = tmp_path / "out"
+    assert main(["compare", str(config), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 arms" in printed and "jobs: 16 (0 done)" in printed and not out.exists()
+
+    # a compare killed in the middle of an arm's teacher continues where it stopped
+    killed = subprocess.run([sys.executable, "-m", "pipeline.cli", "compare", str(config), "--out", str(out),
+                             "--only", "init=supervised"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "SELFTRAIN_KILL_AT_STEP": "2", "OMP_NUM_THREADS": "1"})
+    assert killed.returncode != 0
+    assert (out / "pretrain" / "supervised" / "pretrain" / "state").exists() or \
+        (out / "pretrain" / "supervised" / "pretrain" / "stage.json").exists()
+    assert main(["compare", str(config), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "report:" in first
+    invocations = stage_invocations(out)
+    assert invocations["pretrain/supervised/pretrain"] == 2  # killed once, resumed once
+    # every other stage ran exactly once: a teacher shared by the off and on arms is trained once
+    assert all(n == 1 for stage, n in invocations.items() if stage != "pretrain/supervised/pretrain"), invocations
+    assert sum(stage.endswith("/teacher") for stage in invocations) == 3 * 2 * 2
+    assert sum(stage.endswith("/pretrain") or stage.endswith("/ssl_pretrain") for stage in invocations) == 2
+
+    rows = list(csv.DictReader((out / "report" / "summary.csv").open()))
+    assert len(rows) == 24 and {r["steps"] for r in rows} == {"3"}
+    off = {(r["init"], r["policy"], r["seed"]): r["top1"] for r in rows if r["self_training"] == "off"}
+    teacher = json.loads((out / "arms" / "random-s1-l4-s0" / "teacher" / "metrics.json").read_text())
+    assert float(off[("random", "s1", "0")]) == pytest.approx(teacher["top1"])
+    report = (out / "report" / "report.md").read_text()
+    for text in ("random + self-training", "supervised", "simclr", "reproduced", "accuracy_vs_policy.png"):
+        assert text in report
+    assert (out / "report" / "accuracy_vs_policy.png").stat().st_size > 0
+    student = json.loads((out / "arms" / "supervised-s4-l4-s0" / "student_r1" / "metrics.json").read_text())
+    assert student["init"]["head_reinitialised"] is True and student["steps"] == 3
+
+    # rerun: nothing pending, nothing rerun
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json") if "report" not in p.parts}
+    assert main(["compare", str(config), "--out", str(out)]) == 0
+    assert "jobs: 16 (16 done)" in capsys.readouterr().out
+    assert stage_invocations(out) == invocations
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_compare_under_torchrun_with_two_processes(tiny_fashion_dir, tmp_path):
+    config = tiny_compare_config(tmp_path, tiny_fashion_dir, seeds=(0,), inits=("random", "supervised"), steps=2)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "pipeline.cli", "compare", str(config), "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "report" / "summary.csv").open()))
+    assert len(rows) == 2 * 2 * 2
+    metrics = json.loads((out / "arms" / "supervised-s4-l4-s0" / "student_r1" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 2
+    assert all(n == 1 for n in stage_invocations(out).values())
+    assert not list(out.rglob("*.tmp"))

@@ -1,0 +1,204 @@
+"""`selftrain compare` report: paper-shaped tables, paired gains, verdicts, plots, CSV round trip.
+
+The fabricated grid has known effects (in points):
+top-1 = base(labels) + 1 at s4 + gain(init, cell) + self-training gain
+        + noise(arm) * scale(cell) * (-1, 0, +1)[seed]
+so every mean ± std below can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.experiments.compare_report import (
+    INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, ArmResult, Grid, all_verdicts, load_results_csv, verdict_augmentation,
+    verdict_hurts, verdict_labels, verdict_self_training_helps, verdict_ssl_like_supervised, verdict_stacks,
+    write_compare_report)
+
+Cell = tuple[str, int]
+PATTERN = (-1.0, 0.0, 1.0)
+NOISE = {("random", "off"): 0.2, ("random", "on"): 0.1, ("supervised", "off"): -0.3, ("supervised", "on"): -0.2,
+         ("simclr", "off"): -0.1, ("simclr", "on"): 0.1}
+SCALE = {("s1", 10): 1.0, ("s4", 10): 2.0, ("s1", 100): 3.0, ("s4", 100): 1.5}
+BASE = {10: 60.0, 100: 80.0}
+NO_GAIN = {cell: 0.0 for cell in SCALE}
+SUPERVISED = {("s1", 10): 5.0, ("s4", 10): 3.0, ("s1", 100): 3.0, ("s4", 100): 1.0}
+SIMCLR = {("s1", 10): 4.0, ("s4", 10): 2.5, ("s1", 100): 2.0, ("s4", 100): 1.0}
+HURTS = {("s1", 10): 4.0, ("s4", 10): -1.0, ("s1", 100): 1.0, ("s4", 100): -3.0}
+
+
+def make_results(gains: dict[str, dict[Cell, float]] | None = None, st_gain: float = 2.0,
+                 noise_scale: float = 1.0) -> list[ArmResult]:
+    gains = gains or {"random": NO_GAIN, "supervised": SUPERVISED, "simclr": SIMCLR}
+    results = []
+    for init, gain in gains.items():
+        for mode in ("off", "on"):
+            for (policy, labels), scale in SCALE.items():
+                for seed, shape in enumerate(PATTERN):
+                    points = (BASE[labels] + (1.0 if policy == "s4" else 0.0) + gain[(policy, labels)]
+                              + (st_gain if mode == "on" else 0.0) + noise_scale * NOISE[(init, mode)] * scale * shape)
+                    results.append(ArmResult(init, mode, policy, labels, seed, points / 100, 1000, 60.0 + seed))
+    return results
+
+
+def section(markdown: str, title: str) -> str:
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def table(markdown: str, title: str, labels: int) -> dict[str, list[str]]:
+    """{row name: cells} of the table under `### {labels} labels per class` in section `title`."""
+    block = section(markdown, title).split(f"### {labels} labels per class\n", 1)[1].strip().split("\n\n", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines() if "---" not in line]
+    return {row[0]: row[1:] for row in rows}
+
+
+def outcomes(verdicts) -> dict[str, str]:
+    return {v.finding: v.outcome for v in verdicts}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[ArmResult]]:
+    out = tmp_path_factory.mktemp("compare")
+    results = make_results()
+    provenance = {"git": "abc123", "packages": {"torch": "2.3.0", "timm": "1.0"}, "device": "cpu"}
+    metrics = write_compare_report(out, results, provenance, "seed: 0\ncompare:\n  seeds: 3\n",
+                                   "Every arm trained for 1000 optimizer steps.")
+    return out, metrics, results
+
+
+def test_top1_tables_have_the_papers_shape(report):
+    out, metrics, _ = report
+    md = (out / "report.md").read_text()
+    rows = table(md, "Test top-1 %", 10)
+    assert rows["arm"] == ["s1", "s4"]
+    assert list(rows)[1:] == ["random", "random + self-training", "supervised", "supervised + self-training",
+                              "simclr", "simclr + self-training"]
+    assert rows["random"] == ["60.00 ± 0.20", "61.00 ± 0.40"]  # 60 + 0.2*(-1,0,1); s4: 61 + 0.4*(-1,0,1)
+    assert rows["supervised + self-training"][0] == "67.00 ± 0.20"  # 60 + 5 + 2, noise -0.2*(-1,0,1)
+    assert table(md, "Test top-1 %", 100)["supervised"] == ["83.00 ± 0.90", "82.00 ± 0.45"]
+    assert metrics["top1"]["10"]["random"]["s1"]["n"] == 3
+
+
+def test_gains_are_paired_per_seed(report):
+    out, metrics, _ = report
+    md = (out / "report.md").read_text()
+    rows = table(md, "Gains (points)", 10)
+    # supervised − random at s1/10: 5 + (-0.3 - 0.2)*(-1,0,1) -> std 0.5, SE 0.5/sqrt(3)
+    assert rows["supervised − random"][0] == "+5.00 ± 0.50 (SE 0.29)"
+    assert rows["(supervised + self-training) − (random + self-training)"][0] == "+5.00 ± 0.30 (SE 0.17)"
+    # self-training on − off for random at s4/100: 2 + (0.1 - 0.2)*1.5*(-1,0,1)
+    assert table(md, "Gains (points)", 100)["(random + self-training) − random"][1] == "+2.00 ± 0.15 (SE 0.09)"
+    assert metrics["gains"]["10"]["supervised − random"]["s1"]["mean"] == pytest.approx(5.0)
+
+
+def test_verdicts_on_the_designed_grid(report):
+    _, metrics, results = report
+    found = {v["finding"]: v["outcome"] for v in metrics["verdicts"]}
+    assert found == {
+        "a. pretraining helps less as labels grow (supervised)": REPRODUCED,
+        "a. pretraining helps less as labels grow (simclr)": REPRODUCED,
+        "b. pretraining helps less as augmentation gets stronger (supervised)": REPRODUCED,
+        "b. pretraining helps less as augmentation gets stronger (simclr)": REPRODUCED,
+        "c. pretraining can hurt with S3/S4 (supervised)": NOT_REPRODUCED,  # still helps at s4
+        "c. pretraining can hurt with S3/S4 (simclr)": NOT_REPRODUCED,
+        "d. self-supervised pretraining behaves like supervised (simclr)": REPRODUCED,
+        "e. self-training helps in every cell": REPRODUCED,
+        "f. self-training stacks on top of pretraining (supervised)": REPRODUCED,
+        "f. self-training stacks on top of pretraining (simclr)": REPRODUCED,
+    }
+    grid = Grid(results)
+    a = verdict_labels(grid, "supervised")
+    assert "at 10 labels per class" in a.evidence and "+2.00" in a.evidence and "n=6" in a.evidence
+    assert "12 of 12 cells significantly > 0" in verdict_self_training_helps(grid).evidence
+    assert "(supervised + self-training) − (random + self-training)" in verdict_stacks(grid, "supervised").evidence
+
+
+def test_noise_larger_than_the_effect_is_inconclusive():
+    grid = Grid(make_results(noise_scale=20.0))
+    assert verdict_labels(grid, "supervised").outcome == INCONCLUSIVE
+    e = verdict_self_training_helps(grid)
+    assert e.outcome == INCONCLUSIVE
+    assert "of 12 cells significantly > 0" in e.evidence
+
+
+def test_reversed_effects_are_not_reproduced():
+    reversed_gain = {("s1", 10): 2.0, ("s4", 10): 2.0, ("s1", 100): 5.0, ("s4", 100): 5.0}
+    grid = Grid(make_results({"random": NO_GAIN, "supervised": reversed_gain, "simclr": HURTS}, st_gain=-2.0))
+    assert verdict_labels(grid, "supervised").outcome == NOT_REPRODUCED  # gain grows with labels
+    assert verdict_augmentation(grid, "supervised").outcome == INCONCLUSIVE  # no change with the policy
+    assert verdict_hurts(grid, "simclr").outcome == REPRODUCED  # -1 and -3 points at s4
+    assert verdict_hurts(grid, "supervised").outcome == NOT_REPRODUCED
+    d = verdict_ssl_like_supervised(grid, "simclr")
+    assert d.outcome == NOT_REPRODUCED and "c: supervised not reproduced, simclr reproduced" in d.evidence
+    e = verdict_self_training_helps(grid)
+    assert e.outcome == NOT_REPRODUCED and "negative in random/s1/10" in e.evidence
+    assert verdict_stacks(grid, "supervised").outcome == NOT_REPRODUCED
+
+
+def test_missing_axes_give_reasons_not_crashes():
+    only_s1_10 = [r for r in make_results() if r.policy == "s1" and r.labels_per_class == 10]
+    grid = Grid(only_s1_10)
+    assert "only one label count" in verdict_labels(grid, "supervised").evidence
+    assert "only one policy" in verdict_augmentation(grid, "supervised").evidence
+    assert "strongest policy in the grid is s1" in verdict_hurts(grid, "supervised").evidence
+    no_random = Grid([r for r in make_results() if r.init != "random"])
+    assert "no random init" in verdict_labels(no_random, "simclr").evidence
+    no_st = Grid([r for r in make_results() if r.self_training == "off"])
+    assert verdict_self_training_helps(no_st).outcome == INCONCLUSIVE
+    assert verdict_stacks(no_st, "supervised").outcome == INCONCLUSIVE
+    no_ssl = Grid([r for r in make_results() if r.init != "simclr"])
+    assert outcomes(all_verdicts(no_ssl))["d. self-supervised pretraining behaves like supervised"] == INCONCLUSIVE
+
+
+def test_plots_exist_and_report_links_them(report):
+    out, _, _ = report
+    md = (out / "report.md").read_text()
+    for name in ("accuracy_vs_policy.png", "gain_vs_labels.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).stat().st_size > 1000
+        assert f"]({name})" in section(md, "Plots")
+    assert not list(out.glob("*.tmp"))
+
+
+def test_report_sections_and_metrics_json(report):
+    out, metrics, results = report
+    md = (out / "report.md").read_text()
+    wall = section(md, "Wall time per arm")
+    assert "| random | off | s1 | 10 | 0 | 1000 | 59.80 | 60 |" in wall
+    assert "1000 optimizer steps in every arm" in wall
+    assert "Every arm trained for 1000 optimizer steps." in section(md, "Budget")
+    assert "- packages:\n  - torch: 2.3.0" in section(md, "Provenance")
+    assert "```yaml\nseed: 0\ncompare:\n  seeds: 3\n```" in section(md, "Config")
+    assert metrics["arms"] == len(results) == 72
+    json.dumps(metrics)  # goes into metrics.json as it is
+
+
+def test_summary_csv_round_trips(report):
+    out, _, results = report
+    assert load_results_csv(out / "summary.csv") == results
+
+
+def test_summary_csv_missing_column_is_named(tmp_path):
+    (tmp_path / "summary.csv").write_text("init,policy\nrandom,s1\n")
+    with pytest.raises(ValueError, match="missing columns: self_training"):
+        load_results_csv(tmp_path / "summary.csv")
+
+
+def test_duplicate_arm_is_refused():
+    result = make_results()[0]
+    with pytest.raises(ValueError, match="two results for the same arm"):
+        Grid([result, result])
+
+
+def test_degenerate_grid_renders_with_inconclusive_verdicts(tmp_path):
+    results = [ArmResult("random", "off", "s1", 10, 0, 0.5, 100, 3.0)]
+    metrics = write_compare_report(tmp_path, results, {}, "", "One arm only.")
+    assert {v["outcome"] for v in metrics["verdicts"]} == {INCONCLUSIVE}
+    md = (tmp_path / "report.md").read_text()
+    assert table(md, "Test top-1 %", 10)["random"] == ["50.00"]
+    assert "- (none recorded)" in section(md, "Provenance")
+    for name in ("accuracy_vs_policy.png", "gain_vs_labels.png", "summary.csv"):
+        assert (tmp_path / name).stat().st_size > 0
