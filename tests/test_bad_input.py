@@ -1,7 +1,9 @@
 """A user's mistake or a damaged file gives one clear line naming the culprit (exit 2), never a traceback."""
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +28,28 @@ def image(tmp_path):
     return path
 
 
-def error_of(args, capsys) -> str:
+# run bookkeeping that a refused command may rewrite: the lock (holder pid) and the resolved config
+BOOKKEEPING = {"lock", "config.yaml", ".selftrain-run"}
+
+
+def file_hashes(paths) -> dict[Path, str]:
+    """sha256 of every file under the given files and directories."""
+    found = {}
+    for root in map(Path, paths):
+        for path in ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())):
+            if path.name not in BOOKKEEPING:
+                found[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def error_of(args, capsys, also=()) -> str:
+    """Run the CLI expecting a clear error (exit 2, no traceback); every file the command was pointed at
+    (any argument that is an existing path, and `also`) must be unchanged afterwards: nothing lost."""
+    watched = [a for a in args if not a.startswith("-") and Path(a).exists()] + list(also)
+    before = file_hashes(watched)
     assert main(args) == 2
+    after = file_hashes(watched)
+    assert {p: h for p, h in after.items() if p in before} == before, "a file changed or vanished"
     err = capsys.readouterr().err
     assert "Traceback" not in err and "selftrain: error:" in err  # after any progress bar output
     return err[err.index("selftrain: error:"):]
@@ -153,11 +175,11 @@ def test_unknown_architecture_is_refused_before_any_stage_records_it(tiny_data, 
 
     config = tiny_config(tmp_path, tiny_data)
     args = ["run", str(config), "--run-dir", str(tmp_path / "run"), "--set", "student.rounds=0"]
-    err = error_of(args + set_args(TINY_TEACHER + ["teacher.model.arch=resnet19"]), capsys)
+    err = error_of(args + set_args(TINY_TEACHER + ["teacher.model.arch=resnet19"]), capsys, also=[tiny_data])
     assert "unknown timm architecture 'resnet19'; did you mean resnet18" in err
     assert not list(tmp_path.glob("run/*/stage.json"))  # nothing recorded: the corrected rerun just runs
     err = error_of(args + set_args(TINY_TEACHER + ["teacher.model.init=/nonexistent/ckpt"]), capsys)
-    assert "teacher.model.init: /nonexistent/ckpt is not a checkpoint directory" in err
+    assert "teacher.model.init: /nonexistent/ckpt does not exist (a checkpoint directory, a weights file" in err
 
 
 def test_an_import_without_unlabeled_pool_is_refused_before_training(tiny_data, tmp_path, capsys):
@@ -166,7 +188,8 @@ def test_an_import_without_unlabeled_pool_is_refused_before_training(tiny_data, 
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["splits"]["unlabeled"] = {"count": 0, "per_class": None, "shards": []}
     (data / "manifest.json").write_text(json.dumps(manifest))
-    err = error_of(["run", str(tiny_config(tmp_path, data)), "--run-dir", str(tmp_path / "run")], capsys)
+    err = error_of(["run", str(tiny_config(tmp_path, data)), "--run-dir", str(tmp_path / "run")], capsys,
+                   also=[data])
     assert "the unlabeled pool is empty" in err and not (tmp_path / "run" / "teacher").exists()
 
 
@@ -217,7 +240,7 @@ def test_a_sidecar_from_another_teacher_is_refused_by_select(tiny_teacher_run, t
     write_sidecar(victim, list(original.keys), original.full_logits(),
                   {**original.meta, "teacher_sha256": "f" * 64})  # what another teacher's sidecar would say
     before = {p.name: p.read_bytes() for p in run.glob("pseudo_label_r1/*")}
-    err = error_of(args + ["--only", "select_r1"], capsys)
+    err = error_of(args + ["--only", "select_r1"], capsys, also=[teacher_run])
     assert f"{victim}: not the sidecar" in err and "teacher_sha256 ffffffffffff" in err
     assert {p.name: p.read_bytes() for p in run.glob("pseudo_label_r1/*")} == before  # nothing finished changed
     assert not (run / "select_r1" / "DONE").exists()
@@ -242,6 +265,23 @@ def test_16_bit_png_is_scaled_not_saturated_and_alpha_is_composited_on_black(tmp
     decoded = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "RGB")
     assert (decoded[0, 0] == (200, 100, 50)).all()
     assert (decoded.reshape(-1, 3)[1:] == 0).all()  # ... behind full transparency stays hidden
+
+
+def test_a_folder_import_counts_and_names_the_images_it_converts(tmp_path, capsys):
+    from pipeline.data.importer import import_folder
+
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "src" / "a" / "wide.png")
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(tmp_path / "src" / "b" / "clear.png")
+    manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=2, shard_size=100, progress=False)
+    assert manifest["conversions"]["16-bit scaled"] == {"count": 1, "examples": [str(tmp_path / "src/a/wide.png")]}
+    assert manifest["conversions"]["alpha composited"]["count"] == 1
+    assert manifest["conversions"]["alpha_background"] == [0, 0, 0]
+    out = capsys.readouterr().out
+    assert "1 image(s) 16-bit scaled to 8 bits" in out and "1 image(s) alpha composited on black" in out
 
 
 @pytest.mark.parametrize("override,message", [

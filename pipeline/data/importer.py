@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.core.atomic import read_json, sha256_file, write_json
 from pipeline.core.owned import claim, refuse_foreign
-from pipeline.data.shards import encode_png, shard_name, write_shards
+from pipeline.data.shards import ALPHA_BACKGROUND, encode_png, shard_name, write_shards
 from pipeline.data.sources import fashion_mnist, folder
 from pipeline.data.sources.fashion_mnist import DataSourceError
 
@@ -163,9 +163,22 @@ def planned_files(split_items: dict[str, list], shard_size: int) -> list[str]:
     return shards + [TRUTH_FILE, MANIFEST]
 
 
+def conversion_counts(images: list, headers: list[tuple[str, str | None]]) -> dict:
+    """How many images decoding converts (16-bit scaled to 8 bits, alpha composited on black), with
+    examples: recorded in the manifest and printed, never silent."""
+    found: dict = {"alpha_background": list(ALPHA_BACKGROUND)}
+    for kind in ("16-bit scaled", "alpha composited"):
+        paths = [str(im.path) for im, (_, conversion) in zip(images, headers) if conversion == kind]
+        found[kind] = {"count": len(paths), "examples": paths[:5]}
+        if paths:
+            print(f"import: {len(paths)} image(s) {kind}" + (" on black" if kind.startswith("alpha") else
+                                                             " to 8 bits (value / 257)") + f", e.g. {paths[0]}")
+    return found
+
+
 def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
             split_items: dict[str, list], shard_size: int, truth: dict[str, int], source: str,
-            progress: bool) -> dict:
+            progress: bool, extra: dict | None = None) -> dict:
     claim(out, planned_files(split_items, shard_size), tolerated=RUN_BOOKKEEPING)
     records = _write_splits(out, split_items, shard_size, progress)
     write_json(out / TRUTH_FILE, truth)
@@ -179,6 +192,7 @@ def _finish(out: Path, params: dict[str, object], classes: list[str], mode: str,
                    for split, items in split_items.items()},
         "unlabeled_truth": {"file": TRUTH_FILE, "sha256": sha256_file(out / TRUTH_FILE),
                             "note": "true labels of the unlabeled pool; only for measuring pseudo-label accuracy"},
+        **(extra or {}),
     }
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -244,7 +258,9 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     train_idx = np.flatnonzero(~is_test)  # filtered-out classes (-1) are never test images
     parts = split_labeled(labels[train_idx], per_class, holdout_per_class, seed, classes, max_unlabeled,
                           out_of_domain=class_filter is not None and class_filter.out_of_domain_unlabeled)
-    mode = "RGB" if any(folder.header_mode(im) == "RGB" for im in images) else "L"
+    headers = [folder.header_info(im) for im in images]
+    mode = "RGB" if any(m == "RGB" for m, _ in headers) else "L"
+    conversions = conversion_counts(images, headers)
 
     def payload(i: int) -> Callable[[], tuple[str, bytes]]:
         return lambda: folder.read_checked(images[i])
@@ -259,4 +275,5 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
         "test": items(np.flatnonzero(is_test), True),
     }
     truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]] if labels[i] >= 0}
-    return _finish(out, params, classes, mode, split_items, shard_size, truth, str(src), progress)
+    return _finish(out, params, classes, mode, split_items, shard_size, truth, str(src), progress,
+                   extra={"conversions": conversions})

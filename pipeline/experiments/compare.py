@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config.schema import ConfigError, to_dict
+from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.provenance import provenance
 from pipeline.core.rundir import RunDir
@@ -111,6 +111,11 @@ def arm_result(config: CompareConfig, arm: Arm, out: Path) -> ArmResult:
                      steps=int(metrics["steps"]), wall_seconds=round(float(wall), 1))
 
 
+def resolved_yaml(config: CompareConfig) -> str:
+    """The compare config with every default filled in (the base pipeline config included)."""
+    return yaml.safe_dump({**to_dict(config), "base": to_dict(config.base_config())}, sort_keys=False)
+
+
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
                 estimate: bool = True) -> dict | None:
     out = Path(out)
@@ -124,7 +129,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             return None
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "compare.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+            write_text(out / "compare.yaml", resolved_yaml(config))
         started = time.time()
         pending = plan.pending()
         for index, job in enumerate(pending, 1):
@@ -141,7 +146,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             budget = (f"Every arm's final model trained {config.budget.steps} optimizer steps at "
                       f"{config.budget.batch_size} labeled images a step (checked per arm).")
             summary = write_compare_report(report_dir, results, provenance(),
-                                           yaml.safe_dump(to_dict(config), sort_keys=False), budget)
+                                           resolved_yaml(config), budget)
             write_json(report_dir / "metrics.json", summary)
             print(f"report: {report_dir / 'report.md'}")
         state.wait_for_everyone()

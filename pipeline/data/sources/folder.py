@@ -52,11 +52,26 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
     return classes, images
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA")
+
+
 def header_mode(image: FolderImage) -> str:
     """'L' or 'RGB' from the file header alone (cheap); a folder with any colour image is stored as RGB."""
+    return header_info(image)[0]
+
+
+def header_info(image: FolderImage) -> tuple[str, str | None]:
+    """('L' or 'RGB', the conversion decoding will apply: "16-bit scaled", "alpha composited" or None),
+    from the file header alone."""
     try:
         with Image.open(image.path) as handle:
-            return "L" if handle.mode in GRAY_MODES else "RGB"
+            mode = "L" if handle.mode in GRAY_MODES else "RGB"
+            if handle.mode in SIXTEEN_BIT_MODES:
+                return mode, "16-bit scaled"
+            if handle.mode in ALPHA_MODES or (handle.mode == "P" and "transparency" in handle.info):
+                return mode, "alpha composited"
+            return mode, None
     except Exception as exc:  # PIL raises many types
         raise DataSourceError(f"{image.path}: not a readable image ({type(exc).__name__}: {exc})") from None
 
