@@ -17,7 +17,37 @@ import yaml
 
 from pipeline.config.schema import ConfigError, bounds, from_dict, set_by_path, to_dict
 
-DataSource = Literal["fashion-mnist", "folder", "shards"]
+DataSource = Literal["fashion-mnist", "folder", "shards", "webdataset"]
+
+
+@dataclass(frozen=True)
+class WebDatasetConfig:
+    """Shards written by other tools, read in place (`data.source: webdataset`; nothing copied).
+
+    Each split is a list of shard URLs as `webdataset.WebDataset` takes them: brace notation
+    (`pool-{000000..000099}.tar`), local paths, `file://`, `pipe:CMD`, http(s) and the other
+    schemes of `webdataset.gopen`.
+    """
+
+    labeled: tuple[str, ...] = ()
+    unlabeled: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    holdout: tuple[str, ...] = ()
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")  # a sample's image member, tried in order
+    label_key: str = "cls"  # "cls" (the class index or name as text) or "json:<field>" (a field of the json member)
+    classes: tuple[str, ...] | None = None  # class names in index order; null: the indices found (0..max)
+    classes_file: str | None = None  # or a text file, one class name per line
+
+    def __post_init__(self) -> None:
+        if self.label_key != "cls" and not (self.label_key.startswith("json:") and len(self.label_key) > 5):
+            raise ValueError(f'label_key: {self.label_key!r} is neither "cls" nor "json:<field>"')
+        if not self.image_keys:
+            raise ValueError("image_keys: list at least one image member, e.g. [jpg, png]")
+        if any(key != key.lower() or key.startswith(".") for key in self.image_keys):
+            raise ValueError(f"image_keys: {list(self.image_keys)}: members are matched by lower-case "
+                             "extension without the dot, e.g. jpg")
+        if self.classes is not None and self.classes_file is not None:
+            raise ValueError("classes: give either classes or classes_file, not both")
 
 
 @dataclass(frozen=True)
@@ -25,7 +55,7 @@ class DataConfig:
     """Where labeled/unlabeled/test data comes from and how it is split."""
 
     source: DataSource = "fashion-mnist"
-    # raw idx dir (fashion-mnist), image folder (folder) or an imported data dir (shards)
+    # raw idx dir (fashion-mnist), image folder (folder) or an imported data dir (shards); unused by webdataset
     path: str | None = None
     labels_per_class: int = field(default=100, metadata=bounds(ge=1))
     holdout_per_class: int = field(default=0, metadata=bounds(ge=0))
@@ -39,6 +69,8 @@ class DataConfig:
     classes: tuple[str, ...] | None = None
     # with `classes`: the other classes' training images join the unlabeled pool, without labels
     out_of_domain_unlabeled: bool = False
+    # source "webdataset": per-split shard URLs written by other tools, used in place
+    webdataset: WebDatasetConfig | None = None
 
 
 @dataclass(frozen=True)

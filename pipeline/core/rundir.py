@@ -87,9 +87,6 @@ class RunDir:
         """The imported data: RUN/data, or the import the config points at."""
         return self._data_path if self._data_path is not None else self.root / "data"
 
-    def shard_path(self, split: str, shard_name: str) -> Path:
-        return self.data_dir / split / shard_name
-
     def sidecar_path(self, labels_stage: str, shard_name: str) -> Path:
         """Pseudo-label sidecar of one unlabeled shard: `<shard stem>.labels.npz`."""
         return self.stage_dir(labels_stage) / (shard_name.removesuffix(".tar") + ".labels.npz")

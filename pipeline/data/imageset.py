@@ -1,20 +1,24 @@
 """Decoded splits held in memory (labeled, holdout and test sets are small).
 
-Labeled data is read strictly: a sample that does not decode, lacks `cls`, or
+Labeled data is read strictly: a sample that does not decode, lacks its label, or
 a truncated shard raises `ShardError` naming the shard and key. Shard hashes
-are checked against the manifest so a changed or damaged file is named.
+are checked against the manifest so a changed or damaged file is named: a local
+file before it is read, a shard read from a URL (shards used in place,
+`data.source: webdataset`) while it streams, at its end.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.atomic import read_json, sha256_file
 from pipeline.data.importer import MANIFEST
-from pipeline.data.shards import ReadProblems, ShardError, decode_image, decode_label, iter_shard
+from pipeline.data.shard_io import Fingerprint, ShardLocation, as_location, shard_basename
+from pipeline.data.shards import IMAGE_KEYS, ReadProblems, ShardError, decode_image, decode_label, iter_shard
 
 
 class DataDirError(RuntimeError):
@@ -42,14 +46,32 @@ class DataInfo:
     def in_chans(self) -> int:
         return 1 if self.mode == "L" else 3
 
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        """Members that hold a sample's image, tried in order."""
+        return tuple(self.manifest.get("image_keys", IMAGE_KEYS))
+
+    @property
+    def label_key(self) -> str:
+        """Where a labeled sample's class is: "cls" or "json:<field>"."""
+        return str(self.manifest.get("label_key", "cls"))
+
     def shard_records(self, split: str) -> list[dict]:
-        """One record per shard of `split`: name, count, sha256."""
+        """One record per shard of `split`: name, count, sha256 (shards used in place: also url, size)."""
         return list(self.manifest["splits"].get(split, {}).get("shards", []))
 
-    def shard_path(self, split: str, shard_name: str) -> Path:
-        return self.root / split / shard_name
+    @cached_property
+    def _urls(self) -> dict[tuple[str, str], str]:
+        return {(split, r["name"]): r["url"] for split, entry in self.manifest["splits"].items()
+                for r in entry.get("shards", []) if "url" in r}
 
-    def shard_paths(self, split: str) -> list[Path]:
+    def shard_path(self, split: str, shard_name: str) -> ShardLocation:
+        """Where a shard is read from: the URL (or local path) its record names when the shards are used
+        in place, else `split/shard_name` under the data directory."""
+        url = self._urls.get((split, shard_name))
+        return as_location(url) if url is not None else self.root / split / shard_name
+
+    def shard_paths(self, split: str) -> list[ShardLocation]:
         return [self.shard_path(split, rec["name"]) for rec in self.shard_records(split)]
 
     @property
@@ -81,8 +103,20 @@ class ImageSet:
         return len(self.images)
 
 
-def verify_shard(info: DataInfo, split: str, path: Path) -> None:
-    record = next(r for r in info.manifest["splits"][split]["shards"] if r["name"] == path.name)
+def _record(info: DataInfo, split: str, path: ShardLocation) -> dict:
+    name = shard_basename(path)
+    return next(r for r in info.manifest["splits"][split]["shards"] if r["name"] == name)
+
+
+def verify_shard(info: DataInfo, split: str, path: ShardLocation, streamed: Fingerprint | None = None) -> None:
+    """The shard's bytes match the manifest's sha256: a local file is hashed here, a URL's bytes are
+    `streamed` (hashed while the caller read the shard to its end)."""
+    record = _record(info, split, path)
+    if streamed is not None:
+        if streamed.sha256 != record["sha256"]:
+            raise ShardError(f"shard {path} streamed {streamed.size} bytes that do not match the sha256 in "
+                             f"{info.root / MANIFEST} (changed since the data stage, or corrupt)")
+        return
     if not path.exists():
         raise ShardError(f"shard {path} listed in {info.root / MANIFEST} is missing")
     if sha256_file(path) != record["sha256"]:
@@ -92,12 +126,17 @@ def verify_shard(info: DataInfo, split: str, path: Path) -> None:
 def load_labeled_split(info: DataInfo, split: str) -> ImageSet:
     """Decode a labeled split (labeled/holdout/test) strictly into memory."""
     images, labels, keys = [], [], []
+    image_keys, label_key, classes = info.image_keys, info.label_key, info.classes
     for path in info.shard_paths(split):
-        verify_shard(info, split, path)
-        for sample in iter_shard(path, on_error="raise"):
-            images.append(decode_image(sample, path, info.mode))
-            labels.append(decode_label(sample, path, info.num_classes))
+        streamed = None if isinstance(path, Path) else Fingerprint()
+        if streamed is None:
+            verify_shard(info, split, path)
+        for sample in iter_shard(path, on_error="raise", fingerprint=streamed):
+            images.append(decode_image(sample, path, info.mode, image_keys))
+            labels.append(decode_label(sample, path, info.num_classes, label_key, classes))
             keys.append(str(sample["__key__"]))
+        if streamed is not None:
+            verify_shard(info, split, path, streamed)
     expected = info.count(split)
     if len(images) != expected:
         raise ShardError(f"split '{split}' in {info.root}: read {len(images)} samples, manifest says {expected}")
@@ -112,9 +151,10 @@ def load_unlabeled_split(info: DataInfo) -> tuple[ImageSet, ReadProblems]:
     for path in info.shard_paths("unlabeled"):
         for sample in iter_shard(path, on_error="skip", problems=problems):
             try:
-                images.append(decode_image(sample, path, info.mode))
+                images.append(decode_image(sample, path, info.mode, info.image_keys))
             except ShardError as exc:
-                problems.skipped.append({"shard": path.name, "key": str(sample["__key__"]), "reason": str(exc)})
+                problems.skipped.append({"shard": shard_basename(path), "key": str(sample["__key__"]),
+                                         "reason": str(exc)})
                 continue
             keys.append(str(sample["__key__"]))
     return ImageSet(images, np.full(len(images), -1, dtype=np.int64), keys), problems

@@ -72,7 +72,7 @@ def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_st
             if row is None:
                 continue
             try:
-                found[row] = decode_image(sample, shard, data.mode)
+                found[row] = decode_image(sample, shard, data.mode, data.image_keys)
             except ShardError:
                 continue  # was skipped at labeling time too
         missing = set(wanted.values()) - set(found)

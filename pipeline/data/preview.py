@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.data.imageset import DataDirError, open_data
 from pipeline.data.importer import MANIFEST
-from pipeline.data.shards import decode_image, iter_shard
+from pipeline.data.shards import IMAGE_KEYS, decode_image, iter_shard
 
 
 def sample_images(source: Path, count: int) -> list[np.ndarray]:
@@ -18,18 +18,19 @@ def sample_images(source: Path, count: int) -> list[np.ndarray]:
         if source.name not in info.manifest["splits"]:
             raise DataDirError(f"--data {source}: not a split of {source.parent} "
                                f"(splits: {', '.join(info.manifest['splits'])})")
-        shards, mode = info.shard_paths(source.name), info.mode
+        shards, mode, image_keys = info.shard_paths(source.name), info.mode, info.image_keys
     elif source.is_dir():
         info = open_data(source)
-        shards, mode = info.shard_paths("labeled") or info.shard_paths("test"), info.mode
+        shards = info.shard_paths("labeled") or info.shard_paths("test")
+        mode, image_keys = info.mode, info.image_keys
     elif source.suffix == ".tar" and source.exists():
-        shards, mode = [source], "RGB"
+        shards, mode, image_keys = [source], "RGB", IMAGE_KEYS
     else:
         raise DataDirError(f"--data {source}: expected an imported data directory or a .tar shard")
     images: list[np.ndarray] = []
     for shard in shards:
         for sample in iter_shard(shard):
-            image = decode_image(sample, shard, mode)
+            image = decode_image(sample, shard, mode, image_keys)
             if mode == "RGB" and (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all():
                 image = image[..., :1]  # a grayscale image read from a bare shard
             images.append(image)

@@ -2,21 +2,22 @@
 
 Used by pseudo-labeling: each DataLoader worker takes whole shards, so a
 shard's batches come from one worker in order, followed by an end-of-shard
-record with its count and problems. Images are never re-encoded or copied.
+record with its count and problems. Images are never re-encoded or copied; a shard
+is a local file or a URL (`shard_io`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.loader import Transform
-from pipeline.data.shards import ReadProblems, ShardError, decode_image, iter_shard
+from pipeline.data.shard_io import ShardLocation, shard_basename
+from pipeline.data.shards import IMAGE_KEYS, ReadProblems, ShardError, decode_image, iter_shard
 
 
 @dataclass
@@ -34,8 +35,10 @@ class ShardEnd:
 
 
 class UnlabeledShardStream(IterableDataset):
-    def __init__(self, shards: list[Path], transform: Transform, batch_size: int, mode: str):
+    def __init__(self, shards: list[ShardLocation], transform: Transform, batch_size: int, mode: str,
+                 image_keys: Sequence[str] = IMAGE_KEYS):
         self.shards, self.transform, self.batch_size, self.mode = shards, transform, batch_size, mode
+        self.image_keys = tuple(image_keys)
 
     def _batch(self, shard: int, keys: list[str], images: list[np.ndarray]) -> ShardBatch:
         return ShardBatch(shard, list(keys), torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
@@ -45,6 +48,7 @@ class UnlabeledShardStream(IterableDataset):
         wid, nworkers = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in range(wid, len(self.shards), nworkers):
             path = self.shards[index]
+            name = shard_basename(path)
             problems = ReadProblems()
             keys: list[str] = []
             images: list[np.ndarray] = []
@@ -53,14 +57,14 @@ class UnlabeledShardStream(IterableDataset):
             for sample in iter_shard(path, on_error="skip", problems=problems):
                 key = str(sample["__key__"])
                 if key in seen:  # labels are joined by key: a second sample under one key is skipped, named
-                    problems.skipped.append({"shard": path.name, "key": key,
-                                             "reason": f"duplicate __key__ in shard {path.name} (the first is kept)"})
+                    problems.skipped.append({"shard": name, "key": key,
+                                             "reason": f"duplicate __key__ in shard {name} (the first is kept)"})
                     continue
                 seen.add(key)
                 try:
-                    image = decode_image(sample, path, self.mode)
+                    image = decode_image(sample, path, self.mode, self.image_keys)
                 except ShardError as exc:
-                    problems.skipped.append({"shard": path.name, "key": key, "reason": str(exc)})
+                    problems.skipped.append({"shard": name, "key": key, "reason": str(exc)})
                     continue
                 keys.append(key)
                 images.append(self.transform(image))
@@ -77,8 +81,8 @@ def _as_is(item: ShardBatch | ShardEnd) -> ShardBatch | ShardEnd:
     return item
 
 
-def stream_loader(shards: list[Path], transform: Transform, batch_size: int, mode: str,
-                  workers: int) -> DataLoader:
-    dataset = UnlabeledShardStream(shards, transform, batch_size, mode)
+def stream_loader(shards: list[ShardLocation], transform: Transform, batch_size: int, mode: str,
+                  workers: int, image_keys: Sequence[str] = IMAGE_KEYS) -> DataLoader:
+    dataset = UnlabeledShardStream(shards, transform, batch_size, mode, image_keys)
     return DataLoader(dataset, batch_size=None, num_workers=min(workers, max(1, len(shards))),
                       collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)

@@ -2,16 +2,19 @@
 
 A shard is a plain tar in webdataset layout: members `KEY.png`, `KEY.cls`,
 grouped by `__key__`. Writing goes through `webdataset.TarWriter` into a
-temporary file that is renamed when complete. Reading walks the tar stream
-directly so that errors can name the shard, the key and the position.
+temporary file that is renamed when complete. Reading groups the members of a
+local file or a URL (`shard_io`) here, so that errors can name the shard, the
+key and the position.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import cv2
 import numpy as np
@@ -20,9 +23,13 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.core.atomic import atomic_open, sha256_file
-from pipeline.data.tarstream import TarDamaged, iter_members
+from pipeline.data.shard_io import Fingerprint, ShardLocation, shard_basename, shard_members
+from pipeline.data.tarstream import TarDamaged
 
 OnError = Literal["raise", "skip"]
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")  # image members tried, in order (our own imports)
+# what a broken stream raises: our tar reader, tarfile (remote streams), I/O and a failed pipe command
+STREAM_ERRORS = (TarDamaged, OSError, UnicodeDecodeError, tarfile.TarError, EOFError)
 
 
 class ShardError(RuntimeError):
@@ -90,36 +97,47 @@ def write_shards(out_dir: Path, prefix: str, samples: Iterator[dict[str, bytes |
     return records
 
 
-def iter_shard(path: Path, on_error: OnError = "raise",
-               problems: ReadProblems | None = None) -> Iterator[dict[str, bytes | str]]:
-    """Yield raw samples {"__key__": str, ext: bytes, ...} from one shard, in order.
+def iter_shard(path: ShardLocation, on_error: OnError = "raise", problems: ReadProblems | None = None,
+               fingerprint: Fingerprint | None = None) -> Iterator[dict[str, bytes | str]]:
+    """Yield raw samples {"__key__": str, ext: bytes, ...} from one shard (a local file or a URL), in order.
 
-    on_error="raise": a truncated or corrupt tar raises ShardError naming the
-    shard and the last good key. on_error="skip": the samples read before the
-    break are kept and the break is recorded in `problems`.
+    on_error="raise": a truncated or corrupt tar, or a member that appears twice in one sample,
+    raises ShardError naming the shard and the key. on_error="skip": the samples read before a
+    break are kept and the break is recorded in `problems`; a sample with a repeated member is
+    dropped and recorded. With `fingerprint`, the shard's bytes are hashed as they stream.
     """
     current: dict[str, bytes | str] | None = None
+    dropped = False  # the current sample repeats a member
     last_key = "<start of shard>"
     try:
-        for name, data in iter_members(path):
+        for name, data in shard_members(path, fingerprint):
             key, ext = base_plus_ext(name)
             if key is None:
                 continue
             if current is not None and current["__key__"] != key:
                 last_key = str(current["__key__"])
-                yield current
-                current = None
+                if not dropped:
+                    yield current
+                current, dropped = None, False
             if current is None:
                 current = {"__key__": key}
-            current[ext.lower()] = data
-    except (TarDamaged, OSError, UnicodeDecodeError) as exc:
+            ext = ext.lower()
+            if ext in current:
+                reason = f"member '.{ext}' appears twice (a second '{name}')"
+                if on_error == "raise":
+                    raise ShardError(f"shard {path}, key '{key}': {reason}")
+                if not dropped and problems is not None:
+                    problems.skipped.append({"shard": shard_basename(path), "key": key, "reason": reason})
+                dropped = True
+            current[ext] = data
+    except STREAM_ERRORS as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if on_error == "raise":
             raise ShardError(f"shard {path} is truncated or corrupt after key '{last_key}' ({reason})") from exc
         if problems is not None:
-            problems.truncated.append({"shard": path.name, "after_key": last_key, "reason": reason})
+            problems.truncated.append({"shard": shard_basename(path), "after_key": last_key, "reason": reason})
         return  # the partial sample at the break is dropped: it may be incomplete
-    if current is not None:
+    if current is not None and not dropped:
         yield current
 
 
@@ -135,12 +153,25 @@ def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
     return None  # palette/alpha/16-bit or a mode conversion: PIL's rules apply
 
 
-def decode_image(sample: dict[str, bytes | str], shard: Path, mode: str) -> np.ndarray:
+def image_member(sample: dict[str, bytes | str], shard: ShardLocation,
+                 image_keys: Sequence[str] = IMAGE_KEYS) -> str:
+    """The one member of `image_keys` the sample holds; none, or two (which one is the image?), is an error."""
+    key = sample["__key__"]
+    present = [e for e in image_keys if e in sample]
+    if not present:
+        raise ShardError(f"shard {shard}, key '{key}': no image member ({'/'.join('.' + e for e in image_keys)}); "
+                         f"has {sorted(k for k in sample if not k.startswith('__'))}")
+    if len(present) > 1:
+        raise ShardError(f"shard {shard}, key '{key}': {len(present)} image members ({', '.join(present)}); "
+                         "a sample holds one image")
+    return present[0]
+
+
+def decode_image(sample: dict[str, bytes | str], shard: ShardLocation, mode: str,
+                 image_keys: Sequence[str] = IMAGE_KEYS) -> np.ndarray:
     """Decode the image of a raw sample to uint8 HxWxC in `mode` ("L" or "RGB")."""
     key = sample["__key__"]
-    ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in sample), None)
-    if ext is None:
-        raise ShardError(f"shard {shard}, key '{key}': no image member (.png/.jpg); has {sorted(k for k in sample if k != '__key__')}")
+    ext = image_member(sample, shard, image_keys)
     array = _decode_fast(sample[ext], mode)
     if array is None:
         try:
@@ -167,15 +198,54 @@ def to_8bit_opaque(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_label(sample: dict[str, bytes | str], shard: Path, num_classes: int) -> int:
+def label_value(sample: dict[str, bytes | str], shard: ShardLocation, label_key: str = "cls") -> object:
+    """The raw label of a sample: the `cls` member's text, or a field of its `json` member
+    (label_key "json:<field>")."""
     key = sample["__key__"]
-    if "cls" not in sample:
-        raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard")
-    raw = sample["cls"]
+    if label_key == "cls":
+        if "cls" not in sample:
+            raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard")
+        raw = sample["cls"]
+        try:
+            return raw.decode().strip() if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            raise ShardError(f"shard {shard}, key '{key}': 'cls' is not text: {raw[:20]!r}") from None
+    field_name = label_key.removeprefix("json:")
+    if "json" not in sample:
+        raise ShardError(f"shard {shard}, key '{key}': missing 'json' (label_key {label_key}) in a labeled shard")
     try:
-        label = int(raw.decode() if isinstance(raw, bytes) else raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ShardError(f"shard {shard}, key '{key}': 'cls' is not an integer: {raw[:20]!r}") from None
+        document = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ShardError(f"shard {shard}, key '{key}': the 'json' member is not JSON ({exc})") from None
+    if not isinstance(document, dict) or field_name not in document:
+        raise ShardError(f"shard {shard}, key '{key}': the 'json' member has no field '{field_name}' "
+                         f"(label_key {label_key})")
+    return document[field_name]
+
+
+def class_index(value: object, classes: Sequence[str] | None = None) -> int | None:
+    """An integer, integer text, or (given the class names) a class name -> its index; else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        if classes is not None and text in classes:
+            return list(classes).index(text)
+    return None
+
+
+def decode_label(sample: dict[str, bytes | str], shard: ShardLocation, num_classes: int,
+                 label_key: str = "cls", classes: Sequence[str] | None = None) -> int:
+    """The class index of a labeled sample (`label_key`: "cls" or "json:<field>"; names need `classes`)."""
+    key = sample["__key__"]
+    value = label_value(sample, shard, label_key)
+    label = class_index(value, classes)
+    what = "'cls'" if label_key == "cls" else f"'{label_key}'"
+    if label is None:
+        kind = "an integer or a class name" if classes is not None else "an integer (class names need a class list)"
+        raise ShardError(f"shard {shard}, key '{key}': {what} is not {kind}: {str(value)[:40]!r}")
     if not 0 <= label < num_classes:
         raise ShardError(f"shard {shard}, key '{key}': class {label} is outside 0..{num_classes - 1}")
     return label

@@ -76,9 +76,9 @@ def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
             next_name = None  # directories, links, global headers: nothing to read
 
 
-def _tarfile_members(path: Path) -> Iterator[tuple[str, bytes]]:
+def _tarfile_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     try:
-        with tarfile.open(path, mode="r|*") as stream:
+        with tarfile.open(fileobj=handle, mode="r|*") as stream:
             for member in stream:
                 if member.isreg():
                     yield member.name, stream.extractfile(member).read()
@@ -86,12 +86,20 @@ def _tarfile_members(path: Path) -> Iterator[tuple[str, bytes]]:
         raise TarDamaged(f"{type(exc).__name__}: {exc}") from exc
 
 
-def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Regular members of the tar at `path`, in stream order."""
+def is_compressed(path: Path) -> bool:
+    """gzip, bzip2 or xz magic at the start of the file."""
     with open(path, "rb") as handle:
         magic = handle.read(3)
-    if magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z":
-        yield from _tarfile_members(path)
-        return
+    return magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z"
+
+
+def iter_stream_members(handle: BinaryIO, compressed: bool) -> Iterator[tuple[str, bytes]]:
+    """Regular members of an open tar stream, in order (`compressed`: read through tarfile)."""
+    yield from _tarfile_members(handle) if compressed else _plain_members(handle)
+
+
+def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Regular members of the tar at `path`, in stream order."""
+    compressed = is_compressed(path)
     with open(path, "rb", buffering=1 << 20) as handle:
-        yield from _plain_members(handle)
+        yield from iter_stream_members(handle, compressed)

@@ -122,7 +122,8 @@ def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConf
     channels_last = use_channels_last(config.runtime)
     model, init = build_model(stage, data, resolve_init(stage.model.init, teacher_dir, run))
     if not init.source.is_random:
-        accelerator.print(f"[{name}] {stage.model.arch} init from {init.source.text}: {init.describe()}")
+        origin = "" if init.growth is not None else f" init from {init.source.text}:"
+        accelerator.print(f"[{name}] {stage.model.arch}{origin} {init.describe()}")
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return TrainingSetup(name, config, stage, run, data, accelerator, model, labeled, test, holdout, mean, std, policy,

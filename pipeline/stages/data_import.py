@@ -1,8 +1,9 @@
 """Stage `data`: import the configured source into webdataset shards (or check an existing import).
 
-Reads: Fashion-MNIST idx files, an image folder, or an existing import (`data.source: shards`).
+Reads: Fashion-MNIST idx files, an image folder, an existing import (`data.source: shards`), or
+shards written by other tools, used in place (`data.source: webdataset`: streamed once, not copied).
 Writes: RUN/data/{labeled,holdout,unlabeled,test}/*.tar + manifest.json (written last), with the
-files it writes journaled first (pipeline.core.owned), then DONE.
+files it writes journaled first (pipeline.core.owned), then DONE; for `webdataset` only manifest.json.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.config.sections import DataConfig
 from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
+from pipeline.data.webdataset_source import import_webdataset
 from pipeline.stages.base import Stage, StageContext
 
 
@@ -33,7 +35,8 @@ def run(ctx: StageContext, stage: Stage) -> None:
 
 
 def import_data(d: DataConfig, out: Path, progress: bool) -> None:
-    """Import `d`'s source into `out` (or, for `source: shards`, check the existing import there)."""
+    """Import `d`'s source into `out` (`source: webdataset`: only its manifest; `source: shards`: check the
+    existing import there)."""
     if d.source == "fashion-mnist":
         import_fashion_mnist(out, d.path, d.labels_per_class, d.holdout_per_class, d.seed,
                              d.shard_size, progress=progress, max_unlabeled=d.max_unlabeled, class_filter=class_filter(d))
@@ -43,5 +46,7 @@ def import_data(d: DataConfig, out: Path, progress: bool) -> None:
         import_folder(d.path, out, d.labels_per_class, d.holdout_per_class, d.seed,
                       d.shard_size, d.test_fraction, progress=progress, max_unlabeled=d.max_unlabeled,
                       class_filter=class_filter(d))
+    elif d.source == "webdataset":
+        import_webdataset(d, out, progress)
     else:
         open_data(out)  # validates the existing import

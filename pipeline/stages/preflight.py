@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.config.sections import Config, ModelConfig
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
+from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
 from teachers.checkpoint import META
@@ -47,7 +48,10 @@ def check_models(config: Config) -> None:
 
 
 def check_data(config: Config, run: RunDir) -> None:
-    """An existing import must have an unlabeled pool; a new import must fit on the disk."""
+    """An existing import must have an unlabeled pool; a new import must fit on the disk; shards used in
+    place must be listed, named once and reachable by name (local files exist, URL schemes are known)."""
+    if config.data.source == "webdataset":
+        shard_lists(webdataset_section(config.data))
     if config.data.source == "shards" or (run.data_dir / "manifest.json").exists():
         data = open_data(run.data_dir)
         if data.count("unlabeled") == 0:

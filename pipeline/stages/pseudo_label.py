@@ -1,6 +1,7 @@
 """Stage `pseudo_label_r{i}`: the un-noised teacher labels every unlabeled shard.
 
-Reads: the round's teacher checkpoint, data/unlabeled/*.tar (+ manifest).
+Reads: the round's teacher checkpoint, the unlabeled shards the data manifest names
+(data/unlabeled/*.tar, or their URLs when used in place).
 Writes: one sidecar per input shard (`<shard>.labels.npz`, fp16 logits keyed by
 `__key__`, atomic), then `metrics.json` and `manifest.json` last. A finished
 sidecar is skipped on rerun, so a kill loses at most the shards in flight. Under
@@ -26,6 +27,8 @@ from pipeline.core.metrics import expected_calibration_error
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import Transform, to_model_input
+from pipeline.data.shard_io import ShardLocation
+from pipeline.data.shards import IMAGE_KEYS
 from pipeline.data.shard_stream import ShardBatch, stream_loader
 from pipeline.engine.runtime import configure_threads, loader_workers, mixed_precision, use_channels_last
 from pipeline.stages.base import Stage, StageContext
@@ -100,7 +103,7 @@ class Labeler:
 class LabelingJob:
     """Which shards to label, into which sidecars, and how to read them."""
 
-    shards: list[Path]
+    shards: list[ShardLocation]  # local files, or URLs for shards used in place
     records: list[dict]  # the manifest record of each shard (name, count, sha256)
     sidecars: list[Path]
     mode: str  # image mode of the data ("L" or "RGB")
@@ -108,6 +111,7 @@ class LabelingJob:
     workers: int
     topk: int | None  # sidecars keep only the top-k logits (many classes)
     progress: bool
+    image_keys: tuple[str, ...] = IMAGE_KEYS  # members that hold the image, tried in order
 
     @property
     def total_images(self) -> int:
@@ -121,7 +125,8 @@ def label_shards(labeler: Labeler, job: LabelingJob) -> int:
     bar = tqdm(total=job.total_images, desc="pseudo-label", unit="img", disable=not job.progress, dynamic_ncols=True)
     mean, std = labeler.mean.to(labeler.device), labeler.std.to(labeler.device)
     with torch.inference_mode():
-        for item in stream_loader(job.shards, labeler.transform, job.batch_size, job.mode, job.workers):
+        for item in stream_loader(job.shards, labeler.transform, job.batch_size, job.mode, job.workers,
+                                  job.image_keys):
             if isinstance(item, ShardBatch):
                 x = to_model_input(item.images, mean, std, labeler.device, labeler.channels_last)
                 with _autocast(labeler.device, labeler.precision):
@@ -195,6 +200,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     mine = pending[state.process_index::state.num_processes]
     job = LabelingJob(shards=[data.shard_path("unlabeled", r["name"]) for r in mine], records=mine,
                       sidecars=[run_dir.sidecar_path(stage.name, r["name"]) for r in mine], mode=data.mode,
+                      image_keys=data.image_keys,
                       batch_size=cfg.batch_size, workers=loader_workers(config.runtime),
                       topk=cfg.topk if data.num_classes > cfg.topk_above_classes else None,
                       progress=config.runtime.progress and state.is_local_main_process)

@@ -1,0 +1,216 @@
+"""Shards written by other tools, used in place (`data.source: webdataset`): a manifest, nothing copied.
+
+Each split's URL list is expanded as `webdataset.WebDataset` expands it (braces, `WDS_` variables)
+and every shard is streamed once, through the same reader and sample grouping later stages use.
+`manifest.json` (the only file written) records per shard its URL, its name (the basename: what
+sidecars and plans are keyed by, so two shards of one split with one name are refused), its
+sample count, size and sha256 of the bytes streamed; then the classes, per-class counts and the
+image mode ("RGB" if any labeled image is in colour). Labeled splits are read strictly: a sample
+without exactly one image member or a readable label is an error naming shard and key. The
+unlabeled pool is skip-and-count, as pseudo-labeling reads it; its count is of usable samples.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+from webdataset.gopen import gopen_schemes
+from webdataset.shardlists import expand_urls
+
+from pipeline.config.schema import to_dict
+from pipeline.config.sections import DataConfig, WebDatasetConfig
+from pipeline.core.atomic import write_json
+from pipeline.core.owned import claim
+from pipeline.data.importer import FORMAT, MANIFEST, RUN_BOOKKEEPING, existing_import
+from pipeline.data.shard_io import Fingerprint, ShardLocation, as_location, shard_basename
+from pipeline.data.shards import (ReadProblems, ShardError, class_index, decode_label, image_member, iter_shard,
+                                  label_value)
+from pipeline.data.sources.fashion_mnist import DataSourceError
+from pipeline.data.sources.folder import GRAY_MODES
+
+LABELED_SPLITS = ("labeled", "holdout", "test")
+REQUIRED_SPLITS = ("labeled", "unlabeled", "test")
+SPLITS = LABELED_SPLITS + ("unlabeled",)  # scan order: labels (and the class count) first
+
+
+def webdataset_section(data: DataConfig) -> WebDatasetConfig:
+    """The `data.webdataset` section of a `source: webdataset` config; settings it cannot honour are refused."""
+    if data.webdataset is None:
+        raise DataSourceError("data.source is 'webdataset' but data.webdataset (shard URL lists for labeled, "
+                              "unlabeled and test) is not set")
+    if data.classes:
+        raise DataSourceError("data.classes filters an import; shards used in place keep their own classes "
+                              "(their names go in data.webdataset.classes)")
+    return data.webdataset
+
+
+def _check_url(url: str, split: str) -> ShardLocation:
+    location = as_location(url)
+    if isinstance(location, Path):
+        if not location.is_file():
+            raise DataSourceError(f"data.webdataset.{split}: shard {url} does not exist")
+        return location
+    scheme = urlparse(url).scheme
+    if scheme not in gopen_schemes:
+        known = ", ".join(sorted(s for s in gopen_schemes if not s.startswith("_")))
+        raise DataSourceError(f"data.webdataset.{split}: {url}: webdataset.gopen cannot open '{scheme}:' URLs "
+                              f"(it opens local paths, file:, {known}); e.g. pipe:aws s3 cp s3://BUCKET/x.tar -")
+    return location
+
+
+def shard_lists(cfg: WebDatasetConfig) -> dict[str, list[tuple[str, ShardLocation]]]:
+    """(name, location) of every shard of each split, checked before anything streams: required splits
+    are not empty, URL schemes are known, local files exist, no two shards of a split share a name."""
+    lists: dict[str, list[tuple[str, ShardLocation]]] = {}
+    for split in SPLITS:
+        named: dict[str, tuple[str, ShardLocation]] = {}
+        for url in (u for entry in getattr(cfg, split) for u in expand_urls(entry)):
+            location = _check_url(url, split)
+            name = shard_basename(location)
+            if not name:
+                raise DataSourceError(f"data.webdataset.{split}: cannot tell the shard's file name from {url!r} "
+                                      "(sidecars are keyed by it); name the .tar file in the URL or command")
+            if name in named:
+                raise DataSourceError(f"data.webdataset.{split}: two shards are named {name}: {named[name][0]} and "
+                                      f"{url}; sidecars and plans are keyed by the file name, rename one")
+            named[name] = (url, location)
+        if not named and split in REQUIRED_SPLITS:
+            raise DataSourceError(f"data.webdataset.{split}: no shards; list the {split} split's shard URLs")
+        lists[split] = [(name, location) for name, (_, location) in named.items()]
+    return lists
+
+
+def read_classes(cfg: WebDatasetConfig) -> list[str] | None:
+    """Class names from `classes` or `classes_file` (one per line); None when neither is given."""
+    if cfg.classes_file is not None:
+        try:
+            names = [line.strip() for line in Path(cfg.classes_file).read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise DataSourceError(f"data.webdataset.classes_file: cannot read {cfg.classes_file} "
+                                  f"({exc.strerror})") from None
+        where = cfg.classes_file
+    elif cfg.classes is not None:
+        names, where = list(cfg.classes), "data.webdataset.classes"
+    else:
+        return None
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if len(names) < 2 or repeated:
+        raise DataSourceError(f"{where}: need at least 2 distinct class names"
+                              + (f"; repeated: {repeated}" if repeated else f", got {names}"))
+    return names
+
+
+def _stored_url(location: ShardLocation) -> str:
+    """What later stages open: an absolute path for a local file, else the URL as given."""
+    return str(location.absolute()) if isinstance(location, Path) else location
+
+
+def _header_mode(sample: dict, member: str, location: ShardLocation) -> str:
+    """'L' or 'RGB' from the image header alone (cheap)."""
+    try:
+        with Image.open(io.BytesIO(sample[member])) as image:
+            return "L" if image.mode in GRAY_MODES else "RGB"
+    except Exception as exc:  # PIL raises many types
+        raise ShardError(f"shard {location}, key '{sample['__key__']}': image does not decode "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _label(sample: dict, location: ShardLocation, cfg: WebDatasetConfig, classes: list[str] | None) -> int:
+    if classes is not None:
+        return decode_label(sample, location, len(classes), cfg.label_key, classes)
+    value = label_value(sample, location, cfg.label_key)
+    label = class_index(value)
+    if label is None or label < 0:
+        raise ShardError(f"shard {location}, key '{sample['__key__']}': label {str(value)[:40]!r} is not a class "
+                         "index; class names need data.webdataset.classes (or classes_file)")
+    return label
+
+
+def _record(name: str, location: ShardLocation, count: int, fingerprint: Fingerprint) -> dict:
+    return {"name": name, "url": _stored_url(location), "count": count, "size": fingerprint.size,
+            "sha256": fingerprint.sha256}
+
+
+def scan_labeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, classes: list[str] | None,
+                 modes: set[str]) -> tuple[dict, list[int]]:
+    """A labeled shard's record and labels, read strictly; the image modes found are added to `modes`."""
+    fingerprint = Fingerprint()
+    labels = []
+    for sample in iter_shard(location, on_error="raise", fingerprint=fingerprint):
+        modes.add(_header_mode(sample, image_member(sample, location, cfg.image_keys), location))
+        labels.append(_label(sample, location, cfg, classes))
+    return _record(name, location, len(labels), fingerprint), labels
+
+
+def scan_unlabeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, problems: ReadProblems) -> dict:
+    """An unlabeled shard's record; samples without one image member or under a repeated key are skipped,
+    counted in `problems` and not in the record's count."""
+    fingerprint = Fingerprint()
+    seen: set[str] = set()
+    for sample in iter_shard(location, on_error="skip", problems=problems, fingerprint=fingerprint):
+        key = str(sample["__key__"])
+        try:
+            if key in seen:
+                raise ShardError(f"duplicate __key__ in shard {name} (the first is kept)")
+            image_member(sample, location, cfg.image_keys)
+        except ShardError as exc:
+            problems.skipped.append({"shard": name, "key": key, "reason": str(exc)})
+            continue
+        seen.add(key)
+    return _record(name, location, len(seen), fingerprint)
+
+
+def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dict:
+    """Write `out`/manifest.json for the shards `data.webdataset` lists (or return the one already there)."""
+    cfg = webdataset_section(data)
+    params = {"kind": "webdataset", "webdataset": to_dict(cfg)}
+    if (manifest := existing_import(out, params)) is not None:
+        return manifest
+    lists = shard_lists(cfg)
+    classes = read_classes(cfg)
+    records: dict[str, list[dict]] = {}
+    labels: dict[str, list[int]] = {}
+    modes: set[str] = set()
+    problems = ReadProblems()
+    total = sum(len(v) for v in lists.values())
+    with tqdm(total=total, desc="scan shards", unit="shard", disable=not progress) as bar:
+        for split in SPLITS:
+            records[split], labels[split] = [], []
+            for name, location in lists[split]:
+                if split == "unlabeled":
+                    records[split].append(scan_unlabeled(name, location, cfg, problems))
+                else:
+                    record, found = scan_labeled(name, location, cfg, classes, modes)
+                    records[split].append(record)
+                    labels[split] += found
+                bar.update(1)
+    if classes is None:
+        top = max((max(v) for v in labels.values() if v), default=0)
+        if top < 1:
+            raise DataSourceError("data.webdataset: the labeled splits hold a single class (0); need at least 2")
+        classes = [str(i) for i in range(top + 1)]
+    if not any(r["count"] for r in records["unlabeled"]):
+        raise DataSourceError(f"data.webdataset.unlabeled: no usable sample in {len(records['unlabeled'])} shard(s) "
+                              f"({len(problems.skipped)} skipped, {len(problems.truncated)} truncated)")
+    manifest = {
+        "format": FORMAT, "params": params, "source": "webdataset (shards used in place)",
+        "classes": classes, "num_classes": len(classes), "mode": "RGB" if "RGB" in modes else "L",
+        "image_keys": list(cfg.image_keys), "label_key": cfg.label_key,
+        "splits": {split: {"count": sum(int(r["count"]) for r in records[split]),
+                           "per_class": (np.bincount(labels[split], minlength=len(classes)).tolist()
+                                         if split != "unlabeled" else None),
+                           "shards": records[split]}
+                   for split in ("labeled", "holdout", "unlabeled", "test")},
+        "unlabeled_problems": problems.as_dict(),
+    }
+    if problems.skipped or problems.truncated:
+        print(f"data: unlabeled pool: {len(problems.skipped)} sample(s) skipped, {len(problems.truncated)} "
+              f"shard(s) truncated (see unlabeled_problems in {out / MANIFEST})")
+    claim(out, [MANIFEST], tolerated=RUN_BOOKKEEPING)
+    write_json(out / MANIFEST, manifest)
+    return manifest
