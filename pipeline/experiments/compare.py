@@ -111,6 +111,14 @@ def arm_result(config: CompareConfig, arm: Arm, out: Path) -> ArmResult:
                      steps=int(metrics["steps"]), wall_seconds=round(float(wall), 1))
 
 
+def eta(seconds: dict[str, list[float]], remaining: list[Job]) -> str:
+    """", about N min left": the mean time of finished jobs of the same kind, for each remaining job."""
+    if not all(job.kind in seconds for job in remaining):
+        return ""
+    left = sum(sum(seconds[job.kind]) / len(seconds[job.kind]) for job in remaining)
+    return f", about {left / 60:.0f} min left"
+
+
 def resolved_yaml(config: CompareConfig) -> str:
     """The compare config with every default filled in (the base pipeline config included)."""
     return yaml.safe_dump({**to_dict(config), "base": to_dict(config.base_config())}, sort_keys=False)
@@ -130,15 +138,14 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "compare.yaml", resolved_yaml(config))
-        started = time.time()
         pending = plan.pending()
+        seconds: dict[str, list[float]] = {}
         for index, job in enumerate(pending, 1):
-            eta = ""
-            if index > 1:
-                per_job = (time.time() - started) / (index - 1)
-                eta = f", about {per_job * (len(pending) - index + 1) / 60:.0f} min left"
-            state.print(f"[compare {index}/{len(pending)}{eta}] {job.kind}/{job.name} -> {job.target}", flush=True)
+            state.print(f"[compare {index}/{len(pending)}{eta(seconds, pending[index - 1:])}] "
+                        f"{job.kind}/{job.name} -> {job.target}", flush=True)
+            started = time.time()
             run_up_to(job.config, job.run_dir(out), job.target, state)
+            seconds.setdefault(job.kind, []).append(time.time() - started)
         results = [arm_result(config, arm, out) for arm in plan.arms]
         summary = None
         if state.is_main_process:
