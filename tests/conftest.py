@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from pipeline.data.sources.synthetic import synthetic_images, write_fashion_like  # noqa: F401 (re-exported)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
-def synthetic_images(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Learnable class-dependent patterns plus noise: class c is a bar at a c-dependent place."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 40, size=(len(labels), size, size), dtype=np.uint8)
-    for i, c in enumerate(labels):
-        row = 2 + (int(c) * (size - 6)) // 9
-        images[i, row:row + 3, 3:size - 3] = 220
-    return images
 
 
 @pytest.fixture(scope="session")
 def tiny_fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Raw idx .gz files in the Fashion-MNIST layout: 600 train, 200 test, 10 classes, 28x28."""
-    root = tmp_path_factory.mktemp("fm_raw")
-    train_y = np.repeat(np.arange(10), 60)
-    test_y = np.repeat(np.arange(10), 20)
-    write_idx(root / "train-images-idx3-ubyte.gz", synthetic_images(train_y, 28, 1))
-    write_idx(root / "train-labels-idx1-ubyte.gz", train_y)
-    write_idx(root / "t10k-images-idx3-ubyte.gz", synthetic_images(test_y, 28, 2))
-    write_idx(root / "t10k-labels-idx1-ubyte.gz", test_y)
-    return root
+    return write_fashion_like(tmp_path_factory.mktemp("fm_raw"), train_per_class=60, test_per_class=20)
 
 
 @pytest.fixture(scope="session")
