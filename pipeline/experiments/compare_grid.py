@@ -171,15 +171,25 @@ def plan_jobs(config: CompareConfig, arms: list[Arm], out: Path) -> list[Job]:
     return jobs
 
 
+FASHION_MNIST_CLASSES, FASHION_MNIST_TRAIN = 10, 60_000  # for estimates when a split's size is not configured
+
+
+def _trained_images(train: TrainConfig, images_per_epoch: int) -> int:
+    return train.steps * train.batch_size if train.steps is not None else train.epochs * images_per_epoch
+
+
 def job_images(job: Job) -> int:
-    """Images pushed through training by a job (its budget), for the cost estimate."""
+    """Images pushed through training by a job, for the cost estimate (epochs are counted with the
+    configured labeled / pool sizes; an unbounded pool is taken as Fashion-MNIST's training split)."""
     c = job.config
     if job.kind == "data":
         return 0
     if job.target == "pretrain":
-        return c.pretrain.train.total_steps(1) * c.pretrain.train.batch_size  # steps unset: epochs counted as steps
+        data = c.pretrain.data
+        return _trained_images(c.pretrain.train,
+                               data.labels_per_class * (len(data.classes or ()) or FASHION_MNIST_CLASSES))
     if job.target == "ssl_pretrain":
-        return 2 * c.ssl_pretrain.train.total_steps(1) * c.ssl_pretrain.train.batch_size
+        return 2 * _trained_images(c.ssl_pretrain.train, c.data.max_unlabeled or FASHION_MNIST_TRAIN)
     images = c.teacher.train.total_steps(1) * c.teacher.train.batch_size
     if c.student.rounds:
         images += c.student.rounds * c.student.train.total_steps(1) * c.student.train.batch_size * \
