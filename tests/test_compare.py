@@ -229,6 +229,11 @@ def test_tiny_grid_runs_shares_resumes_and_reports(tiny_fashion_dir, tmp_path, c
     student = json.loads((out / "arms" / "supervised-s4-l4-s0" / "student_r1" / "metrics.json").read_text())
     assert student["init"]["head_reinitialised"] is True and student["steps"] == 3
 
+    # --only reports every finished arm of the grid, not just the ones it ran
+    assert main(["compare", str(config), "--out", str(out), "--only", "init=random,seed=0"]) == 0
+    assert len(list(csv.DictReader((out / "report" / "summary.csv").open()))) == 24
+    capsys.readouterr()
+
     # rerun: nothing pending, nothing rerun
     before = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json") if "report" not in p.parts}
     assert main(["compare", str(config), "--out", str(out)]) == 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json, write_json, write_text
@@ -24,8 +25,6 @@ from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, fin
                                                select_arms)
 from pipeline.experiments.compare_report import ArmResult, write_compare_report
 from pipeline.stages.runner import end_processes, run_up_to
-
-import yaml
 
 ROUND_STAGES = ("pseudo_label_r{i}", "select_r{i}", "student_r{i}")
 
@@ -111,6 +110,13 @@ def arm_result(config: CompareConfig, arm: Arm, out: Path) -> ArmResult:
                      steps=int(metrics["steps"]), wall_seconds=round(float(wall), 1))
 
 
+def finished_arms(config: CompareConfig, out: Path) -> list[Arm]:
+    """Every arm of the grid whose final stage is done (a run with --only reports the earlier arms too)."""
+    rounds = config.self_training.rounds
+    return [arm for arm in expand(config)
+            if RunDir(out / "arms" / arm.run_name).is_done(final_stage(arm.self_training, rounds))]
+
+
 def eta(seconds: dict[str, list[float]], remaining: list[Job]) -> str:
     """", about N min left": the mean time of finished jobs of the same kind, for each remaining job."""
     if not all(job.kind in seconds for job in remaining):
@@ -146,7 +152,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             started = time.time()
             run_up_to(job.config, job.run_dir(out), job.target, state)
             seconds.setdefault(job.kind, []).append(time.time() - started)
-        results = [arm_result(config, arm, out) for arm in plan.arms]
+        results = [arm_result(config, arm, out) for arm in finished_arms(config, out)]
         summary = None
         if state.is_main_process:
             report_dir = out / "report"
