@@ -160,8 +160,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_status(args: argparse.Namespace) -> None:
     from pipeline.stages.runner import describe
 
-    for stage, state in describe(args.run_dir):
-        print(f"{stage:12s} {state}")
+    rows = describe(args.run_dir)
+    width = max(len(stage) for stage, _ in rows)
+    for stage, state in rows:
+        print(f"{stage:{width}s}  {state}")
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
