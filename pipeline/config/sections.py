@@ -151,6 +151,10 @@ class StudentConfig:
     pseudo_weight: float = field(default=1.0, metadata=bounds(ge=0))  # a in L_h + a * L_p
     loss_balance: bool = False  # Zoph et al. 2020 running-average normalisation
     rounds: int = field(default=1, metadata=bounds(ge=0))  # 0: stop after selection
+    # memory: the selected pool is decoded into RAM; streamed: read from the shards as training goes
+    # (pipeline/data/pool_stream.py), shuffled in a buffer of `shuffle_buffer` images
+    pool: Literal["memory", "streamed"] = "memory"
+    shuffle_buffer: int = field(default=2000, metadata=bounds(ge=1))
 
 
 @dataclass(frozen=True)

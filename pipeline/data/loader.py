@@ -131,9 +131,10 @@ def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, workers: int, seed: int) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: Sampler, workers: int, seed: int,
+                collate: Callable[[list], Batch] = collate_uint8) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)  # keeps DataLoader from drawing on the global RNG
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_uint8,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       generator=generator, persistent_workers=False,
                       prefetch_factor=4 if workers > 0 else None, pin_memory=torch.cuda.is_available())
 

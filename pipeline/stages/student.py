@@ -21,6 +21,8 @@ from pipeline.core.atomic import read_json
 from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
 from pipeline.data.pool import LabelForm, load_selected_pool
+from pipeline.data.pool_stream import (PoolPosition, PoolStream, StreamedMixtureSampler, StreamedSources,
+                                       collate_mixed, pool_shards, tracked)
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
@@ -33,16 +35,19 @@ from teachers.models import create_model
 LABELED, UNLABELED = 0, 1
 
 
-def batch_loss(labels: torch.Tensor, targets: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+def batch_loss(labels: torch.Tensor, targets: torch.Tensor | None, mean: torch.Tensor, std: torch.Tensor,
                device: torch.device, channels_last: bool, smoothing: float, balance: LossBalance):
-    """One forward over the mixed batch, then the mixture loss; labels and targets are looked up by index."""
-    labels, targets = labels.to(device), targets.to(device)
+    """One forward over the mixed batch, then the mixture loss; labels and targets are looked up by index
+    (targets=None: the streamed pool's batches carry their own, `batch.targets`)."""
+    labels = labels.to(device)
+    targets = targets.to(device) if targets is not None else None
 
     def loss_fn(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         logits = model(to_model_input(batch.images, mean, std, device, channels_last))
         source, index = batch.source.to(device), batch.index.to(device)
         is_labeled = source == LABELED
-        return mixture_loss(logits, is_labeled, labels[index[is_labeled]], targets[index[~is_labeled]],
+        pool_targets = targets if targets is not None else batch.targets.to(device)
+        return mixture_loss(logits, is_labeled, labels[index[is_labeled]], pool_targets[index[~is_labeled]],
                             smoothing, balance)
     return loss_fn
 
@@ -62,7 +67,9 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
     student = ctx.config.student
     return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)),
             **training_fingerprint_inputs(student, ctx.config.seed, ctx.data()),
-            "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")}}
+            "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")
+                        # the memory pool's results predate these keys: its fingerprint stays as it was
+                        and not (student.pool == "memory" and k in ("pool", "shuffle_buffer"))}}
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
@@ -80,37 +87,54 @@ def run(ctx: StageContext, this: Stage) -> dict:
     accelerator = setup.accelerator
     sizes = warn_if_smaller(cfg.model.arch, teacher_dir, data, accelerator.print)
     verify_sidecars(run, data, labels_stage, extra["teacher_sha256"])
-    pool = load_selected_pool(data, run, labels_stage, select_stage, LabelForm.from_select_metrics(select),
-                              config.runtime.progress)
-    population = pool.population()
+    form = LabelForm.from_select_metrics(select)
     batch = cfg.train.batch_size
-    sources = [Source(np.arange(len(setup.labeled)), batch), Source(population, batch * cfg.unlabeled_ratio)]
-    steps_per_epoch = math.ceil(len(population) / (batch * cfg.unlabeled_ratio))
+    labeled = Source(np.arange(len(setup.labeled)), batch)
+    balance = LossBalance(cfg.pseudo_weight, cfg.loss_balance)
+    mean, std = setup.device_stats()
+    extra_state: list = [balance]
+    if cfg.pool == "streamed":
+        shards = pool_shards(data, run, labels_stage, select_stage)
+        num_unique, num_copies, targets = sum(s.kept for s in shards), sum(s.copies for s in shards), None
+        stream_dataset = StreamedSources(setup.labeled.images, setup.policy, data.mode)
+        position = PoolPosition()
+        extra_state.append(position)
+    else:
+        pool = load_selected_pool(data, run, labels_stage, select_stage, form, config.runtime.progress)
+        population = pool.population()
+        num_unique, num_copies, targets = len(pool.images), len(population), torch.from_numpy(pool.targets)
+        sources = [labeled, Source(population, batch * cfg.unlabeled_ratio)]
+        dataset = AugmentedSources([setup.labeled.images, pool.images], setup.policy)
+    steps_per_epoch = math.ceil(num_copies / (batch * cfg.unlabeled_ratio))
     total_steps = cfg.train.total_steps(steps_per_epoch)
     accelerator.print(f"[{name}] {cfg.model.arch} (drop {cfg.model.drop_rate}, drop-path {cfg.model.drop_path_rate}) "
-                      f"on {len(setup.labeled)} labeled + {len(pool.images)} pseudo-labeled images "
-                      f"({len(population)} with copies), ratio 1:{cfg.unlabeled_ratio}, policy {setup.policy!r}, "
-                      f"{total_steps} steps")
-    dataset = AugmentedSources([setup.labeled.images, pool.images], setup.policy)
+                      f"on {len(setup.labeled)} labeled + {num_unique} pseudo-labeled images "
+                      f"({num_copies} with copies, {cfg.pool}), ratio 1:{cfg.unlabeled_ratio}, "
+                      f"policy {setup.policy!r}, {total_steps} steps")
 
     def batches(start: int):
+        if cfg.pool == "streamed":
+            stream = PoolStream(shards, form, config.seed, cfg.shuffle_buffer, data.image_keys,
+                                accelerator.process_index, accelerator.num_processes)
+            sampler = StreamedMixtureSampler(labeled, stream, batch * cfg.unlabeled_ratio, total_steps,
+                                             config.seed, position, start)
+            return tracked(make_loader(stream_dataset, sampler, setup.workers, config.seed, collate_mixed),
+                           position, start)
         sampler = StepBatchSampler(sources, total_steps, config.seed, start,
                                    accelerator.process_index, accelerator.num_processes)
         return make_loader(dataset, sampler, setup.workers, config.seed)
 
-    balance = LossBalance(cfg.pseudo_weight, cfg.loss_balance)
-    mean, std = setup.device_stats()
-    loss_fn = batch_loss(torch.from_numpy(setup.labeled.labels), torch.from_numpy(pool.targets), mean, std,
-                           accelerator.device, setup.channels_last, cfg.train.label_smoothing, balance)
+    loss_fn = batch_loss(torch.from_numpy(setup.labeled.labels), targets, mean, std,
+                         accelerator.device, setup.channels_last, cfg.train.label_smoothing, balance)
     result = train(accelerator, setup.model, cfg.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress,
-                   extra_state=[balance])
+                   extra_state=extra_state)
     ema = swap_in_ema(setup, result)
     logits = setup.test_logits()
     teacher_logits = setup.checkpoint_test_logits(teacher_dir)
     agreement = float((logits.argmax(1) == teacher_logits.argmax(1)).mean())
     lineage = {"round": round_index, "teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"],
                "labels": labels_stage, "selection": select_stage}
-    metrics = {**extra, **sizes, **ema, "teacher_agreement": agreement, "num_pseudo_unique": len(pool.images),
-               "num_pseudo_with_copies": int(len(population)), "steps_per_epoch": steps_per_epoch}
+    metrics = {**extra, **sizes, **ema, "teacher_agreement": agreement, "num_pseudo_unique": num_unique,
+               "num_pseudo_with_copies": int(num_copies), "steps_per_epoch": steps_per_epoch, "pool": cfg.pool}
     return finish(setup, result, lineage, metrics, logits=logits)

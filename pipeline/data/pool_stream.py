@@ -1,0 +1,316 @@
+"""The selected pseudo-labeled pool read as a stream (`student.pool: streamed`), never decoded into memory.
+
+Each rank reads its share of the unlabeled shards that keep at least one image, in an order
+drawn per (seed, epoch), joined by `__key__` with the round's sidecars (targets) and plans
+(repeat counts; keys with 0 are dropped). A kept image enters a bounded shuffle buffer once per
+copy; at the end of the rank's epoch the buffer is drained, so an epoch holds every copy exactly
+once. Only the image member's encoded bytes are kept: no `cls` member, no truth file.
+
+Reading and shuffling run in the main process (the batch sampler); DataLoader workers decode and
+augment. Batches therefore do not depend on the worker count, and the stream position (epoch,
+shard order index, samples read from the current shard, the buffer and pending copies as encoded
+bytes, the RNG) is one snapshot per step, saved with the training state (`PoolPosition`): a resume
+re-reads the current shard's prefix and nothing else.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.core.rundir import RunDir
+from pipeline.data.imageset import DataInfo
+from pipeline.data.loader import Batch, Source, StreamPosition, Transform
+from pipeline.data.pool import LabelForm, PoolError
+from pipeline.data.shard_io import ShardLocation
+from pipeline.data.shards import ShardError, decode_image, image_member, iter_shard
+from teachers.sidecar import hard_labels, read_sidecar, soft_labels
+
+LABELED, UNLABELED = 0, 1
+PoolItem = tuple[str, str, bytes, np.ndarray]  # (key, image member, encoded bytes, target distribution)
+
+
+@dataclass(frozen=True)
+class PoolShard:
+    name: str
+    location: ShardLocation
+    sidecar: Path
+    plan: Path
+    kept: int  # keys with repeats > 0
+    copies: int  # sum of repeats: positions in one epoch
+
+
+def pool_shards(data: DataInfo, run: RunDir, labels_stage: str, select_stage: str) -> list[PoolShard]:
+    """The unlabeled shards with at least one selected key; only the plans' repeat counts are read."""
+    shards = []
+    for record in data.shard_records("unlabeled"):
+        name = record["name"]
+        plan = run.plan_path(select_stage, name)
+        repeats = np.load(plan)["repeats"]
+        if int(repeats.sum()) > 0:
+            shards.append(PoolShard(name, data.shard_path("unlabeled", name), run.sidecar_path(labels_stage, name),
+                                    plan, int((repeats > 0).sum()), int(repeats.sum())))
+    if not shards:
+        raise PoolError(f"selection in {run.stage_dir(select_stage)} kept no unlabeled images; "
+                        "lower select.min_confidence")
+    return shards
+
+
+class _ShardReader:
+    """The selected samples of one shard, in shard order, with their targets and repeat counts."""
+
+    def __init__(self, shard: PoolShard, form: LabelForm, image_keys: Sequence[str], skip: int):
+        sidecar = read_sidecar(shard.sidecar)
+        plan = np.load(shard.plan)
+        if list(plan["keys"]) != list(sidecar.keys):
+            raise PoolError(f"{shard.plan} does not match its sidecar's keys; rerun the select stage")
+        repeats = plan["repeats"]
+        self.shard, self.image_keys, self.repeats = shard, tuple(image_keys), repeats
+        self.targets = (soft_labels(sidecar, form.temperature) if form.labels == "soft"
+                        else hard_labels(sidecar, form.smoothing)).astype(np.float32)
+        self.wanted = {str(k): i for i, k in enumerate(sidecar.keys) if repeats[i] > 0}
+        self.unreadable: list[str] = []
+        self.samples = iter_shard(shard.location, on_error="skip")
+        self.samples_read = 0
+        for _ in range(skip):  # resuming inside this shard: skip what was read, without decoding
+            sample = next(self.samples, None)
+            if sample is None:
+                raise PoolError(f"{shard.location}: ended after {self.samples_read} samples while resuming at "
+                                f"{skip}; the shard changed after labeling")
+            self.samples_read += 1
+            self.wanted.pop(str(sample["__key__"]), None)
+
+    def next(self) -> tuple[PoolItem, int] | None:
+        """The next selected sample and its copies, or None at the end of the shard."""
+        for sample in self.samples:
+            self.samples_read += 1
+            key = str(sample["__key__"])
+            row = self.wanted.pop(key, None)  # a repeated key is taken once, as at labeling time
+            if row is None:
+                continue
+            try:
+                ext = image_member(sample, self.shard.location, self.image_keys)
+            except ShardError:
+                self.unreadable.append(key)
+                continue
+            return (key, ext, bytes(sample[ext]), self.targets[row]), int(self.repeats[row])
+        missing = sorted(self.wanted) + self.unreadable
+        if missing:
+            raise PoolError(f"{self.shard.location}: {len(missing)} selected keys are no longer readable "
+                            f"(e.g. '{missing[0]}'); the shard changed after labeling")
+        return None
+
+
+@dataclass
+class StreamState:
+    """Everything a resume needs; the open shard reader is rebuilt from `order_pos` and `samples_read`."""
+
+    epoch: int = 0
+    order_pos: int = 0  # index into this rank's shard order of `epoch`
+    samples_read: int = 0  # samples read from the current shard
+    draining: bool = False  # the epoch's shards are read; the buffer empties before the next epoch
+    buffer: list[PoolItem] = field(default_factory=list)
+    pending: PoolItem | None = None  # the last sample read, with copies still to enter the buffer
+    pending_copies: int = 0
+
+
+class PoolStream:
+    """This rank's endless stream of (item, augmentation seed) over the selected pool."""
+
+    def __init__(self, shards: Sequence[PoolShard], form: LabelForm, seed: int, buffer_size: int,
+                 image_keys: Sequence[str], rank: int = 0, world: int = 1):
+        if len(shards) < world:
+            raise PoolError(f"{len(shards)} unlabeled shards hold selected images, fewer than the {world} "
+                            "processes that each stream whole shards; use student.pool: memory")
+        self.shards, self.form, self.seed, self.buffer_size = list(shards), form, seed, buffer_size
+        self.image_keys, self.rank, self.world = tuple(image_keys), rank, world
+        self.state = StreamState()
+        self.rng = random.Random(f"pool-stream:{seed}:{rank}")  # fast scalar draws; state is a plain tuple
+        self._reader: _ShardReader | None = None
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's shard indices for `epoch`: a permutation drawn from (seed, epoch), rank r takes r::W."""
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.shards))
+                            [self.rank::self.world]}
+        return self._orders[epoch]
+
+    def _read(self) -> tuple[PoolItem, int] | None:
+        st = self.state
+        order = self.order(st.epoch)
+        while st.order_pos < len(order):
+            if self._reader is None:
+                self._reader = _ShardReader(self.shards[order[st.order_pos]], self.form, self.image_keys,
+                                            st.samples_read)
+            found = self._reader.next()
+            st.samples_read = self._reader.samples_read
+            if found is not None:
+                return found
+            self._reader = None
+            st.order_pos, st.samples_read = st.order_pos + 1, 0
+        return None
+
+    def _emit(self, item: PoolItem) -> tuple[PoolItem, int]:
+        return item, self.rng.getrandbits(31)
+
+    def next_item(self) -> tuple[PoolItem, int]:
+        st = self.state
+        while True:
+            if st.draining:
+                if st.buffer:
+                    j = self.rng.randrange(len(st.buffer))
+                    st.buffer[j], st.buffer[-1] = st.buffer[-1], st.buffer[j]
+                    return self._emit(st.buffer.pop())
+                st.epoch, st.order_pos, st.samples_read, st.draining = st.epoch + 1, 0, 0, False
+            elif st.pending_copies > 0:
+                st.pending_copies -= 1
+                if len(st.buffer) < self.buffer_size:
+                    st.buffer.append(st.pending)
+                    continue
+                j = self.rng.randrange(self.buffer_size)
+                out, st.buffer[j] = st.buffer[j], st.pending
+                return self._emit(out)
+            else:
+                found = self._read()
+                if found is None:
+                    st.draining = True
+                else:
+                    st.pending, st.pending_copies = found
+
+    def snapshot(self) -> dict[str, Any]:
+        st = self.state
+        return {"epoch": st.epoch, "order_pos": st.order_pos, "samples_read": st.samples_read,
+                "draining": st.draining, "buffer": list(st.buffer), "pending": st.pending,
+                "pending_copies": st.pending_copies, "rng": self.rng.getstate(),
+                "rank": self.rank, "world": self.world, "seed": self.seed, "buffer_size": self.buffer_size}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        same = {k: snap[k] for k in ("rank", "world", "seed", "buffer_size")}
+        if same != {"rank": self.rank, "world": self.world, "seed": self.seed, "buffer_size": self.buffer_size}:
+            raise PoolError(f"the saved pool stream position was made with {same}; this run differs")
+        self.state = StreamState(snap["epoch"], snap["order_pos"], snap["samples_read"], snap["draining"],
+                                 list(snap["buffer"]), snap["pending"], snap["pending_copies"])
+        self.rng.setstate(snap["rng"])
+        self._reader = None
+
+
+class PoolPosition:
+    """Registered for checkpointing: the stream snapshot a resume at the trainer's step needs.
+
+    The sampler runs ahead of training (DataLoader prefetch), so it records a snapshot per step it
+    produced; `consumed(step)` (called as the training loop takes step's batch) makes the one after
+    that step current.
+    """
+
+    def __init__(self) -> None:
+        self._produced: dict[int, dict] = {}
+        self.next_step = 0
+        self.snapshot: dict | None = None
+
+    def produced(self, next_step: int, snapshot: dict) -> None:
+        self._produced[next_step] = snapshot
+
+    def consumed(self, step: int) -> None:
+        self.next_step, self.snapshot = step + 1, self._produced.pop(step + 1)
+        self._produced = {k: v for k, v in self._produced.items() if k > step + 1}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's position: accelerate writes custom state from the main process only."""
+        mine = {"next_step": self.next_step, "stream": self.snapshot}
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return {"ranks": [mine]}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank >= len(state["ranks"]):
+            raise PoolError(f"the saved pool stream position is for {len(state['ranks'])} processes; "
+                            f"this run has more (rank {rank})")
+        mine = state["ranks"][rank]
+        self.next_step, self.snapshot = int(mine["next_step"]), mine["stream"]
+
+    def resume(self, stream: PoolStream, start_step: int) -> None:
+        if start_step == 0:
+            return
+        if self.next_step != start_step or self.snapshot is None:
+            raise PoolError(f"the saved pool stream position is for step {self.next_step}, not {start_step}")
+        stream.restore(self.snapshot)
+
+
+class StreamedMixtureSampler(Sampler[list[tuple]]):
+    """Per step: this rank's share of the labeled slice (as `StepBatchSampler`) + its pseudo-labeled items."""
+
+    def __init__(self, labeled: Source, stream: PoolStream, unlabeled_per_step: int, total_steps: int, seed: int,
+                 position: PoolPosition, start_step: int = 0):
+        if len(labeled.population) == 0:
+            raise ValueError("data source 0 is empty: nothing to train on")
+        self.labeled, self.stream, self.position = StreamPosition(labeled, LABELED, seed), stream, position
+        self.total_steps, self.start_step = total_steps, start_step
+        self.per_rank = len(range(stream.rank, unlabeled_per_step, stream.world))
+        position.resume(stream, start_step)
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        rank, world = self.stream.rank, self.stream.world
+        for step in range(self.start_step, self.total_steps):
+            per_step = self.labeled.source.per_step
+            index, seeds = self.labeled.take(step * per_step, per_step)
+            batch: list[tuple] = [(LABELED, int(i), int(s)) for i, s in zip(index[rank::world], seeds[rank::world])]
+            batch += [(UNLABELED, *self.stream.next_item()) for _ in range(self.per_rank)]
+            self.position.produced(step + 1, self.stream.snapshot())
+            yield batch
+
+
+class StreamedSources(Dataset):
+    """Labeled items by index from memory; pseudo-labeled items carry their bytes and target (decoded here)."""
+
+    def __init__(self, labeled: Sequence[np.ndarray], transform: Transform, mode: str):
+        self.labeled, self.transform, self.mode = labeled, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def __getitem__(self, item: tuple) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+        if item[0] == LABELED:
+            _, index, seed = item
+            return self.transform(self.labeled[index], seed=seed), LABELED, index, None
+        _, (key, ext, data, target), seed = item
+        image = decode_image({"__key__": key, ext: data}, f"pool key {key}", self.mode, (ext,))
+        return self.transform(image, seed=seed), UNLABELED, -1, target
+
+
+@dataclass
+class MixedBatch(Batch):
+    """A Batch whose pseudo-labeled rows carry their targets: row i of `targets` is the i-th such row."""
+
+    targets: torch.Tensor | None = None
+
+
+def collate_mixed(batch: list[tuple[np.ndarray, int, int, np.ndarray | None]]) -> MixedBatch:
+    images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
+    pseudo = [b[3] for b in batch if b[1] == UNLABELED]
+    index, seen = [], 0
+    for b in batch:  # a pseudo row's index is its row in `targets`
+        index.append(b[2] if b[1] == LABELED else seen)
+        seen += b[1] == UNLABELED
+    targets = torch.from_numpy(np.stack(pseudo)) if pseudo else None
+    return MixedBatch(images, torch.tensor([b[1] for b in batch]), torch.tensor(index), targets)
+
+
+def tracked(loader: Any, position: PoolPosition, start_step: int) -> Iterator[MixedBatch]:
+    """The loader's batches; as the training loop takes step k's batch, the position after k becomes current."""
+    for step, batch in enumerate(loader, start_step):
+        position.consumed(step)
+        yield batch
