@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,7 +20,8 @@ from pipeline.data.imageset import open_data
 from pipeline.data.loader import Source
 from pipeline.data.pool import LabelForm, load_selected_pool
 from pipeline.data.pool_stream import PoolPosition, PoolStream, StreamedMixtureSampler, pool_shards
-from test_student import assert_same, cli, weights
+from conftest import TINY_TEACHER, set_args
+from test_student import STUDENT, assert_same, cli, weights
 
 # per_class 60 > most classes hold: selection repeats images, so copies are exercised
 STREAMED = ["--set", "student.pool=streamed", "--set", "student.shuffle_buffer=50", "--set", "select.per_class=60"]
@@ -156,3 +160,29 @@ def test_kill_and_resume_gives_the_same_weights(tiny_teacher_run, streamed_run, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from step 2" in result.stdout + result.stderr
     assert_same(weights(streamed_run[1], "student_r1"), weights(run, "student_r1"))
+
+
+def torchrun_cli(config: Path, run: Path, port: int, env: dict | None = None):
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run)] + set_args(TINY_TEACHER + STUDENT)
+    return subprocess.run(args + list(STREAMED), capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_two_processes_stream_their_own_shards_and_resume_exactly(tiny_teacher_run, tmp_path):
+    """Under torchrun with 2 processes each rank streams its own shards; killed after step 3 (state saved
+    at 2) and rerun, the weights equal an uninterrupted 2-process run's."""
+    config, teacher_run = tiny_teacher_run
+    runs = {}
+    for name, env in (("whole", None), ("killed", {env_name("step"): "3"})):
+        runs[name] = tmp_path / name
+        shutil.copytree(teacher_run, runs[name], ignore=shutil.ignore_patterns("lock"))
+        result = torchrun_cli(config, runs[name], 29571, env)
+        if env:
+            assert result.returncode != 0 and not (runs[name] / "student_r1" / "DONE").exists()
+            result = torchrun_cli(config, runs[name], 29571)
+            assert "resuming from step 2" in result.stdout + result.stderr
+        assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((runs["whole"] / "student_r1" / "metrics.json").read_text())
+    assert metrics["pool"] == "streamed" and metrics["num_processes"] == 2
+    assert_same(weights(runs["whole"], "student_r1"), weights(runs["killed"], "student_r1"))
