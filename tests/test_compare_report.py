@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.experiments.compare_report import (
-    INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, ArmResult, Grid, all_verdicts, load_results_csv, verdict_augmentation,
-    verdict_hurts, verdict_labels, verdict_self_training_helps, verdict_ssl_like_supervised, verdict_stacks,
-    write_compare_report)
+from pipeline.experiments.compare_report import write_compare_report
+from pipeline.experiments.compare_stats import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, ArmResult, Grid, load_results_csv
+from pipeline.experiments.compare_verdicts import (
+    all_verdicts, verdict_augmentation, verdict_hurts, verdict_labels, verdict_self_training_helps,
+    verdict_ssl_like_supervised, verdict_stacks)
 
 Cell = tuple[str, int]
 PATTERN = (-1.0, 0.0, 1.0)

@@ -23,7 +23,8 @@ from pipeline.engine.runtime import process_state
 from pipeline.experiments.compare_config import CompareConfig
 from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, final_stage, job_images, plan_jobs,
                                                select_arms)
-from pipeline.experiments.compare_report import ArmResult, write_compare_report
+from pipeline.experiments.compare_report import write_compare_report
+from pipeline.experiments.compare_stats import ArmResult
 from pipeline.stages.runner import end_processes, run_up_to
 
 ROUND_STAGES = ("pseudo_label_r{i}", "select_r{i}", "student_r{i}")

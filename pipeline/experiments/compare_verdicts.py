@@ -1,0 +1,193 @@
+"""Verdicts on the findings of Zoph et al. 2020 ("Rethinking Pre-training and Self-training") from a compare grid.
+
+Each finding is "reproduced", "not reproduced" or "inconclusive" (the paired difference within twice its
+standard error, or an axis the finding needs is missing from the grid), with the numbers it rests on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.experiments.compare_stats import (BASELINE, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, STRONG_POLICIES,
+                                                SUPERVISED, Arm, Grid, Stat, describe, evidence_number,
+                                                format_gain, is_ssl, pair_label, significance)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    finding: str
+    outcome: str  # REPRODUCED, NOT_REPRODUCED or INCONCLUSIVE
+    evidence: str
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+
+FINDING_A = "a. pretraining helps less as labels grow"
+FINDING_B = "b. pretraining helps less as augmentation gets stronger"
+FINDING_C = "c. pretraining can hurt with S3/S4"
+FINDING_D = "d. self-supervised pretraining behaves like supervised"
+FINDING_E = "e. self-training helps in every cell"
+FINDING_F = "f. self-training stacks on top of pretraining"
+
+
+def _outcome(sign: int | None) -> str:
+    return REPRODUCED if sign == 1 else NOT_REPRODUCED if sign == -1 else INCONCLUSIVE
+
+
+def _missing_gain_axes(grid: Grid, init: str) -> str | None:
+    """Why the gain of `init` over random (self-training off) cannot be measured, or None."""
+    if not grid.has_arm((BASELINE, "off")):
+        return "no random init without self-training to compare against"
+    if not grid.has_arm((init, "off")):
+        return f"no {init} arms without self-training"
+    return None
+
+
+def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str, int], tuple[str, int]]],
+                ends: tuple[str, str], pairing: str) -> Verdict:
+    """Gain over random at the `lo` cell minus at the `hi` cell, paired per seed, pooled over the cell pairs."""
+    arm, base = (init, "off"), (BASELINE, "off")
+    diffs: list[float] = []
+    lo_gains: list[float] = []
+    hi_gains: list[float] = []
+    for lo, hi in cells:
+        g_lo, g_hi = grid.paired(arm, base, *lo), grid.paired(arm, base, *hi)
+        lo_gains += g_lo.values()
+        hi_gains += g_hi.values()
+        diffs += [g_lo[s] - g_hi[s] for s in g_lo if s in g_hi]
+    if not diffs:
+        return Verdict(finding, INCONCLUSIVE, f"no seed has {init} and random at both {ends[0]} and {ends[1]}")
+    stat = describe(diffs)
+    evidence = (f"gain of {init} over random (self-training off) at {ends[0]}: {format_gain(describe(lo_gains))}; "
+                f"at {ends[1]}: {format_gain(describe(hi_gains))}; difference, paired per {pairing}: "
+                f"{evidence_number(stat)}")
+    return Verdict(finding, _outcome(significance(stat)), evidence)
+
+
+def verdict_labels(grid: Grid, init: str) -> Verdict:
+    """(a) The gain of `init` over random shrinks from the smallest to the largest label count."""
+    finding = f"{FINDING_A} ({init})"
+    reason = _missing_gain_axes(grid, init)
+    if reason is None and len(grid.labels) < 2:
+        reason = f"only one label count ({grid.labels[0]} per class)"
+    if reason:
+        return Verdict(finding, INCONCLUSIVE, reason)
+    lo, hi = grid.labels[0], grid.labels[-1]
+    cells = [((p, lo), (p, hi)) for p in grid.policies]
+    return _gain_trend(grid, init, finding, cells, (f"{lo} labels per class", f"{hi} labels per class"),
+                       "(policy, seed)")
+
+
+def verdict_augmentation(grid: Grid, init: str) -> Verdict:
+    """(b) The gain of `init` over random shrinks from the weakest to the strongest policy."""
+    finding = f"{FINDING_B} ({init})"
+    reason = _missing_gain_axes(grid, init)
+    if reason is None and len(grid.policies) < 2:
+        reason = f"only one policy ({grid.policies[0]})"
+    if reason:
+        return Verdict(finding, INCONCLUSIVE, reason)
+    weak, strong = grid.policies[0], grid.policies[-1]
+    cells = [((weak, n), (strong, n)) for n in grid.labels]
+    return _gain_trend(grid, init, finding, cells, (f"policy {weak}", f"policy {strong}"), "(labels, seed)")
+
+
+def verdict_hurts(grid: Grid, init: str) -> Verdict:
+    """(c) At the strongest policy (S3/S4) the gain of `init` over random is negative for some label count."""
+    finding = f"{FINDING_C} ({init})"
+    reason = _missing_gain_axes(grid, init)
+    strongest = grid.policies[-1] if grid.policies else ""
+    if reason is None and strongest.lower() not in STRONG_POLICIES:
+        reason = f"the strongest policy in the grid is {strongest}; the finding is about S3/S4"
+    if reason:
+        return Verdict(finding, INCONCLUSIVE, reason)
+    parts, signs = [], []
+    for labels in grid.labels:
+        gains = grid.paired((init, "off"), (BASELINE, "off"), strongest, labels)
+        if gains:
+            stat = describe(list(gains.values()))
+            signs.append(significance(stat))
+            parts.append(f"{labels} labels per class: {evidence_number(stat)}")
+    if not signs:
+        return Verdict(finding, INCONCLUSIVE, f"no seed has both {init} and random at policy {strongest}")
+    outcome = REPRODUCED if -1 in signs else NOT_REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE
+    evidence = f"gain of {init} over random (self-training off) at policy {strongest}: " + "; ".join(parts)
+    return Verdict(finding, outcome, evidence)
+
+
+def verdict_ssl_like_supervised(grid: Grid, ssl_init: str) -> Verdict:
+    """(d) The SSL init's verdicts for a, b, c agree with the supervised init's."""
+    finding = f"{FINDING_D} ({ssl_init})"
+    if SUPERVISED not in grid.inits or ssl_init not in grid.inits:
+        return Verdict(finding, INCONCLUSIVE, f"needs both a supervised and a {ssl_init} init in the grid")
+    parts, pairs = [], []
+    for name, verdict in (("a", verdict_labels), ("b", verdict_augmentation), ("c", verdict_hurts)):
+        sup, ssl = verdict(grid, SUPERVISED).outcome, verdict(grid, ssl_init).outcome
+        pairs.append((sup, ssl))
+        parts.append(f"{name}: supervised {sup}, {ssl_init} {ssl}")
+    if any({sup, ssl} == {REPRODUCED, NOT_REPRODUCED} for sup, ssl in pairs):
+        outcome = NOT_REPRODUCED
+    elif all(sup == ssl for sup, ssl in pairs) and not all(sup == INCONCLUSIVE for sup, _ in pairs):
+        outcome = REPRODUCED
+    else:
+        outcome = INCONCLUSIVE
+    return Verdict(finding, outcome, "; ".join(parts))
+
+
+def _pooled(grid: Grid, arm: Arm, base: Arm) -> list[float]:
+    """Paired per (policy, labels, seed) differences arm − base over the whole grid."""
+    return [d for p in grid.policies for n in grid.labels for d in grid.paired(arm, base, p, n).values()]
+
+
+def verdict_self_training_helps(grid: Grid) -> Verdict:
+    """(e) Self-training on − off is significantly positive in every (init, policy, labels) cell."""
+    cells: list[tuple[str, Stat]] = []
+    for init in grid.inits:
+        for policy in grid.policies:
+            for labels in grid.labels:
+                diffs = grid.paired((init, "on"), (init, "off"), policy, labels)
+                if diffs:
+                    cells.append((f"{init}/{policy}/{labels}", describe(list(diffs.values()))))
+    if not cells:
+        return Verdict(FINDING_E, INCONCLUSIVE, "no cell has arms both with and without self-training")
+    signs = [significance(stat) for _, stat in cells]
+    negative = [name for (name, _), s in zip(cells, signs) if s == -1]
+    pooled = describe([d for i in grid.inits for d in _pooled(grid, (i, "on"), (i, "off"))])
+    evidence = (f"self-training on − off, paired per seed in each (init, policy, labels) cell: {signs.count(1)} of "
+                f"{len(cells)} cells significantly > 0, {len(negative)} significantly < 0; all cells pooled: "
+                f"{format_gain(pooled)}, n={pooled.n}")
+    if negative:
+        evidence += "; negative in " + ", ".join(negative)
+    outcome = NOT_REPRODUCED if negative else REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE
+    return Verdict(FINDING_E, outcome, evidence)
+
+
+def verdict_stacks(grid: Grid, init: str) -> Verdict:
+    """(f) (init + self-training) − (init alone), pooled over cells, is significantly positive."""
+    finding = f"{FINDING_F} ({init})"
+    with_st, alone = (init, "on"), (init, "off")
+    diffs = _pooled(grid, with_st, alone)
+    if not diffs:
+        return Verdict(finding, INCONCLUSIVE, f"no seed has {init} both with and without self-training")
+    stat = describe(diffs)
+    evidence = f"{pair_label(with_st, alone)}, paired per (policy, labels, seed): {evidence_number(stat)}"
+    versus_random = _pooled(grid, with_st, (BASELINE, "on"))
+    if versus_random:
+        evidence += (f"; {pair_label(with_st, (BASELINE, 'on'))}: "
+                     f"{evidence_number(describe(versus_random))}")
+    return Verdict(finding, _outcome(significance(stat)), evidence)
+
+
+def all_verdicts(grid: Grid) -> list[Verdict]:
+    """Every finding's verdict: a, b, c and f once per pretrained init, d once per SSL init."""
+    verdicts: list[Verdict] = []
+    per_init = ((FINDING_A, verdict_labels), (FINDING_B, verdict_augmentation), (FINDING_C, verdict_hurts))
+    for finding, verdict in per_init:
+        verdicts += [verdict(grid, i) for i in grid.pretrained] or [
+            Verdict(finding, INCONCLUSIVE, "no pretrained init in the grid")]
+    ssl_inits = [i for i in grid.pretrained if is_ssl(i)]
+    verdicts += [verdict_ssl_like_supervised(grid, i) for i in ssl_inits] or [
+        Verdict(FINDING_D, INCONCLUSIVE, "no self-supervised init (simclr / *ssl*) in the grid")]
+    verdicts.append(verdict_self_training_helps(grid))
+    verdicts += [verdict_stacks(grid, i) for i in grid.pretrained] or [
+        Verdict(FINDING_F, INCONCLUSIVE, "no pretrained init in the grid")]
+    return verdicts
