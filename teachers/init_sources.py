@@ -115,7 +115,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- loading into a model
 
-def _classifier_names(model: torch.nn.Module) -> set[str]:
+def classifier_names(model: torch.nn.Module) -> set[str]:
     """Parameter names of the timm classifier (`get_classifier()`; a tuple for distilled heads); empty without one."""
     get = getattr(model, "get_classifier", None)
     if not callable(get):
@@ -152,7 +152,7 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], source
                         f"source names e.g. {src or 'none'}; model names e.g. {dst}")
     model.load_state_dict(matched, strict=False)
     missing = tuple(name for name in target if name not in state)
-    head_new = any(name not in matched for name in _classifier_names(model))
+    head_new = any(name not in matched for name in classifier_names(model))
     return InitReport(source=source, loaded=len(matched), skipped=tuple(skipped), missing=missing,
                       head_reinitialised=head_new)
 

@@ -22,7 +22,7 @@ import torch
 from pipeline.core.rundir import RunDir
 from teachers.checkpoint import META, WEIGHTS, load_weights_into, read_meta, read_weights
 from teachers.grow import Growth, grow_from
-from teachers.init_sources import InitError, InitReport, load_matching, load_state_dict_file, timm_pretrained_state
+from teachers.init_sources import InitError, InitReport, classifier_names, load_matching, load_state_dict_file, timm_pretrained_state
 from teachers.models import ModelError
 
 RANDOM, FROM_TEACHER, TIMM_PREFIX = "random", "teacher", "timm:"
@@ -129,11 +129,8 @@ def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_name
         if not other_head:
             load_weights_into(model, path)
             return InitOutcome(source)
-        state = read_weights(path)
-        if hasattr(model, "get_classifier"):
-            head = {f"{prefix}.{name}" for prefix, module in model.named_modules() if module is model.get_classifier()
-                    for name, _ in module.named_parameters()}
-            state = {k: v for k, v in state.items() if k not in head}
+        head = classifier_names(model)
+        state = {k: v for k, v in read_weights(path).items() if k not in head}
         return InitOutcome(source, report=load_matching(model, state, str(path / WEIGHTS)))
     if not path.exists():
         raise InitError(f"model.init: {path} does not exist")

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from augment import build_eval_transform, build_policy, parse_policy
-from pipeline.config.sections import Config, StageConfig, StudentConfig
+from pipeline.config.sections import Config, StageConfig, StudentConfig, TrainConfig
 from pipeline.config.schema import to_dict
 from pipeline.data.imageset import DataInfo, ImageSet, channel_stats, load_labeled_split
 from pipeline.data.loader import Transform
@@ -34,13 +34,18 @@ from teachers.models import create_model
 NOT_RESULT_AFFECTING = ("save_every_steps", "eval_batch_size")
 
 
+def train_fingerprint_inputs(train: TrainConfig) -> dict:
+    """The optimisation settings a trained model depends on (save cadence and eval batch excluded)."""
+    found = {k: v for k, v in to_dict(train).items() if k not in NOT_RESULT_AFFECTING}
+    if found.get("steps") is None:  # unset: runs made before `train.steps` existed keep their fingerprint
+        found.pop("steps", None)
+    found["policy"] = str(parse_policy(train.policy))
+    return found
+
+
 def training_fingerprint_inputs(stage: StageConfig | StudentConfig, seed: int, data: DataInfo) -> dict:
     """What a trained model depends on (runtime and save cadence excluded)."""
-    train = {k: v for k, v in to_dict(stage.train).items() if k not in NOT_RESULT_AFFECTING}
-    if train.get("steps") is None:  # unset: runs made before `train.steps` existed keep their fingerprint
-        train.pop("steps", None)
-    train["policy"] = str(parse_policy(stage.train.policy))
-    return {"model": to_dict(stage.model), "train": train, "seed": seed,
+    return {"model": to_dict(stage.model), "train": train_fingerprint_inputs(stage.train), "seed": seed,
             "data_manifest": data.manifest["splits"]["labeled"]["shards"]}
 
 

@@ -15,6 +15,7 @@ from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config, DataConfig, StageConfig
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
+from pipeline.engine.training import train_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.data_import import import_data
 from pipeline.stages.teacher import train_supervised
@@ -53,9 +54,8 @@ def import_run(ctx: StageContext, stage: Stage) -> None:
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     cfg = pretrain_stage_config(ctx.config)
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("save_every_steps", "eval_batch_size")}
-    return {"data": to_dict(source_data(ctx.config)), "model": to_dict(cfg.model), "train": train,
-            "seed": ctx.config.seed}
+    return {"data": to_dict(source_data(ctx.config)), "model": to_dict(cfg.model),
+            "train": train_fingerprint_inputs(cfg.train), "seed": ctx.config.seed}
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
