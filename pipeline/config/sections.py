@@ -200,6 +200,17 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class MutualConfig:
+    """Deep mutual learning (Zhang et al. 2018, "learning together"): each distill student trains with a
+    peer on the same views; each also distils from the other's predictions (detached), besides the teacher."""
+
+    weight: float = field(default=0.0, metadata=bounds(ge=0))  # of T^2 * KL(peer_T || student_T); 0 = off
+    # the peer (arch, drop rates, init): null = a second, independently initialised copy of the student;
+    # its input size must be the student's (both see one view)
+    peer: ModelConfig | None = None
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """ONNX fp32 + int8 of every distilled (and pruned) student and of the teacher, and the deployment table."""
 
@@ -232,8 +243,17 @@ class DistillConfig:
     mixup: float = field(default=0.0, metadata=bounds(ge=0))  # Beta(m, m) mixup of the shared view; 0 = off
     labeled_batch: int = field(default=32, metadata=bounds(ge=0))
     train: TrainConfig = field(default_factory=_distill_train)
+    mutual: MutualConfig = field(default_factory=MutualConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        peer = self.mutual.peer
+        if self.mutual.weight > 0 and peer is not None:
+            other = sorted({s.input_size for s in self.students} - {peer.input_size})
+            if other:
+                raise ValueError(f"mutual.peer.input_size {peer.input_size} differs from a student's {other[0]}: "
+                                 "the peer and its student see one view, so their input sizes must match")
 
 
 @dataclass(frozen=True)

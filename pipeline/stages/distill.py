@@ -12,6 +12,10 @@ teacher (eval mode, no_grad) sees exactly that view resized to its own input siz
 normalisation. Optional mixup mixes the shared view before both see it ("function matching",
 Beyer et al. 2022; mixed rows give the KD term only). Offline: the teacher's logits of the clean
 view come from the sidecars (unlabeled) and one eval pass (labeled).
+
+Mutual learning (`distill.mutual.weight` > 0, Zhang et al. 2018): a peer trains alongside on the
+same views and each student also distils from the other (students/mutual.py); the stage ships its
+student and writes the peer to RUN/<stage>/peer/ with its top-1 in metrics.json.
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import to_dict
-from pipeline.config.sections import Config, ModelConfig, StageConfig
+from pipeline.config.sections import Config, ModelConfig, StageConfig, fingerprint
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
 from pipeline.engine.trainer import train
-from pipeline.engine.training import TrainingSetup, finish, setup_training, training_fingerprint_inputs
+from pipeline.engine.init import resolve_init
+from pipeline.engine.predict import load_model, predict_logits
+from pipeline.engine.training import (TrainingSetup, build_model, finish, setup_training,
+                                      training_fingerprint_inputs)
 from pipeline.stages.base import Stage, StageContext
 from students.losses import IGNORE_LABEL, distillation_loss
-from pipeline.engine.predict import load_model
-from teachers.checkpoint import CheckpointMeta, checkpoint_hash
+from students.mutual import MutualPair, mutual_distillation_loss
+from teachers.checkpoint import CheckpointMeta, checkpoint_hash, save_checkpoint
 from teachers.sidecar import read_sidecar
 
 LABELED, UNLABELED = 0, 1
@@ -46,8 +53,16 @@ def student_stage_config(config: Config, student: ModelConfig) -> StageConfig:
 
 
 def kd_settings(config: Config) -> dict:
-    return {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
-                                                                        "train")}
+    found = {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
+                                                                         "train")}
+    if not config.distill.mutual.weight:  # off: runs made before mutual learning existed keep their fingerprint
+        found.pop("mutual")
+    return found
+
+
+def peer_config(config: Config, student: ModelConfig) -> ModelConfig:
+    """The mutual-learning peer of `student`: `distill.mutual.peer`, or a second copy of the student."""
+    return config.distill.mutual.peer or student
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
@@ -109,8 +124,9 @@ def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.n
 
 
 def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, labels: torch.Tensor,
-               offline: torch.Tensor | None, num_labeled: int):
-    """One forward of the student on the shared view, the teacher on the same view (or stored logits)."""
+               offline: torch.Tensor | None, num_labeled: int, mutual_weight: float = 0.0):
+    """One forward of the student on the shared view, the teacher on the same view (or stored logits).
+    `mutual_weight` > 0: the model is a `MutualPair` and both students learn (students/mutual.py)."""
     cfg = ctx.config.distill
     device = setup.accelerator.device
     mean, std = (t.view(1, -1, 1, 1) for t in setup.device_stats())
@@ -131,6 +147,10 @@ def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, la
                                  torch.full_like(index, IGNORE_LABEL))
         if mixed:
             row_labels = torch.full_like(index, IGNORE_LABEL)  # a mixed view has no single true class
+        if mutual_weight > 0:
+            student_logits, peer_logits = model(x)
+            return mutual_distillation_loss(student_logits, peer_logits, target, row_labels, cfg.temperature,
+                                            cfg.alpha, cfg.beta, mutual_weight, cfg.train.label_smoothing, cfg.hard)
         return distillation_loss(model(x), target, row_labels, cfg.temperature, cfg.alpha, cfg.beta,
                                  label_smoothing=cfg.train.label_smoothing, hard=cfg.hard)
     return loss_fn
@@ -160,8 +180,9 @@ class KDSetup:
         return make
 
 
-def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup) -> KDSetup:
-    """The unlabeled pool, the teacher on the student's view (or its stored logits), the KD loss."""
+def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weight: float = 0.0) -> KDSetup:
+    """The unlabeled pool, the teacher on the student's view (or its stored logits), the KD loss
+    (for a `MutualPair` when `mutual_weight` > 0)."""
     cfg, data = ctx.config.distill, ctx.data()
     teacher_dir = ctx.teacher_dir(this)
     unlabeled, problems = load_unlabeled_split(data)
@@ -175,7 +196,8 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup) -> KDSetup:
         offline = offline_teacher_logits(ctx, this, labeled_logits, unlabeled)
     sources = [Source(np.arange(len(setup.labeled)), cfg.labeled_batch),
                Source(np.arange(len(unlabeled)), cfg.train.batch_size)]
-    loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled))
+    loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled),
+                         mutual_weight)
     return KDSetup(AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy), sources, loss_fn,
                    teacher_dir, teacher_meta, len(unlabeled), problems.as_dict(),
                    math.ceil(len(unlabeled) / cfg.train.batch_size))
@@ -189,12 +211,43 @@ def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray) ->
             "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
 
 
+def build_peer(ctx: StageContext, this: Stage, setup: TrainingSetup) -> torch.nn.Module:
+    """The mutual-learning peer, built after the student so its random init differs."""
+    spec = peer_config(ctx.config, this.spec)
+    peer, init = build_model(student_stage_config(ctx.config, spec), setup.data, resolve_init(spec.init, None, ctx.run))
+    setup.accelerator.print(f"[{this.name}] mutual learning with a {spec.arch} peer (weight "
+                            f"{ctx.config.distill.mutual.weight}, init {init.source.text or 'random'})")
+    return peer.to(memory_format=torch.channels_last) if setup.channels_last else peer
+
+
+def finish_peer(ctx: StageContext, this: Stage, setup: TrainingSetup, peer: torch.nn.Module,
+                student_logits: np.ndarray) -> dict:
+    """The peer's test top-1 and agreement with the student; its checkpoint in RUN/<stage>/peer/."""
+    spec = peer_config(ctx.config, this.spec)
+    logits = predict_logits(setup.accelerator, peer, setup.test.images, setup.eval_transform,
+                            torch.tensor(setup.mean), torch.tensor(setup.std), setup.stage.train.eval_batch_size,
+                            setup.workers, setup.channels_last, desc=f"{this.name} eval test (peer)",
+                            progress=ctx.config.runtime.progress)
+    directory = ctx.run.stage_dir(this.name) / "peer"
+    if setup.accelerator.is_main_process:
+        meta = CheckpointMeta(arch=spec.arch, num_classes=setup.data.num_classes, in_chans=setup.data.in_chans,
+                              input_size=spec.input_size, mean=setup.mean, std=setup.std,
+                              class_names=tuple(setup.data.classes), config_hash=fingerprint(setup.fingerprint_inputs),
+                              lineage={"stage": this.name, "role": "mutual-learning peer"})
+        save_checkpoint(directory, peer, meta)
+    setup.accelerator.wait_for_everyone()
+    return {"weight": ctx.config.distill.mutual.weight, "peer_arch": spec.arch, "peer_checkpoint": str(directory),
+            "peer_top1": float((logits.argmax(1) == setup.test.labels).mean()),
+            "peer_agreement": float((logits.argmax(1) == student_logits.argmax(1)).mean())}
+
+
 def run(ctx: StageContext, this: Stage) -> dict:
     config, run_dir, data, name = ctx.config, ctx.run, ctx.data(), this.name
     cfg, spec = config.distill, this.spec
     extra = {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(this)), "kd": kd_settings(config)}
     setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
-    kd = prepare_kd(ctx, this, setup)
+    kd = prepare_kd(ctx, this, setup, cfg.mutual.weight)
+    peer = build_peer(ctx, this, setup) if cfg.mutual.weight > 0 else None
     total_steps = cfg.train.total_steps(kd.steps_per_epoch)
     setup.accelerator.print(
         f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir}), "
@@ -202,12 +255,15 @@ def run(ctx: StageContext, this: Stage) -> dict:
         f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
         f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step, {total_steps} steps, "
         f"policy {setup.policy!r}")
-    result = train(setup.accelerator, setup.model, cfg.train, total_steps, kd.steps_per_epoch,
+    trained = setup.model if peer is None else MutualPair(setup.model, peer)
+    result = train(setup.accelerator, trained, cfg.train, total_steps, kd.steps_per_epoch,
                    kd.batches(ctx, setup, total_steps), kd.loss_fn, state_dir=run_dir.state_dir(name), name=name,
                    progress=config.runtime.progress)
     logits = setup.test_logits()
     metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": kd.problems,
                "steps_per_epoch": kd.steps_per_epoch}
+    if peer is not None:
+        metrics["mutual"] = finish_peer(ctx, this, setup, peer, logits)
     lineage = {"teacher": str(kd.teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}
     return finish(setup, result, lineage, metrics, logits=logits)
