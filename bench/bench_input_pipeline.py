@@ -63,6 +63,7 @@ from pipeline.data.loader import AugmentedSources, Source, StepBatchSampler, col
 from pipeline.stages.teacher import supervised_loss
 from pipeline.engine.trainer import build_optimizer, warmup_cosine
 from teachers.models import create_model
+from device import add_device_args, autocast, describe, device_of, sync
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
 QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this many cores meanwhile
@@ -76,17 +77,22 @@ class Stepper:
         torch.manual_seed(args.seed)
         cfg = TrainConfig(policy="s1", batch_size=args.batch)  # optimiser settings of the teacher config
         self.channels_last = not args.no_channels_last
-        self.model = create_model(args.arch, num_classes, in_chans)
+        self.device = device_of(args)
+        self.autocast = lambda: autocast(self.device, args.precision)
+        self.model = create_model(args.arch, num_classes, in_chans).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10_000, 100))
-        self.loss_fn = supervised_loss(labels, mean, std, torch.device("cpu"), self.channels_last,
-                                       cfg.label_smoothing)
+        model = torch.compile(self.model) if args.compile else self.model
+        loss_fn = supervised_loss(labels, mean.to(self.device), std.to(self.device), self.device,
+                                  self.channels_last, cfg.label_smoothing)
+        self.loss_fn = lambda batch: loss_fn(model, batch)
 
     def __call__(self, batch) -> None:
-        losses = self.loss_fn(self.model, batch)
+        with self.autocast():
+            losses = self.loss_fn(batch)
         losses["loss"].backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -102,6 +108,7 @@ def timed_steps(batches, step: Stepper, warmup: int, steps: int) -> tuple[float,
     step(first)
     for _ in range(warmup - 1):
         step(next(iterator))
+    sync(step.device)
     wait = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -109,6 +116,7 @@ def timed_steps(batches, step: Stepper, warmup: int, steps: int) -> tuple[float,
         batch = next(iterator)
         wait += time.perf_counter() - tick
         step(batch)
+    sync(step.device)
     wall = time.perf_counter() - t0
     del iterator  # shuts the workers down before the other side runs
     return wall, wait, startup
@@ -170,6 +178,7 @@ def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: l
         "arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps,
         "warmup": args.warmup, "rounds": args.reps, "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(), "channels_last": step.channels_last, "num_labeled": n,
+        "device": describe(step.device), "precision": args.precision, "compile": args.compile,
         **{k.lower(): os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
            if k in os.environ},
     }
@@ -190,6 +199,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    add_device_args(parser)
     args = parser.parse_args()
     args.warmup = max(1, args.warmup)
     if args.threads:

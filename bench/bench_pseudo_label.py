@@ -47,6 +47,7 @@ import torch
 
 from augment import build_eval_transform
 from neighbour_load import NeighbourLoad
+from device import add_device_args, autocast, describe, device_of, sync
 from pipeline.config.sections import PseudoLabelConfig
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import to_model_input
@@ -61,11 +62,13 @@ DEFAULT_TEACHER = ROOT / "runs" / "fm" / "teacher" / "checkpoint"
 QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this many cores meanwhile
 
 
-def bare_rate(model: torch.nn.Module, x: torch.Tensor, batches: int) -> float:
-    with torch.inference_mode():
+def bare_rate(model: torch.nn.Module, x: torch.Tensor, batches: int, precision: str = "no") -> float:
+    with torch.inference_mode(), autocast(x.device, precision):
+        sync(x.device)
         start = time.perf_counter()
         for _ in range(batches):
             model(x)
+        sync(x.device)
         return batches * len(x) / (time.perf_counter() - start)
 
 
@@ -101,10 +104,13 @@ def breakdown(model, shard: Path, transform, mode: str, mean, std, batch: int, c
     uint8_batches = [torch.from_numpy(np.stack(transformed[lo:lo + batch])).permute(0, 3, 1, 2)
                      for lo in range(0, len(transformed), batch)]
     t4 = t()
-    inputs = [to_model_input(b, mean, std, torch.device("cpu"), channels_last) for b in uint8_batches]
+    device = mean.device
+    inputs = [to_model_input(b, mean, std, device, channels_last) for b in uint8_batches]
+    sync(device)
     t5 = t()
     with torch.inference_mode():
         outputs = [model(x) for x in inputs]
+        sync(device)
         t6 = t()
         logits = [o.float().cpu().numpy() for o in outputs]
     t7 = t()
@@ -138,6 +144,7 @@ def main() -> None:
     parser.add_argument("--bare-batches", type=int, default=10, help="timed bare forwards per round")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--no-breakdown", action="store_true")
+    add_device_args(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,11 +156,12 @@ def main() -> None:
     total = sum(int(r["count"]) for r in records)
     teacher_hash = checkpoint_hash(args.teacher)
     model, meta = load_checkpoint(args.teacher, num_classes=data.num_classes)
-    model = model.eval()
+    device = device_of(args)
+    model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     transform = build_eval_transform(meta.input_size)
-    mean, std = torch.tensor(meta.mean), torch.tensor(meta.std)
+    mean, std = torch.tensor(meta.mean, device=device), torch.tensor(meta.std, device=device)
     topk = PseudoLabelConfig().topk if data.num_classes > PseudoLabelConfig().topk_above_classes else None
 
     # one real batch, decoded, eval-transformed and normalised once
@@ -163,10 +171,10 @@ def main() -> None:
         if len(first) == args.batch:
             break
     uint8 = torch.from_numpy(np.stack(first)).permute(0, 3, 1, 2)
-    x = to_model_input(uint8, mean, std, torch.device("cpu"), channels_last)
-    bare_rate(model, x, 2)  # warm-up (oneDNN primitives, allocator)
+    x = to_model_input(uint8, mean, std, device, channels_last)
+    bare_rate(model, x, 2, args.precision)  # warm-up (oneDNN primitives / cuDNN autotune, allocator)
 
-    labeler = Labeler(model, transform, mean, std, torch.device("cpu"), channels_last, "no", teacher_hash)
+    labeler = Labeler(model, transform, mean, std, device, channels_last, args.precision, teacher_hash)
     job = LabelingJob(shards=shards, records=records, sidecars=[], mode=data.mode, batch_size=args.batch,
                       workers=0, topk=topk, progress=False)
     with tempfile.TemporaryDirectory(prefix="bench-pseudo-label-") as tmp_name:
@@ -176,12 +184,12 @@ def main() -> None:
             # bare rounds just before and after it, so drift on a shared machine hits both sides
             load = NeighbourLoad()
             segment = NeighbourLoad()
-            bare = [bare_rate(model, x, args.bare_batches)]
+            bare = [bare_rate(model, x, args.bare_batches, args.precision)]
             real, neighbours = [], []
             for rep in range(args.reps):
                 # a round spans bare before, real, bare after
                 real.append(real_rate(labeler, job, tmp, rep, workers))
-                bare.append(bare_rate(model, x, args.bare_batches))
+                bare.append(bare_rate(model, x, args.bare_batches, args.precision))
                 neighbours.append(round(segment.cores(), 2))
                 segment = NeighbourLoad()
             per_round = [r / ((bare[i] + bare[i + 1]) / 2) for i, r in enumerate(real)]
@@ -197,6 +205,7 @@ def main() -> None:
                 "shards": len(shards), "images": total, "batch": args.batch, "workers": workers,
                 "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "channels_last": channels_last,
                 "arch": meta.arch, "input_size": meta.input_size, "rounds": args.reps, **omp_env(),
+                "device": describe(device), "precision": args.precision,
             }), flush=True)
         if not args.no_breakdown:
             print(json.dumps(breakdown(model, shards[0], transform, data.mode, mean, std, args.batch,

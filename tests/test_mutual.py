@@ -97,13 +97,14 @@ def test_mutual_distill_trains_a_peer_and_resumes_after_sigkill(tiny_teacher_run
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_mutual_distill_under_torchrun(tiny_teacher_run, tmp_path):
+def test_mutual_distill_with_the_streamed_pool_under_torchrun(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path, "torchrun")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
             "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run), "--only", STAGE]
-    args += set_args(TINY_TEACHER + DISTILL + ["distill.mutual.weight=0.5"])
+    args += set_args(TINY_TEACHER + DISTILL + ["distill.mutual.weight=0.5", "distill.pool=streamed"])
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / STAGE / "metrics.json").read_text())
     assert metrics["provenance"]["num_processes"] == 2 and metrics["mutual"]["peer_arch"] == "test_efficientnet"
+    assert metrics["pool"] == "streamed" and metrics["num_unlabeled"] == 400
     assert (run / STAGE / "peer" / "model.safetensors").exists()

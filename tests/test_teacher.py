@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_TEACHER, tiny_config
@@ -100,3 +101,22 @@ def test_tensorboard_tracker_writes_events(tiny_data, tmp_path):
     sets = TINY + ["teacher.train.epochs=2", "runtime.log_with=tensorboard"]
     assert main(args + [x for s in sets for x in ("--set", s)]) == 0
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_compiled_training_saves_plain_weights_and_resumes(tiny_data, tmp_path):
+    """runtime.compile (accelerate's dynamo backend; aot_eager traces without generating code):
+    the checkpoint has the plain model's tensor names and a killed run resumes to the same weights."""
+    config = write_config(tmp_path, tiny_data)
+    compiled = ["--only", "data"], ["--only", "teacher", "--set", "runtime.compile=aot_eager"]
+    for run in ("straight", "killed"):
+        assert run_cli(config, tmp_path / run, *compiled[0]).returncode == 0
+    result = run_cli(config, tmp_path / "straight", *compiled[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = timm.create_model("test_resnet", num_classes=10, in_chans=1).state_dict()
+    straight = weights(tmp_path / "straight")
+    assert straight.keys() == plain.keys()
+    assert run_cli(config, tmp_path / "killed", *compiled[1], env={KILL_ENV: "7"}).returncode == -9
+    again = run_cli(config, tmp_path / "killed", *compiled[1])
+    assert again.returncode == 0 and "resuming from step 5" in again.stdout + again.stderr
+    resumed = weights(tmp_path / "killed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

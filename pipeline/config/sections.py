@@ -242,6 +242,10 @@ class DistillConfig:
     hard: bool = False  # KD target is the teacher's argmax (CE) instead of its softened distribution
     mixup: float = field(default=0.0, metadata=bounds(ge=0))  # Beta(m, m) mixup of the shared view; 0 = off
     labeled_batch: int = field(default=32, metadata=bounds(ge=0))
+    # memory: the unlabeled pool is decoded into RAM; streamed: read from the shards as training goes
+    # (pipeline/data/pool_stream.py: every key once, shuffled in a buffer of `shuffle_buffer` images)
+    pool: Literal["memory", "streamed"] = "memory"
+    shuffle_buffer: int = field(default=2000, metadata=bounds(ge=1))
     train: TrainConfig = field(default_factory=_distill_train)
     mutual: MutualConfig = field(default_factory=MutualConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -293,7 +297,7 @@ class SSLPretrainConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How to use the hardware; none of this changes results on CPU."""
+    """How to use the hardware; none of this changes results on CPU (`compile` may, in the last bits)."""
 
     workers: int = field(default=2, metadata=bounds(ge=0))
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -301,6 +305,10 @@ class RuntimeConfig:
     threads: int | None = field(default=None, metadata=bounds(ge=1))
     log_with: Literal["tensorboard"] | None = None
     progress: bool = True
+    # torch.compile the model being trained, through accelerate's dynamo backend: "inductor" generates
+    # kernels (GPU, or CPU with a C++ compiler; the first steps wait for compilation), "aot_eager" traces
+    # without generating code (checks a model compiles); compiled kernels may change the last bits
+    compile: Literal["no", "inductor", "aot_eager"] = "no"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ drawn per (seed, epoch), joined by `__key__` with the round's sidecars (targets)
 copy; at the end of the rank's epoch the buffer is drained, so an epoch holds every copy exactly
 once. Only the image member's encoded bytes are kept: no `cls` member, no truth file.
 
+Distillation streams the whole unlabeled pool instead (`distill_shards`): no plan (every key once),
+no targets online, the teacher's stored logits offline; an unreadable sample is skipped and counted.
+
 Reading and shuffling run in the main process (the batch sampler); DataLoader workers decode and
 augment. Batches therefore do not depend on the worker count, and the stream position (epoch,
 shard order index, samples read from the current shard, the buffer and pending copies as encoded
@@ -34,15 +37,16 @@ from pipeline.data.shards import ShardError, decode_image, image_member, iter_sh
 from teachers.sidecar import hard_labels, read_sidecar, soft_labels
 
 LABELED, UNLABELED = 0, 1
-PoolItem = tuple[str, str, bytes, np.ndarray]  # (key, image member, encoded bytes, target distribution)
+PoolItem = tuple[str, str, bytes, np.ndarray | None]  # (key, image member, encoded bytes, target or None)
+LOGITS = LabelForm("logits", 1.0, 0.0)  # targets are the sidecar's logits as stored (offline distillation)
 
 
 @dataclass(frozen=True)
 class PoolShard:
     name: str
     location: ShardLocation
-    sidecar: Path
-    plan: Path
+    sidecar: Path | None  # None: no targets (online distillation)
+    plan: Path | None  # None: every key once (distillation)
     kept: int  # keys with repeats > 0
     copies: int  # sum of repeats: positions in one epoch
 
@@ -63,19 +67,43 @@ def pool_shards(data: DataInfo, run: RunDir, labels_stage: str, select_stage: st
     return shards
 
 
+def distill_shards(data: DataInfo, run: RunDir, labels_stage: str | None) -> list[PoolShard]:
+    """Every unlabeled shard, every key once; `labels_stage` (offline distillation): its sidecars' logits."""
+    return [PoolShard(r["name"], data.shard_path("unlabeled", r["name"]),
+                      run.sidecar_path(labels_stage, r["name"]) if labels_stage else None, None,
+                      int(r["count"]), int(r["count"])) for r in data.shard_records("unlabeled")]
+
+
+def _targets(sidecar_path: Path, form: LabelForm) -> tuple[np.ndarray, list[str]]:
+    sidecar = read_sidecar(sidecar_path)
+    if form.labels == "logits":
+        targets = sidecar.full_logits()
+    elif form.labels == "soft":
+        targets = soft_labels(sidecar, form.temperature)
+    else:
+        targets = hard_labels(sidecar, form.smoothing)
+    return targets.astype(np.float32), [str(k) for k in sidecar.keys]
+
+
 class _ShardReader:
-    """The selected samples of one shard, in shard order, with their targets and repeat counts."""
+    """The selected samples of one shard, in shard order, with their targets and repeat counts.
+
+    Without a plan (distillation) every key is taken once and an unreadable sample is skipped and
+    counted; with one, a selected key that cannot be read is an error (the shard changed)."""
 
     def __init__(self, shard: PoolShard, form: LabelForm, image_keys: Sequence[str], skip: int):
-        sidecar = read_sidecar(shard.sidecar)
-        plan = np.load(shard.plan)
-        if list(plan["keys"]) != list(sidecar.keys):
-            raise PoolError(f"{shard.plan} does not match its sidecar's keys; rerun the select stage")
-        repeats = plan["repeats"]
-        self.shard, self.image_keys, self.repeats = shard, tuple(image_keys), repeats
-        self.targets = (soft_labels(sidecar, form.temperature) if form.labels == "soft"
-                        else hard_labels(sidecar, form.smoothing)).astype(np.float32)
-        self.wanted = {str(k): i for i, k in enumerate(sidecar.keys) if repeats[i] > 0}
+        self.shard, self.image_keys = shard, tuple(image_keys)
+        self.targets, keys = _targets(shard.sidecar, form) if shard.sidecar is not None else (None, None)
+        self.rows = None if keys is None else {k: i for i, k in enumerate(keys)}
+        if shard.plan is not None:
+            plan = np.load(shard.plan)
+            if [str(k) for k in plan["keys"]] != keys:
+                raise PoolError(f"{shard.plan} does not match its sidecar's keys; rerun the select stage")
+            self.repeats = plan["repeats"]
+            self.wanted: dict[str, int] | None = {k: i for i, k in enumerate(keys) if self.repeats[i] > 0}
+        else:
+            self.repeats, self.wanted = None, None
+        self.seen: set[str] = set()  # without a plan: a repeated key is taken once, as at labeling time
         self.unreadable: list[str] = []
         self.samples = iter_shard(shard.location, on_error="skip")
         self.samples_read = 0
@@ -85,14 +113,28 @@ class _ShardReader:
                 raise PoolError(f"{shard.location}: ended after {self.samples_read} samples while resuming at "
                                 f"{skip}; the shard changed after labeling")
             self.samples_read += 1
-            self.wanted.pop(str(sample["__key__"]), None)
+            self._take(str(sample["__key__"]))
+
+    def _take(self, key: str) -> int | None:
+        """The key's row (its copies and target), or None when it is not (or no longer) wanted."""
+        if self.wanted is not None:
+            return self.wanted.pop(key, None)  # a repeated key is taken once, as at labeling time
+        if key in self.seen:
+            return None
+        self.seen.add(key)
+        if self.rows is None:
+            return -1
+        if key not in self.rows:
+            raise PoolError(f"{self.shard.location}: key '{key}' has no logits in {self.shard.sidecar}; "
+                            "the shard changed after labeling")
+        return self.rows[key]
 
     def next(self) -> tuple[PoolItem, int] | None:
         """The next selected sample and its copies, or None at the end of the shard."""
         for sample in self.samples:
             self.samples_read += 1
             key = str(sample["__key__"])
-            row = self.wanted.pop(key, None)  # a repeated key is taken once, as at labeling time
+            row = self._take(key)
             if row is None:
                 continue
             try:
@@ -100,8 +142,9 @@ class _ShardReader:
             except ShardError:
                 self.unreadable.append(key)
                 continue
-            return (key, ext, bytes(sample[ext]), self.targets[row]), int(self.repeats[row])
-        missing = sorted(self.wanted) + self.unreadable
+            target = None if self.targets is None else self.targets[row]
+            return (key, ext, bytes(sample[ext]), target), 1 if self.repeats is None else int(self.repeats[row])
+        missing = sorted(self.wanted or ()) + (self.unreadable if self.wanted is not None else [])
         if missing:
             raise PoolError(f"{self.shard.location}: {len(missing)} selected keys are no longer readable "
                             f"(e.g. '{missing[0]}'); the shard changed after labeling")
@@ -128,13 +171,14 @@ class PoolStream:
                  image_keys: Sequence[str], rank: int = 0, world: int = 1):
         if len(shards) < world:
             raise PoolError(f"{len(shards)} unlabeled shards hold selected images, fewer than the {world} "
-                            "processes that each stream whole shards; use student.pool: memory")
+                            "processes that each stream whole shards; use pool: memory (student.pool, distill.pool)")
         self.shards, self.form, self.seed, self.buffer_size = list(shards), form, seed, buffer_size
         self.image_keys, self.rank, self.world = tuple(image_keys), rank, world
         self.state = StreamState()
         self.rng = random.Random(f"pool-stream:{seed}:{rank}")  # fast scalar draws; state is a plain tuple
         self._reader: _ShardReader | None = None
         self._orders: dict[int, np.ndarray] = {}
+        self.skipped = 0  # unreadable samples skipped since this stream was made (plan-free mode only)
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's shard indices for `epoch`: a permutation drawn from (seed, epoch), rank r takes r::W."""
@@ -154,6 +198,7 @@ class PoolStream:
             st.samples_read = self._reader.samples_read
             if found is not None:
                 return found
+            self.skipped += len(self._reader.unreadable)
             self._reader = None
             st.order_pos, st.samples_read = st.order_pos + 1, 0
         return None
@@ -300,12 +345,12 @@ class MixedBatch(Batch):
 
 def collate_mixed(batch: list[tuple[np.ndarray, int, int, np.ndarray | None]]) -> MixedBatch:
     images = torch.from_numpy(np.stack([b[0] for b in batch])).permute(0, 3, 1, 2)
-    pseudo = [b[3] for b in batch if b[1] == UNLABELED]
+    pseudo = [b[3] for b in batch if b[1] == UNLABELED and b[3] is not None]
     index, seen = [], 0
     for b in batch:  # a pseudo row's index is its row in `targets`
         index.append(b[2] if b[1] == LABELED else seen)
         seen += b[1] == UNLABELED
-    targets = torch.from_numpy(np.stack(pseudo)) if pseudo else None
+    targets = torch.from_numpy(np.stack(pseudo)) if pseudo else None  # None: no row has a target
     return MixedBatch(images, torch.tensor([b[1] for b in batch]), torch.tensor(index), targets)
 
 

@@ -30,7 +30,7 @@ def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: lis
                    workers: int, channels_last: bool, desc: str = "eval", progress: bool = True) -> np.ndarray:
     """fp32 logits in input order; each process predicts its slice, results are gathered."""
     n = len(images)
-    model = accelerator.unwrap_model(model).eval()
+    model = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
     mean, std = mean.to(accelerator.device), std.to(accelerator.device)
     with accelerator.split_between_processes(list(range(n)), apply_padding=True) as part:
         chunk = [images[i] for i in part]

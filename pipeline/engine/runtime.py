@@ -41,6 +41,7 @@ def make_accelerator(runtime: RuntimeConfig, logs_dir: Path, stage: str, hparams
     accelerator = Accelerator(
         mixed_precision=mixed_precision(runtime),
         cpu=not torch.cuda.is_available(),
+        **({"dynamo_backend": runtime.compile.upper()} if runtime.compile != "no" else {}),
         log_with=runtime.log_with,
         project_config=ProjectConfiguration(project_dir=str(logs_dir), logging_dir=str(logs_dir)),
     )

@@ -125,7 +125,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     state = TrainProgress()
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = WeightEma(raw_model, cfg.ema_decay) if cfg.ema_decay else None
     accelerator.register_for_checkpointing(scheduler, state, *extra_state, *([ema] if ema else []))
     resume = _state_path(state_dir)

@@ -142,7 +142,7 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
         return {}
     raw = classification_metrics(setup.test_logits(), setup.test.labels, setup.data.classes)
     held = setup.holdout_metrics().get("holdout", {})
-    result.ema.copy_to(setup.accelerator.unwrap_model(setup.model))
+    result.ema.copy_to(setup.accelerator.unwrap_model(setup.model, keep_torch_compile=False))
     return {"ema": {"decay": result.ema.decay, "raw_top1": raw["top1"], "raw_ece": raw["ece"],
                     **({"raw_holdout_top1": held["top1"]} if held else {})}}
 
@@ -186,7 +186,7 @@ def finish(setup: TrainingSetup, result: TrainResult, lineage: dict, extra_metri
         "init": setup.init.metrics(),
         **setup.holdout_metrics(), **(extra_metrics or {}), "loss_history": result.history,
     })
-    record_stage(setup, accelerator.unwrap_model(setup.model), metrics, lineage, save)
+    record_stage(setup, accelerator.unwrap_model(setup.model, keep_torch_compile=False), metrics, lineage, save)
     held = f"  holdout top-1 {metrics['holdout']['top1']:.4f}" if "holdout" in metrics else ""
     accelerator.print(f"[{name}] test top-1 {metrics['top1']:.4f}  ECE {metrics['ece']:.4f}{held}  "
                       f"({metrics['wall_seconds']:.0f} s) -> {setup.run.metrics_path(name)}")

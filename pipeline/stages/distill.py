@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from pipeline.config.sections import Config, ModelConfig, StageConfig, fingerpri
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
+from pipeline.data.pool_stream import (LOGITS, PoolPosition, PoolShard, PoolStream, StreamedMixtureSampler,
+                                       StreamedSources, collate_mixed, distill_shards, tracked)
 from pipeline.engine.trainer import train
 from pipeline.engine.init import resolve_init
 from pipeline.engine.predict import load_model, predict_logits
@@ -55,8 +58,12 @@ def student_stage_config(config: Config, student: ModelConfig) -> StageConfig:
 def kd_settings(config: Config) -> dict:
     found = {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
                                                                          "train")}
-    if not config.distill.mutual.weight:  # off: runs made before mutual learning existed keep their fingerprint
+    # options at their off value leave the fingerprint of runs made before they existed as it was
+    if not config.distill.mutual.weight:
         found.pop("mutual")
+    if config.distill.pool == "memory":
+        found.pop("pool")
+        found.pop("shuffle_buffer")
     return found
 
 
@@ -123,6 +130,19 @@ def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.n
     return torch.from_numpy(table)
 
 
+def stored_logits(offline: torch.Tensor, num_labeled: int, batch: Batch, source: torch.Tensor,
+                  index: torch.Tensor) -> torch.Tensor:
+    """Offline teacher logits of the batch's rows: labeled rows from the table's first `num_labeled`
+    rows; unlabeled rows from the rest of the table (memory pool) or from the batch (streamed pool)."""
+    streamed = getattr(batch, "targets", None)
+    unlabeled = offline[num_labeled:] if streamed is None else streamed.to(offline.device)
+    target = torch.empty(len(index), offline.shape[1], device=offline.device)
+    is_labeled = source == LABELED
+    target[is_labeled] = offline[index[is_labeled]]
+    target[~is_labeled] = unlabeled[index[~is_labeled]]
+    return target
+
+
 def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, labels: torch.Tensor,
                offline: torch.Tensor | None, num_labeled: int, mutual_weight: float = 0.0):
     """One forward of the student on the shared view, the teacher on the same view (or stored logits).
@@ -139,10 +159,7 @@ def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, la
         x = ((view - mean) / std).contiguous(
             memory_format=torch.channels_last if setup.channels_last else torch.contiguous_format)
         source, index = batch.source.to(device), batch.index.to(device)
-        if offline is None:
-            target = teacher(view)
-        else:
-            target = offline[torch.where(source == LABELED, index, index + num_labeled)]
+        target = teacher(view) if offline is None else stored_logits(offline, num_labeled, batch, source, index)
         row_labels = torch.where(source == LABELED, labels[index.clamp_max(len(labels) - 1)],
                                  torch.full_like(index, IGNORE_LABEL))
         if mixed:
@@ -160,8 +177,9 @@ def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, la
 class KDSetup:
     """What a KD training loop needs beyond the student: data sources, the loss, the teacher."""
 
-    dataset: AugmentedSources
-    sources: list[Source]
+    sources: list[Source]  # labeled, then (memory pool) unlabeled
+    dataset: AugmentedSources | StreamedSources
+    stream_shards: list[PoolShard] | None  # the streamed pool's shards; None: the pool is in `dataset`
     loss_fn: object
     teacher_dir: Path
     teacher_meta: CheckpointMeta
@@ -169,38 +187,66 @@ class KDSetup:
     problems: dict
     steps_per_epoch: int
 
-    def batches(self, ctx: StageContext, setup: TrainingSetup, total_steps: int, offset: int = 0):
-        """Loader factory for `train`: steps [offset + start, offset + total_steps) of the KD stream."""
-        accelerator = setup.accelerator
+    def batches(self, ctx: StageContext, setup: TrainingSetup, total_steps: int,
+                offset: int = 0) -> tuple[Callable[[int], Iterable[Batch]], list]:
+        """Loader factory for `train` (steps [offset + start, offset + total_steps) of the KD stream) and
+        the state to save with it (the streamed pool's position)."""
+        accelerator, seed = setup.accelerator, ctx.config.seed
+        if self.stream_shards is None:
+            def make(start: int):
+                sampler = StepBatchSampler(self.sources, offset + total_steps, seed, offset + start,
+                                           accelerator.process_index, accelerator.num_processes)
+                return make_loader(self.dataset, sampler, setup.workers, seed)
+            return make, []
+        position, cfg = PoolPosition(), ctx.config.distill
 
-        def make(start: int):
-            sampler = StepBatchSampler(self.sources, offset + total_steps, ctx.config.seed, offset + start,
-                                       accelerator.process_index, accelerator.num_processes)
-            return make_loader(self.dataset, sampler, setup.workers, ctx.config.seed)
-        return make
+        def make_streamed(start: int):
+            stream = PoolStream(self.stream_shards, LOGITS, seed + offset, cfg.shuffle_buffer, ctx.data().image_keys,
+                                accelerator.process_index, accelerator.num_processes)
+            sampler = StreamedMixtureSampler(self.sources[0], stream, cfg.train.batch_size, total_steps, seed,
+                                             position, start)
+            return tracked(make_loader(self.dataset, sampler, setup.workers, seed, collate_mixed), position, start)
+        return make_streamed, [position]
+
+
+def unlabeled_pool(ctx: StageContext, this: Stage, setup: TrainingSetup
+                   ) -> tuple[ImageSet | None, list[PoolShard] | None, int, dict]:
+    """The pool in memory (skip-and-count), or its shards to stream; its size and read problems."""
+    data = ctx.data()
+    if ctx.config.distill.pool == "streamed":
+        labels = this.labels if ctx.config.distill.mode == "offline" else None
+        shards = distill_shards(data, ctx.run, labels)
+        return None, shards, sum(s.copies for s in shards), {"streamed": "unreadable samples are skipped and counted "
+                                                                           "in the log as they are met"}
+    unlabeled, problems = load_unlabeled_split(data)
+    if not unlabeled.images:
+        raise RunDirError(f"[{this.name}] the unlabeled pool of {data.root} has no readable image to distill on")
+    return unlabeled, None, len(unlabeled), problems.as_dict()
 
 
 def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weight: float = 0.0) -> KDSetup:
     """The unlabeled pool, the teacher on the student's view (or its stored logits), the KD loss
     (for a `MutualPair` when `mutual_weight` > 0)."""
-    cfg, data = ctx.config.distill, ctx.data()
+    cfg = ctx.config.distill
     teacher_dir = ctx.teacher_dir(this)
-    unlabeled, problems = load_unlabeled_split(data)
-    if not unlabeled.images:
-        raise RunDirError(f"[{this.name}] the unlabeled pool of {data.root} has no readable image to distill on")
-    teacher_model, teacher_meta = load_model(teacher_dir, data.num_classes)
+    unlabeled, shards, num_unlabeled, problems = unlabeled_pool(ctx, this, setup)
+    teacher_model, teacher_meta = load_model(teacher_dir, ctx.data().num_classes)
     teacher = TeacherView(teacher_model, teacher_meta, setup.accelerator.device, setup.channels_last)
     offline = None
     if cfg.mode == "offline":
         labeled_logits = setup.checkpoint_logits(teacher_dir, setup.labeled, "labeled")
-        offline = offline_teacher_logits(ctx, this, labeled_logits, unlabeled)
-    sources = [Source(np.arange(len(setup.labeled)), cfg.labeled_batch),
-               Source(np.arange(len(unlabeled)), cfg.train.batch_size)]
+        offline = (torch.from_numpy(labeled_logits) if unlabeled is None
+                   else offline_teacher_logits(ctx, this, labeled_logits, unlabeled))
+    sources = [Source(np.arange(len(setup.labeled)), cfg.labeled_batch)]
+    if unlabeled is None:
+        dataset = StreamedSources(setup.labeled.images, setup.policy, ctx.data().mode)
+    else:
+        sources.append(Source(np.arange(len(unlabeled)), cfg.train.batch_size))
+        dataset = AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy)
     loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled),
                          mutual_weight)
-    return KDSetup(AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy), sources, loss_fn,
-                   teacher_dir, teacher_meta, len(unlabeled), problems.as_dict(),
-                   math.ceil(len(unlabeled) / cfg.train.batch_size))
+    return KDSetup(sources, dataset, shards, loss_fn, teacher_dir, teacher_meta, num_unlabeled, problems,
+                   math.ceil(num_unlabeled / cfg.train.batch_size))
 
 
 def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray) -> dict:
@@ -253,16 +299,18 @@ def run(ctx: StageContext, this: Stage) -> dict:
         f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir}), "
         f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
         f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
-        f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step, {total_steps} steps, "
+        f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step ({cfg.pool} pool of "
+        f"{kd.num_unlabeled}), {total_steps} steps, "
         f"policy {setup.policy!r}")
     trained = setup.model if peer is None else MutualPair(setup.model, peer)
-    result = train(setup.accelerator, trained, cfg.train, total_steps, kd.steps_per_epoch,
-                   kd.batches(ctx, setup, total_steps), kd.loss_fn, state_dir=run_dir.state_dir(name), name=name,
-                   progress=config.runtime.progress)
+    batches, stream_state = kd.batches(ctx, setup, total_steps)
+    result = train(setup.accelerator, trained, cfg.train, total_steps, kd.steps_per_epoch, batches, kd.loss_fn,
+                   state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress,
+                   extra_state=stream_state)
     logits = setup.test_logits()
     metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": kd.problems,
-               "steps_per_epoch": kd.steps_per_epoch}
+               "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:
         metrics["mutual"] = finish_peer(ctx, this, setup, peer, logits)
     lineage = {"teacher": str(kd.teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}

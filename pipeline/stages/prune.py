@@ -57,11 +57,11 @@ def run(ctx: StageContext, this: Stage) -> dict:
     def fine_tune(model: torch.nn.Module, step: int) -> None:
         if cfg.fine_tune_steps == 0:
             return
-        batches = kd.batches(ctx, setup, cfg.fine_tune_steps, offset=(step - 1) * cfg.fine_tune_steps)
+        batches, stream_state = kd.batches(ctx, setup, cfg.fine_tune_steps, offset=(step - 1) * cfg.fine_tune_steps)
         state_dir = run_dir.state_dir(name) / f"step{step}"
         results.append(train(setup.accelerator, model, stage_cfg.train, cfg.fine_tune_steps, kd.steps_per_epoch,
                              batches, kd.loss_fn, state_dir=state_dir, name=f"{name} step {step}",
-                             progress=config.runtime.progress))
+                             progress=config.runtime.progress, extra_state=stream_state))
 
     setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
                             f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
