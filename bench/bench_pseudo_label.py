@@ -91,7 +91,7 @@ def real_rate(labeler: Labeler, job: LabelingJob, tmp: Path, rep: int, workers: 
 
 
 def breakdown(model, shard: Path, transform, mode: str, mean, std, batch: int, channels_last: bool,
-              tmp: Path) -> dict:
+              tmp: Path, precision: str = "no") -> dict:
     """Each stage of the real path alone on one shard, in microseconds per image."""
     t = time.perf_counter
     t0 = t()
@@ -108,7 +108,7 @@ def breakdown(model, shard: Path, transform, mode: str, mean, std, batch: int, c
     inputs = [to_model_input(b, mean, std, device, channels_last) for b in uint8_batches]
     sync(device)
     t5 = t()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         outputs = [model(x) for x in inputs]
         sync(device)
         t6 = t()
@@ -209,7 +209,7 @@ def main() -> None:
             }), flush=True)
         if not args.no_breakdown:
             print(json.dumps(breakdown(model, shards[0], transform, data.mode, mean, std, args.batch,
-                                       channels_last, tmp)), flush=True)
+                                       channels_last, tmp, args.precision)), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
-                        help="autocast dtype (GPU; the pipeline's auto is bf16 where supported)")
+                        help="autocast dtype (GPU; the pipeline's auto is bf16 where supported; the training "
+                             "bench runs fp16 without a loss scaler: a speed figure only)")
 
 
 def device_of(args: argparse.Namespace) -> torch.device:

@@ -4,13 +4,14 @@
 #   bench/gpu_checks.sh            # about 10 minutes on one recent GPU
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
+SELFTRAIN=${SELFTRAIN:-.venv/bin/selftrain}
 OUT=bench/results/gpu_$(hostname -s).jsonl
 RUN=${RUN:-runs/fm}
 mkdir -p bench/results
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT.device"
 # the teacher the pseudo-label bench reads (the demo config's teacher stage; AMP bf16 and channels_last are the defaults on GPU)
-.venv/bin/selftrain run configs/fashion_mnist.yaml --run-dir "$RUN" --only data
-.venv/bin/selftrain run configs/fashion_mnist.yaml --run-dir "$RUN" --only teacher --set runtime.workers=8
+"$SELFTRAIN" run configs/fashion_mnist.yaml --run-dir "$RUN" --only data
+"$SELFTRAIN" run configs/fashion_mnist.yaml --run-dir "$RUN" --only teacher --set runtime.workers=8
 # pseudo-label efficiency: end to end / bare forward, bf16, several loader worker counts
 $PY bench/bench_pseudo_label.py --device cuda --precision bf16 --data "$RUN/data" --teacher "$RUN/teacher/checkpoint" \
     --shards 8 --batch 1000 --workers 2 4 8 | tee -a "$OUT"

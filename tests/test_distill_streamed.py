@@ -1,17 +1,22 @@
 """`distill.pool: streamed`: the distill stage reads the unlabeled pool from the shards as it trains."""
 
+import io
 import json
+import tarfile
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.core.faults import env_name
 from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import Batch
-from pipeline.data.pool_stream import LOGITS, MixedBatch, PoolStream, distill_shards
+from pipeline.data.pool import PoolError
+from pipeline.data.pool_stream import LOGITS, MixedBatch, PoolShard, PoolStream, distill_shards
 from pipeline.data.shards import iter_shard
 from pipeline.stages.distill import stored_logits
 from teachers.sidecar import read_sidecar
@@ -86,3 +91,31 @@ def test_stored_logits_take_labeled_rows_from_the_table_and_pool_rows_from_the_b
     memory_table = torch.cat([table, pool_rows])  # memory pool: pool rows follow the labeled ones
     found = stored_logits(memory_table, 3, Batch(images, source, index), source, index)
     torch.testing.assert_close(found, torch.stack([table[2], pool_rows[1], table[0], pool_rows[0]]))
+
+
+def write_tar(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes() -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (4, 4), 7).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_sample_without_an_image_is_skipped_and_counted(tmp_path):
+    write_tar(tmp_path / "s.tar", {"a.png": png_bytes(), "b.txt": b"no image", "c.png": png_bytes()})
+    stream = PoolStream([PoolShard("s.tar", tmp_path / "s.tar", None, None, 3, 3)], LOGITS, 0, 1, ("png",))
+    keys = sorted(stream.next_item()[0][0] for _ in range(2))
+    assert keys == ["a", "c"] and stream.skipped == 1
+
+
+def test_shards_without_a_readable_image_are_refused_not_looped_over(tmp_path):
+    write_tar(tmp_path / "s.tar", {"b.txt": b"no image"})
+    stream = PoolStream([PoolShard("s.tar", tmp_path / "s.tar", None, None, 1, 1)], LOGITS, 0, 4, ("png",))
+    with pytest.raises(PoolError, match="no readable image"):
+        stream.next_item()

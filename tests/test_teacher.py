@@ -112,6 +112,7 @@ def test_compiled_training_saves_plain_weights_and_resumes(tiny_data, tmp_path):
         assert run_cli(config, tmp_path / run, *compiled[0]).returncode == 0
     result = run_cli(config, tmp_path / "straight", *compiled[1])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "model compiled with torch.compile" in result.stdout + result.stderr
     plain = timm.create_model("test_resnet", num_classes=10, in_chans=1).state_dict()
     straight = weights(tmp_path / "straight")
     assert straight.keys() == plain.keys()

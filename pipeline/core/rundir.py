@@ -28,7 +28,7 @@ MARKER = ".selftrain-run"
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
 STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "metrics.json", "manifest.json", "*.labels.npz",
-                 "*.plan.npz", "*.png", "report.md", "summary.csv", "checkpoint/*", "state/*", "state.tmp/*",
+                 "*.plan.npz", "*.png", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
                  "state.prev/*", "*.tmp")
 
 
@@ -256,7 +256,7 @@ def foreign_stage_files(directory: Path) -> list[str]:
         if relative in journaled:
             continue
         top = relative.split("/", 1)[0]
-        if top in ("state", "state.tmp", "state.prev", "checkpoint"):
+        if top in ("state", "state.tmp", "state.prev", "checkpoint", "peer"):
             relative = f"{top}/{path.name}"
         if not any(fnmatch.fnmatchcase(relative, pattern) for pattern in STAGE_OUTPUTS):
             found.append(str(path.relative_to(directory)))

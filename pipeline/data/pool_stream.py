@@ -7,7 +7,9 @@ copy; at the end of the rank's epoch the buffer is drained, so an epoch holds ev
 once. Only the image member's encoded bytes are kept: no `cls` member, no truth file.
 
 Distillation streams the whole unlabeled pool instead (`distill_shards`): no plan (every key once),
-no targets online, the teacher's stored logits offline; an unreadable sample is skipped and counted.
+no targets online, the teacher's stored logits offline; a sample without an image member (or, offline,
+without logits: pseudo-labeling skipped it) is skipped and counted. Image bytes that fail to decode
+stop training with an error naming the key (decoding happens in the loader workers).
 
 Reading and shuffling run in the main process (the batch sampler); DataLoader workers decode and
 augment. Batches therefore do not depend on the worker count, and the stream position (epoch,
@@ -71,7 +73,7 @@ def distill_shards(data: DataInfo, run: RunDir, labels_stage: str | None) -> lis
     """Every unlabeled shard, every key once; `labels_stage` (offline distillation): its sidecars' logits."""
     return [PoolShard(r["name"], data.shard_path("unlabeled", r["name"]),
                       run.sidecar_path(labels_stage, r["name"]) if labels_stage else None, None,
-                      int(r["count"]), int(r["count"])) for r in data.shard_records("unlabeled")]
+                      int(r["count"]), int(r["count"])) for r in data.shard_records("unlabeled") if int(r["count"])]
 
 
 def _targets(sidecar_path: Path, form: LabelForm) -> tuple[np.ndarray, list[str]]:
@@ -124,9 +126,9 @@ class _ShardReader:
         self.seen.add(key)
         if self.rows is None:
             return -1
-        if key not in self.rows:
-            raise PoolError(f"{self.shard.location}: key '{key}' has no logits in {self.shard.sidecar}; "
-                            "the shard changed after labeling")
+        if key not in self.rows:  # pseudo-labeling skipped it (unreadable then): skipped and counted here
+            self.unreadable.append(key)
+            return None
         return self.rows[key]
 
     def next(self) -> tuple[PoolItem, int] | None:
@@ -170,7 +172,7 @@ class PoolStream:
     def __init__(self, shards: Sequence[PoolShard], form: LabelForm, seed: int, buffer_size: int,
                  image_keys: Sequence[str], rank: int = 0, world: int = 1):
         if len(shards) < world:
-            raise PoolError(f"{len(shards)} unlabeled shards hold selected images, fewer than the {world} "
+            raise PoolError(f"{len(shards)} unlabeled shards hold images to stream, fewer than the {world} "
                             "processes that each stream whole shards; use pool: memory (student.pool, distill.pool)")
         self.shards, self.form, self.seed, self.buffer_size = list(shards), form, seed, buffer_size
         self.image_keys, self.rank, self.world = tuple(image_keys), rank, world
@@ -178,7 +180,13 @@ class PoolStream:
         self.rng = random.Random(f"pool-stream:{seed}:{rank}")  # fast scalar draws; state is a plain tuple
         self._reader: _ShardReader | None = None
         self._orders: dict[int, np.ndarray] = {}
-        self.skipped = 0  # unreadable samples skipped since this stream was made (plan-free mode only)
+        self._skipped = 0  # samples skipped in finished shards since this stream was made (plan-free mode)
+        self._epoch_items: int | None = None  # items read in an epoch this object started from its beginning
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped since this stream was made (plan-free mode; a plan's are errors)."""
+        return self._skipped + (len(self._reader.unreadable) if self._reader is not None else 0)
 
     def order(self, epoch: int) -> np.ndarray:
         """This rank's shard indices for `epoch`: a permutation drawn from (seed, epoch), rank r takes r::W."""
@@ -197,8 +205,10 @@ class PoolStream:
             found = self._reader.next()
             st.samples_read = self._reader.samples_read
             if found is not None:
+                if self._epoch_items is not None:
+                    self._epoch_items += 1
                 return found
-            self.skipped += len(self._reader.unreadable)
+            self._skipped += len(self._reader.unreadable)
             self._reader = None
             st.order_pos, st.samples_read = st.order_pos + 1, 0
         return None
@@ -215,6 +225,7 @@ class PoolStream:
                     st.buffer[j], st.buffer[-1] = st.buffer[-1], st.buffer[j]
                     return self._emit(st.buffer.pop())
                 st.epoch, st.order_pos, st.samples_read, st.draining = st.epoch + 1, 0, 0, False
+                self._epoch_items = 0
             elif st.pending_copies > 0:
                 st.pending_copies -= 1
                 if len(st.buffer) < self.buffer_size:
@@ -226,6 +237,9 @@ class PoolStream:
             else:
                 found = self._read()
                 if found is None:
+                    if self._epoch_items == 0 and not st.buffer:
+                        raise PoolError(f"process {self.rank}: its {len(self.order(st.epoch))} shards hold no "
+                                        "readable image; use fewer processes or pool: memory")
                     st.draining = True
                 else:
                     st.pending, st.pending_copies = found
@@ -296,11 +310,12 @@ class StreamedMixtureSampler(Sampler[list[tuple]]):
     """Per step: this rank's share of the labeled slice (as `StepBatchSampler`) + its pseudo-labeled items."""
 
     def __init__(self, labeled: Source, stream: PoolStream, unlabeled_per_step: int, total_steps: int, seed: int,
-                 position: PoolPosition, start_step: int = 0):
+                 position: PoolPosition, start_step: int = 0, labeled_offset: int = 0):
         if len(labeled.population) == 0:
             raise ValueError("data source 0 is empty: nothing to train on")
         self.labeled, self.stream, self.position = StreamPosition(labeled, LABELED, seed), stream, position
         self.total_steps, self.start_step = total_steps, start_step
+        self.labeled_offset = labeled_offset  # steps of the labeled cycle taken before this sampler's step 0
         self.per_rank = len(range(stream.rank, unlabeled_per_step, stream.world))
         position.resume(stream, start_step)
 
@@ -311,7 +326,7 @@ class StreamedMixtureSampler(Sampler[list[tuple]]):
         rank, world = self.stream.rank, self.stream.world
         for step in range(self.start_step, self.total_steps):
             per_step = self.labeled.source.per_step
-            index, seeds = self.labeled.take(step * per_step, per_step)
+            index, seeds = self.labeled.take((self.labeled_offset + step) * per_step, per_step)
             batch: list[tuple] = [(LABELED, int(i), int(s)) for i, s in zip(index[rank::world], seeds[rank::world])]
             batch += [(UNLABELED, *self.stream.next_item()) for _ in range(self.per_rank)]
             self.position.produced(step + 1, self.stream.snapshot())

@@ -122,6 +122,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     """
     optimizer = build_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod"):
+        accelerator.print(f"[{name}] model compiled with torch.compile ({accelerator.state.dynamo_plugin.backend})")
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     state = TrainProgress()

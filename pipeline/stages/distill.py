@@ -21,7 +21,7 @@ student and writes the peer to RUN/<stage>/peer/ with its top-1 in metrics.json.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -34,7 +34,7 @@ from pipeline.config.sections import Config, ModelConfig, StageConfig, fingerpri
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
-from pipeline.data.pool_stream import (LOGITS, PoolPosition, PoolShard, PoolStream, StreamedMixtureSampler,
+from pipeline.data.pool_stream import (LOGITS, MixedBatch, PoolPosition, PoolShard, PoolStream, StreamedMixtureSampler,
                                        StreamedSources, collate_mixed, distill_shards, tracked)
 from pipeline.engine.trainer import train
 from pipeline.engine.init import resolve_init
@@ -45,7 +45,7 @@ from pipeline.stages.base import Stage, StageContext
 from students.losses import IGNORE_LABEL, distillation_loss
 from students.mutual import MutualPair, mutual_distillation_loss
 from teachers.checkpoint import CheckpointMeta, checkpoint_hash, save_checkpoint
-from teachers.sidecar import read_sidecar
+from teachers.sidecar import Sidecar, read_sidecar
 
 LABELED, UNLABELED = 0, 1
 
@@ -68,7 +68,8 @@ def kd_settings(config: Config) -> dict:
 
 
 def peer_config(config: Config, student: ModelConfig) -> ModelConfig:
-    """The mutual-learning peer of `student`: `distill.mutual.peer`, or a second copy of the student."""
+    """The mutual-learning peer of `student`: `distill.mutual.peer`, or the student's own model config
+    (same arch, drop rates and init: from random init the two start from different weights)."""
     return config.distill.mutual.peer or student
 
 
@@ -101,14 +102,27 @@ class TeacherView:
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:
     """Mix the batch with a permutation of itself; lambda and the permutation come from the batch's
-    own indices, so a resumed run draws the same ones."""
+    own indices (streamed: and pixels), so a resumed run draws the same ones."""
     if alpha <= 0 or len(batch) < 2:
         return view01, False
     seed = int((batch.index.to(torch.int64) * (batch.source.to(torch.int64) + 1)).sum()) % (2 ** 31)
+    if isinstance(batch, MixedBatch):  # streamed rows are numbered within the batch: add the images' content
+        seed = (seed + int(batch.images.to(torch.int64).sum())) % (2 ** 31)
     rng = np.random.default_rng(seed)
     lam = float(rng.beta(alpha, alpha))
     perm = torch.from_numpy(rng.permutation(len(batch))).to(view01.device)
     return lam * view01 + (1 - lam) * view01[perm], True
+
+
+def full_logits_sidecar(path: Path, labels_stage: str) -> Sidecar:
+    """The sidecar at `path`, refused when missing or when it keeps only the top-k logits."""
+    if not path.exists():
+        raise RunDirError(f"distill.mode offline: no sidecar {path}; rerun --from {labels_stage}")
+    sidecar = read_sidecar(path)
+    if sidecar.is_topk:
+        raise RunDirError(f"distill.mode offline needs full logits in the sidecars of {labels_stage}; "
+                          "these keep only the top-k (many classes): use distill.mode online")
+    return sidecar
 
 
 def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.ndarray,
@@ -116,10 +130,7 @@ def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.n
     """(L + U, C) teacher logits of the clean views: labeled rows, then the unlabeled pool in its order."""
     rows = {}
     for record in ctx.data().shard_records("unlabeled"):
-        sidecar = read_sidecar(ctx.run.sidecar_path(stage.labels, record["name"]))
-        if sidecar.is_topk:
-            raise RunDirError(f"distill.mode offline needs full logits in the sidecars of {stage.labels}; "
-                              "these keep only the top-k (many classes): use distill.mode online")
+        sidecar = full_logits_sidecar(ctx.run.sidecar_path(stage.labels, record["name"]), stage.labels)
         for key, row in zip(sidecar.keys, sidecar.full_logits()):
             rows[str(key)] = row
     missing = [k for k in unlabeled.keys if k not in rows]
@@ -186,6 +197,11 @@ class KDSetup:
     num_unlabeled: int
     problems: dict
     steps_per_epoch: int
+    streams: list[PoolStream] = field(default_factory=list)  # the streams made so far (their skip counts)
+
+    def streamed_problems(self) -> dict:
+        """Samples the streams of this process skipped (no image member, or offline no logits)."""
+        return {"skipped_while_streaming": sum(s.skipped for s in self.streams)} if self.stream_shards else {}
 
     def batches(self, ctx: StageContext, setup: TrainingSetup, total_steps: int,
                 offset: int = 0) -> tuple[Callable[[int], Iterable[Batch]], list]:
@@ -203,8 +219,9 @@ class KDSetup:
         def make_streamed(start: int):
             stream = PoolStream(self.stream_shards, LOGITS, seed + offset, cfg.shuffle_buffer, ctx.data().image_keys,
                                 accelerator.process_index, accelerator.num_processes)
+            self.streams.append(stream)
             sampler = StreamedMixtureSampler(self.sources[0], stream, cfg.train.batch_size, total_steps, seed,
-                                             position, start)
+                                             position, start, labeled_offset=offset)
             return tracked(make_loader(self.dataset, sampler, setup.workers, seed, collate_mixed), position, start)
         return make_streamed, [position]
 
@@ -216,8 +233,11 @@ def unlabeled_pool(ctx: StageContext, this: Stage, setup: TrainingSetup
     if ctx.config.distill.pool == "streamed":
         labels = this.labels if ctx.config.distill.mode == "offline" else None
         shards = distill_shards(data, ctx.run, labels)
-        return None, shards, sum(s.copies for s in shards), {"streamed": "unreadable samples are skipped and counted "
-                                                                           "in the log as they are met"}
+        if not shards:
+            raise RunDirError(f"[{this.name}] the unlabeled pool of {data.root} is empty: nothing to distill on")
+        for shard in shards if labels else ():  # offline: every sidecar there, with full logits, before training
+            full_logits_sidecar(shard.sidecar, labels)
+        return None, shards, sum(s.copies for s in shards), {}
     unlabeled, problems = load_unlabeled_split(data)
     if not unlabeled.images:
         raise RunDirError(f"[{this.name}] the unlabeled pool of {data.root} has no readable image to distill on")
@@ -309,7 +329,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
                    extra_state=stream_state)
     logits = setup.test_logits()
     metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits),
-               "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": kd.problems,
+               "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": {**kd.problems, **kd.streamed_problems()},
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:
         metrics["mutual"] = finish_peer(ctx, this, setup, peer, logits)
