@@ -4,13 +4,13 @@ import textwrap
 
 import pytest
 
-from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.core.rundir import RunDir, RunDirError, foreign_stage_files
 
 
 def test_lock_refuses_a_second_process(tmp_path):
     with RunDir(tmp_path / "run"):
         code = textwrap.dedent(f"""
-            from pipeline.core.rundir import RunDir, RunDirError
+            from pipeline.core.rundir import RunDir, RunDirError, foreign_stage_files
             try:
                 RunDir({str(tmp_path / 'run')!r}).acquire()
             except RunDirError as exc:
@@ -75,3 +75,17 @@ def test_wall_time_counts_an_invocation_killed_midway(tmp_path):
         pass
     resumed = json.loads(path.read_text())
     assert not resumed["running"] and resumed["invocations"] == 2 and resumed["seconds"] >= killed["seconds"]
+
+
+@pytest.mark.parametrize("stage, files", [
+    ("export", ["distill_x.onnx", "distill_x.int8.onnx", "teacher.onnx", "deployment.md", "pareto.png",
+                "metrics.json", "DONE"]),
+    ("distill_x", ["checkpoint/model.safetensors", "peer/model.safetensors", "peer/meta.json", "state/x.bin"]),
+])
+def test_every_file_a_stage_writes_is_its_own_for_from(tmp_path, stage, files):
+    """`--from` must be able to remove what the export and distill stages write (ONNX files, the peer)."""
+    for name in files:
+        (tmp_path / stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / stage / name).write_bytes(b"x")
+    (tmp_path / stage / "mine.txt").write_text("a user's file")
+    assert foreign_stage_files(tmp_path / stage) == ["mine.txt"]

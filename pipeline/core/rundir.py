@@ -28,7 +28,7 @@ MARKER = ".selftrain-run"
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
 STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "metrics.json", "manifest.json", "*.labels.npz",
-                 "*.plan.npz", "*.png", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
+                 "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
                  "state.prev/*", "*.tmp")
 
 
