@@ -38,6 +38,20 @@ def copy_run(tiny_teacher_run, tmp_path: Path, name: str) -> tuple[Path, Path]:
     return config, tmp_path / name
 
 
+def kill_resume_and_compare(config: Path, straight: Path, killed: Path, *extra: str,
+                            parts: tuple[str, ...] = ("checkpoint",)) -> None:
+    """SIGKILL `killed` at step 6 (state saved at 4), rerun it, and compare its weights with `straight`'s."""
+    dead = cli(config, killed, *extra, env={env_name("step"): "6"})
+    assert dead.returncode == -9 and (killed / STAGE / "state").exists()
+    again = cli(config, killed, *extra)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from step 4" in again.stdout + again.stderr
+    for part in parts:
+        a = load_file(str(straight / STAGE / part / "model.safetensors"))
+        b = load_file(str(killed / STAGE / part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
 class Recorder(torch.nn.Module):
     def __init__(self, classes: int = 3):
         super().__init__()
@@ -109,14 +123,7 @@ def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp
     _, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
     mix = ["--set", "distill.mixup=0.5"]  # mixup draws must resume exactly too
     assert cli(config, straight, *mix).returncode == 0
-    dead = cli(config, killed, *mix, env={env_name("step"): "6"})
-    assert dead.returncode == -9 and (killed / STAGE / "state").exists()
-    again = cli(config, killed, *mix)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from step 4" in again.stdout + again.stderr
-    a = load_file(str(straight / STAGE / "checkpoint" / "model.safetensors"))
-    b = load_file(str(killed / STAGE / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_resume_and_compare(config, straight, killed, *mix)
 
 
 def test_shufflenet_student_from_torchvision(tiny_teacher_run, tmp_path):

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from pipeline.core.faults import env_name
 from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import Batch
@@ -20,7 +18,7 @@ from pipeline.data.pool_stream import LOGITS, MixedBatch, PoolShard, PoolStream,
 from pipeline.data.shards import iter_shard
 from pipeline.stages.distill import stored_logits
 from teachers.sidecar import read_sidecar
-from test_distill import STAGE, cli, copy_run
+from test_distill import STAGE, cli, copy_run, kill_resume_and_compare
 from test_streamed_pool import data_dir_of
 
 STREAMED = ["--set", "distill.pool=streamed", "--set", "distill.shuffle_buffer=50",
@@ -39,14 +37,7 @@ def test_streamed_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((straight / STAGE / "metrics.json").read_text())
     assert metrics["pool"] == "streamed" and metrics["num_unlabeled"] == 400 and metrics["steps_per_epoch"] == 17
-    dead = cli(config, killed, *STREAMED, env={env_name("step"): "6"})
-    assert dead.returncode == -9 and (killed / STAGE / "state").exists()
-    again = cli(config, killed, *STREAMED)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from step 4" in again.stdout + again.stderr
-    a = load_file(str(straight / STAGE / "checkpoint" / "model.safetensors"))
-    b = load_file(str(killed / STAGE / "checkpoint" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_resume_and_compare(config, straight, killed, *STREAMED)
 
 
 def test_online_stream_yields_every_unlabeled_image_once_per_epoch_without_targets(tiny_teacher_run):

@@ -8,16 +8,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from pipeline.config.sections import load_config
-from pipeline.core.faults import env_name
 from pipeline.engine.predict import load_model
 from pipeline.stages.distill import kd_settings
 from students.losses import distillation_loss
 from students.mutual import MutualPair, mutual_distillation_loss
 from conftest import TINY_TEACHER, set_args
-from test_distill import DISTILL, STAGE, cli, copy_run
+from test_distill import DISTILL, STAGE, cli, copy_run, kill_resume_and_compare
 
 
 def logits(seed: int, rows: int = 6, classes: int = 4) -> torch.Tensor:
@@ -90,14 +88,7 @@ def test_mutual_distill_trains_a_peer_and_resumes_after_sigkill(tiny_teacher_run
     model, meta = load_model(straight / STAGE / "peer", 10)  # the peer is a checkpoint like any other
     assert meta.arch == "shufflenet_v2_x0_5" and meta.input_size == 24
     assert json.loads((straight / STAGE / "checkpoint" / "meta.json").read_text())["arch"] == "test_efficientnet"
-    dead = cli(config, killed, *mutual, env={env_name("step"): "6"})
-    assert dead.returncode == -9
-    again = cli(config, killed, *mutual)
-    assert again.returncode == 0 and "resuming from step 4" in again.stdout + again.stderr
-    for part in ("checkpoint", "peer"):
-        a = load_file(str(straight / STAGE / part / "model.safetensors"))
-        b = load_file(str(killed / STAGE / part / "model.safetensors"))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    kill_resume_and_compare(config, straight, killed, *mutual, parts=("checkpoint", "peer"))
 
 
 def test_mutual_distill_with_the_streamed_pool_under_torchrun(tiny_teacher_run, tmp_path):

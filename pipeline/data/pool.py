@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import DataInfo
 from pipeline.data.shards import ShardError, decode_image, iter_shard
-from teachers.sidecar import hard_labels, read_sidecar, soft_labels
+from teachers.sidecar import Sidecar, hard_labels, read_sidecar, soft_labels
 
 
 class PoolError(RuntimeError):
@@ -27,9 +27,19 @@ class PoolError(RuntimeError):
 class LabelForm:
     """How sidecar logits become training targets (recorded by the select stage)."""
 
-    labels: str  # "soft" (softmax at `temperature`) or "hard" (argmax with `smoothing`)
+    labels: str  # "soft" (softmax at `temperature`), "hard" (argmax with `smoothing`), "logits" (as stored)
     temperature: float
     smoothing: float
+
+    def targets(self, sidecar: Sidecar) -> np.ndarray:
+        """(N, C) float32 training targets of a sidecar's rows."""
+        if self.labels == "logits":
+            found = sidecar.full_logits()
+        elif self.labels == "soft":
+            found = soft_labels(sidecar, self.temperature)
+        else:
+            found = hard_labels(sidecar, self.smoothing)
+        return found.astype(np.float32)
 
     @classmethod
     def from_select_metrics(cls, metrics: dict) -> "LabelForm":
@@ -63,8 +73,7 @@ def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_st
             raise PoolError(f"{plan_path} does not match its sidecar's keys; rerun --from {select_stage}")
         keep = plan["repeats"] > 0
         wanted = {str(k): i for i, k in enumerate(sidecar.keys) if keep[i]}
-        dist = (soft_labels(sidecar, form.temperature) if form.labels == "soft"
-                else hard_labels(sidecar, form.smoothing))
+        dist = form.targets(sidecar)
         shard = data.shard_path("unlabeled", record["name"])
         found: dict[int, np.ndarray] = {}
         for sample in iter_shard(shard, on_error="skip"):

@@ -36,7 +36,7 @@ from pipeline.data.loader import Batch, Source, StreamPosition, Transform
 from pipeline.data.pool import LabelForm, PoolError
 from pipeline.data.shard_io import ShardLocation
 from pipeline.data.shards import ShardError, decode_image, image_member, iter_shard
-from teachers.sidecar import hard_labels, read_sidecar, soft_labels
+from teachers.sidecar import read_sidecar
 
 LABELED, UNLABELED = 0, 1
 PoolItem = tuple[str, str, bytes, np.ndarray | None]  # (key, image member, encoded bytes, target or None)
@@ -76,17 +76,6 @@ def distill_shards(data: DataInfo, run: RunDir, labels_stage: str | None) -> lis
                       int(r["count"]), int(r["count"])) for r in data.shard_records("unlabeled") if int(r["count"])]
 
 
-def _targets(sidecar_path: Path, form: LabelForm) -> tuple[np.ndarray, list[str]]:
-    sidecar = read_sidecar(sidecar_path)
-    if form.labels == "logits":
-        targets = sidecar.full_logits()
-    elif form.labels == "soft":
-        targets = soft_labels(sidecar, form.temperature)
-    else:
-        targets = hard_labels(sidecar, form.smoothing)
-    return targets.astype(np.float32), [str(k) for k in sidecar.keys]
-
-
 class _ShardReader:
     """The selected samples of one shard, in shard order, with their targets and repeat counts.
 
@@ -95,7 +84,9 @@ class _ShardReader:
 
     def __init__(self, shard: PoolShard, form: LabelForm, image_keys: Sequence[str], skip: int):
         self.shard, self.image_keys = shard, tuple(image_keys)
-        self.targets, keys = _targets(shard.sidecar, form) if shard.sidecar is not None else (None, None)
+        sidecar = read_sidecar(shard.sidecar) if shard.sidecar is not None else None
+        self.targets = form.targets(sidecar) if sidecar is not None else None
+        keys = [str(k) for k in sidecar.keys] if sidecar is not None else None
         self.rows = None if keys is None else {k: i for i, k in enumerate(keys)}
         if shard.plan is not None:
             plan = np.load(shard.plan)
