@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from students import export
 from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
 from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session
 from students.latency import latency_ms, onnx_latency, torch_latency
-from students.quantize import quantize_int8
+from students.quantize import DEFAULT_QUANT, equal_batches, quantize_checked, quantize_int8
 
 SHAPE = (1, 32, 32)
 
@@ -145,6 +146,36 @@ def test_quantize_rejects_bad_calibration(resnet: dict, tmp_path: Path) -> None:
         quantize_int8(resnet["fp32"], tmp_path / "x.onnx", np.zeros((0, 1, 32, 32), np.float32))
     assert not (tmp_path / "x.onnx").exists()
 
+
+
+def test_equal_calibration_batches() -> None:
+    images = np.zeros((301, 1, 4, 4), np.float32)
+    for count, batch, expect in ((300, 32, (300, 30)), (301, 32, (300, 30)), (64, 32, (64, 32)), (5, 32, (5, 5))):
+        trimmed, size = equal_batches(images[:count], batch)
+        assert (len(trimmed), size) == expect and len(trimmed) % size == 0
+
+
+def test_percentile_calibration_with_an_uneven_image_count(resnet: dict) -> None:
+    """70 images at batch 32 used to crash onnxruntime's histogram calibrator (short last batch)."""
+    int8 = resnet["folder"] / "percentile.onnx"
+    settings = quantize_int8(resnet["fp32"], int8, structured_images(70, seed=6),
+                             dataclasses.replace(DEFAULT_QUANT, calibrate_method="Percentile"))
+    assert settings["calibration_images"] == 69 and settings["calibration_batch_size"] == 23
+    assert onnx_logits(onnx_session(int8), structured_images(4, seed=7)).shape == (4, 10)
+
+
+def test_int8_guard_accepts_then_rejects(resnet: dict) -> None:
+    """quantize_checked ships a model that agrees with fp32, retries with Percentile, then rejects."""
+    int8 = resnet["folder"] / "checked.onnx"
+    calibration, check = structured_images(64, seed=6), structured_images(100, seed=8)
+    accepted = quantize_checked(resnet["fp32"], int8, calibration, check, DEFAULT_QUANT, min_agreement=0.5)
+    assert "rejected" not in accepted and len(accepted["check"]["attempts"]) == 1
+    agreement = accepted["check"]["attempts"][0]["agreement_with_fp32"]
+    assert 0.5 <= agreement < 1.0  # random weights: int8 noise flips a few of 100 predictions
+    rejected = quantize_checked(resnet["fp32"], int8, calibration, check, DEFAULT_QUANT, min_agreement=1.0)
+    assert [a["calibrate_method"] for a in rejected["check"]["attempts"]] == ["MinMax", "Percentile"]
+    assert "rejected" in rejected and "of 100 training images" in rejected["rejected"]
+    assert rejected["check"]["images"] == 100
 
 def test_latency_helpers(resnet: dict) -> None:
     calls = []

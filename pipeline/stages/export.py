@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from augment import build_eval_transform
@@ -32,7 +34,7 @@ from pipeline.stages.base import Stage, StageContext
 from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
 from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session, torch_logits
 from students.latency import onnx_latency, torch_latency
-from students.quantize import quantize_int8, setup_for_this_cpu
+from students.quantize import quantize_checked, setup_for_this_cpu
 from teachers.checkpoint import META, checkpoint_hash
 
 
@@ -82,8 +84,11 @@ def run(ctx: StageContext, this: Stage) -> dict:
     test = load_labeled_split(data, "test")
     if cfg.eval_images is not None:
         test = ImageSet(test.images[:cfg.eval_images], test.labels[:cfg.eval_images], test.keys[:cfg.eval_images])
-    calibration_set = load_labeled_split(data, "labeled")
-    calibration_set = ImageSet(calibration_set.images[:cfg.calibration_images], calibration_set.labels, [])
+    labeled = load_labeled_split(data, "labeled")
+    calibration_set = ImageSet(labeled.images[:cfg.calibration_images], labeled.labels[:cfg.calibration_images], [])
+    # the int8 check reads the labeled images calibration did not see (all of them when it saw all)
+    check_set = ImageSet(labeled.images[cfg.calibration_images:], labeled.labels[cfg.calibration_images:], []) \
+        if len(labeled) > cfg.calibration_images else calibration_set
     threads = torch.get_num_threads()
     rows: list[dict] = []
     teacher_pred = None
@@ -113,21 +118,19 @@ def run(ctx: StageContext, this: Stage) -> dict:
                      **_speed(onnx_latency(session, shape, batch=64, repeats=cfg.repeats))})
         if cfg.int8:
             int8_path = out / f"{name}.int8.onnx"
-            settings = quantize_int8(fp32_path, int8_path,
-                                     model_input(calibration_set, meta.input_size, meta.mean, meta.std),
-                                     setup=setup_for_this_cpu())
-            embed_meta(int8_path, checkpoint)
-            session8 = onnx_session(int8_path, threads)
-            rows.append({**common, "runtime": "onnxruntime", "precision": "int8", "path": str(int8_path),
-                         **score(onnx_logits(session8, x_test), test.labels, data.classes, teacher_pred),
-                         "file_bytes": file_size_bytes(int8_path), "quantization": settings,
-                         **_speed(onnx_latency(session8, shape, batch=64, repeats=cfg.repeats))})
+            settings = quantize_checked(fp32_path, int8_path,
+                                        model_input(calibration_set, meta.input_size, meta.mean, meta.std),
+                                        model_input(check_set, meta.input_size, meta.mean, meta.std),
+                                        setup_for_this_cpu(), cfg.int8_min_agreement)
+            def scorer(int8_session: ort.InferenceSession) -> dict:
+                return score(onnx_logits(int8_session, x_test), test.labels, data.classes, teacher_pred)
+            rows.append(int8_row(common, int8_path, checkpoint, settings, scorer, shape, cfg.repeats))
         print(f"[{this.name}] {name}: " + "; ".join(
             f"{r['runtime']} {r['precision']} top-1 {r['top1']:.4f} {r['batch1_ms']:.2f} ms"
             for r in rows if r["model"] == name))
     for row in rows:
         row["label"] = f"{row['model']} {row['precision']}"
-    onnx_rows = [r for r in rows if r["runtime"] == "onnxruntime"]
+    onnx_rows = [r for r in rows if r["runtime"] == "onnxruntime" and "rejected" not in r]
     best = best_under_budget(onnx_rows, "batch1_ms", cfg.latency_budget_ms, "top1")
     front = pareto_front(onnx_rows, "batch1_ms", "top1")
     pareto_plot(onnx_rows, out / "pareto.png", "batch1_ms", "top1", "label")
@@ -142,6 +145,22 @@ def run(ctx: StageContext, this: Stage) -> dict:
     return metrics
 
 
+def int8_row(common: dict, int8_path: Path, checkpoint: Path, settings: dict,
+             scorer: Callable[[ort.InferenceSession], dict], shape: tuple[int, int, int], repeats: int) -> dict:
+    """The int8 row; a rejected model (see quantize_checked) is scored, named, and its file deleted."""
+    session = onnx_session(int8_path, torch.get_num_threads())
+    row = {**common, "runtime": "onnxruntime", "precision": "int8", **scorer(session),
+           "file_bytes": file_size_bytes(int8_path), "quantization": settings, **_speed(onnx_latency(session, shape, batch=64, repeats=repeats))}
+    if "rejected" in settings:
+        del session
+        int8_path.unlink()
+        row["rejected"] = settings["rejected"]
+        print(f"[export] {common['model']}: int8 model rejected and deleted: {settings['rejected']}")
+        return row
+    embed_meta(int8_path, checkpoint)
+    return {**row, "path": str(int8_path)}
+
+
 def _speed(latency: dict) -> dict:
     return {"batch1_ms": latency["batch1_ms"], "batch64_img_s": latency["batch64_img_s"]}
 
@@ -150,7 +169,8 @@ def deployment_table(rows: list[dict]) -> str:
     lines = ["| model | arch | px | runtime | precision | test top-1 % | ECE | agrees with teacher % | params (M) "
              "| MMACs | file MB | batch-1 ms | batch-64 img/s |", "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['arch']} | {r['input_size']} | {r['runtime']} | {r['precision']} "
+        precision = f"{r['precision']} (rejected)" if "rejected" in r else r["precision"]
+        lines.append(f"| {r['model']} | {r['arch']} | {r['input_size']} | {r['runtime']} | {precision} "
                      f"| {100 * r['top1']:.2f} | {r['ece']:.4f} | {100 * r['teacher_agreement']:.2f} "
                      f"| {r['params'] / 1e6:.2f} | {r['macs'] / 1e6:.1f} | {r['file_bytes'] / 1e6:.2f} "
                      f"| {r['batch1_ms']:.2f} | {r['batch64_img_s']:.0f} |")

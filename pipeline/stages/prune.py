@@ -65,7 +65,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
 
     setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
                             f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
-    report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune)
+    report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
     after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
     logits = setup.test_logits()
