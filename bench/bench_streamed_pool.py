@@ -158,14 +158,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--shuffle-buffer", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=1, help="runs per case; the best rate and lowest RSS are kept")
+    parser.add_argument("--prepare-only", action="store_true", help="make the data and the runs, time nothing")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     prepared = prepare(args)
+    if args.prepare_only:
+        return
     results = {}
     for scale in (1, 10):
         config, run = prepared[scale]
-        for pool in ("memory", "streamed"):
-            runs = [student_case(config, run, args.work / "case", pool, scale, args) for _ in range(args.reps)]
+        cases: dict[str, list[dict]] = {"memory": [], "streamed": []}
+        for _ in range(args.reps):  # interleaved, so that load from elsewhere hits both modes alike
+            for pool in cases:
+                cases[pool].append(student_case(config, run, args.work / "case", pool, scale, args))
+        for pool, runs in cases.items():
             best = min(runs, key=lambda r: r["peak_rss_mib"])
             best["train_images_per_s"] = max(r["train_images_per_s"] for r in runs)
             best["reps"] = args.reps
