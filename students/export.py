@@ -109,8 +109,24 @@ def export_onnx(
             proto = _export_torchscript(model, example, opset)
             exporter = "torchscript"
             onnx.checker.check_model(proto)
+    stripped = strip_debug_metadata(proto)
     write_bytes(path, proto.SerializeToString())
-    return {"exporter": exporter, "opset": opset, "dynamo_error": dynamo_error}
+    return {"exporter": exporter, "opset": opset, "dynamo_error": dynamo_error, "debug_metadata_bytes_stripped": stripped}
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> int:
+    """Drop the exporter's per-node debug metadata (Python stack traces, FX node names, module paths)
+    in place; returns the bytes removed.
+
+    The dynamo exporter attaches ~4 kB of it to every node. Inference never reads it, and it would ship
+    the training machine's source paths inside the model; it was 0.24 MB of a 5.3 MB fp32 ShuffleNet
+    and, carried over by quantization, 0.18 MB (10 %) of its 1.7 MB int8 file.
+    """
+    removed = 0
+    for node in proto.graph.node:
+        removed += sum(len(entry.key) + len(entry.value) for entry in node.metadata_props)
+        del node.metadata_props[:]
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

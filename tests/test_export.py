@@ -80,6 +80,9 @@ def test_export_matches_torch_at_batch_1_and_5(resnet: dict) -> None:
     assert (inp.name, out.name) == ("images", "logits")
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert out.type.tensor_type.shape.dim[0].dim_param == "batch"
+    # the exporter's debug metadata (stack traces with this machine's paths) is not shipped
+    assert resnet["info"]["debug_metadata_bytes_stripped"] > 0
+    assert not any(node.metadata_props for node in proto.graph.node)
     session = onnx_session(resnet["fp32"], threads=1)
     images = structured_images(6, seed=2)
     for batch in (1, 5):
