@@ -28,9 +28,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from pipeline.experiments.compare import BudgetError
     from teachers.init_sources import InitError
+    from students.prune import PruneError
 
     return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-                          InitError, BudgetError)
+                          InitError, BudgetError, PruneError)
 
 
 def _version() -> str:

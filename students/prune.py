@@ -125,12 +125,19 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
 
 def build_pruner(model: nn.Module, example_input: torch.Tensor, granularity: float = 0.005,
                  max_channel_ratio: float = 0.9, round_to: int | None = None) -> tp.pruner.BasePruner:
-    """A local L1 pruner whose schedule entry k prunes every layer to k * granularity of its width."""
+    """A local L1 pruner whose schedule entry k prunes every layer to k * granularity of its width.
+
+    Raises PruneError when torch-pruning cannot build the model's dependency graph (torchvision's
+    ShuffleNet V2: its channel shuffle, a 5-d view, fails torch-pruning's reshape mapping)."""
     entries = max(1, int(round(max_channel_ratio / granularity)))
-    return tp.pruner.BasePruner(
-        model, example_input.to(_device_of(model)), importance=l1_importance(), global_pruning=False,
-        pruning_ratio=entries * granularity, iterative_steps=entries, max_pruning_ratio=max_channel_ratio,
-        ignored_layers=prunable_layers_ignored(model), round_to=round_to)
+    try:
+        return tp.pruner.BasePruner(
+            model, example_input.to(_device_of(model)), importance=l1_importance(), global_pruning=False,
+            pruning_ratio=entries * granularity, iterative_steps=entries, max_pruning_ratio=max_channel_ratio,
+            ignored_layers=prunable_layers_ignored(model), round_to=round_to)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means this model cannot be pruned
+        raise PruneError(f"torch-pruning cannot trace {type(model).__name__} to prune it "
+                         f"({type(error).__name__}: {error})") from error
 
 
 def _head_width_attrs(model: nn.Module) -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from students.prune import (STRUCTURE, PruneError, count_macs, l1_filter_ranking, l1_importance, load_pruned,
+from students.prune import (STRUCTURE, PruneError, build_pruner, count_macs, l1_filter_ranking, l1_importance, load_pruned,
                             prunable_layers_ignored, prune_to_macs, pruned_structure, save_pruned)
 from teachers.checkpoint import CheckpointMeta
 from teachers.models import create_model
@@ -220,3 +220,16 @@ def test_real_fine_tuning_between_steps_keeps_the_graph_valid():
     assert len(losses) == 6 and report.macs_after <= 0.4 * report.macs_before
     assert model.features[0].weight.shape[0] == model.features[1].num_features == model.features[3].in_channels
     assert model.eval()(x).shape == (16, 4)
+
+
+def test_an_untraceable_student_is_refused_before_anything_runs(tmp_path, capsys):
+    """torchvision's ShuffleNet V2 defeats torch-pruning's graph tracing: a named error, up front."""
+    from pipeline.cli import main
+
+    with pytest.raises(PruneError, match="cannot trace ShuffleNetV2"):
+        build_pruner(create_model("shufflenet_v2_x0_5", 10, 1).eval(), torch.zeros(1, 1, 32, 32))
+    run = tmp_path / "run"
+    code = main(["run", "configs/fashion_mnist.yaml", "--run-dir", str(run), "--set", "distill.prune.enabled=true",
+                 "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]"])
+    assert code == 2 and not run.exists()
+    assert "distill.students[0] (shufflenet_v2_x0_5) cannot be pruned" in capsys.readouterr().err

@@ -8,6 +8,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from pipeline.config.sections import Config, ModelConfig
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
@@ -16,6 +18,7 @@ from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
 from teachers.checkpoint import META
 from teachers.models import ModelError, create_model, is_known_arch
+from students.prune import PruneError, build_pruner
 
 # bytes a Fashion-MNIST-sized import writes per image (PNG + tar headers), with room to spare
 BYTES_PER_IMAGE_ESTIMATE = 2048
@@ -35,6 +38,15 @@ def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> Non
         raise ModelError(f'{where}.init is "ssl_pretrain" but ssl_pretrain.enabled is false')
 
 
+def _check_prunable(model: ModelConfig, where: str) -> None:
+    """Refused before distillation runs, not at its prune stage: a random-init copy at 32 px is traced."""
+    try:
+        build_pruner(create_model(model.arch, 2, 1).eval(), torch.zeros(1, 1, 32, 32))
+    except PruneError as error:
+        raise ModelError(f"{where} ({model.arch}) cannot be pruned, and distill.prune.enabled is true: {error}. "
+                         "Set distill.prune.enabled=false or distil into another student") from error
+
+
 def check_models(config: Config) -> None:
     _check_model(config.teacher.model, "teacher.model")
     _check_run_stage_init(config, config.teacher.model, "teacher.model")
@@ -43,6 +55,8 @@ def check_models(config: Config) -> None:
         _check_run_stage_init(config, config.student.model, "student.model")
     for i, student in enumerate(config.distill.students):
         _check_model(student, f"distill.students[{i}]")
+        if config.distill.prune.enabled:
+            _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():
         raise ModelError(f"distill.teacher: {config.distill.teacher} is not a checkpoint directory (no {META})")
 
