@@ -150,7 +150,8 @@ def int8_row(common: dict, int8_path: Path, checkpoint: Path, settings: dict,
     """The int8 row; a rejected model (see quantize_checked) is scored, named, and its file deleted."""
     session = onnx_session(int8_path, torch.get_num_threads())
     row = {**common, "runtime": "onnxruntime", "precision": "int8", **scorer(session),
-           "file_bytes": file_size_bytes(int8_path), "quantization": settings, **_speed(onnx_latency(session, shape, batch=64, repeats=repeats))}
+           "file_bytes": file_size_bytes(int8_path), "quantization": settings,
+           **_speed(onnx_latency(session, shape, batch=64, repeats=repeats))}
     if "rejected" in settings:
         del session
         int8_path.unlink()
