@@ -22,6 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pipeline.core.atomic import write_bytes
 from students.export import file_size_bytes, logit_agreement, onnx_logits, onnx_session
 from students.latency import onnx_latency
+from students.qdq_compact import compact_qdq_model
 
 # --------------------------------------------------------------------------------------------
 # Quantization
@@ -171,12 +172,14 @@ def quantize_int8(
     calibration: np.ndarray,
     setup: QuantSetup = DEFAULT_QUANT,
     batch_size: int = 32,
+    compact: bool = True,
 ) -> dict[str, Any]:
     """Static post-training int8 quantization of `fp32_path` into `int8_path` (written atomically).
 
     Runs ``quant_pre_process`` (shape inference + graph optimisation) first, then
     ``quantize_static`` with MinMax calibration over `calibration` (float32 NCHW, normalised like
-    the model's inputs; a few hundred images) fed in batches of `batch_size`. Returns the settings.
+    the model's inputs; a few hundred images) fed in batches of `batch_size`, then (`compact`)
+    :func:`compact_qdq_model`, which leaves the outputs bit-identical. Returns the settings.
     """
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     if calibration.ndim != 4 or len(calibration) == 0:
@@ -203,13 +206,17 @@ def quantize_int8(
             calibrate_method=CalibrationMethod[setup.calibrate_method],
             extra_options=dict(setup.extra_options) or None,
         )
-        write_bytes(int8_path, quantized.read_bytes())  # int8_path.tmp, fsync, os.replace
+        model = onnx.load(str(quantized))
+        compacted = compact_qdq_model(model) if compact else None
+        onnx.checker.check_model(model)
+        write_bytes(int8_path, model.SerializeToString())  # int8_path.tmp, fsync, os.replace
     return {
         **setup.as_dict(),
         "calibration_images": int(len(calibration)),
         "calibration_batch_size": int(batch_size),
         "excluded_nodes": len(exclude or []),
         "preprocessed": True,
+        "compacted": compacted,
     }
 
 

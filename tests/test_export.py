@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -142,6 +144,32 @@ def test_int8_quantization(resnet: dict) -> None:
     assert np.mean(fp32.argmax(1) == quant.argmax(1)) >= 0.8
     assert np.corrcoef(fp32.ravel(), quant.ravel())[0, 1] > 0.95
     assert no_tmp_files(resnet["folder"])
+
+
+def optimized_op_counts(path: Path, folder: Path) -> collections.Counter:
+    """Op types of the graph onnxruntime actually runs (QDQ groups fused into QLinearConv, QGemm...)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / f"{path.stem}.optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_int8_compaction_is_lossless(resnet: dict, tmp_path: Path) -> None:
+    """Dropping zero points and long names shrinks the file; outputs and the fused graph do not change."""
+    plain, compact = tmp_path / "plain.onnx", tmp_path / "compact.onnx"
+    calibration = structured_images(64, seed=6)
+    assert quantize_int8(resnet["fp32"], plain, calibration, compact=False)["compacted"] is None
+    changed = quantize_int8(resnet["fp32"], compact, calibration)["compacted"]
+    assert changed["zero_points_dropped"] > 0 and changed["tensors_renamed"] > 0
+    assert file_size_bytes(compact) == file_size_bytes(plain) - changed["bytes_saved"] < file_size_bytes(plain)
+    images = structured_images(20, seed=7)
+    assert np.array_equal(onnx_logits(onnx_session(plain), images), onnx_logits(onnx_session(compact), images))
+    plain_ops = optimized_op_counts(plain, tmp_path)
+    assert optimized_op_counts(compact, tmp_path) == plain_ops
+    assert plain_ops["QLinearConv"] > 0 and plain_ops["QGemm"] == 1  # the Gemm's zero point was kept
+    inputs = [[value.name for value in onnx.load(str(path)).graph.input] for path in (plain, compact)]
+    assert inputs[0] == inputs[1]
 
 
 def test_quantize_rejects_bad_calibration(resnet: dict, tmp_path: Path) -> None:
