@@ -34,7 +34,7 @@ demo: install data-package
 	@echo "report: $(RUN_DIR)/report/report.md   metrics: $(RUN_DIR)/<stage>/metrics.json"
 
 test: install data-package
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: install data-package
 	$(PY) bench/bench_train_step.py
