@@ -96,7 +96,7 @@ def test_unlabeled_rows_contribute_no_cross_entropy():
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
     only_unlabeled = loss_fn(student, Batch(images, torch.tensor([1, 1, 1]), torch.tensor([0, 1, 2])))
-    assert float(only_unlabeled["loss_ce"]) == 0.0 and float(only_unlabeled["loss"]) == 0.0
+    assert only_unlabeled["loss_ce"].item() == 0.0 and only_unlabeled["loss"].item() == 0.0
     mixed = loss_fn(student, Batch(images, torch.tensor([0, 1, 1]), torch.tensor([2, 1, 2])))
     logits = student(((images.float() / 255 - 0.5) / 0.25))
     torch.testing.assert_close(mixed["loss_ce"], torch.nn.functional.cross_entropy(logits[:1], torch.tensor([2])))
