@@ -28,7 +28,7 @@ data-package:
 	fi
 
 # make demo                 the full demo (26.5 minutes measured on a 2-core CPU: teacher, round 1, distilled ShuffleNet V2, export)
-# make demo PRESET=quick    a 10,000-image pool and short training (about 3 minutes before distill/export were added)
+# make demo PRESET=quick    a 10,000-image pool and short training, every stage (4 minutes here)
 demo: install data-package
 	$(VENV)/bin/selftrain run configs/fashion_mnist.yaml --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET))
 	@echo "report: $(RUN_DIR)/report/report.md   metrics: $(RUN_DIR)/<stage>/metrics.json"
