@@ -50,11 +50,15 @@ def _drop_zero_points_before_conv(graph: onnx.GraphProto) -> int:
         if node.input[0] in initializers and zero_point is not None and not numpy_helper.to_array(zero_point).any():
             del node.input[2]
             dropped += 1
+    _remove_unused_initializers(graph)
+    return dropped
+
+
+def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
     used = {name for node in graph.node for name in node.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return dropped
 
 
 def _shorten_tensor_names(graph: onnx.GraphProto) -> int:
