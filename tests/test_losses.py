@@ -357,7 +357,7 @@ def test_mixture_loss_with_no_labeled_row_is_finite_and_trains_the_pseudo_term()
     targets = torch.softmax(torch.randn(4, 3), 1)
     losses = mixture_loss(logits, is_labeled, torch.zeros(0, dtype=torch.long), targets, 0.1,
                           LossBalance(1.0, False))
-    assert torch.isfinite(losses["loss"]) and float(losses["loss_labeled"]) == 0.0
+    assert torch.isfinite(losses["loss"]) and losses["loss_labeled"].item() == 0.0
     losses["loss"].backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
