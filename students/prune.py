@@ -7,8 +7,11 @@ dense CPU kernels do less work. A pruned model no longer matches `timm.create_mo
 `save_pruned` records the shapes in `structure.json` beside the usual checkpoint files and
 `load_pruned` rebuilds the timm model, reshapes it to that record and loads the weights strictly.
 
-How the MACs target is reached: torch-pruning's `pruning_ratio` is a channel ratio, so the pruner is
-built with a fine linear channel schedule (channel ratio k * `granularity`, k = 0..K, every layer
+What is traced: `students/prune_parts.py` splits the model into parts torch-pruning can trace (the
+whole model, or ShuffleNet V2's branches and tail) and names the layers whose outputs stay whole.
+
+How the MACs target is reached: torch-pruning's `pruning_ratio` is a channel ratio, so each part's
+pruner is built with a fine linear channel schedule (channel ratio k * `granularity`, k = 0..K, every layer
 pruned locally to the same ratio of its initial width, each ranking its own filters by L1 norm).
 Step i of `steps` has the sub-target MACs_0 * target_ratio ** (i / steps) (each step removes the
 same fraction of the remaining MACs). Within a step the schedule is advanced, re-counting MACs
@@ -33,6 +36,7 @@ from torch import nn
 from pipeline.core.atomic import write_json
 from teachers.checkpoint import WEIGHTS, CheckpointMeta, read_meta, read_weights, save_checkpoint
 from teachers.models import create_model
+from students.prune_parts import PruneError, PrunePart, classifier_layers, prune_parts
 
 STRUCTURE = "structure.json"
 STRUCTURE_FORMAT = "selftrain-pruned-structure/1"
@@ -41,10 +45,6 @@ SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_feat
                "num_channels", "normalized_shape", "head_hidden_size")
 
 FineTune = Callable[[nn.Module, int], None]
-
-
-class PruneError(ValueError):
-    """Pruning cannot reach its target, or a pruned checkpoint is missing or malformed."""
 
 
 @dataclass
@@ -72,34 +72,6 @@ def l1_importance() -> tp.importance.Importance:
     return tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer=None)
 
 
-def _last_linear(module: nn.Module) -> nn.Module | None:
-    if isinstance(module, nn.Linear):
-        return module
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
-
-
-def prunable_layers_ignored(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels are never pruned: the classifier, so the class count stays.
-
-    timm: `model.get_classifier()` (none when num_classes=0); torchvision and others: the last Linear
-    of `fc`, `classifier` or `head`, else the model's last Linear."""
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return [head]
-        if isinstance(head, nn.Module):
-            return []
-    for name in ("fc", "classifier", "head"):
-        found = _last_linear(getattr(model, name)) if isinstance(getattr(model, name, None), nn.Module) else None
-        if found is not None:
-            return [found]
-    found = _last_linear(model)
-    if found is None:
-        raise PruneError(f"{type(model).__name__}: no classifier found (no get_classifier, fc, classifier or Linear)")
-    return [found]
-
-
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Pruning bookkeeping runs thousands of ops on tiny tensors; extra threads only add overhead
@@ -123,18 +95,26 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
     return int(macs), int(params)
 
 
-def build_pruner(model: nn.Module, example_input: torch.Tensor, granularity: float = 0.005,
-                 max_channel_ratio: float = 0.9, round_to: int | None = None) -> tp.pruner.BasePruner:
-    """A local L1 pruner whose schedule entry k prunes every layer to k * granularity of its width.
+def _part_pruner(part: PrunePart, entries: int, granularity: float, max_channel_ratio: float,
+                 round_to: int | None) -> tp.pruner.BasePruner:
+    return tp.pruner.BasePruner(
+        part.module, part.example_input.to(_device_of(part.module)), importance=l1_importance(),
+        global_pruning=False, pruning_ratio=entries * granularity, iterative_steps=entries,
+        max_pruning_ratio=max_channel_ratio, ignored_layers=part.ignored, round_to=round_to)
 
-    Raises PruneError when torch-pruning cannot build the model's dependency graph (torchvision's
-    ShuffleNet V2: its channel shuffle, a 5-d view, fails torch-pruning's reshape mapping)."""
+
+def build_pruners(model: nn.Module, example_input: torch.Tensor, granularity: float = 0.005,
+                  max_channel_ratio: float = 0.9, round_to: int | None = None) -> list[tp.pruner.BasePruner]:
+    """Local L1 pruners, one per `prune_parts` part, whose schedule entry k prunes every layer to
+    k * granularity of its width (all parts share the schedule).
+
+    Raises PruneError when torch-pruning cannot build a part's dependency graph."""
     entries = max(1, int(round(max_channel_ratio / granularity)))
     try:
-        return tp.pruner.BasePruner(
-            model, example_input.to(_device_of(model)), importance=l1_importance(), global_pruning=False,
-            pruning_ratio=entries * granularity, iterative_steps=entries, max_pruning_ratio=max_channel_ratio,
-            ignored_layers=prunable_layers_ignored(model), round_to=round_to)
+        return [_part_pruner(part, entries, granularity, max_channel_ratio, round_to)
+                for part in prune_parts(model, example_input.to(_device_of(model)))]
+    except PruneError:
+        raise
     except Exception as error:  # noqa: BLE001 - any tracing failure means this model cannot be pruned
         raise PruneError(f"torch-pruning cannot trace {type(model).__name__} to prune it "
                          f"({type(error).__name__}: {error})") from error
@@ -142,7 +122,7 @@ def build_pruner(model: nn.Module, example_input: torch.Tensor, granularity: flo
 
 def _head_width_attrs(model: nn.Module) -> list[str]:
     """Model attributes (timm's num_features, head_hidden_size) that equal the classifier's input width."""
-    heads = prunable_layers_ignored(model)
+    heads = classifier_layers(model)
     width = getattr(heads[0], "in_features", None) if heads else None
     return [a for a in ("num_features", "head_hidden_size") if width is not None and model.__dict__.get(a) == width]
 
@@ -150,12 +130,13 @@ def _head_width_attrs(model: nn.Module) -> list[str]:
 def _sync_head_width(model: nn.Module, attrs: list[str]) -> None:
     """Keep those attributes equal to the (pruned) classifier input width."""
     for attr in attrs:
-        setattr(model, attr, prunable_layers_ignored(model)[0].in_features)
+        setattr(model, attr, classifier_layers(model)[0].in_features)
 
 
 def _next_entry(pruner: tp.pruner.BasePruner, macs: int, target: float) -> int:
     """Schedule entry predicted to bring `macs` down to `target` by MACs ~ (1 - channel_ratio)^2,
-    at least one entry ahead."""
+    at least one entry ahead. Where MACs fall slower (depthwise convolutions, parts left whole) the
+    prediction falls short, so the target is still approached from above."""
     ratios = pruner.per_step_pruning_ratio
     keep = (1.0 - ratios[pruner.current_step]) * math.sqrt(target / macs)
     wanted = 1.0 - keep
@@ -163,17 +144,20 @@ def _next_entry(pruner: tp.pruner.BasePruner, macs: int, target: float) -> int:
     return min(max(entry, pruner.current_step + 1), pruner.iterative_steps)
 
 
-def _prune_until(pruner: tp.pruner.BasePruner, model: nn.Module, example_input: torch.Tensor,
+def _prune_until(pruners: list[tp.pruner.BasePruner], model: nn.Module, example_input: torch.Tensor,
                  target: float) -> tuple[int, int]:
-    """Advance the pruner's schedule until MACs <= target; returns (MACs, params)."""
+    """Advance the pruners' shared schedule until MACs <= target; returns (MACs, params)."""
     macs, params = count_macs(model, example_input)
+    lead = pruners[0]
     while macs > target:
-        if pruner.current_step >= pruner.iterative_steps:
-            ratio = pruner.per_step_pruning_ratio[pruner.current_step]
+        if lead.current_step >= lead.iterative_steps:
+            ratio = lead.per_step_pruning_ratio[lead.current_step]
             raise PruneError(f"cannot reach {target:.0f} MACs: {macs} left at channel ratio {ratio:.3f} "
                              "(max_channel_ratio); lower the target or raise max_channel_ratio")
-        pruner.current_step = _next_entry(pruner, macs, target) - 1  # step() advances by one, then prunes
-        pruner.step()
+        entry = _next_entry(lead, macs, target)
+        for pruner in pruners:
+            pruner.current_step = entry - 1  # step() advances by one, then prunes
+            pruner.step()
         macs, params = count_macs(model, example_input)
     return macs, params
 
@@ -197,17 +181,17 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_ratio: f
     try:
         with _one_thread():
             macs0, params0 = count_macs(model, example_input)
-            pruner = build_pruner(model, example_input, granularity, max_channel_ratio, round_to)
+            pruners = build_pruners(model, example_input, granularity, max_channel_ratio, round_to)
         report = PruneReport(macs0, macs0, params0, params0, steps)
         for step in range(1, steps + 1):
             with _one_thread():
-                macs, params = _prune_until(pruner, model, example_input, macs0 * target_ratio ** (step / steps))
+                macs, params = _prune_until(pruners, model, example_input, macs0 * target_ratio ** (step / steps))
             _sync_head_width(model, head_attrs)
             if fine_tune is not None:
                 fine_tune(model, step)
                 model.eval()
             report.per_step.append({"step": step, "macs": macs, "params": params,
-                                    "channel_ratio": pruner.per_step_pruning_ratio[pruner.current_step]})
+                                    "channel_ratio": pruners[0].per_step_pruning_ratio[pruners[0].current_step]})
             report.macs_after, report.params_after = macs, params
     finally:
         model.train(was_training)

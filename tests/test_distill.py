@@ -126,12 +126,19 @@ def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp
     kill_resume_and_compare(config, straight, killed, *mix)
 
 
-def test_shufflenet_student_from_torchvision(tiny_teacher_run, tmp_path):
+def test_shufflenet_student_from_torchvision_distils_prunes_and_exports(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path, "shuffle")
-    result = cli(config, run, "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]")
+    result = cli(config, run, "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]", *COMPRESS)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((run / "distill_shufflenet_v2_x0_5" / "checkpoint" / "meta.json").read_text())
     assert meta["arch"] == "shufflenet_v2_x0_5" and meta["num_classes"] == 10
+    pruned = json.loads((run / "prune_shufflenet_v2_x0_5" / "metrics.json").read_text())
+    assert pruned["macs_after"] <= 0.5 * pruned["macs_before"] and pruned["params_after"] < pruned["params_before"]
+    table = json.loads((run / "export" / "metrics.json").read_text())
+    onnx_rows = [r for r in table["rows"] if r["model"] == "prune_shufflenet_v2_x0_5" and r["precision"] == "fp32"
+                 and r["runtime"] == "onnxruntime"]
+    assert len(onnx_rows) == 1 and onnx_rows[0]["max_abs_logit_diff_vs_torch"] < 1e-3
+    assert onnx_rows[0]["top1_agreement_vs_torch"] == 1.0 and onnx_rows[0]["macs"] == pruned["macs_after"]
 
 
 COMPRESS = ["--set", "distill.prune.enabled=true", "--set", "distill.prune.steps=1",

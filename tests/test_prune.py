@@ -10,8 +10,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from students.prune import (STRUCTURE, PruneError, build_pruner, count_macs, l1_filter_ranking, l1_importance, load_pruned,
-                            prunable_layers_ignored, prune_to_macs, pruned_structure, save_pruned)
+from students.prune import (STRUCTURE, PruneError, build_pruners, count_macs, l1_filter_ranking, l1_importance,
+                            load_pruned, prune_to_macs, pruned_structure, save_pruned)
+from students.prune_parts import classifier_layers
 from teachers.checkpoint import CheckpointMeta
 from teachers.models import create_model
 
@@ -174,7 +175,7 @@ def test_pruner_removes_the_smallest_l1_filters_and_keeps_the_classifier():
         conv.weight.copy_(torch.sign(torch.randn_like(conv.weight)) * scale.view(8, 1, 1, 1))
     kept = [i for i in range(8) if scale[i] > 4.0]  # the 4 largest, in their original order
     x = torch.randn(1, 1, 8, 8)
-    assert prunable_layers_ignored(model) == [model.out]
+    assert classifier_layers(model) == [model.out]
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(8)))
@@ -222,12 +223,49 @@ def test_real_fine_tuning_between_steps_keeps_the_graph_valid():
     assert model.eval()(x).shape == (16, 4)
 
 
-def test_an_untraceable_student_is_refused_before_anything_runs(tmp_path, capsys):
-    """torchvision's ShuffleNet V2 defeats torch-pruning's graph tracing: a named error, up front."""
-    from pipeline.cli import main
+def test_shufflenet_prunes_inside_its_branches_and_round_trips(tmp_path):
+    """The shipped student's family: its channel shuffle defeats whole-model tracing, so each block's
+    inner channels and the last conv's outputs are pruned; every width the shuffle sees stays."""
+    torch.manual_seed(0)
+    model = create_model("shufflenet_v2_x0_5", 10, 1).eval()
+    x = torch.randn(2, 1, 64, 64)
+    before = shapes(model)
+    report = prune_to_macs(model, x, target_ratio=0.5, steps=2, round_to=8)
+    assert report.macs_after <= 0.5 * report.macs_before and len(report.per_step) == 2
+    after = shapes(model)
+    changed = {name for name in before if before[name] != after[name]}
+    assert "stage3.2.branch2.3.weight" in changed and "conv5.0.weight" in changed  # inner and tail pruned
+    assert after["stage3.2.branch2.3.weight"][0] == model.stage3[2].branch2[3].groups  # still depthwise
+    for name, block in model.named_modules():  # block outputs: what the channel shuffle interleaves
+        if name.count(".") == 1 and name.startswith("stage"):
+            assert after[f"{name}.branch2.5.weight"][0] == before[f"{name}.branch2.5.weight"][0], name
+    assert not any(name.startswith(("conv1.", "stage2.0.branch1.")) for name in changed)
+    assert model.fc.out_features == 10 and model.fc.in_features == model.conv5[0].out_channels < 1024
+    assert all(c % 8 == 0 for c in [model.conv5[0].out_channels, model.stage4[0].branch2[0].out_channels])
+    assert_round_trip(tmp_path, model, "shufflenet_v2_x0_5", x)
 
-    with pytest.raises(PruneError, match="cannot trace ShuffleNetV2"):
-        build_pruner(create_model("shufflenet_v2_x0_5", 10, 1).eval(), torch.zeros(1, 1, 32, 32))
+
+class ShuffleStageNet(nn.Module):
+    """ShuffleNet V2's stem and first stage without its class: whole-model tracing fails on it."""
+
+    def __init__(self):
+        super().__init__()
+        shufflenet = create_model("shufflenet_v2_x0_5", 10, 1)
+        self.conv1, self.maxpool, self.stage2 = shufflenet.conv1, shufflenet.maxpool, shufflenet.stage2
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage2(self.maxpool(self.conv1(x))).mean([2, 3]))
+
+
+def test_an_untraceable_student_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """A model torch-pruning cannot trace gets a named error, up front, before any stage runs."""
+    from pipeline.cli import main
+    import pipeline.stages.preflight as preflight
+
+    with pytest.raises(PruneError, match="cannot trace ShuffleStageNet"):
+        build_pruners(ShuffleStageNet().eval(), torch.zeros(1, 1, 32, 32))
+    monkeypatch.setattr(preflight, "create_model", lambda *_args: ShuffleStageNet())
     run = tmp_path / "run"
     code = main(["run", "configs/fashion_mnist.yaml", "--run-dir", str(run), "--set", "distill.prune.enabled=true",
                  "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]"])

@@ -18,7 +18,7 @@ from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
 from teachers.checkpoint import META
 from teachers.models import ModelError, create_model, is_known_arch
-from students.prune import PruneError, build_pruner
+from students.prune import PruneError, build_pruners
 
 # bytes a Fashion-MNIST-sized import writes per image (PNG + tar headers), with room to spare
 BYTES_PER_IMAGE_ESTIMATE = 2048
@@ -41,7 +41,7 @@ def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> Non
 def _check_prunable(model: ModelConfig, where: str) -> None:
     """Refused before distillation runs, not at its prune stage: a random-init copy at 32 px is traced."""
     try:
-        build_pruner(create_model(model.arch, 2, 1).eval(), torch.zeros(1, 1, 32, 32))
+        build_pruners(create_model(model.arch, 2, 1).eval(), torch.zeros(1, 1, 32, 32))
     except PruneError as error:
         raise ModelError(f"{where} ({model.arch}) cannot be pruned, and distill.prune.enabled is true: {error}. "
                          "Set distill.prune.enabled=false or distil into another student") from error
