@@ -16,7 +16,7 @@ install: $(STAMP)
 # torch==2.14.1 on x86_64 is a CUDA build: the venv is about 6 GB. Checked before anything is made, so a
 # full disk is a one-line message instead of pip's ENOSPC halfway through (skipped once torch is installed).
 MIN_FREE_GB ?= 8
-DISK_CHECK = import os, shutil, sys; where = os.path.dirname(os.path.abspath(sys.argv[1])); \
+DISK_CHECK = import shutil, sys; from pathlib import Path; where = next(p for p in Path(sys.argv[1]).absolute().parents if p.exists()); \
 	free = shutil.disk_usage(where).free / 2**30; need = float(sys.argv[2]); \
 	sys.exit(0 if free >= need else f"make install: {free:.1f} GB free on the disk holding {where}, the venv needs about {need:g} GB (torch==2.14.1 with its CUDA libraries); free some space, or set MIN_FREE_GB")
 
