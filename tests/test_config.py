@@ -104,3 +104,10 @@ def test_lists_and_mappings_of_sections_are_checked_item_by_item():
         from_dict(Grid, {"budgets": {"s1": 1.5}})
     with pytest.raises(ConfigError, match=r"seeds: expected a list"):
         from_dict(Grid, {"seeds": 3})
+
+
+def test_offline_distillation_refuses_mixup_naming_both_keys():
+    # offline logits belong to the clean image: a mixed view would be taught another image's target
+    with pytest.raises(ConfigError, match=r"distill: mixup 0.5 needs mode: online"):
+        load_config(None, ["distill.mode=offline", "distill.mixup=0.5"])
+    assert load_config(None, ["distill.mode=online", "distill.mixup=0.5"]).distill.mixup == 0.5

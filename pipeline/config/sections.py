@@ -259,6 +259,9 @@ class DistillConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if self.mode == "offline" and self.mixup > 0:
+            raise ValueError(f"mixup {self.mixup} needs mode: online: offline teacher logits are of the clean, "
+                             "unmixed image, so a mixed view would be taught another image's target")
         peer = self.mutual.peer
         if self.mutual.weight > 0 and peer is not None:
             other = sorted({s.input_size for s in self.students} - {peer.input_size})
