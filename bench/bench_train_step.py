@@ -2,7 +2,9 @@
 
 Prints one JSON line per architecture: images/s of each variant, measured in one run, and the
 ratios channels_last/NCHW and bf16/fp32 (bf16 only pays on CPUs with AVX512-BF16 or AMX).
-Usage: python bench/bench_train_step.py [--arch resnet18 ...] [--size 32] [--batch 128] [--steps 10]
+`--compile` adds channels_last fp32 under torch.compile (inductor, what `runtime.compile=inductor`
+uses), its ratio to eager and the seconds its warm-up steps took (compilation).
+Usage: python bench/bench_train_step.py [--arch resnet18 ...] [--size 32] [--batch 128] [--steps 10] [--compile]
 """
 
 from __future__ import annotations
@@ -24,23 +26,26 @@ def cpu_has_native_bf16() -> bool:
 
 
 def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool, in_chans: int,
-               bf16: bool = False) -> float:
+               bf16: bool = False, compile: bool = False) -> tuple[float, float]:
+    """(images/s after two warm-up steps, seconds the warm-up steps took)."""
     torch.manual_seed(0)
     model = create_model(arch, 10, in_chans)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile else model
     x = torch.randn(batch, in_chans, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
+    begin = time.perf_counter()
     for i in range(steps + 2):
         if i == 2:  # two warm-up steps
             start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return batch * steps / (time.perf_counter() - start)
+    return batch * steps / (time.perf_counter() - start), start - begin
 
 
 def main() -> None:
@@ -50,17 +55,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--in-chans", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also channels_last fp32 under torch.compile")
     args = parser.parse_args()
     for arch in args.arch:
-        nchw = train_rate(arch, args.size, args.batch, args.steps, False, args.in_chans)
-        nhwc = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans)
-        nhwc_bf16 = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans, bf16=True)
-        print(json.dumps({"bench": "train_step", "arch": arch, "size": args.size, "batch": args.batch,
-                          "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
-                          "nchw_img_s": round(nchw, 1), "channels_last_img_s": round(nhwc, 1),
-                          "channels_last_bf16_img_s": round(nhwc_bf16, 1),
-                          "channels_last_ratio": round(nhwc / nchw, 3),
-                          "bf16_ratio": round(nhwc_bf16 / nhwc, 3)}), flush=True)
+        nchw, _ = train_rate(arch, args.size, args.batch, args.steps, False, args.in_chans)
+        nhwc, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans)
+        nhwc_bf16, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans, bf16=True)
+        row = {"bench": "train_step", "arch": arch, "size": args.size, "batch": args.batch,
+               "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+               "nchw_img_s": round(nchw, 1), "channels_last_img_s": round(nhwc, 1),
+               "channels_last_bf16_img_s": round(nhwc_bf16, 1),
+               "channels_last_ratio": round(nhwc / nchw, 3), "bf16_ratio": round(nhwc_bf16 / nhwc, 3)}
+        if args.compile:
+            compiled, warmup_s = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans,
+                                            compile=True)
+            row.update(channels_last_compiled_img_s=round(compiled, 1), compiled_ratio=round(compiled / nhwc, 3),
+                       compile_warmup_s=round(warmup_s, 1))
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["best_under_budget", "count_macs_and_params", "pareto_front", "pareto_plot"]
+__all__ = ["best_under_budget", "count_macs_and_params", "int8_speed_vs_fp32", "pareto_front", "pareto_plot"]
 
 
 def count_macs_and_params(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> tuple[int, int]:
@@ -60,6 +60,23 @@ def best_under_budget(
     if not fitting:
         return None
     return max(fitting, key=lambda r: (r[accuracy_key], -r[latency_key]))
+
+
+def int8_speed_vs_fp32(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model with a kept int8 onnxruntime row: its speed-ups over the fp32 onnxruntime row
+    (batch 1: fp32 ms / int8 ms; batch 64: int8 img/s / fp32 img/s) and `slower_at`, the batch sizes
+    where int8 measured slower (a speed-up below 1), which the deployment table names."""
+    fp32 = {r["model"]: r for r in rows if r.get("runtime") == "onnxruntime" and r.get("precision") == "fp32"}
+    found = []
+    for r in rows:
+        ref = fp32.get(r.get("model"))
+        if r.get("runtime") != "onnxruntime" or r.get("precision") != "int8" or "rejected" in r or ref is None:
+            continue
+        batch1 = ref["batch1_ms"] / r["batch1_ms"]
+        batch64 = r["batch64_img_s"] / ref["batch64_img_s"]
+        found.append({"model": r["model"], "batch1_speedup": round(batch1, 3), "batch64_speedup": round(batch64, 3),
+                      "slower_at": [b for b, x in ((1, batch1), (64, batch64)) if x < 1.0]})
+    return found
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path, x: str, y: str, label: str) -> None:

@@ -163,6 +163,10 @@ def check_compressed_run(run: Path) -> None:
             agrees = max(a["agreement_with_fp32"] for a in attempts) >= row["quantization"]["check"]["min_agreement"]
             assert agrees == ("rejected" not in row) == ("path" in row)
             assert (run / "export" / f"{row['model']}.int8.onnx").exists() == agrees
+    kept = {r["model"] for r in table["rows"] if r["precision"] == "int8" and "rejected" not in r}
+    assert {r["model"] for r in table["int8_vs_fp32"]} == kept  # every kept int8 model's speed against fp32
+    deployment = (run / "export" / "deployment.md").read_text()
+    assert all(f"- {model}: int8 / fp32 speed" in deployment for model in kept)
     assert (run / "export" / "pareto.png").exists() and "## Deployment" in (run / "report" / "report.md").read_text()
 
 

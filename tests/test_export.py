@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from students import export
-from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
+from students.deploy_metrics import (best_under_budget, count_macs_and_params, int8_speed_vs_fp32, pareto_front,
+                                     pareto_plot)
 from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session
 from students.latency import latency_ms, onnx_latency, torch_latency
 from students.quantize import DEFAULT_QUANT, equal_batches, quantize_checked, quantize_int8
@@ -263,6 +264,28 @@ def test_best_under_budget() -> None:
     assert best_under_budget(ROWS, "ms", 0.9, "acc") is None
     tie = [{"name": "slow", "ms": 3.0, "acc": 0.9}, {"name": "fast", "ms": 1.0, "acc": 0.9}]
     assert best_under_budget(tie, "ms", 5.0, "acc")["name"] == "fast"
+
+
+def test_int8_speed_against_fp32_names_where_int8_is_slower() -> None:
+    from pipeline.stages.export import int8_speed_notes
+
+    def row(model, precision, ms, img_s, runtime="onnxruntime", **extra):
+        return {"model": model, "runtime": runtime, "precision": precision, "batch1_ms": ms, "batch64_img_s": img_s,
+                **extra}
+    rows = [row("student", "fp32", 0.84, 3047), row("student", "int8", 0.76, 2335),
+            row("student", "fp32", 7.1, 2296, runtime="pytorch"),
+            row("teacher", "fp32", 0.61, 2332), row("teacher", "int8", 0.57, 3565),
+            row("other", "fp32", 1.0, 100), row("other", "int8", 2.0, 50, rejected="disagrees with fp32")]
+    ratios = int8_speed_vs_fp32(rows)
+    assert ratios == [{"model": "student", "batch1_speedup": round(0.84 / 0.76, 3),
+                       "batch64_speedup": round(2335 / 3047, 3), "slower_at": [64]},
+                      {"model": "teacher", "batch1_speedup": round(0.61 / 0.57, 3),
+                       "batch64_speedup": round(3565 / 2332, 3), "slower_at": []}]  # a rejected model has none
+    notes = int8_speed_notes(ratios)
+    assert "- student: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.10x, batch 64 0.77x; " \
+           "**int8 measured slower at batch 64**: a single run can mislead" in notes
+    assert notes.endswith("- teacher: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.07x, batch 64 1.53x")
+    assert int8_speed_notes([]) == ""  # no kept int8 model: nothing under the table
 
 
 def test_pareto_plot(tmp_path: Path) -> None:

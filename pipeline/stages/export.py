@@ -31,7 +31,8 @@ from pipeline.engine.predict import load_model
 from pipeline.engine.runtime import configure_threads
 from pipeline.engine.serving import ONNX_META_KEY
 from pipeline.stages.base import Stage, StageContext
-from students.deploy_metrics import best_under_budget, count_macs_and_params, pareto_front, pareto_plot
+from students.deploy_metrics import (best_under_budget, count_macs_and_params, int8_speed_vs_fp32, pareto_front,
+                                     pareto_plot)
 from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session, torch_logits
 from students.latency import onnx_latency, torch_latency
 from students.quantize import quantize_checked, setup_for_this_cpu
@@ -134,14 +135,16 @@ def run(ctx: StageContext, this: Stage) -> dict:
     best = best_under_budget(onnx_rows, "batch1_ms", cfg.latency_budget_ms, "top1")
     front = pareto_front(onnx_rows, "batch1_ms", "top1")
     pareto_plot(onnx_rows, out / "pareto.png", "batch1_ms", "top1", "label")
-    metrics = {"rows": rows, "threads": threads, "num_test": len(test),
+    int8_speed = int8_speed_vs_fp32(rows)
+    metrics = {"rows": rows, "threads": threads, "num_test": len(test), "int8_vs_fp32": int8_speed,
                "latency_budget_ms": cfg.latency_budget_ms,
                "best_under_budget": {k: best[k] for k in ("model", "precision", "top1", "batch1_ms")} if best else None,
                "pareto": [{k: r[k] for k in ("model", "precision", "top1", "batch1_ms")} for r in front]}
-    write_text(out / "deployment.md", deployment_table(rows) + "\n")
+    table = deployment_table(rows) + int8_speed_notes(int8_speed)
+    write_text(out / "deployment.md", table + "\n")
     run_dir.write_metrics(this.name, metrics)
     run_dir.mark_done(this.name)
-    print(deployment_table(rows))
+    print(table)
     return metrics
 
 
@@ -164,6 +167,20 @@ def int8_row(common: dict, int8_path: Path, checkpoint: Path, settings: dict,
 
 def _speed(latency: dict) -> dict:
     return {"batch1_ms": latency["batch1_ms"], "batch64_img_s": latency["batch64_img_s"]}
+
+
+def int8_speed_notes(ratios: list[dict]) -> str:
+    """Lines under the table: int8 over fp32 in onnxruntime per model, the slower cases named."""
+    lines = []
+    for r in ratios:
+        line = (f"- {r['model']}: int8 / fp32 speed in onnxruntime on this CPU: batch 1 {r['batch1_speedup']:.2f}x, "
+                f"batch 64 {r['batch64_speedup']:.2f}x")
+        if r["slower_at"]:
+            sizes = " and ".join(str(b) for b in r["slower_at"])
+            line += (f"; **int8 measured slower at batch {sizes}**: a single run can mislead, so re-run "
+                     "`--from export` on an idle CPU before serving int8 there")
+        lines.append(line)
+    return "\n\n" + "\n".join(lines) if lines else ""
 
 
 def deployment_table(rows: list[dict]) -> str:
