@@ -283,7 +283,8 @@ def test_int8_speed_against_fp32_names_where_int8_is_slower() -> None:
                        "batch64_speedup": round(3565 / 2332, 3), "slower_at": []}]  # a rejected model has none
     notes = int8_speed_notes(ratios)
     assert "- student: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.10x, batch 64 0.77x; " \
-           "**int8 measured slower at batch 64**: a single run can mislead" in notes
+           "**int8 measured slower at batch 64**: one timing can mislead, so re-measure with " \
+           "`python bench/bench_int8_speed.py RUN/export`" in notes
     assert notes.endswith("- teacher: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.07x, batch 64 1.53x")
     assert int8_speed_notes([]) == ""  # no kept int8 model: nothing under the table
 

@@ -177,8 +177,8 @@ def int8_speed_notes(ratios: list[dict]) -> str:
                 f"batch 64 {r['batch64_speedup']:.2f}x")
         if r["slower_at"]:
             sizes = " and ".join(str(b) for b in r["slower_at"])
-            line += (f"; **int8 measured slower at batch {sizes}**: a single run can mislead, so re-run "
-                     "`--from export` on an idle CPU before serving int8 there")
+            line += (f"; **int8 measured slower at batch {sizes}**: one timing can mislead, so re-measure with "
+                     "`python bench/bench_int8_speed.py RUN/export` (interleaved) before serving int8 there")
         lines.append(line)
     return "\n\n" + "\n".join(lines) if lines else ""
 

@@ -1,0 +1,65 @@
+"""Re-measure every int8 model an export stage wrote against its fp32 model, interleaved.
+
+The export stage times each model once, one after the other, so a neighbouring process can skew a
+row (on a 2-core machine one run measured a ShuffleNet int8 model at 0.77x of fp32 at batch 64 that
+this script, on the same files, measured at 1.12x). For each `<model>.onnx` / `<model>.int8.onnx`
+pair in EXPORT_DIR this alternates the two for `--rounds` rounds (onnxruntime batch-1 latency and
+batch-64 throughput, `--repeats` runs each) and prints one JSON line per model with the medians and
+the int8 speed-ups. Usage: python bench/bench_int8_speed.py RUN/export [--rounds 5] [--repeats 30] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from statistics import median
+
+from students.export import onnx_session
+from students.latency import onnx_latency
+
+
+def model_pairs(export_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(model, fp32 file, int8 file) for every int8 file whose fp32 file is beside it."""
+    pairs = []
+    for int8 in sorted(export_dir.glob("*.int8.onnx")):
+        name = int8.name[: -len(".int8.onnx")]
+        if (export_dir / f"{name}.onnx").exists():
+            pairs.append((name, export_dir / f"{name}.onnx", int8))
+    return pairs
+
+
+def interleaved(fp32: Path, int8: Path, rounds: int, repeats: int, threads: int) -> dict:
+    sessions = {"fp32": onnx_session(fp32, threads), "int8": onnx_session(int8, threads)}
+    shape = tuple(int(d) for d in sessions["fp32"].get_inputs()[0].shape[1:])
+    runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
+    for _ in range(rounds):
+        for precision, session in sessions.items():
+            runs[precision].append(onnx_latency(session, shape, batch=64, repeats=repeats))
+    ms = {p: median(r["batch1_ms"] for r in v) for p, v in runs.items()}
+    img_s = {p: median(r["batch64_img_s"] for r in v) for p, v in runs.items()}
+    return {"fp32_batch1_ms": round(ms["fp32"], 3), "int8_batch1_ms": round(ms["int8"], 3),
+            "fp32_batch64_img_s": round(img_s["fp32"], 1), "int8_batch64_img_s": round(img_s["int8"], 1),
+            "batch1_speedup": round(ms["fp32"] / ms["int8"], 3),
+            "batch64_speedup": round(img_s["int8"] / img_s["fp32"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export_dir", type=Path, help="an export stage's directory, e.g. runs/demo/export")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    pairs = model_pairs(args.export_dir)
+    if not pairs:
+        sys.exit(f"bench_int8_speed: no <model>.onnx / <model>.int8.onnx pair in {args.export_dir}")
+    for name, fp32, int8 in pairs:
+        row = {"bench": "int8_speed", "model": name, "threads": args.threads, "rounds": args.rounds,
+               **interleaved(fp32, int8, args.rounds, args.repeats, args.threads)}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
