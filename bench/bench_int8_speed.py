@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from statistics import median
 
 from students.export import onnx_session
-from students.latency import onnx_latency
+from students.latency import interleaved_onnx_latency
 
 
 def model_pairs(export_dir: Path) -> list[tuple[str, Path, Path]]:
@@ -33,16 +32,13 @@ def model_pairs(export_dir: Path) -> list[tuple[str, Path, Path]]:
 def interleaved(fp32: Path, int8: Path, rounds: int, repeats: int, threads: int) -> dict:
     sessions = {"fp32": onnx_session(fp32, threads), "int8": onnx_session(int8, threads)}
     shape = tuple(int(d) for d in sessions["fp32"].get_inputs()[0].shape[1:])
-    runs: dict[str, list[dict]] = {"fp32": [], "int8": []}
-    for _ in range(rounds):
-        for precision, session in sessions.items():
-            runs[precision].append(onnx_latency(session, shape, batch=64, repeats=repeats))
-    ms = {p: median(r["batch1_ms"] for r in v) for p, v in runs.items()}
-    img_s = {p: median(r["batch64_img_s"] for r in v) for p, v in runs.items()}
-    return {"fp32_batch1_ms": round(ms["fp32"], 3), "int8_batch1_ms": round(ms["int8"], 3),
-            "fp32_batch64_img_s": round(img_s["fp32"], 1), "int8_batch64_img_s": round(img_s["int8"], 1),
-            "batch1_speedup": round(ms["fp32"] / ms["int8"], 3),
-            "batch64_speedup": round(img_s["int8"] / img_s["fp32"], 3)}
+    m = interleaved_onnx_latency(sessions, shape, batch=64, repeats=repeats, rounds=rounds)
+    fp32_row, int8_row = m["fp32"], m["int8"]
+    return {"fp32_batch1_ms": round(fp32_row["batch1_ms"], 3), "int8_batch1_ms": round(int8_row["batch1_ms"], 3),
+            "fp32_batch64_img_s": round(fp32_row["batch64_img_s"], 1),
+            "int8_batch64_img_s": round(int8_row["batch64_img_s"], 1),
+            "batch1_speedup": round(fp32_row["batch1_ms"] / int8_row["batch1_ms"], 3),
+            "batch64_speedup": round(int8_row["batch64_img_s"] / fp32_row["batch64_img_s"], 3)}
 
 
 def main() -> None:

@@ -58,6 +58,22 @@ def onnx_latency(
     )
 
 
+def interleaved_onnx_latency(
+    sessions: dict[str, ort.InferenceSession], input_shape: tuple[int, int, int], batch: int = 64,
+    repeats: int = 30, rounds: int = 3,
+) -> dict[str, dict[str, float]]:
+    """:func:`onnx_latency` of each session, taken in `rounds` interleaved rounds (a, b, ..., a, b, ...)
+    and reduced by the median, so that load from other processes hits every model alike."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
+    for _ in range(max(1, rounds)):
+        for name, session in sessions.items():
+            samples[name].append(onnx_latency(session, input_shape, batch, repeats))
+    key = f"batch{batch}_img_s"
+    return {name: {"batch1_ms": float(statistics.median(x["batch1_ms"] for x in runs)),
+                   key: float(statistics.median(x[key] for x in runs))}
+            for name, runs in samples.items()}
+
+
 def torch_latency(
     model: torch.nn.Module,
     input_shape: tuple[int, int, int],

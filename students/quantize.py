@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from pipeline.core.atomic import write_bytes
 from students.export import file_size_bytes, logit_agreement, onnx_logits, onnx_session
-from students.latency import onnx_latency
+from students.latency import interleaved_onnx_latency
 from students.qdq_compact import compact_qdq_model
 
 # --------------------------------------------------------------------------------------------
@@ -297,13 +296,8 @@ def compare_quant_setups(
             r["accuracy"] = float(np.mean(logits.argmax(1) == labels))
         r["size_bytes"] = file_size_bytes(r["path"])
     sessions = {r["setup"]: onnx_session(r["path"], threads) for r in runnable}
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
-    for _ in range(max(1, rounds)):
-        for name, session in sessions.items():
-            samples[name].append(onnx_latency(session, input_shape, batch, repeats))
+    latency = interleaved_onnx_latency(sessions, input_shape, batch, repeats, rounds)
     for r in runnable:
-        runs = samples[r["setup"]]
-        r["batch1_ms"] = float(statistics.median(x["batch1_ms"] for x in runs))
-        r[f"batch{batch}_img_s"] = float(statistics.median(x[f"batch{batch}_img_s"] for x in runs))
+        r.update(latency[r["setup"]])
         r["path"] = str(r["path"])
     return rows
