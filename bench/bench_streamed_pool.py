@@ -83,7 +83,8 @@ def prepare(args: argparse.Namespace) -> dict[int, tuple[Path, Path]]:
     if not (data1 / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "fashion-mnist", "--out", str(data1),
                         "--labels-per-class", str(args.labels_per_class), "--max-unlabeled", str(args.max_unlabeled),
-                        "--shard-size", "1000"], cwd=ROOT, check=True, capture_output=True)
+                        "--shard-size", "1000", *(["--source", str(args.source)] if args.source else [])],
+                       cwd=ROOT, check=True, capture_output=True)
     data10 = work / "data10"
     if not (data10 / "manifest.json").exists():
         scale_pool(data1, data10, 10)
@@ -150,6 +151,8 @@ def pool_only_case(config: Path, run: Path, pool: str, scale: int, args: argpars
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_streamed_pool"))
+    parser.add_argument("--source", type=Path, default=None,
+                        help="directory with the Fashion-MNIST idx .gz files (default: selftrain data's)")
     parser.add_argument("--labels-per-class", type=int, default=100)
     parser.add_argument("--max-unlabeled", type=int, default=10000)
     parser.add_argument("--steps", type=int, default=40)

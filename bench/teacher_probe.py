@@ -1,0 +1,92 @@
+"""Would a cheap change make a better distillation teacher? Top-1 of trained checkpoints, as they are,
+averaged with their mirror image (`--flip`), and averaged with each other (`--ensemble`: the mean
+softmax of every subset of two or more).
+
+Decide on the holdout split (import with `--holdout-per-class`); the test split is printed beside
+it, not for choosing. Without a holdout only test is shown. Prints one JSON line per model or
+combination: `holdout_top1` / `test_top1` in %, and with `--flip` also `..._flip_avg_top1`.
+The README's "ensemble of rounds" and "flip-averaged teacher" probes are this script:
+  python bench/teacher_probe.py runs/hold-ens teacher student_r1 student_r2 student_r3 --ensemble
+  python bench/teacher_probe.py runs/holdout-choice teacher student_r1 --flip
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from augment import build_eval_transform  # noqa: E402
+from pipeline.config.sections import load_config  # noqa: E402
+from pipeline.data.imageset import ImageSet, load_labeled_split, open_data  # noqa: E402
+from pipeline.data.loader import eval_batches, to_model_input  # noqa: E402
+from pipeline.engine.predict import load_model  # noqa: E402
+from pipeline.stages.runner import make_run_dir  # noqa: E402
+
+
+@torch.inference_mode()
+def probabilities(checkpoint: Path, num_classes: int, images: list[np.ndarray],
+                  flip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Softmax of each image through the checkpoint's own preprocessing, and of its mirror image."""
+    model, meta = load_model(checkpoint, num_classes)
+    model = model.eval().to(memory_format=torch.channels_last)
+    mean, std = torch.tensor(meta.mean), torch.tensor(meta.std)
+    plain, mirrored = [], []
+    for batch in eval_batches(images, build_eval_transform(meta.input_size), 500, 0):
+        x = to_model_input(batch.images, mean, std, torch.device("cpu"), True)
+        plain.append(model(x).softmax(1))
+        if flip:
+            mirrored.append(model(torch.flip(x, dims=[3])).softmax(1))
+    return torch.cat(plain).numpy(), (torch.cat(mirrored).numpy() if flip else None)
+
+
+def top1(probs: np.ndarray, labels: np.ndarray) -> float:
+    return round(float((probs.argmax(1) == labels).mean() * 100), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("stages", nargs="+", help="stages with a checkpoint, e.g. teacher student_r1")
+    parser.add_argument("--flip", action="store_true", help="also the mean with the mirror image's softmax")
+    parser.add_argument("--ensemble", action="store_true", help="also the mean softmax of every subset")
+    args = parser.parse_args()
+    missing = [s for s in args.stages if not (args.run_dir / s / "checkpoint").is_dir()]
+    if missing:
+        raise SystemExit(f"no checkpoint for {', '.join(missing)} under {args.run_dir} "
+                         f"(expected {args.run_dir / missing[0] / 'checkpoint'})")
+    data_dir = make_run_dir(load_config(args.run_dir / "config.yaml"), args.run_dir).data_dir  # RUN/data or data.path
+    data = open_data(data_dir)
+    splits: dict[str, ImageSet] = {s: load_labeled_split(data, s) for s in ("holdout", "test") if data.count(s)}
+    if "holdout" not in splits:
+        print(f"{data_dir} has no holdout split: test only, which is not for choosing", file=sys.stderr)
+    found = {(stage, split): probabilities(args.run_dir / stage / "checkpoint", data.num_classes, images.images,
+                                           args.flip)
+             for stage in args.stages for split, images in splits.items()}
+    for stage in args.stages:
+        row: dict = {"model": stage}
+        for split, images in splits.items():
+            plain, mirrored = found[stage, split]
+            row[f"{split}_top1"] = top1(plain, images.labels)
+            if args.flip:
+                row[f"{split}_flip_avg_top1"] = top1(plain + mirrored, images.labels)
+        print(json.dumps(row), flush=True)
+    if args.ensemble:
+        for size in range(2, len(args.stages) + 1):
+            for subset in itertools.combinations(args.stages, size):
+                row = {"model": "+".join(subset)}
+                for split, images in splits.items():
+                    row[f"{split}_top1"] = top1(sum(found[stage, split][0] for stage in subset), images.labels)
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The bench commands the README and bench/README.md quote, each run at its smallest size.
+
+These check that a command a user copies still runs and prints the fields the README reads
+(ratios, images/s); they do not check speed (timing lives in bench/, DESIGN.md §8).
+`bench_int8_speed.py` and `crash_matrix.py` have their own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench(script: str, *args: str, timeout: float = 300) -> list[dict]:
+    """Run bench/<script> as the README does; its JSON lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=BENCH.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_step_measures_each_layout_and_precision():
+    rows = bench("bench_train_step.py", "--arch", "test_resnet", "--size", "16", "--batch", "8", "--steps", "1")
+    assert len(rows) == 1 and rows[0]["arch"] == "test_resnet"
+    row = rows[0]
+    rates = [value for key, value in row.items() if key.endswith("img_s")]
+    assert len(rates) >= 3 and all(rate > 0 for rate in rates), row
+
+
+def test_augment_compares_each_policy_with_torchvision():
+    rows = bench("bench_augment.py", "--policies", "s1", "s4", "--seconds", "0.06")
+    assert {row["policy"].split("-")[0] for row in rows} >= {"s1", "s4"}
+    assert {row["input"] for row in rows} == {"28x28x1", "224x224x3"}
+    assert all(row["ours_img_s"] > 0 and row["torchvision_img_s"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_cpu_bf16_check_reports_a_first_bad_step_per_size():
+    rows = bench("check_cpu_bf16.py", "--sizes", "32", "--batch", "4", "--steps", "1")
+    assert len(rows) == 1 and rows[0]["size"] == 32
+    assert rows[0]["fp32_first_bad_step"] is None  # fp32 gradients of one step at 32 px are sane
+    assert "bf16_first_bad_step" in rows[0]
+
+
+def test_input_pipeline_compares_the_real_loader_with_premade_batches(tiny_data):
+    rows = bench("bench_input_pipeline.py", "--data", str(tiny_data), "--arch", "test_resnet", "--size", "16",
+                 "--batch", "8", "--steps", "2", "--warmup", "1", "--reps", "1", "--workers", "0", "--premade", "2",
+                 "--policy", "s1", "s4")
+    assert [row["workers"] for row in rows] == [0, 0]
+    for row in rows:
+        assert row["real_img_s"] > 0 and row["in_memory_img_s"] > 0 and row["ratio"] > 0
+        assert 0 <= row["data_wait_fraction"] <= 1
+
+
+def test_pseudo_label_compares_end_to_end_with_the_bare_forward(tiny_data, tiny_teacher_run):
+    _, run = tiny_teacher_run
+    rows = bench("bench_pseudo_label.py", "--data", str(tiny_data), "--teacher", str(run / "teacher" / "checkpoint"),
+                 "--shards", "1", "--reps", "1", "--bare-batches", "1", "--batch", "50", "--workers", "0")
+    ratio_rows = [row for row in rows if "ratio" in row]
+    assert ratio_rows and all(row["real_img_s"] > 0 and row["bare_forward_img_s"] > 0 for row in ratio_rows)
+    breakdown = [row for row in rows if "serial_bound_ratio" in row]
+    assert len(breakdown) == 1 and breakdown[0]["us_per_image"]["forward"] > 0
+
+
+@pytest.mark.slow  # 17 pipeline subprocesses: about 1.5 minutes on 2 cores, too long for every CI run
+def test_streamed_pool_measures_both_pool_modes_at_two_scales(tiny_fashion_dir, tmp_path):
+    rows = bench("bench_streamed_pool.py", "--work", str(tmp_path), "--source", str(tiny_fashion_dir),
+                 "--labels-per-class", "10", "--max-unlabeled", "300", "--steps", "2", "--batch", "16", "--size", "16",
+                 "--shuffle-buffer", "50", timeout=600)
+    cases = {row["case"]: row for row in rows}
+    for pool in ("memory", "streamed"):
+        assert cases[f"{pool}@10x"]["pool_with_copies"] == 10 * cases[f"{pool}@1x"]["pool_with_copies"]
+        assert cases[f"{pool}@1x"]["train_images_per_s"] > 0 and cases[f"pool-only {pool}@10x"]["peak_rss_mib"] > 0
+    assert cases["ratios"]["streamed_rss_10x_over_1x"] > 0
+
+
+def test_teacher_probe_scores_flip_averages_and_ensembles(tiny_teacher_run, tmp_path):
+    _, run = tiny_teacher_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("lock"))
+    shutil.copytree(copy / "teacher", copy / "teacher_again")  # an ensemble of a model with itself is that model
+    rows = bench("teacher_probe.py", str(copy), "teacher", "teacher_again", "--flip", "--ensemble")
+    models = {row["model"]: row for row in rows}
+    assert list(models) == ["teacher", "teacher_again", "teacher+teacher_again"]
+    assert models["teacher+teacher_again"]["test_top1"] == models["teacher"]["test_top1"] > 0
+    assert 0 < models["teacher"]["test_flip_avg_top1"] <= 100
+
+
+def test_teacher_probe_names_a_stage_without_a_checkpoint(tiny_teacher_run):
+    _, run = tiny_teacher_run
+    result = subprocess.run([sys.executable, str(BENCH / "teacher_probe.py"), str(run), "teacher", "student_r9"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no checkpoint for student_r9" in result.stderr
