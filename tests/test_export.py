@@ -222,6 +222,25 @@ def test_latency_helpers(resnet: dict) -> None:
     assert model.training and model[0].weight.is_contiguous()  # the caller's model is untouched
 
 
+def test_fp32_and_int8_sessions_are_timed_in_interleaved_rounds(resnet: dict, monkeypatch) -> None:
+    import pipeline.stages.export as export_stage
+    from students import latency
+
+    order = []
+    real = latency.onnx_latency
+
+    def recording(session, shape, batch, repeats):
+        order.append((sessions[id(session)], repeats))
+        return real(session, shape, batch, repeats)
+    fp32, int8 = onnx_session(resnet["fp32"], threads=1), onnx_session(resnet["fp32"], threads=1)
+    sessions = {id(fp32): "fp32", id(int8): "int8"}
+    monkeypatch.setattr(latency, "onnx_latency", recording)
+    speed = export_stage.paired_speed(fp32, int8, SHAPE, repeats=7, rounds=3)
+    assert order == [("fp32", 3), ("int8", 3)] * 3  # 7 repeats in all, rounded up over 3 rounds, alternating
+    assert set(speed) == {"fp32", "int8"}
+    assert all(set(v) == {"batch1_ms", "batch64_img_s"} and v["batch64_img_s"] > 0 for v in speed.values())
+
+
 def test_file_size_bytes(tmp_path: Path) -> None:
     (tmp_path / "a.onnx").write_bytes(b"x" * 10)
     assert file_size_bytes(tmp_path / "a.onnx") == 10
@@ -283,8 +302,8 @@ def test_int8_speed_against_fp32_names_where_int8_is_slower() -> None:
                        "batch64_speedup": round(3565 / 2332, 3), "slower_at": []}]  # a rejected model has none
     notes = int8_speed_notes(ratios)
     assert "- student: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.10x, batch 64 0.77x; " \
-           "**int8 measured slower at batch 64**: one timing can mislead, so re-measure with " \
-           "`python bench/bench_int8_speed.py RUN/export`" in notes
+           "**int8 measured slower at batch 64**: re-measure with more rounds, " \
+           "`python bench/bench_int8_speed.py RUN/export --rounds 5`" in notes
     assert notes.endswith("- teacher: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.07x, batch 64 1.53x")
     assert int8_speed_notes([]) == ""  # no kept int8 model: nothing under the table
 

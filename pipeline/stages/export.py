@@ -7,7 +7,7 @@ Writes: `<stage>.onnx` and `<stage>.int8.onnx` (each carrying its preprocessing 
 metadata, so `selftrain predict` needs nothing beside it), `metrics.json` with the deployment
 table (one row per model x runtime/precision: test top-1, ECE, agreement with the teacher,
 parameters, MACs, file size, batch-1 latency and batch-64 throughput, median of repeated runs,
-same threads), the best model under `distill.export.latency_budget_ms`, `pareto.png`,
+same threads; a model's fp32 and int8 ONNX sessions are timed in interleaved rounds), the best model under `distill.export.latency_budget_ms`, `pareto.png`,
 `deployment.md`, DONE.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from pipeline.stages.base import Stage, StageContext
 from students.deploy_metrics import (best_under_budget, count_macs_and_params, int8_speed_vs_fp32, pareto_front,
                                      pareto_plot)
 from students.export import compare_with_torch, export_onnx, file_size_bytes, onnx_logits, onnx_session, torch_logits
-from students.latency import onnx_latency, torch_latency
+from students.latency import interleaved_onnx_latency, onnx_latency, torch_latency
 from students.quantize import quantize_checked, setup_for_this_cpu
 from teachers.checkpoint import META, checkpoint_hash
 
@@ -111,21 +110,25 @@ def run(ctx: StageContext, this: Stage) -> dict:
         embed_meta(fp32_path, checkpoint)
         session = onnx_session(fp32_path, threads)
         check = compare_with_torch(model, session, x_test[:256])
-        rows.append({**common, "runtime": "onnxruntime", "precision": "fp32", "path": str(fp32_path),
-                     **score(onnx_logits(session, x_test), test.labels, data.classes, teacher_pred),
-                     "file_bytes": file_size_bytes(fp32_path), "exporter": exporter["exporter"],
-                     "max_abs_logit_diff_vs_torch": check["max_abs_logit_diff"],
-                     "top1_agreement_vs_torch": check["top1_agreement"],
-                     **_speed(onnx_latency(session, shape, batch=64, repeats=cfg.repeats))})
-        if cfg.int8:
+        fp32_row = {**common, "runtime": "onnxruntime", "precision": "fp32", "path": str(fp32_path),
+                    **score(onnx_logits(session, x_test), test.labels, data.classes, teacher_pred),
+                    "file_bytes": file_size_bytes(fp32_path), "exporter": exporter["exporter"],
+                    "max_abs_logit_diff_vs_torch": check["max_abs_logit_diff"],
+                    "top1_agreement_vs_torch": check["top1_agreement"]}
+        if not cfg.int8:
+            rows.append({**fp32_row, **_speed(onnx_latency(session, shape, batch=64, repeats=cfg.repeats))})
+        else:
             int8_path = out / f"{name}.int8.onnx"
             settings = quantize_checked(fp32_path, int8_path,
                                         model_input(calibration_set, meta.input_size, meta.mean, meta.std),
                                         model_input(check_set, meta.input_size, meta.mean, meta.std),
                                         setup_for_this_cpu(), cfg.int8_min_agreement)
-            def scorer(int8_session: ort.InferenceSession) -> dict:
-                return score(onnx_logits(int8_session, x_test), test.labels, data.classes, teacher_pred)
-            rows.append(int8_row(common, int8_path, checkpoint, settings, scorer, shape, cfg.repeats))
+            int8_session = onnx_session(int8_path, threads)
+            speed = paired_speed(session, int8_session, shape, cfg.repeats)
+            rows.append({**fp32_row, **speed["fp32"]})
+            int8_scores = score(onnx_logits(int8_session, x_test), test.labels, data.classes, teacher_pred)
+            del int8_session  # int8_row may delete the file
+            rows.append(int8_row(common, int8_path, checkpoint, settings, {**int8_scores, **speed["int8"]}))
         print(f"[{this.name}] {name}: " + "; ".join(
             f"{r['runtime']} {r['precision']} top-1 {r['top1']:.4f} {r['batch1_ms']:.2f} ms"
             for r in rows if r["model"] == name))
@@ -148,15 +151,21 @@ def run(ctx: StageContext, this: Stage) -> dict:
     return metrics
 
 
-def int8_row(common: dict, int8_path: Path, checkpoint: Path, settings: dict,
-             scorer: Callable[[ort.InferenceSession], dict], shape: tuple[int, int, int], repeats: int) -> dict:
+def paired_speed(fp32: ort.InferenceSession, int8: ort.InferenceSession, shape: tuple[int, int, int],
+                 repeats: int, rounds: int = 3) -> dict[str, dict]:
+    """Batch-1 latency and batch-64 throughput of a model's fp32 and int8 sessions, timed in interleaved
+    rounds (`repeats` calls in all per batch size, split over the rounds), so that a neighbour's load
+    hits both alike: one disturbed timing once made int8 read 0.77x of fp32 where it was 1.12x (README)."""
+    per_round = max(1, -(-repeats // rounds))
+    found = interleaved_onnx_latency({"fp32": fp32, "int8": int8}, shape, batch=64, repeats=per_round, rounds=rounds)
+    return {name: _speed(latency) for name, latency in found.items()}
+
+
+def int8_row(common: dict, int8_path: Path, checkpoint: Path, settings: dict, scores_and_speed: dict) -> dict:
     """The int8 row; a rejected model (see quantize_checked) is scored, named, and its file deleted."""
-    session = onnx_session(int8_path, torch.get_num_threads())
-    row = {**common, "runtime": "onnxruntime", "precision": "int8", **scorer(session),
-           "file_bytes": file_size_bytes(int8_path), "quantization": settings,
-           **_speed(onnx_latency(session, shape, batch=64, repeats=repeats))}
+    row = {**common, "runtime": "onnxruntime", "precision": "int8", **scores_and_speed,
+           "file_bytes": file_size_bytes(int8_path), "quantization": settings}
     if "rejected" in settings:
-        del session
         int8_path.unlink()
         row["rejected"] = settings["rejected"]
         print(f"[export] {common['model']}: int8 model rejected and deleted: {settings['rejected']}")
@@ -177,8 +186,8 @@ def int8_speed_notes(ratios: list[dict]) -> str:
                 f"batch 64 {r['batch64_speedup']:.2f}x")
         if r["slower_at"]:
             sizes = " and ".join(str(b) for b in r["slower_at"])
-            line += (f"; **int8 measured slower at batch {sizes}**: one timing can mislead, so re-measure with "
-                     "`python bench/bench_int8_speed.py RUN/export` (interleaved) before serving int8 there")
+            line += (f"; **int8 measured slower at batch {sizes}**: re-measure with more rounds, "
+                     "`python bench/bench_int8_speed.py RUN/export --rounds 5`, before serving int8 there")
         lines.append(line)
     return "\n\n" + "\n".join(lines) if lines else ""
 
