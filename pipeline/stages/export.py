@@ -7,8 +7,8 @@ Writes: `<stage>.onnx` and `<stage>.int8.onnx` (each carrying its preprocessing 
 metadata, so `selftrain predict` needs nothing beside it), `metrics.json` with the deployment
 table (one row per model x runtime/precision: test top-1, ECE, agreement with the teacher,
 parameters, MACs, file size, batch-1 latency and batch-64 throughput, median of repeated runs,
-same threads; a model's fp32 and int8 ONNX sessions are timed in interleaved rounds), the best model under `distill.export.latency_budget_ms`, `pareto.png`,
-`deployment.md`, DONE.
+same threads; a model's fp32 and int8 ONNX sessions are timed in interleaved rounds), the best
+model under `distill.export.latency_budget_ms`, `pareto.png`, `deployment.md`, DONE.
 """
 
 from __future__ import annotations
