@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.data.sources.synthetic import synthetic_images, write_fashion_like  # noqa: F401 (re-exported)
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# under pytest-xdist (`make test` runs two workers on two cores) each worker gets one thread
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 @pytest.fixture(scope="session")
