@@ -1,9 +1,9 @@
 """Re-measure every int8 model an export stage wrote against its fp32 model, interleaved.
 
 Exports before 2026-12-01 timed each model once, one after the other, so a neighbouring process could
-skew a row (on a 2-core machine one run measured a ShuffleNet int8 model at 0.77x of fp32 at batch 64
-that this script, on the same files, measured at 1.12x); the export stage now alternates a model's fp32
-and int8 sessions over 3 rounds itself, and this script re-measures with more rounds. For each `<model>.onnx` / `<model>.int8.onnx`
+skew a row; the export stage now alternates a model's fp32 and int8 sessions over 3 rounds itself, and
+this script re-measures with more rounds (on the AVX2-only machine the same ShuffleNet files measured
+1.12x at batch 64 one day and 0.77x the next, both with 5 rounds: README "Deployment table"). For each `<model>.onnx` / `<model>.int8.onnx`
 pair in EXPORT_DIR this alternates the two for `--rounds` rounds (onnxruntime batch-1 latency and
 batch-64 throughput, `--repeats` runs each) and prints one JSON line per model with the medians and
 the int8 speed-ups. Usage: python bench/bench_int8_speed.py RUN/export [--rounds 5] [--repeats 30] [--threads 2]

@@ -155,7 +155,7 @@ def paired_speed(fp32: ort.InferenceSession, int8: ort.InferenceSession, shape: 
                  repeats: int, rounds: int = 3) -> dict[str, dict]:
     """Batch-1 latency and batch-64 throughput of a model's fp32 and int8 sessions, timed in interleaved
     rounds (`repeats` calls in all per batch size, split over the rounds), so that a neighbour's load
-    hits both alike: one disturbed timing once made int8 read 0.77x of fp32 where it was 1.12x (README)."""
+    or a drifting CPU hits both alike and their ratio can be trusted more than either time."""
     per_round = max(1, -(-repeats // rounds))
     found = interleaved_onnx_latency({"fp32": fp32, "int8": int8}, shape, batch=64, repeats=per_round, rounds=rounds)
     return {name: _speed(latency) for name, latency in found.items()}
