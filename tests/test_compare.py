@@ -246,6 +246,7 @@ def test_compare_under_torchrun_with_two_processes(tiny_fashion_dir, tmp_path):
     config = tiny_compare_config(tmp_path, tiny_fashion_dir, seeds=(0,), inits=("random", "supervised"), steps=2)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29553",  # own port: make test runs test files in parallel
                              "-m", "pipeline.cli", "compare", str(config), "--out", str(out)],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
