@@ -3,8 +3,8 @@
 Exports before 2026-12-01 timed each model once, one after the other, so a neighbouring process could
 skew a row; the export stage now alternates a model's fp32 and int8 sessions over 3 rounds itself, and
 this script re-measures with more rounds (on the AVX2-only machine the same ShuffleNet files measured
-1.12x at batch 64 one day and 0.77x the next, both with 5 rounds: README "Deployment table"). For each `<model>.onnx` / `<model>.int8.onnx`
-pair in EXPORT_DIR this alternates the two for `--rounds` rounds (onnxruntime batch-1 latency and
+1.12x at batch 64 one day and 0.77x the next, both with 5 rounds: README "Deployment table"). For each
+`<model>.onnx` / `<model>.int8.onnx` pair in EXPORT_DIR this alternates the two for `--rounds` rounds (onnxruntime batch-1 latency and
 batch-64 throughput, `--repeats` runs each) and prints one JSON line per model with the medians and
 the int8 speed-ups. Usage: python bench/bench_int8_speed.py RUN/export [--rounds 5] [--repeats 30] [--threads 2]
 """
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from students.deploy_metrics import int8_speed_vs_fp32
 from students.export import onnx_session
 from students.latency import interleaved_onnx_latency
 
@@ -35,11 +36,12 @@ def interleaved(fp32: Path, int8: Path, rounds: int, repeats: int, threads: int)
     shape = tuple(int(d) for d in sessions["fp32"].get_inputs()[0].shape[1:])
     m = interleaved_onnx_latency(sessions, shape, batch=64, repeats=repeats, rounds=rounds)
     fp32_row, int8_row = m["fp32"], m["int8"]
+    ratios = int8_speed_vs_fp32([{"model": "m", "runtime": "onnxruntime", "precision": precision, **m[precision]}
+                                 for precision in ("fp32", "int8")])[0]  # the deployment table's ratios
     return {"fp32_batch1_ms": round(fp32_row["batch1_ms"], 3), "int8_batch1_ms": round(int8_row["batch1_ms"], 3),
             "fp32_batch64_img_s": round(fp32_row["batch64_img_s"], 1),
             "int8_batch64_img_s": round(int8_row["batch64_img_s"], 1),
-            "batch1_speedup": round(fp32_row["batch1_ms"] / int8_row["batch1_ms"], 3),
-            "batch64_speedup": round(int8_row["batch64_img_s"] / fp32_row["batch64_img_s"], 3)}
+            "batch1_speedup": ratios["batch1_speedup"], "batch64_speedup": ratios["batch64_speedup"]}
 
 
 def main() -> None:
