@@ -6,32 +6,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config.schema import ConfigError
-from pipeline.data.imageset import DataDirError
-from pipeline.core.atomic import ArtifactError, WriteFailed
-from pipeline.core.owned import ForeignFilesError
-from pipeline.core.rundir import RunDirError
-from pipeline.data.shards import ShardError
-from pipeline.data.sources.fashion_mnist import DataSourceError
-
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError,
-                                             ForeignFilesError, ArtifactError, WriteFailed)
-
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user's input can cause: printed as one line, exit code 2.
+
+    Imported here, not at the top, so that `selftrain --help` and `--version` answer without importing torch."""
     from augment import PolicyError
+    from pipeline.config.schema import ConfigError
+    from pipeline.core.atomic import ArtifactError, WriteFailed
+    from pipeline.core.owned import ForeignFilesError
+    from pipeline.core.rundir import RunDirError
+    from pipeline.data.imageset import DataDirError
+    from pipeline.data.shards import ShardError
+    from pipeline.data.sources.fashion_mnist import DataSourceError
     from pipeline.data.pool import PoolError
     from pipeline.engine.serving import PredictError
+    from pipeline.experiments.compare import BudgetError
+    from students.prune import PruneError
     from teachers.checkpoint import CheckpointError
+    from teachers.init_sources import InitError
     from teachers.models import ModelError
     from teachers.sidecar import SidecarError
 
-    from pipeline.experiments.compare import BudgetError
-    from teachers.init_sources import InitError
-    from students.prune import PruneError
-
-    return USER_ERRORS + (PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-                          InitError, BudgetError, PruneError)
+    return (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError, ForeignFilesError, ArtifactError,
+            WriteFailed, PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
+            InitError, BudgetError, PruneError)
 
 
 def _version() -> str:
@@ -123,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_data(args: argparse.Namespace) -> None:
     from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
+    from pipeline.data.sources.fashion_mnist import DataSourceError
 
     if args.out_of_domain_unlabeled and not args.classes:
         raise DataSourceError("--out-of-domain-unlabeled needs --classes (which classes are the target task)")

@@ -50,3 +50,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("selftrain 0.")
+
+
+def test_help_and_version_answer_without_importing_torch():
+    """`selftrain --help` / `--version` took 4.7 s here importing torch for nothing; they must stay instant."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom pipeline.cli import main\n"
+             "for argv in (['--help'], ['run', '--help'], ['--version']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as exit:\n        assert exit.code == 0, argv\n"
+             "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: selftrain run" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False"
