@@ -89,3 +89,23 @@ def test_every_file_a_stage_writes_is_its_own_for_from(tmp_path, stage, files):
         (tmp_path / stage / name).write_bytes(b"x")
     (tmp_path / stage / "mine.txt").write_text("a user's file")
     assert foreign_stage_files(tmp_path / stage) == ["mine.txt"]
+
+
+def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path):
+    """`selftrain status` said "resumable" for the stage a live process was training; the clock's heartbeat tells."""
+    import os
+    import time
+
+    run = RunDir(tmp_path)
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {}})
+    run.state_dir("teacher").mkdir()
+    with run.stage_clock("teacher"):
+        assert run.stage_state("teacher").startswith("running (")
+    assert run.stage_state("teacher").startswith("resumable (stopped after ")
+    # a SIGKILL leaves "running": true behind, and the heartbeats stop
+    clock = tmp_path / "teacher" / "wall_time.json"
+    clock.write_text('{"seconds": 4000.0, "invocations": 1, "running": true}')
+    assert run.stage_state("teacher") == "running (1 h 06 min so far)"
+    old = time.time() - 120
+    os.utime(clock, (old, old))
+    assert run.stage_state("teacher") == "resumable (stopped after 1 h 06 min; rerun to resume)"

@@ -6,6 +6,7 @@ seconds with the total so far, so a SIGKILL loses at most one heartbeat of the c
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -47,3 +48,23 @@ class StageClock:
         self._stop.set()
         self._thread.join()
         self._write(running=False)
+
+
+def running_now(path: Path, heartbeat_s: float = HEARTBEAT_S) -> bool:
+    """Whether a process is timing this stage now: its clock says running and beat within 3 heartbeats.
+
+    A killed (or stopped) process leaves `running: true` behind, but its heartbeats stop."""
+    try:
+        clock = read_json(path)
+        age = time.time() - os.stat(path).st_mtime
+    except (OSError, ValueError):
+        return False
+    return bool(clock.get("running")) and age < 3 * heartbeat_s
+
+
+def format_duration(seconds: float) -> str:
+    """`2 h 05 min`, `14 min`, `40 s`."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
