@@ -2,7 +2,7 @@
 
 These check that a command a user copies still runs and prints the fields the README reads
 (ratios, images/s); they do not check speed (timing lives in bench/, DESIGN.md §8).
-`bench_int8_speed.py` and `crash_matrix.py` have their own tests.
+`bench_int8_speed.py`, `crash_matrix.py` and `distill_goal.py` have their own tests.
 """
 
 from __future__ import annotations

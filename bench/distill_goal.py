@@ -1,0 +1,106 @@
+"""One seed of the distillation goal rows (issue 13): a student distilled from the last Noisy Student round
+against the same student trained on the labels only, same input size, same optimizer, same number of steps.
+
+Runs two run directories, each resumable (after an interruption, run the same command again):
+  OUT/seedS              the pipeline up to `distill_<student>`: import, teacher, rounds 1..R, distillation
+  OUT/seedS-labels-only  the teacher stage with the student's architecture and input size on the labeled
+                         images of the same import (OUT/seedS/data), with the distillation's optimizer settings, batch
+                         (`distill.train.batch_size + distill.labeled_batch` labeled images a step), warm-up
+                         and exactly as many steps as the distillation took
+Prints one JSON line (also written to OUT/seedS-goal.json): test top-1 of each round, of the distilled and
+the labels-only student, and the two differences the goal rows read (README "A longer schedule, 3 seeds").
+
+Usage: python bench/distill_goal.py --seed S [--rounds 3] [--passes 16] [--student mobilenetv3_small_100@64]
+       [--out runs/goal] [--config configs/fashion_mnist.yaml] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from pipeline.config.sections import Config, load_config
+from pipeline.core.atomic import read_json, write_text
+from pipeline.engine.runtime import process_state
+from pipeline.stages.graph import build_graph
+from pipeline.stages.runner import end_processes, make_run_dir, run_up_to
+
+WARMUP_SHARE = 0.05  # of the distillation's passes (0.8 of 16, 0.4 of 8: the README's runs)
+
+
+def chain_overrides(seed: int, rounds: int, passes: int, student: str) -> list[str]:
+    arch, _, size = student.partition("@")
+    return [f"seed={seed}", f"data.seed={seed}", f"select.seed={seed}", f"student.rounds={rounds}",
+            f"distill.students=[{{arch: {arch}, input_size: {size or 64}}}]", f"distill.train.epochs={passes}",
+            f"distill.train.warmup_epochs={passes * WARMUP_SHARE:g}"]
+
+
+def labels_only_overrides(chain: Config, chain_dir: Path, distill: dict) -> list[str]:
+    """The teacher stage turned into the labels-only student with the distillation's budget and settings."""
+    train, student = chain.distill.train, chain.distill.students[0]
+    batch = train.batch_size + chain.distill.labeled_batch
+    data = make_run_dir(chain, chain_dir).data_dir  # RUN/data, or the import data.source: shards names
+    labeled = read_json(data / "manifest.json")["splits"]["labeled"]["count"]
+    warmup_steps = train.warmup_epochs * distill["steps_per_epoch"]
+    return ["data.source=shards", f"data.path={data}", "student.rounds=0", "distill.students=[]",
+            f"teacher.model.arch={student.arch}", f"teacher.model.input_size={student.input_size}",
+            f"teacher.model.drop_rate={student.drop_rate}", f"teacher.model.drop_path_rate={student.drop_path_rate}",
+            "teacher.model.init=null", f"teacher.train.policy={train.policy}",
+            f"teacher.train.optimizer={train.optimizer}", f"teacher.train.lr={train.lr}",
+            f"teacher.train.weight_decay={train.weight_decay}", f"teacher.train.momentum={train.momentum}",
+            f"teacher.train.label_smoothing={train.label_smoothing}", f"teacher.train.batch_size={batch}",
+            f"teacher.train.steps={distill['steps']}",
+            f"teacher.train.warmup_epochs={warmup_steps / math.ceil(labeled / batch):g}"]
+
+
+def goal_row(chain_dir: Path, labels_only_dir: Path, distill_stage: str, rounds: int) -> dict:
+    distill = read_json(chain_dir / distill_stage / "metrics.json")
+    alone = read_json(labels_only_dir / "teacher" / "metrics.json")
+    if alone["steps"] != distill["steps"]:
+        raise SystemExit(f"{labels_only_dir}: the labels-only student took {alone['steps']} steps, the distilled "
+                         f"one {distill['steps']}; the goal compares equal budgets")
+    stages = ["teacher"] + [f"student_r{i}" for i in range(1, rounds + 1)]
+    pct = lambda top1: round(100 * top1, 2)  # noqa: E731
+    return {"run": str(chain_dir), "steps": distill["steps"], "student": distill["arch"],
+            "input_size": distill["input_size"],
+            "rounds_top1": {s: pct(read_json(chain_dir / s / "metrics.json")["top1"]) for s in stages},
+            "distilled_top1": pct(distill["top1"]), "labels_only_top1": pct(alone["top1"]),
+            "distilled_minus_teacher": round(100 * (distill["top1"] - distill["teacher_top1"]), 2),
+            "distilled_minus_labels_only": round(100 * (distill["top1"] - alone["top1"]), 2),
+            "agreement_with_teacher": pct(distill["teacher_agreement"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=3, help="Noisy Student rounds before distilling (default 3)")
+    parser.add_argument("--passes", type=int, default=16, help="distillation passes over the pool (default 16)")
+    parser.add_argument("--student", default="mobilenetv3_small_100@64", metavar="ARCH@SIZE")
+    parser.add_argument("--out", type=Path, default=Path("runs/goal"))
+    parser.add_argument("--config", default="configs/fashion_mnist.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config overrides for both runs (the labels-only run's budget still wins)")
+    args = parser.parse_args()
+    chain_dir, labels_only_dir = args.out / f"seed{args.seed}", args.out / f"seed{args.seed}-labels-only"
+    chain = load_config(args.config, chain_overrides(args.seed, args.rounds, args.passes, args.student)
+                        + args.overrides)
+    distill_stage = next(s.name for s in build_graph(chain).stages if s.kind == "distill")
+    state = process_state()
+    try:
+        run_up_to(chain, chain_dir, distill_stage, state)
+        distill = read_json(chain_dir / distill_stage / "metrics.json")
+        alone = load_config(args.config, [f"seed={args.seed}"] + args.overrides
+                            + labels_only_overrides(chain, chain_dir, distill))
+        run_up_to(alone, labels_only_dir, "teacher", state)
+    finally:
+        end_processes(state)
+    if state.is_main_process:
+        row = goal_row(chain_dir, labels_only_dir, distill_stage, args.rounds)
+        write_text(args.out / f"seed{args.seed}-goal.json", json.dumps(row, indent=1) + "\n")
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
