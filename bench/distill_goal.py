@@ -55,21 +55,24 @@ def labels_only_overrides(chain: Config, chain_dir: Path, distill: dict) -> list
             f"teacher.train.warmup_epochs={warmup_steps / math.ceil(labeled / batch):g}"]
 
 
-def goal_row(chain_dir: Path, labels_only_dir: Path, distill_stage: str, rounds: int) -> dict:
-    distill = read_json(chain_dir / distill_stage / "metrics.json")
+def percent(top1: float) -> float:
+    return round(100 * top1, 2)
+
+
+def goal_row(chain_dir: Path, labels_only_dir: Path, distill: dict, rounds: int) -> dict:
+    """The JSON line: `distill` is the distill stage's metrics."""
     alone = read_json(labels_only_dir / "teacher" / "metrics.json")
     if alone["steps"] != distill["steps"]:
         raise SystemExit(f"{labels_only_dir}: the labels-only student took {alone['steps']} steps, the distilled "
                          f"one {distill['steps']}; the goal compares equal budgets")
     stages = ["teacher"] + [f"student_r{i}" for i in range(1, rounds + 1)]
-    pct = lambda top1: round(100 * top1, 2)  # noqa: E731
     return {"run": str(chain_dir), "steps": distill["steps"], "student": distill["arch"],
             "input_size": distill["input_size"],
-            "rounds_top1": {s: pct(read_json(chain_dir / s / "metrics.json")["top1"]) for s in stages},
-            "distilled_top1": pct(distill["top1"]), "labels_only_top1": pct(alone["top1"]),
+            "rounds_top1": {s: percent(read_json(chain_dir / s / "metrics.json")["top1"]) for s in stages},
+            "distilled_top1": percent(distill["top1"]), "labels_only_top1": percent(alone["top1"]),
             "distilled_minus_teacher": round(100 * (distill["top1"] - distill["teacher_top1"]), 2),
             "distilled_minus_labels_only": round(100 * (distill["top1"] - alone["top1"]), 2),
-            "agreement_with_teacher": pct(distill["teacher_agreement"])}
+            "agreement_with_teacher": percent(distill["teacher_agreement"])}
 
 
 def main() -> None:
@@ -97,7 +100,7 @@ def main() -> None:
     finally:
         end_processes(state)
     if state.is_main_process:
-        row = goal_row(chain_dir, labels_only_dir, distill_stage, args.rounds)
+        row = goal_row(chain_dir, labels_only_dir, distill, args.rounds)
         write_text(args.out / f"seed{args.seed}-goal.json", json.dumps(row, indent=1) + "\n")
         print(json.dumps(row))
 

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
-from pipeline.core.wallclock import StageClock, format_duration, running_now
+from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
@@ -243,12 +243,11 @@ class RunDir:
             return "done"
         if not self.stage_dir(stage).exists():
             return "pending"
-        clock = self.stage_dir(stage) / "wall_time.json"
-        spent = self.wall_seconds(stage)
-        if running_now(clock):
-            return f"running ({format_duration(spent or 0.0)} so far)"
+        clock = read_clock(self.stage_dir(stage) / "wall_time.json")
+        if clock is not None and clock[1]:
+            return f"running ({format_duration(clock[0])} so far)"
         state = "started" if not self.state_dir(stage).exists() else "resumable"
-        return state if spent is None else f"{state} (stopped after {format_duration(spent)}; rerun to resume)"
+        return state if clock is None else f"{state} (stopped after {format_duration(clock[0])}; rerun to resume)"
 
 
 def foreign_stage_files(directory: Path) -> list[str]:

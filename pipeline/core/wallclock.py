@@ -50,16 +50,17 @@ class StageClock:
         self._write(running=False)
 
 
-def running_now(path: Path, heartbeat_s: float = HEARTBEAT_S) -> bool:
-    """Whether a process is timing this stage now: its clock says running and beat within 3 heartbeats.
+def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, bool] | None:
+    """(seconds so far, whether a process is timing the stage now), None when never timed.
 
-    A killed (or stopped) process leaves `running: true` behind, but its heartbeats stop."""
+    Running now = the clock says running and beat within 3 heartbeats: a killed (or stopped) process leaves
+    `running: true` behind, but its heartbeats stop."""
     try:
         clock = read_json(path)
         age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
-        return False
-    return bool(clock.get("running")) and age < 3 * heartbeat_s
+        return None
+    return float(clock.get("seconds", 0.0)), bool(clock.get("running")) and age < 3 * heartbeat_s
 
 
 def format_duration(seconds: float) -> str:
