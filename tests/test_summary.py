@@ -14,8 +14,8 @@ def fake_run(root: Path, teacher: float, student: float, seconds: float) -> Path
     for stage, top1 in (("teacher", teacher), ("student_r1", student)):
         run.stage_dir(stage).mkdir()
         run.metrics_path(stage).write_text(json.dumps({"top1": top1, "holdout": {"top1": top1 - 0.01}}))
-        run.record_wall_time(stage, seconds)
-        run.record_wall_time(stage, seconds)  # a resumed stage: the two invocations add up
+        # what the stage clock leaves after two invocations (a resumed stage): their seconds add up
+        (run.stage_dir(stage) / "wall_time.json").write_text(json.dumps({"seconds": 2 * seconds, "invocations": 2}))
         run.mark_done(stage)
     return root
 

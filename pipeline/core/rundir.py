@@ -177,11 +177,6 @@ class RunDir:
     def is_done(self, stage: str) -> bool:
         return (self.stage_dir(stage) / "DONE").exists()
 
-    def record_wall_time(self, stage: str, seconds: float) -> None:
-        path = self.stage_dir(stage) / "wall_time.json"
-        before = read_json(path) if path.exists() else {"seconds": 0.0, "invocations": 0}
-        write_json(path, {"seconds": round(before["seconds"] + seconds, 2), "invocations": before["invocations"] + 1})
-
     def stage_clock(self, stage: str) -> StageClock:
         """Times one invocation of a stage into wall_time.json, with heartbeats (a kill loses seconds only)."""
         return StageClock(self.stage_dir(stage) / "wall_time.json")
