@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> None:
-    from pipeline.stages.runner import describe
+    from pipeline.stages.status import describe
 
     rows = describe(args.run_dir)
     width = max(len(stage) for stage, _ in rows)
@@ -227,12 +228,16 @@ def main(argv: list[str] | None = None) -> int:
                 "augment": _cmd_preview, "predict": _cmd_predict, "compare": _cmd_compare}
     try:
         code = handlers[args.command](args)
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at interpreter exit
     except _user_errors() as exc:
         print(f"selftrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selftrain: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selftrain status RUN | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return code or 0
 
 

@@ -109,3 +109,19 @@ def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path):
     old = time.time() - 120
     os.utime(clock, (old, old))
     assert run.stage_state("teacher") == "resumable (stopped after 1 h 06 min; rerun to resume)"
+
+
+def test_status_of_a_run_made_before_stages_json_comes_from_its_config(tmp_path, capsys):
+    """Run directories of earlier versions have config.yaml but no stages.json: the graph of that config."""
+    from pipeline.cli import main
+
+    run = RunDir(tmp_path / "old")
+    run.root.mkdir()
+    run.config_path.write_text("student:\n  rounds: 2\n")
+    run.stage_dir("teacher").mkdir()
+    run.mark_done("teacher")
+    assert main(["status", str(run.root)]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in rows][:8] == ["data", "teacher", "pseudo_label_r1", "select_r1", "student_r1",
+                                              "pseudo_label_r2", "select_r2", "student_r2"]
+    assert dict(rows)["teacher"] == "done" and dict(rows)["data"] == "pending"

@@ -83,6 +83,15 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
+    def stage_list_path(self) -> Path:
+        """The names of the run's stages in run order, written with config.yaml (read by `selftrain status`)."""
+        return self.root / "stages.json"
+
+    def planned_stages(self) -> list[str] | None:
+        """The stage names the last run of this directory planned; None for a run made before stages.json."""
+        return read_json(self.stage_list_path)["stages"] if self.stage_list_path.exists() else None
+
+    @property
     def data_dir(self) -> Path:
         """The imported data: RUN/data, or the import the config points at."""
         return self._data_path if self._data_path is not None else self.root / "data"

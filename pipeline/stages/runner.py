@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.config.sections import Config, config_to_yaml, fingerprint, load_config
-from pipeline.core.atomic import write_text
+from pipeline.config.sections import Config, config_to_yaml, fingerprint
+from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.engine.runtime import process_state
 from pipeline.stages.base import Stage, StageContext
@@ -88,6 +88,7 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
         ctx = StageContext(config, run, state, graph)
         if state.is_main_process:
             write_text(run.config_path, config_to_yaml(config))
+            write_json(run.stage_list_path, {"stages": graph.names})
             if reset:
                 for stage in stages:
                     run.reset_stage(stage.name)
@@ -105,12 +106,3 @@ def end_processes(state) -> None:
     """Tear the process group down once, after the last stage (every rank reaches this)."""
     if dist.is_available() and dist.is_initialized():
         state.destroy_process_group()
-
-
-def describe(run_dir: str | Path) -> list[tuple[str, str]]:
-    """(stage, state) for every stage of a run directory's graph."""
-    run = RunDir(run_dir)
-    if not run.root.exists():
-        raise RunDirError(f"run directory {run.root} does not exist")
-    config = load_config(run.config_path) if run.config_path.exists() else Config()
-    return [(stage.name, run.stage_state(stage.name)) for stage in build_graph(config).stages]

@@ -1,0 +1,31 @@
+"""`selftrain status`: each stage of a run directory and its state, without importing torch.
+
+The runner writes the run's stage names (RUN/stages.json) beside its config, so listing them needs
+neither the stage graph nor the stage modules it imports (torch, timm: about 5 s). A run directory
+made before stages.json existed is listed from its config through the graph, as before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.core.rundir import RunDir, RunDirError
+
+
+def stage_names(run: RunDir) -> list[str]:
+    planned = run.planned_stages()
+    if planned is not None:
+        return planned
+    from pipeline.config.sections import Config, load_config
+    from pipeline.stages.graph import build_graph
+
+    config = load_config(run.config_path) if run.config_path.exists() else Config()
+    return build_graph(config).names
+
+
+def describe(run_dir: str | Path) -> list[tuple[str, str]]:
+    """(stage, state) for every stage of the run directory, in run order."""
+    run = RunDir(run_dir)
+    if not run.root.exists():
+        raise RunDirError(f"run directory {run.root} does not exist")
+    return [(name, run.stage_state(name)) for name in stage_names(run)]
