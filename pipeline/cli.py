@@ -229,15 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = handlers[args.command](args)
         sys.stdout.flush()  # inside the try: a reader that left shows here, not at interpreter exit
+    except BrokenPipeError:  # `selftrain status RUN | head`: the reader left (checked before _user_errors(): torch)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _user_errors() as exc:
         print(f"selftrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selftrain: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `selftrain status RUN | head`: the reader left; nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
     return code or 0
 
 
