@@ -1,4 +1,8 @@
-"""What made an artifact: code revision, library versions, device, processes and threads."""
+"""What made an artifact: code revision, library versions, device, processes and threads.
+
+torch is imported inside the functions that use it: `selftrain status` imports the run directory code
+(this module among it) and answers in 0.2 s without torch, not 5 s with it.
+"""
 
 from __future__ import annotations
 
@@ -37,9 +41,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-# torch is imported where it is used: `selftrain status` reads run directories without it (0.2 s, not 5)
 
 
 def device_name() -> str:
