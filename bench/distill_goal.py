@@ -10,8 +10,14 @@ Runs two run directories, each resumable (after an interruption, run the same co
 Prints one JSON line (also written to OUT/seedS-goal.json): test top-1 of each round, of the distilled and
 the labels-only student, and the two differences the goal rows read (README "A longer schedule, 3 seeds").
 
+The labels-only step count is planned from the import (a pass is ceil(pool / distill batch) steps), so
+`--part labels-only` (the import and the labels-only student) and `--part distilled` (the pipeline up to the
+distillation) can run in separate sessions or side by side; `--part both` (the default) then reuses what is
+done and still refuses to report when the two step counts differ.
+
 Usage: python bench/distill_goal.py --seed S [--rounds 3] [--passes 16] [--student mobilenetv3_small_100@64]
-       [--out runs/goal] [--config configs/fashion_mnist.yaml] [--set KEY=VALUE ...]
+       [--part both|distilled|labels-only] [--out runs/goal] [--config configs/fashion_mnist.yaml]
+       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -37,13 +43,22 @@ def chain_overrides(seed: int, rounds: int, passes: int, student: str) -> list[s
             f"distill.train.warmup_epochs={passes * WARMUP_SHARE:g}"]
 
 
-def labels_only_overrides(chain: Config, chain_dir: Path, distill: dict) -> list[str]:
+def planned_distill_steps(chain: Config, splits: dict) -> tuple[int, int]:
+    """(steps, steps per pass) of the distillation, from the import's split counts: the distill stage makes
+    a pass ceil(pool / batch) steps (`goal_row` checks the plan against the steps it took)."""
+    train = chain.distill.train
+    per_pass = math.ceil(splits["unlabeled"]["count"] / train.batch_size)
+    return train.total_steps(per_pass), per_pass
+
+
+def labels_only_overrides(chain: Config, chain_dir: Path) -> list[str]:
     """The teacher stage turned into the labels-only student with the distillation's budget and settings."""
     train, student = chain.distill.train, chain.distill.students[0]
     batch = train.batch_size + chain.distill.labeled_batch
     data = make_run_dir(chain, chain_dir).data_dir  # RUN/data, or the import data.source: shards names
-    labeled = read_json(data / "manifest.json")["splits"]["labeled"]["count"]
-    warmup_steps = train.warmup_epochs * distill["steps_per_epoch"]
+    splits = read_json(data / "manifest.json")["splits"]
+    steps, per_pass = planned_distill_steps(chain, splits)
+    warmup_steps = train.warmup_epochs * per_pass
     return ["data.source=shards", f"data.path={data}", "student.rounds=0", "distill.students=[]",
             f"teacher.model.arch={student.arch}", f"teacher.model.input_size={student.input_size}",
             f"teacher.model.drop_rate={student.drop_rate}", f"teacher.model.drop_path_rate={student.drop_path_rate}",
@@ -51,8 +66,8 @@ def labels_only_overrides(chain: Config, chain_dir: Path, distill: dict) -> list
             f"teacher.train.optimizer={train.optimizer}", f"teacher.train.lr={train.lr}",
             f"teacher.train.weight_decay={train.weight_decay}", f"teacher.train.momentum={train.momentum}",
             f"teacher.train.label_smoothing={train.label_smoothing}", f"teacher.train.batch_size={batch}",
-            f"teacher.train.steps={distill['steps']}",
-            f"teacher.train.warmup_epochs={warmup_steps / math.ceil(labeled / batch):g}"]
+            f"teacher.train.steps={steps}",
+            f"teacher.train.warmup_epochs={warmup_steps / math.ceil(splits['labeled']['count'] / batch):g}"]
 
 
 def percent(top1: float) -> float:
@@ -81,6 +96,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Noisy Student rounds before distilling (default 3)")
     parser.add_argument("--passes", type=int, default=16, help="distillation passes over the pool (default 16)")
     parser.add_argument("--student", default="mobilenetv3_small_100@64", metavar="ARCH@SIZE")
+    parser.add_argument("--part", choices=("both", "distilled", "labels-only"), default="both",
+                        help="run one side only (each prints its own top-1; 'both' reports the goal row)")
     parser.add_argument("--out", type=Path, default=Path("runs/goal"))
     parser.add_argument("--config", default="configs/fashion_mnist.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -89,21 +106,27 @@ def main() -> None:
     chain_dir, labels_only_dir = args.out / f"seed{args.seed}", args.out / f"seed{args.seed}-labels-only"
     chain = load_config(args.config, chain_overrides(args.seed, args.rounds, args.passes, args.student)
                         + args.overrides)
-    distill_stage = next(s.name for s in build_graph(chain).stages if s.kind == "distill")
+    graph = build_graph(chain)
+    distill_stage, data_stage = graph.of_kind("distill")[0].name, graph.of_kind("data")[0].name
     state = process_state()
     try:
-        run_up_to(chain, chain_dir, distill_stage, state)
-        distill = read_json(chain_dir / distill_stage / "metrics.json")
-        alone = load_config(args.config, [f"seed={args.seed}"] + args.overrides
-                            + labels_only_overrides(chain, chain_dir, distill))
-        run_up_to(alone, labels_only_dir, "teacher", state)
+        run_up_to(chain, chain_dir, data_stage if args.part == "labels-only" else distill_stage, state)
+        if args.part != "distilled":
+            alone = load_config(args.config, [f"seed={args.seed}"] + args.overrides
+                                + labels_only_overrides(chain, chain_dir))
+            run_up_to(alone, labels_only_dir, "teacher", state)
     finally:
         end_processes(state)
-    if state.is_main_process:
-        row = goal_row(chain_dir, labels_only_dir, distill, args.rounds)
+    if not state.is_main_process:
+        return
+    if args.part == "both":
+        row = goal_row(chain_dir, labels_only_dir, read_json(chain_dir / distill_stage / "metrics.json"), args.rounds)
         write_text(args.out / f"seed{args.seed}-goal.json", json.dumps(row, indent=1) + "\n")
-        print(json.dumps(row))
-
+    else:
+        done = chain_dir / distill_stage if args.part == "distilled" else labels_only_dir / "teacher"
+        metrics = read_json(done / "metrics.json")
+        row = {"run": str(done), "part": args.part, "steps": metrics["steps"], "top1": percent(metrics["top1"])}
+    print(json.dumps(row))
 
 if __name__ == "__main__":
     main()

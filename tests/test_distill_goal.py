@@ -17,9 +17,16 @@ def test_distilled_and_labels_only_students_get_the_same_steps_and_settings(tiny
     config, teacher_run = tiny_teacher_run
     out = tmp_path / "goal"
     shutil.copytree(teacher_run, out / "seed0", ignore=shutil.ignore_patterns("lock"))  # data + teacher done
-    rows = bench("distill_goal.py", "--seed", "0", "--rounds", "1", "--passes", "2", "--student",
-                 "test_efficientnet@24", "--out", str(out), "--config", str(config),
-                 *set_args(TINY_TEACHER + STUDENT + TINY_DISTILL), timeout=600)
+    goal = ["distill_goal.py", "--seed", "0", "--rounds", "1", "--passes", "2", "--student", "test_efficientnet@24",
+            "--out", str(out), "--config", str(config), *set_args(TINY_TEACHER + STUDENT + TINY_DISTILL)]
+    # the labels-only side first, on its own (another session, or beside the distillation): planned steps
+    first = bench(*goal, "--part", "labels-only", timeout=600)
+    assert not (out / "seed0" / "student_r1").exists()  # nothing of the distillation side ran
+    made = (out / "seed0-labels-only" / "teacher" / "metrics.json").read_text()
+    assert first == [{"run": str(out / "seed0-labels-only" / "teacher"), "part": "labels-only",
+                      "steps": json.loads(made)["steps"], "top1": round(100 * json.loads(made)["top1"], 2)}]
+    rows = bench(*goal, timeout=600)
+    assert (out / "seed0-labels-only" / "teacher" / "metrics.json").read_text() == made  # reused, not retrained
     assert len(rows) == 1
     row = rows[0]
     assert row == json.loads((out / "seed0-goal.json").read_text())
