@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 import textwrap
@@ -109,6 +110,35 @@ def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path):
     old = time.time() - 120
     os.utime(clock, (old, old))
     assert run.stage_state("teacher") == "resumable (stopped after 1 h 06 min; rerun to resume)"
+
+
+def test_status_shows_a_training_stage_s_step_time_left_and_where_it_resumes(tmp_path):
+    """A multi-hour stage: which step, about how long is left, and from which step a rerun goes on."""
+    import os
+    import time
+
+    from pipeline.core.progress import ProgressWriter, progress_path
+
+    run = RunDir(tmp_path)
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {}})
+    run.state_dir("teacher").mkdir()
+    clock = tmp_path / "teacher" / "wall_time.json"
+    clock.write_text('{"seconds": 4000.0, "invocations": 1, "running": true}')
+    writer = ProgressWriter(progress_path(run.state_dir("teacher")), total=8448, start_step=0, every_s=3600)
+    writer.update(200, saved=True)
+    writer.update(280)  # within every_s of the last write: not written
+    progress = json.loads((tmp_path / "teacher" / "progress.json").read_text())
+    assert progress["step"] == 200 and progress["saved_step"] == 200 and progress["total"] == 8448
+    (tmp_path / "teacher" / "progress.json").write_text(
+        '{"step": 280, "total": 8448, "saved_step": 200, "steps_per_s": 1.0}')
+    assert run.stage_state("teacher") == "running (1 h 06 min so far; step 280 of 8,448, about 2 h 16 min left)"
+    old = time.time() - 120
+    os.utime(clock, (old, old))
+    assert run.stage_state("teacher") == ("resumable (stopped after 1 h 06 min, resumes from step 200 of 8,448; "
+                                          "rerun to resume)")
+    (tmp_path / "teacher" / "progress.json").write_text("{not json")  # status never fails on this file
+    assert run.stage_state("teacher") == "resumable (stopped after 1 h 06 min; rerun to resume)"
+    assert foreign_stage_files(tmp_path / "teacher") == []
 
 
 def test_status_of_a_run_made_before_stages_json_comes_from_its_config(tmp_path, capsys):

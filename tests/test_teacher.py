@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import TINY_TEACHER, tiny_config
 from pipeline.cli import main
 from pipeline.core.faults import env_name
+from pipeline.core.rundir import RunDir
 
 KILL_ENV = env_name("step")
 
@@ -62,6 +64,11 @@ def test_kill_and_resume_gives_identical_weights(tiny_data, tmp_path):
     killed = run_cli(config, tmp_path / "killed", env={KILL_ENV: "13"})
     assert killed.returncode == -9  # SIGKILL between checkpoints (saved at 10, killed at 13)
     assert not (tmp_path / "killed" / "teacher" / "DONE").exists()
+    clock = tmp_path / "killed" / "teacher" / "wall_time.json"
+    os.utime(clock, (clock.stat().st_mtime - 120,) * 2)  # the killed process's heartbeat has stopped
+    state = RunDir(tmp_path / "killed").stage_state("teacher")
+    total = re.search(r"\[teacher\] .*?(\d+) steps", straight.stdout + straight.stderr).group(1)
+    assert state.startswith("resumable (stopped after ") and f"resumes from step 10 of {total};" in state, state
     resumed = run_cli(config, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step 10" in resumed.stdout + resumed.stderr

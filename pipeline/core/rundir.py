@@ -7,6 +7,7 @@ Layout:
     RUN/<stage>/stage.json    what the stage was started with (fingerprint, inputs)
     RUN/<stage>/DONE          written last; a rerun skips the stage
     RUN/<stage>/wall_time.json  seconds spent in the stage, summed over invocations (resumes)
+    RUN/<stage>/progress.json   a training stage's step, total, saved step and rate (for status)
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from typing import Any
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
+from pipeline.core.progress import PROGRESS_FILE, read_progress
 from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
-STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "metrics.json", "manifest.json", "*.labels.npz",
+STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "progress.json", "metrics.json", "manifest.json", "*.labels.npz",
                  "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
                  "state.prev/*", "*.tmp")
 
@@ -248,10 +250,15 @@ class RunDir:
         if not self.stage_dir(stage).exists():
             return "pending"
         clock = read_clock(self.stage_dir(stage) / "wall_time.json")
+        progress = read_progress(self.stage_dir(stage) / PROGRESS_FILE)
         if clock is not None and clock[1]:
-            return f"running ({format_duration(clock[0])} so far)"
+            where = "" if progress is None else f"; {progress[0].running_text(progress[1])}"
+            return f"running ({format_duration(clock[0])} so far{where})"
         state = "started" if not self.state_dir(stage).exists() else "resumable"
-        return state if clock is None else f"{state} (stopped after {format_duration(clock[0])}; rerun to resume)"
+        if clock is None:
+            return state
+        where = "" if progress is None or state == "started" else f", {progress[0].stopped_text()}"
+        return f"{state} (stopped after {format_duration(clock[0])}{where}; rerun to resume)"
 
 
 def foreign_stage_files(directory: Path) -> list[str]:

@@ -26,6 +26,7 @@ from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
 from pipeline.core.atomic import WriteFailed
 from pipeline.core.faults import kill_point
+from pipeline.core.progress import ProgressWriter, progress_path
 
 LOG_EVERY = 10
 LossFn = Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]]
@@ -135,6 +136,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         accelerator.load_state(str(resume))
         accelerator.print(f"[{name}] resuming from step {state.step}/{total_steps} ({resume})")
     start = state.step
+    progress_file = ProgressWriter(progress_path(state_dir) if accelerator.is_main_process else None,
+                                   total_steps, start)
     bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
     model.train()
@@ -164,6 +167,9 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
         bar.update(1)
         if state.step % cfg.save_every_steps == 0 and state.step < total_steps:
             _save_state(accelerator, state_dir)
+            progress_file.update(state.step, saved=True)
+        else:
+            progress_file.update(state.step)
         kill_point("step", state.step)
         tick = time.perf_counter()
     bar.close()
