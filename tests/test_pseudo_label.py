@@ -14,6 +14,7 @@ import torch
 
 from conftest import TINY_TEACHER, set_args
 from pipeline.core.faults import env_name
+from pipeline.core.rundir import RunDir
 from teachers.sidecar import read_sidecar
 
 PL = ["pseudo_label.batch_size=30", "runtime.threads=1", "student.rounds=0"]
@@ -82,6 +83,10 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
     assert dead.returncode == -9
     finished = len(list((killed / "pseudo_label_r1").glob("*.labels.npz")))
     assert 0 < finished < 4 and not (killed / "pseudo_label_r1" / "manifest.json").exists()
+    clock = killed / "pseudo_label_r1" / "wall_time.json"
+    os.utime(clock, (clock.stat().st_mtime - 120,) * 2)  # the killed process's heartbeat has stopped
+    state = RunDir(killed).stage_state("pseudo_label_r1")
+    assert state.startswith("resumable (stopped after ") and f", {finished} of 4 shards done;" in state, state
     again = cli(config, killed, "--only", "pseudo_label_r1")
     assert again.returncode == 0, again.stderr
     assert f"{4 - finished} of 4 shards to label" in again.stdout + again.stderr
@@ -90,8 +95,6 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
 
 def test_killing_only_the_main_process_frees_the_run_at_once(tiny_teacher_run, tmp_path):
     """The OOM killer's way: SIGKILL the main process while its loader workers live on a few seconds."""
-    from pipeline.core.rundir import RunDir
-
     config, run = copy_run(tiny_teacher_run, tmp_path)
     with open(tmp_path / "killed.log", "w") as log:  # not a pipe: nothing waits for the orphaned workers
         main_process = subprocess.Popen(cli_args(config, run, "--only", "pseudo_label_r1"), stdout=log, stderr=log,
@@ -113,6 +116,8 @@ def test_two_processes_equal_one(tiny_teacher_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((two / "pseudo_label_r1" / "metrics.json").read_text())["processes"] == 2
     assert_same_sidecars(sidecars(one), sidecars(two))
+    progress = json.loads((two / "pseudo_label_r1" / "progress.json").read_text())
+    assert progress["unit"] == "shard" and progress["total"] == 4 and progress["saved_step"] >= 2  # rank 0's 2 at least
 
 
 def test_other_teacher_is_refused(tiny_teacher_run, tmp_path):

@@ -26,6 +26,7 @@ from pipeline.core.progress import PROGRESS_FILE, read_progress
 from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
+SIDECAR_SUFFIX = ".labels.npz"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
@@ -100,7 +101,11 @@ class RunDir:
 
     def sidecar_path(self, labels_stage: str, shard_name: str) -> Path:
         """Pseudo-label sidecar of one unlabeled shard: `<shard stem>.labels.npz`."""
-        return self.stage_dir(labels_stage) / (shard_name.removesuffix(".tar") + ".labels.npz")
+        return self.stage_dir(labels_stage) / (shard_name.removesuffix(".tar") + SIDECAR_SUFFIX)
+
+    def sidecars_done(self, labels_stage: str) -> int:
+        """Finished sidecars of a pseudo-label stage (every process's; a sidecar appears whole or not at all)."""
+        return sum(1 for _ in self.stage_dir(labels_stage).glob("*" + SIDECAR_SUFFIX))
 
     def plan_path(self, select_stage: str, shard_name: str) -> Path:
         """Selection plan of one unlabeled shard: `<shard stem>.plan.npz` (keys + repeat counts)."""
@@ -254,10 +259,11 @@ class RunDir:
         if clock is not None and clock[1]:
             where = "" if progress is None else f"; {progress[0].running_text(progress[1])}"
             return f"running ({format_duration(clock[0])} so far{where})"
-        state = "started" if not self.state_dir(stage).exists() else "resumable"
+        saved = progress is not None and progress[0].saved_step > 0  # a state, or finished sidecars
+        state = "resumable" if self.state_dir(stage).exists() or saved else "started"
         if clock is None:
             return state
-        where = "" if progress is None or state == "started" else f", {progress[0].stopped_text()}"
+        where = f", {progress[0].stopped_text()}" if progress is not None and saved else ""
         return f"{state} (stopped after {format_duration(clock[0])}{where}; rerun to resume)"
 
 

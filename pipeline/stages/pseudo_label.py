@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from augment import build_eval_transform
 from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json, write_json
 from pipeline.core.faults import kill_point
+from pipeline.core.progress import PROGRESS_FILE, ProgressWriter
 from pipeline.core.metrics import expected_calibration_error
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import DataInfo
@@ -112,6 +115,7 @@ class LabelingJob:
     topk: int | None  # sidecars keep only the top-k logits (many classes)
     progress: bool
     image_keys: tuple[str, ...] = IMAGE_KEYS  # members that hold the image, tried in order
+    status: Callable[[], None] | None = None  # called after each sidecar (updates RUN/<stage>/progress.json)
 
     @property
     def total_images(self) -> int:
@@ -145,6 +149,8 @@ def label_shards(labeler: Labeler, job: LabelingJob) -> int:
             write_sidecar(job.sidecars[item.shard], keys, logits, meta, job.topk)
             labeled += item.count
             shards_done += 1
+            if job.status is not None:
+                job.status()
             bar.set_postfix(shards=f"{shards_done}/{len(job.shards)}")
     bar.close()
     return labeled
@@ -198,13 +204,19 @@ def run(ctx: StageContext, stage: Stage) -> dict:
     # already exist when a slow rank lists the pending shards, and one shard would go unlabeled
     state.wait_for_everyone()
     mine = pending[state.process_index::state.num_processes]
+    shards_total = len(data.shard_records("unlabeled"))
+    status = None
+    if state.is_main_process:  # every process's sidecars count: `selftrain status` shows the stage's progress
+        writer = ProgressWriter(run_dir.stage_dir(stage.name) / PROGRESS_FILE, shards_total,
+                                shards_total - len(pending), unit="shard")
+        status = partial(_record_progress, writer, run_dir, stage.name)
     job = LabelingJob(shards=[data.shard_path("unlabeled", r["name"]) for r in mine], records=mine,
                       sidecars=[run_dir.sidecar_path(stage.name, r["name"]) for r in mine], mode=data.mode,
                       image_keys=data.image_keys,
                       batch_size=cfg.batch_size, workers=loader_workers(config.runtime),
                       topk=cfg.topk if data.num_classes > cfg.topk_above_classes else None,
-                      progress=config.runtime.progress and state.is_local_main_process)
-    state.print(f"[{stage.name}] {len(pending)} of {len(data.shard_records('unlabeled'))} shards to label "
+                      progress=config.runtime.progress and state.is_local_main_process, status=status)
+    state.print(f"[{stage.name}] {len(pending)} of {shards_total} shards to label "
                 f"({state.num_processes} process(es)), teacher {meta.arch} {teacher_hash[:12]}")
     labeled = label_shards(labeler, job)
     seconds = time.perf_counter() - started
@@ -217,6 +229,10 @@ def run(ctx: StageContext, stage: Stage) -> dict:
                     + (f"; pool accuracy {metrics['pool_accuracy']:.4f}" if "pool_accuracy" in metrics else ""))
     state.wait_for_everyone()
     return metrics
+
+
+def _record_progress(writer: ProgressWriter, run: RunDir, stage: str) -> None:
+    writer.update(run.sidecars_done(stage), saved=True)
 
 
 @dataclass(frozen=True)
