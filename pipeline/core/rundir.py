@@ -30,7 +30,7 @@ SIDECAR_SUFFIX = ".labels.npz"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
-STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", "progress.json", "metrics.json", "manifest.json", "*.labels.npz",
+STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", PROGRESS_FILE, "metrics.json", "manifest.json", "*" + SIDECAR_SUFFIX,
                  "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
                  "state.prev/*", "*.tmp")
 
