@@ -4,6 +4,9 @@ doing the same work, measured in the same run.
 Prints one JSON line per case (policy x input size): our images/s, torchvision's, and the
 ratio ours / torchvision. Inputs: 28x28 grayscale (Fashion-MNIST, real images when the
 Debian dataset package is installed) upscaled to 32x32 output, and 224x224 RGB to 224x224.
+Then one line per image side for the Rotate op alone at the policies' 21 magnitudes: ours (source
+pixels from torch's grid, cached, copied by cv2.remap) against cv2.warpAffine, the kernel it
+replaced (same matrix; it rounded ties differently from torchvision).
 Usage: python bench/bench_augment.py [--quick] [--seconds 1.0] [--policies s1 s4 eval]
 """
 
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from augment import build_eval_transform, build_policy
+from augment import build_eval_transform, build_policy, geometry
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 JITTER = {"s1": (0.8, 1.2), "s2": (0.8, 1.2), "s3": (0.5, 2.0), "s4": (0.5, 2.0)}
@@ -88,6 +91,35 @@ def best_rates(ours: Callable[[int], object], reference: Callable[[int], object]
     return best_ours, best_reference
 
 
+POLICY_ANGLES = [3.0 * k for k in range(-10, 11)]  # Rotate at strengths k / 10 of 30 degrees
+
+
+def warp_affine_rotate(img: np.ndarray, degrees: float) -> np.ndarray:
+    """The Rotate kernel before 2026-12-03: cv2.warpAffine, nearest, on torchvision's inverse matrix."""
+    height, width = img.shape[:2]
+    a, b, c, d, e, f = geometry._torchvision_inverse_matrix((0.0, 0.0), -degrees, (0.0, 0.0), (0.0, 0.0))
+    ox, oy = (width - 1) * 0.5, (height - 1) * 0.5
+    matrix = np.array([[a, b, c + ox - a * ox - b * oy], [d, e, f + oy - d * ox - e * oy]])
+    flags = cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(img, matrix, (width, height), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+
+
+def bench_rotate_op(seconds: float) -> None:
+    for side in (32, 64, 224):
+        img = synthetic_images(1, side, 3)[0]
+        for angle in POLICY_ANGLES:  # fill the map cache, as the first images of a run do
+            geometry.rotate(img, angle)
+        ours_rate, reference_rate = best_rates(
+            lambda i: geometry.rotate(img, POLICY_ANGLES[i % 21]),
+            lambda i: warp_affine_rotate(img, POLICY_ANGLES[i % 21]),
+            seconds,
+        )
+        print(json.dumps({
+            "bench": "rotate op", "input": f"{side}x{side}x3", "threads": 1, "ours_us": round(1e6 / ours_rate, 1),
+            "warp_affine_us": round(1e6 / reference_rate, 1), "ratio": round(ours_rate / reference_rate, 2),
+        }), flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", nargs="+", default=["s1", "s2", "s3", "s4", "eval"])
@@ -115,6 +147,7 @@ def main() -> None:
                 "ours_img_s": round(ours_rate, 1), "torchvision_img_s": round(reference_rate, 1),
                 "ratio": round(ours_rate / reference_rate, 2),
             }), flush=True)  # fmt: skip
+    bench_rotate_op(seconds)
 
 
 if __name__ == "__main__":

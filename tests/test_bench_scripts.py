@@ -38,9 +38,13 @@ def test_train_step_measures_each_layout_and_precision():
 
 def test_augment_compares_each_policy_with_torchvision():
     rows = bench("bench_augment.py", "--policies", "s1", "s4", "--seconds", "0.06")
-    assert {row["policy"].split("-")[0] for row in rows} >= {"s1", "s4"}
-    assert {row["input"] for row in rows} == {"28x28x1", "224x224x3"}
-    assert all(row["ours_img_s"] > 0 and row["torchvision_img_s"] > 0 and row["ratio"] > 0 for row in rows)
+    policy_rows = [row for row in rows if row["bench"] == "augment"]
+    assert {row["policy"].split("-")[0] for row in policy_rows} >= {"s1", "s4"}
+    assert {row["input"] for row in policy_rows} == {"28x28x1", "224x224x3"}
+    assert all(row["ours_img_s"] > 0 and row["torchvision_img_s"] > 0 and row["ratio"] > 0 for row in policy_rows)
+    rotate_rows = [row for row in rows if row["bench"] == "rotate op"]
+    assert [row["input"] for row in rotate_rows] == ["32x32x3", "64x64x3", "224x224x3"]
+    assert all(row["ours_us"] > 0 and row["warp_affine_us"] > 0 for row in rotate_rows)
 
 
 def test_cpu_bf16_check_reports_a_first_bad_step_per_size():
