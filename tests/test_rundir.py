@@ -141,6 +141,18 @@ def test_status_shows_a_training_stage_s_step_time_left_and_where_it_resumes(tmp
     assert foreign_stage_files(tmp_path / "teacher") == []
 
 
+def test_status_counts_pseudo_label_shards_on_disk_not_only_the_main_process_s(tmp_path):
+    """Under torchrun only the main process writes progress.json; the other processes' sidecars count too."""
+    run = RunDir(tmp_path)
+    run.begin_stage("pseudo_label_r1", {"fingerprint": "a", "inputs": {}})
+    (tmp_path / "pseudo_label_r1" / "wall_time.json").write_text('{"seconds": 600.0, "invocations": 1, "running": true}')
+    (tmp_path / "pseudo_label_r1" / "progress.json").write_text(
+        '{"step": 1, "total": 4, "saved_step": 1, "steps_per_s": 0.01, "unit": "shard"}')
+    for name in ("unlabeled-000000.tar", "unlabeled-000001.tar", "unlabeled-000002.tar"):
+        run.sidecar_path("pseudo_label_r1", name).write_bytes(b"")
+    assert run.stage_state("pseudo_label_r1") == "running (10 min so far; shard 3 of 4, about 1 min left)"
+
+
 def test_status_of_a_run_made_before_stages_json_comes_from_its_config(tmp_path, capsys):
     """Run directories of earlier versions have config.yaml but no stages.json: the graph of that config."""
     from pipeline.cli import main

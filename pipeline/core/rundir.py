@@ -16,13 +16,14 @@ import fcntl
 import fnmatch
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
-from pipeline.core.progress import PROGRESS_FILE, read_progress
+from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
 from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
@@ -256,6 +257,8 @@ class RunDir:
             return "pending"
         clock = read_clock(self.stage_dir(stage) / "wall_time.json")
         progress = read_progress(self.stage_dir(stage) / PROGRESS_FILE)
+        if progress is not None and progress[0].unit == "shard":
+            progress = self._live_shard_count(stage, progress[0])
         if clock is not None and clock[1]:
             where = "" if progress is None else f"; {progress[0].running_text(progress[1])}"
             return f"running ({format_duration(clock[0])} so far{where})"
@@ -265,6 +268,13 @@ class RunDir:
             return state
         where = f", {progress[0].stopped_text()}" if progress is not None and saved else ""
         return f"{state} (stopped after {format_duration(clock[0])}{where}; rerun to resume)"
+
+    def _live_shard_count(self, stage: str, written: Progress) -> tuple[Progress, float]:
+        """Pseudo-labeling's count from the sidecars on disk, not from the file: only the main process
+        writes the file, so under several processes it stops moving once the main process's shards
+        are done while the others still label theirs. Age 0: the count is of now."""
+        done = self.sidecars_done(stage)
+        return replace(written, step=done, saved_step=done), 0.0
 
 
 def foreign_stage_files(directory: Path) -> list[str]:
