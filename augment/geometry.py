@@ -44,7 +44,7 @@ def _source_maps(height: int, width: int, inverse_centered: tuple[float, ...]) -
 
     Found by torchvision's own arithmetic: its float32 grid (``_affine_grid``: centred pixel
     coordinates times the inverse matrix divided by half the size) and ``grid_sample`` (nearest,
-    align_corners=False, zero padding) applied to an image of pixel numbers. So the pixels are
+    align_corners=False, zero padding) applied to an image of pixel coordinates. So the pixels are
     torchvision's on every CPU, ties included; cv2.warpAffine's own 1/1024-pixel fixed point picked
     the other neighbour near ties (~0.2 % of pixels, which ones changing with the OpenCV release).
     """
@@ -55,13 +55,12 @@ def _source_maps(height: int, width: int, inverse_centered: tuple[float, ...]) -
     base_grid[..., 2].fill_(1)
     rescaled_theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height]))
     grid = base_grid.view(1, height * width, 3).bmm(rescaled_theta).view(1, height, width, 2)
-    # pixel number + 1, so that the zero padding reads as "outside"; float32 is exact below 2**24
-    numbers = torch.arange(1, height * width + 1, dtype=torch.float32).view(1, 1, height, width)
-    source = grid_sample(numbers, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    source = source.view(height, width).to(torch.int64).numpy() - 1
-    outside = source < 0
-    map_x = np.where(outside, -1, source % width).astype(np.float32)
-    map_y = np.where(outside, -1, source // width).astype(np.float32)
+    # an image of (column + 1, row + 1): whole numbers, exact in float32; the zero padding marks "outside"
+    columns = torch.arange(1, width + 1, dtype=torch.float32).expand(height, width)
+    rows = torch.arange(1, height + 1, dtype=torch.float32).unsqueeze(-1).expand(height, width)
+    source = grid_sample(torch.stack([columns, rows]).unsqueeze(0), grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False)[0].numpy() - 1  # -1 outside the image: cv2.remap's zero border
+    map_x, map_y = np.ascontiguousarray(source[0]), np.ascontiguousarray(source[1])
     map_x.setflags(write=False)
     map_y.setflags(write=False)
     return map_x, map_y
@@ -72,7 +71,7 @@ def _warp_nearest(img: np.ndarray, inverse_centered: tuple[float, ...]) -> np.nd
 
     The maps hold whole pixels, so cv2.remap only copies (no rounding of its own). They are cached
     per (size, matrix): the policies draw magnitudes from a few bins, and a cached warp is as fast
-    as cv2.warpAffine at 32 and 64 px (bench numbers in the README, "Geometric ops").
+    as cv2.warpAffine at 32 and 64 px (README, Benchmarks: "Rotate / shear / translate ops").
     """
     height, width = img.shape[:2]
     map_x, map_y = _source_maps(height, width, inverse_centered)
