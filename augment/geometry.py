@@ -15,7 +15,8 @@ import torch
 from torch.nn.functional import grid_sample
 
 # Cached source maps: a few bins x signs x ops per image size; 64 entries are 0.5 MB at 32 px and
-# 26 MB at 224 x 224 (two float32 maps each).
+# 26 MB at 224 x 224 (two float32 maps each). Images of many aspect ratios miss it (the ops run after
+# resize_shorter, so the long side varies): S4 at 224 px then runs at 0.41x the warpAffine kernel's speed.
 SOURCE_MAP_CACHE_SIZE = 64
 
 
@@ -42,18 +43,22 @@ def _torchvision_inverse_matrix(
 def _source_maps(height: int, width: int, inverse_centered: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Whole-pixel source (x, y) of every output pixel, -1 where it falls outside the image.
 
-    Found by torchvision's own arithmetic: its float32 grid (``_affine_grid``: centred pixel
-    coordinates times the inverse matrix divided by half the size) and ``grid_sample`` (nearest,
-    align_corners=False, zero padding) applied to an image of pixel coordinates. So the pixels are
-    torchvision's on every CPU, ties included; cv2.warpAffine's own 1/1024-pixel fixed point picked
-    the other neighbour near ties (~0.2 % of pixels, which ones changing with the OpenCV release).
+    Found by torchvision's own float32 steps: its grid (``_affine_grid``: centred pixel coordinates
+    times the inverse matrix divided by half the size) and ``grid_sample`` (nearest,
+    align_corners=False, zero padding) applied to an image of pixel coordinates. The matrix is
+    ours (``_torchvision_inverse_matrix``, its float64 terms in another order), which gave the same
+    float32 theta in every case tried; so the pixels are torchvision's, ties included
+    (tests/test_augment_ops.py), where cv2.warpAffine's own 1/1024-pixel fixed point picked the other
+    neighbour near ties (0.2 % of rotated pixels, up to 2.7 % at shear 0.12; which ones changed with
+    the OpenCV release). A new (size, matrix) costs ~0.3 ms at 32 px and ~2.5 ms at 224 x 300 px
+    (1.6 ms of it torch's bmm for this shape); see SOURCE_MAP_CACHE_SIZE.
     """
     theta = torch.tensor(inverse_centered, dtype=torch.float32).reshape(1, 2, 3)
-    base_grid = torch.empty(1, height, width, 3)
-    base_grid[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width))
-    base_grid[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height).unsqueeze_(-1))
+    base_grid = torch.empty(1, height, width, 3, dtype=torch.float32)
+    base_grid[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, dtype=torch.float32))
+    base_grid[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, dtype=torch.float32).unsqueeze_(-1))
     base_grid[..., 2].fill_(1)
-    rescaled_theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height]))
+    rescaled_theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32))
     grid = base_grid.view(1, height * width, 3).bmm(rescaled_theta).view(1, height, width, 2)
     # an image of (column + 1, row + 1): whole numbers, exact in float32; the zero padding marks "outside"
     columns = torch.arange(1, width + 1, dtype=torch.float32).expand(height, width)
@@ -71,7 +76,7 @@ def _warp_nearest(img: np.ndarray, inverse_centered: tuple[float, ...]) -> np.nd
 
     The maps hold whole pixels, so cv2.remap only copies (no rounding of its own). They are cached
     per (size, matrix): the policies draw magnitudes from a few bins, and a cached warp is as fast
-    as cv2.warpAffine at 32 and 64 px (README, Benchmarks: "Rotate / shear / translate ops").
+    as cv2.warpAffine at 32 and 64 px, 0.8x at 224 px (README, Benchmarks: "Rotate / shear / translate ops").
     """
     height, width = img.shape[:2]
     map_x, map_y = _source_maps(height, width, inverse_centered)

@@ -4,10 +4,10 @@ doing the same work, measured in the same run.
 Prints one JSON line per case (policy x input size): our images/s, torchvision's, and the
 ratio ours / torchvision. Inputs: 28x28 grayscale (Fashion-MNIST, real images when the
 Debian dataset package is installed) upscaled to 32x32 output, and 224x224 RGB to 224x224.
-Then one line per image side for the Rotate op alone at the policies' 21 magnitudes: ours (source
-pixels from torch's grid, cached, copied by cv2.remap) against cv2.warpAffine, the kernel it
-replaced (same matrix; it rounded ties differently from torchvision).
-Usage: python bench/bench_augment.py [--quick] [--seconds 1.0] [--policies s1 s4 eval]
+`rotate` (in the default list): one line per image side for the Rotate op alone at RandAugment's 20
+nonzero angles: ours (source pixels from torch's grid, cached, copied by cv2.remap) against
+cv2.warpAffine, the kernel it replaced (same matrix; it rounded ties differently from torchvision).
+Usage: python bench/bench_augment.py [--quick] [--seconds 1.0] [--policies s1 s4 eval rotate]
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def best_rates(ours: Callable[[int], object], reference: Callable[[int], object]
     return best_ours, best_reference
 
 
-POLICY_ANGLES = [3.0 * k for k in range(-10, 11)]  # Rotate at strengths k / 10 of 30 degrees
+# Rotate at RandAugment's strengths M / 10 of 30 degrees, both signs; 0 left out (rotate(img, 0) returns at once)
+POLICY_ANGLES = [3.0 * k for k in range(-10, 11) if k != 0]
 
 
 def warp_affine_rotate(img: np.ndarray, degrees: float) -> np.ndarray:
@@ -110,8 +111,8 @@ def bench_rotate_op(seconds: float) -> None:
         for angle in POLICY_ANGLES:  # fill the map cache, as the first images of a run do
             geometry.rotate(img, angle)
         ours_rate, reference_rate = best_rates(
-            lambda i: geometry.rotate(img, POLICY_ANGLES[i % 21]),
-            lambda i: warp_affine_rotate(img, POLICY_ANGLES[i % 21]),
+            lambda i: geometry.rotate(img, POLICY_ANGLES[i % len(POLICY_ANGLES)]),
+            lambda i: warp_affine_rotate(img, POLICY_ANGLES[i % len(POLICY_ANGLES)]),
             seconds,
         )
         print(json.dumps({
@@ -122,7 +123,8 @@ def bench_rotate_op(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", nargs="+", default=["s1", "s2", "s3", "s4", "eval"])
+    parser.add_argument("--policies", nargs="+", default=["s1", "s2", "s3", "s4", "eval", "rotate"],
+                        help="policies to time; `rotate`: the Rotate op alone against cv2.warpAffine")
     parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement (split in 3 rounds)")
     parser.add_argument("--quick", action="store_true", help="0.6 s per measurement")
     args = parser.parse_args()
@@ -134,7 +136,7 @@ def main() -> None:
     for input_name, images, size, image_source in cases:
         tensors = [torch.from_numpy(img if img.ndim == 3 else img[:, :, None]).permute(2, 0, 1).contiguous()
                    for img in images]
-        for policy in args.policies:
+        for policy in [name for name in args.policies if name != "rotate"]:
             ours = build_eval_transform(size) if policy == "eval" else build_policy(policy, size)
             reference = torchvision_pipeline(policy, size)
             torch.manual_seed(0)
@@ -147,7 +149,8 @@ def main() -> None:
                 "ours_img_s": round(ours_rate, 1), "torchvision_img_s": round(reference_rate, 1),
                 "ratio": round(ours_rate / reference_rate, 2),
             }), flush=True)  # fmt: skip
-    bench_rotate_op(seconds)
+    if "rotate" in args.policies:
+        bench_rotate_op(seconds)
 
 
 if __name__ == "__main__":

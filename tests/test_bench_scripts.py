@@ -37,7 +37,7 @@ def test_train_step_measures_each_layout_and_precision():
 
 
 def test_augment_compares_each_policy_with_torchvision():
-    rows = bench("bench_augment.py", "--policies", "s1", "s4", "--seconds", "0.06")
+    rows = bench("bench_augment.py", "--policies", "s1", "s4", "rotate", "--seconds", "0.06")
     policy_rows = [row for row in rows if row["bench"] == "augment"]
     assert {row["policy"].split("-")[0] for row in policy_rows} >= {"s1", "s4"}
     assert {row["input"] for row in policy_rows} == {"28x28x1", "224x224x3"}
