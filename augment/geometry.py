@@ -16,7 +16,7 @@ from torch.nn.functional import grid_sample
 
 # Cached source maps: a few bins x signs x ops per image size; 64 entries are 0.5 MB at 32 px and
 # 26 MB at 224 x 224 (two float32 maps each). Images of many aspect ratios miss it (the ops run after
-# resize_shorter, so the long side varies): S4 at 224 px then runs at 0.41x the warpAffine kernel's speed.
+# resize_shorter, so the long side varies): S4 at 224 px then runs at 0.63x the warpAffine kernel's speed.
 SOURCE_MAP_CACHE_SIZE = 64
 
 
@@ -39,6 +39,58 @@ def _torchvision_inverse_matrix(
     return m[0], m[1], m[2], m[3], m[4], m[5]
 
 
+def _base_coordinates(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred pixel coordinates as torchvision's ``_affine_grid`` makes them (float32 linspace)."""
+    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, dtype=torch.float32)
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, dtype=torch.float32)
+    return xs, ys
+
+
+def _rescaled_theta(height: int, width: int, inverse_centered: tuple[float, ...]) -> torch.Tensor:
+    """torchvision's 3 x 2 matrix: the inverse matrix, transposed, over half the size (float32)."""
+    theta = torch.tensor(inverse_centered, dtype=torch.float32).reshape(1, 2, 3)
+    return theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32))
+
+
+def _grid_by_bmm(height: int, width: int, inverse_centered: tuple[float, ...]) -> torch.Tensor:
+    """The sampling grid by torchvision's own steps (``_affine_grid``, its transposed matrix and bmm
+    included): exact by construction, but slow: a map costs 1.2 ms at 224 x 300 px with it, 0.5 ms
+    with _grid_by_numpy."""
+    xs, ys = _base_coordinates(height, width)
+    base_grid = torch.empty(1, height, width, 3, dtype=torch.float32)
+    base_grid[..., 0].copy_(xs)
+    base_grid[..., 1].copy_(ys.unsqueeze(-1))
+    base_grid[..., 2].fill_(1)
+    rescaled = _rescaled_theta(height, width, inverse_centered)
+    return base_grid.view(1, height * width, 3).bmm(rescaled).view(1, height, width, 2)
+
+
+def _grid_by_numpy(height: int, width: int, inverse_centered: tuple[float, ...]) -> torch.Tensor:
+    """The same grid in numpy float32 as (x * r0 + y * r1) + r2. It gave torch's bmm bit for bit
+    on 10 million coordinates here (AVX2 EPYC); whether another CPU's BLAS kernel adds in that
+    order (and without a fused multiply-add) is checked once per process (_numpy_grid_matches_bmm)."""
+    xs, ys = (t.numpy() for t in _base_coordinates(height, width))
+    r = _rescaled_theta(height, width, inverse_centered)[0].numpy()
+    x, y = xs[None, :], ys[:, None]
+    grid = np.empty((1, height, width, 2), dtype=np.float32)
+    grid[0, :, :, 0] = x * r[0, 0] + y * r[1, 0] + r[2, 0]
+    grid[0, :, :, 1] = x * r[0, 1] + y * r[1, 1] + r[2, 1]
+    return torch.from_numpy(grid)
+
+
+@functools.cache
+def _numpy_grid_matches_bmm() -> bool:
+    """Whether _grid_by_numpy equals _grid_by_bmm on this machine, on probes of the policies' kinds
+    (a fused multiply-add in the BLAS kernel would round differently and show up here)."""
+    probes = [
+        (224, 300, _torchvision_inverse_matrix((0.0, 0.0), -17.0, (0.0, 0.0), (0.0, 0.0))),
+        (45, 60, _torchvision_inverse_matrix((-30.0, -22.5), 0.0, (0.0, 0.0), (math.degrees(math.atan(0.12)), 0.0))),
+        (37, 23, _torchvision_inverse_matrix((-11.5, -18.5), 0.0, (0.0, 0.0), (0.0, math.degrees(math.atan(-0.2))))),
+        (32, 32, _torchvision_inverse_matrix((0.0, 0.0), 0.0, (5.0, -3.0), (0.0, 0.0))),
+    ]
+    return all(torch.equal(_grid_by_numpy(h, w, m), _grid_by_bmm(h, w, m)) for h, w, m in probes)
+
+
 @functools.lru_cache(maxsize=SOURCE_MAP_CACHE_SIZE)
 def _source_maps(height: int, width: int, inverse_centered: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Whole-pixel source (x, y) of every output pixel, -1 where it falls outside the image.
@@ -50,16 +102,12 @@ def _source_maps(height: int, width: int, inverse_centered: tuple[float, ...]) -
     float32 theta in every case tried; so the pixels are torchvision's, ties included
     (tests/test_augment_ops.py), where cv2.warpAffine's own 1/1024-pixel fixed point picked the other
     neighbour near ties (0.2 % of rotated pixels, up to 2.7 % at shear 0.12; which ones changed with
-    the OpenCV release). A new (size, matrix) costs ~0.3 ms at 32 px and ~2.5 ms at 224 x 300 px
-    (1.6 ms of it torch's bmm for this shape); see SOURCE_MAP_CACHE_SIZE.
+    the OpenCV release). grid_sample stays torch's: its vectorised kernel unnormalises coordinates
+    in its own order. A new (size, matrix) costs ~0.15 ms at 32 px and ~0.5 ms at 224 x 300 px;
+    see SOURCE_MAP_CACHE_SIZE.
     """
-    theta = torch.tensor(inverse_centered, dtype=torch.float32).reshape(1, 2, 3)
-    base_grid = torch.empty(1, height, width, 3, dtype=torch.float32)
-    base_grid[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, dtype=torch.float32))
-    base_grid[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, dtype=torch.float32).unsqueeze_(-1))
-    base_grid[..., 2].fill_(1)
-    rescaled_theta = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32))
-    grid = base_grid.view(1, height * width, 3).bmm(rescaled_theta).view(1, height, width, 2)
+    make_grid = _grid_by_numpy if _numpy_grid_matches_bmm() else _grid_by_bmm
+    grid = make_grid(height, width, inverse_centered)
     # an image of (column + 1, row + 1): whole numbers, exact in float32; the zero padding marks "outside"
     columns = torch.arange(1, width + 1, dtype=torch.float32).expand(height, width)
     rows = torch.arange(1, height + 1, dtype=torch.float32).unsqueeze(-1).expand(height, width)

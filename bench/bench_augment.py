@@ -6,7 +6,8 @@ ratio ours / torchvision. Inputs: 28x28 grayscale (Fashion-MNIST, real images wh
 Debian dataset package is installed) upscaled to 32x32 output, and 224x224 RGB to 224x224.
 `rotate` (in the default list): one line per image side for the Rotate op alone at RandAugment's 20
 nonzero angles: ours (source pixels from torch's grid, cached, copied by cv2.remap) against
-cv2.warpAffine, the kernel it replaced (same matrix; it rounded ties differently from torchvision).
+cv2.warpAffine, the kernel it replaced (same matrix; it rounded ties differently from torchvision);
+then on 224-px-high images 224-400 px wide, where every (width, angle) misses the map cache.
 Usage: python bench/bench_augment.py [--quick] [--seconds 1.0] [--policies s1 s4 eval rotate]
 """
 
@@ -115,10 +116,25 @@ def bench_rotate_op(seconds: float) -> None:
             lambda i: warp_affine_rotate(img, POLICY_ANGLES[i % len(POLICY_ANGLES)]),
             seconds,
         )
-        print(json.dumps({
-            "bench": "rotate op", "input": f"{side}x{side}x3", "threads": 1, "ours_us": round(1e6 / ours_rate, 1),
-            "warp_affine_us": round(1e6 / reference_rate, 1), "ratio": round(ours_rate / reference_rate, 2),
-        }), flush=True)  # fmt: skip
+        print_rotate_row(f"{side}x{side}x3", ours_rate, reference_rate)
+    # mixed aspect ratio: every (width, angle) is a new cache key, so each call builds its map
+    wide = synthetic_images(1, 400, 3)[0][:224]
+    images = [np.ascontiguousarray(wide[:, :width]) for width in range(224, 401)]
+
+    def pick(i: int) -> tuple[np.ndarray, float]:
+        return images[i % len(images)], POLICY_ANGLES[i % len(POLICY_ANGLES)]
+
+    ours_rate, reference_rate = best_rates(
+        lambda i: geometry.rotate(*pick(i)), lambda i: warp_affine_rotate(*pick(i)), seconds
+    )
+    print_rotate_row("224xWx3, W 224-400", ours_rate, reference_rate)
+
+
+def print_rotate_row(input_name: str, ours_rate: float, reference_rate: float) -> None:
+    print(json.dumps({
+        "bench": "rotate op", "input": input_name, "threads": 1, "ours_us": round(1e6 / ours_rate, 1),
+        "warp_affine_us": round(1e6 / reference_rate, 1), "ratio": round(ours_rate / reference_rate, 2),
+    }), flush=True)  # fmt: skip
 
 
 def main() -> None:

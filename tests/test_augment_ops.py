@@ -141,6 +141,39 @@ def test_shear_matches_torchvision_exactly(amount: float) -> None:
         _assert_same(geometry.shear_y(img, amount), _torchvision(img, lambda t: _shear(t, 0.0, amount)))
 
 
+def test_rotate_and_shear_stay_exact_on_torch_s_own_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback for a CPU whose BLAS rounds torch's bmm otherwise than numpy's float32 grid."""
+    monkeypatch.setattr(geometry, "_numpy_grid_matches_bmm", lambda: False)
+    geometry._source_maps.cache_clear()
+    try:
+        for angle, amount in zip(_magnitudes("Rotate")[::4], _magnitudes("ShearX")[::4], strict=True):
+            for img in IMAGES:
+                _assert_same(geometry.rotate(img, angle), _torchvision(img, lambda t: F.rotate(t, angle)))
+                _assert_same(geometry.shear_y(img, amount), _torchvision(img, lambda t: _shear(t, 0.0, amount)))
+    finally:
+        geometry._source_maps.cache_clear()  # no bmm-made maps left for the other tests
+
+
+def test_numpy_grid_equals_torch_s_bmm_wherever_its_probe_passes() -> None:
+    """The once-per-process probe stands for every size and magnitude the policies use."""
+    if not geometry._numpy_grid_matches_bmm():
+        pytest.skip("this CPU's bmm rounds otherwise: the ops use torch's grid (tested above)")
+    shapes = [(32, 32), (23, 37), (224, 301), (300, 224)]
+    for height, width in shapes:
+        for strength in POLICY_STRENGTHS + OTHER_STRENGTHS:
+            angle = LEVEL_TO_MAGNITUDE["Rotate"](strength, height, width)
+            shear = math.degrees(math.atan(LEVEL_TO_MAGNITUDE["ShearX"](strength, height, width)))
+            pixels = int(LEVEL_TO_MAGNITUDE["TranslateX"](strength, height, width))
+            for matrix in (
+                geometry._torchvision_inverse_matrix((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0)),
+                geometry._torchvision_inverse_matrix((-0.5 * width, -0.5 * height), 0.0, (0.0, 0.0), (shear, 0.0)),
+                geometry._torchvision_inverse_matrix((-0.5 * width, -0.5 * height), 0.0, (0.0, 0.0), (0.0, shear)),
+                geometry._torchvision_inverse_matrix((0.0, 0.0), 0.0, (float(pixels), 0.0), (0.0, 0.0)),
+            ):
+                by_numpy = geometry._grid_by_numpy(height, width, matrix)
+                assert torch.equal(by_numpy, geometry._grid_by_bmm(height, width, matrix)), (height, width, matrix)
+
+
 def test_color_is_identity_on_grayscale() -> None:
     gray = IMAGES[4]
     assert gray.ndim == 2

@@ -43,7 +43,7 @@ def test_augment_compares_each_policy_with_torchvision():
     assert {row["input"] for row in policy_rows} == {"28x28x1", "224x224x3"}
     assert all(row["ours_img_s"] > 0 and row["torchvision_img_s"] > 0 and row["ratio"] > 0 for row in policy_rows)
     rotate_rows = [row for row in rows if row["bench"] == "rotate op"]
-    assert [row["input"] for row in rotate_rows] == ["32x32x3", "64x64x3", "224x224x3"]
+    assert [row["input"] for row in rotate_rows] == ["32x32x3", "64x64x3", "224x224x3", "224xWx3, W 224-400"]
     assert all(row["ours_us"] > 0 and row["warp_affine_us"] > 0 for row in rotate_rows)
 
 
