@@ -93,6 +93,16 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
     assert_same_sidecars(sidecars(straight), sidecars(killed))
 
 
+def test_status_counts_shards_from_the_start_of_the_stage(tiny_teacher_run, tmp_path):
+    """Before any shard is finished (the first can take minutes on a real pool) status shows 0 of N."""
+    config, run = copy_run(tiny_teacher_run, tmp_path)
+    dead = cli(config, run, "--only", "pseudo_label_r1", env={env_name("batch"): "1"})
+    assert dead.returncode == -9 and not list((run / "pseudo_label_r1").glob("*.labels.npz"))
+    os.utime(run / "pseudo_label_r1" / "wall_time.json")  # as if its heartbeat were still beating
+    state = RunDir(run).stage_state("pseudo_label_r1")
+    assert state.startswith("running (") and state.endswith("; shard 0 of 4)"), state
+
+
 def test_killing_only_the_main_process_frees_the_run_at_once(tiny_teacher_run, tmp_path):
     """The OOM killer's way: SIGKILL the main process while its loader workers live on a few seconds."""
     config, run = copy_run(tiny_teacher_run, tmp_path)

@@ -210,6 +210,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
         writer = ProgressWriter(run_dir.stage_dir(stage.name) / PROGRESS_FILE, shards_total,
                                 shards_total - len(pending), unit="shard")
         status = partial(_record_progress, writer, run_dir, stage.name)
+        status()  # the count from the start, not only after the main process's first shard
     job = LabelingJob(shards=[data.shard_path("unlabeled", r["name"]) for r in mine], records=mine,
                       sidecars=[run_dir.sidecar_path(stage.name, r["name"]) for r in mine], mode=data.mode,
                       image_keys=data.image_keys,
