@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,20 @@ def test_teacher_probe_names_a_stage_without_a_checkpoint(tiny_teacher_run):
     result = subprocess.run([sys.executable, str(BENCH / "teacher_probe.py"), str(run), "teacher", "student_r9"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "no checkpoint for student_r9" in result.stderr
+
+
+def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
+    """bench/gpu_checks.sh needs a CUDA GPU, so no test runs it; its bench commands' flags at least exist."""
+    script = (BENCH / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    commands = [line.split() for line in script.splitlines() if line.startswith("$PY bench/")]
+    assert len(commands) == 3
+    known_flags: dict[str, set[str]] = {}
+    for words in commands:
+        if words[1] not in known_flags:
+            shown = subprocess.run([sys.executable, words[1], "--help"], capture_output=True, text=True, timeout=120,
+                                   cwd=BENCH.parent)
+            assert shown.returncode == 0, shown.stderr[-2000:]
+            known_flags[words[1]] = set(re.findall(r"--[a-z][a-z0-9-]*", shown.stdout))
+        known = known_flags[words[1]]
+        unknown = [word for word in words if word.startswith("--") and word not in known]
+        assert not unknown, f"{words[1]} does not take {unknown}"
