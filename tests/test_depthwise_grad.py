@@ -36,6 +36,16 @@ def test_gradients_equal_autograd_s(side: int, kernel: int, stride: int, channel
         torch.testing.assert_close(shifted.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_autocast_on_cpu_keeps_autograd_s_path() -> None:
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(4, 8, 4, 4, requires_grad=True)
+    with shift_grad_depthwise(conv):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and conv.weight.grad is not None and x.grad is not None
+
+
 def test_only_plain_depthwise_convs_switch_and_are_restored() -> None:
     model = create_model("mobilenetv3_small_100", 10, 1)
     classes = {name: type(m) for name, m in model.named_modules()}

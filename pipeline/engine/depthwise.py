@@ -65,7 +65,9 @@ class ShiftGradDepthwiseConv2d(nn.Conv2d):
     (set as the __class__ of a plain depthwise nn.Conv2d: same parameters, same state_dict)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_grad_enabled() and x.shape[-2] * x.shape[-1] <= SMALL_INPUT_PIXELS:
+        # not under autocast (bf16 on CPU): the Function's backward assumes the forward's own dtypes
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+                and x.shape[-2] * x.shape[-1] <= SMALL_INPUT_PIXELS):
             return _DepthwiseConvShiftGrad.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
