@@ -1,6 +1,6 @@
 """Training images/s of a model on CPU: NCHW fp32, channels_last fp32, channels_last bf16 autocast,
-and channels_last fp32 with the depthwise weight gradient by shifts on tiny maps (what the trainer
-uses on CPU; `shift_grad_ratio` is its speed over plain oneDNN).
+and channels_last fp32 with the weight gradients of small maps by shifts (depthwise) and per-tap GEMMs
+(dense), what the trainer uses on CPU (`small_map_grad_ratio` is its speed over plain oneDNN).
 
 Prints one JSON line per architecture: images/s of each variant, measured in one run, and the
 ratios channels_last/NCHW and bf16/fp32 (bf16 only pays on CPUs with AVX512-BF16 or AMX).
@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from pipeline.engine.depthwise import shift_grad_depthwise
+from pipeline.engine.small_map_conv import small_map_weight_grads
 from teachers.models import create_model
 
 
@@ -30,9 +30,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool, in_chans: int,
-               bf16: bool = False, compile: bool = False, shift_grad: bool = False) -> tuple[float, float]:
-    """(images/s after two warm-up steps, seconds the warm-up steps took); `shift_grad`: depthwise weight
-    gradients on tiny maps by shifts, as the trainer does on CPU (pipeline/engine/depthwise.py)."""
+               bf16: bool = False, compile: bool = False, small_map_grad: bool = False) -> tuple[float, float]:
+    """(images/s after two warm-up steps, seconds the warm-up steps took); `small_map_grad`: weight
+    gradients on small maps as the trainer takes them on CPU (pipeline/engine/small_map_conv.py)."""
     torch.manual_seed(0)
     model = create_model(arch, 10, in_chans)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -42,7 +42,7 @@ def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool
     x = torch.randn(batch, in_chans, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
     begin = time.perf_counter()
-    with shift_grad_depthwise(model) if shift_grad else nullcontext():
+    with small_map_weight_grads(model) if small_map_grad else nullcontext():
         for i in range(steps + 2):
             if i == 2:  # two warm-up steps
                 start = time.perf_counter()
@@ -67,14 +67,15 @@ def main() -> None:
         nchw, _ = train_rate(arch, args.size, args.batch, args.steps, False, args.in_chans)
         nhwc, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans)
         nhwc_bf16, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans, bf16=True)
-        shifted, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans, shift_grad=True)
+        small_map, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans,
+                                  small_map_grad=True)
         row = {"bench": "train_step", "arch": arch, "size": args.size, "batch": args.batch,
                "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
                "nchw_img_s": round(nchw, 1), "channels_last_img_s": round(nhwc, 1),
                "channels_last_bf16_img_s": round(nhwc_bf16, 1),
-               "channels_last_shift_grad_img_s": round(shifted, 1),
+               "channels_last_small_map_grad_img_s": round(small_map, 1),
                "channels_last_ratio": round(nhwc / nchw, 3), "bf16_ratio": round(nhwc_bf16 / nhwc, 3),
-               "shift_grad_ratio": round(shifted / nhwc, 3)}
+               "small_map_grad_ratio": round(small_map / nhwc, 3)}
         if args.compile:
             compiled, warmup_s = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans,
                                             compile=True)

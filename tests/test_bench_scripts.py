@@ -37,6 +37,13 @@ def test_train_step_measures_each_layout_and_precision():
     assert len(rates) >= 3 and all(rate > 0 for rate in rates), row
 
 
+def test_conv_grad_compares_onednn_with_the_small_map_gradients():
+    rows = bench("bench_conv_grad.py", "--quick", "--repeats", "1")
+    assert [(row["depthwise"], row["trainer_takes_it"]) for row in rows] == [(False, True), (True, True)]
+    assert all(row["onednn_ms"] > 0 and row["replacement_ms"] > 0 and row["relative_difference"] < 1e-5
+               for row in rows), rows
+
+
 def test_augment_compares_each_policy_with_torchvision():
     rows = bench("bench_augment.py", "--policies", "s1", "s4", "rotate", "--seconds", "0.06")
     policy_rows = [row for row in rows if row["bench"] == "augment"]

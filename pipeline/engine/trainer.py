@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.config.sections import TrainConfig
-from pipeline.engine.depthwise import shift_grad_depthwise
+from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.engine.ema import WeightEma
 from pipeline.core.atomic import WriteFailed
 from pipeline.core.faults import kill_point
@@ -147,8 +147,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     images, wait, t0 = 0, 0.0, time.perf_counter()
     last: dict[str, float] = {}
     tick = time.perf_counter()
-    # CPU, eager: depthwise weight gradients on tiny maps by shifts (oneDNN's take ~50x the forward pass there)
-    speedup = shift_grad_depthwise(raw_model) if accelerator.device.type == "cpu" and not compiled else nullcontext()
+    # CPU, eager: weight gradients on small maps by shifts / per-tap GEMMs (oneDNN's take 10-50x the forward pass there)
+    speedup = small_map_weight_grads(raw_model) if accelerator.device.type == "cpu" and not compiled else nullcontext()
     with speedup:
         for batch in batches(start):
             wait += time.perf_counter() - tick
