@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
 from pipeline.engine.small_map_conv import takes_small_map_grad, weight_grad_by_shifts, weight_grad_by_taps
+from students.latency import latency_ms
 
 # (in channels, out channels, input side, kernel, stride, groups): the shapes of resnet18 at 32 and
 # 64 px (its last stages), a wide one at 224 px, and MobileNetV3-small's depthwise convs at 64 px
@@ -28,16 +25,6 @@ SHAPES = [
     (128, 128, 4, 3, 1, 1), (64, 64, 8, 3, 1, 1), (512, 512, 2, 3, 1, 1), (256, 256, 4, 3, 1, 1),
     (512, 512, 7, 3, 1, 1), (576, 576, 2, 5, 1, 576), (240, 240, 4, 5, 1, 240), (96, 96, 8, 5, 1, 96),
 ]
-
-
-def median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def measure(shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, object]:
@@ -53,8 +40,8 @@ def measure(shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, objec
         return torch.ops.aten.convolution_backward(grad, x, weight, None, conv.stride, conv.padding, (1, 1),
                                                    False, (0, 0), groups, (False, True, False))[1]
 
-    onednn_ms = median_ms(onednn, repeats)
-    replacement_ms = median_ms(lambda: replacement(x, grad, *args), repeats)
+    onednn_ms = latency_ms(onednn, repeats, warmup=1)
+    replacement_ms = latency_ms(lambda: replacement(x, grad, *args), repeats, warmup=1)
     reference = onednn()
     difference = (replacement(x, grad, *args) - reference).abs().max() / reference.abs().max()
     return {"bench": "conv_grad", "in": in_ch, "out": out_ch, "side": side, "kernel": kernel, "stride": stride,
