@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pipeline.config.sections import TrainConfig
-from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.engine.ema import WeightEma
+from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.core.atomic import WriteFailed
 from pipeline.core.faults import kill_point
 from pipeline.core.progress import ProgressWriter, progress_path
