@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from pipeline.core.allocator import keep_freed_memory
 from pipeline.engine.small_map_conv import small_map_weight_grads
 from teachers.models import create_model
 
@@ -30,14 +31,16 @@ def cpu_has_native_bf16() -> bool:
 
 
 def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool, in_chans: int,
-               bf16: bool = False, compile: bool = False, small_map_grad: bool = False) -> tuple[float, float]:
+               bf16: bool = False, compile: bool = False, small_map_grad: bool = False,
+               optimizer: str = "sgd") -> tuple[float, float]:
     """(images/s after two warm-up steps, seconds the warm-up steps took); `small_map_grad`: weight
     gradients on small maps as the trainer takes them on CPU (pipeline/engine/small_map_conv.py)."""
     torch.manual_seed(0)
     model = create_model(arch, 10, in_chans)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.001) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     forward = torch.compile(model) if compile else model
     x = torch.randn(batch, in_chans, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also channels_last fp32 under torch.compile")
     args = parser.parse_args()
+    keep_freed_memory()  # as `selftrain` does (bench_allocator.py measures it)
     for arch in args.arch:
         nchw, _ = train_rate(arch, args.size, args.batch, args.steps, False, args.in_chans)
         nhwc, _ = train_rate(arch, args.size, args.batch, args.steps, True, args.in_chans)

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.core.allocator import keep_freed_memory
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The errors a user's input can cause: printed as one line, exit code 2.
@@ -224,6 +226,7 @@ def _cmd_preview(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # glibc: no page faults on every training step (pipeline/core/allocator.py)
     handlers = {"data": _cmd_data, "run": _cmd_run, "status": _cmd_status, "summarize": _cmd_summarize,
                 "augment": _cmd_preview, "predict": _cmd_predict, "compare": _cmd_compare}
     try:

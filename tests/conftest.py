@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.allocator import keep_freed_memory
 from pipeline.data.sources.synthetic import synthetic_images, write_fashion_like  # noqa: F401 (re-exported)
 
 # under pytest-xdist (`make test` runs two workers on two cores) each worker gets one thread
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+keep_freed_memory()  # as `selftrain` does; tests/test_allocator.py checks it in fresh processes
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,18 @@ def test_train_step_measures_each_layout_and_precision():
     assert len(rates) >= 3 and all(rate > 0 for rate in rates), row
 
 
+def test_allocator_compares_glibc_defaults_with_kept_memory_in_alternating_processes():
+    rows = bench("bench_allocator.py", "--model", "test_resnet:16:8:adamw", "--steps", "1", "--repeats", "2")
+    assert len(rows) == 1 and rows[0]["optimizer"] == "adamw" and len(rows[0]["pair_ratios"]) == 2
+    assert rows[0]["glibc_default_img_s"] > 0 and rows[0]["keep_freed_img_s"] > 0 and rows[0]["keep_freed_ratio"] > 0
+
+
+def test_allocator_names_a_malformed_model_spec():
+    result = subprocess.run([sys.executable, str(BENCH / "bench_allocator.py"), "--model", "resnet18:32"],
+                            capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert result.returncode != 0 and "--model 'resnet18:32'" in result.stderr
+
+
 def test_conv_grad_compares_onednn_with_the_small_map_gradients():
     rows = bench("bench_conv_grad.py", "--quick", "--repeats", "1")
     assert [(row["depthwise"], row["trainer_takes_it"]) for row in rows] == [(False, True), (True, True)]
