@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 from pipeline.config.sections import Config, load_config
+from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.atomic import read_json, write_text
 from pipeline.engine.runtime import process_state
 from pipeline.stages.graph import build_graph
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for both runs (the labels-only run's budget still wins)")
     args = parser.parse_args()
+    keep_freed_memory()  # as `selftrain` does
     chain_dir, labels_only_dir = args.out / f"seed{args.seed}", args.out / f"seed{args.seed}-labels-only"
     chain = load_config(args.config, chain_overrides(args.seed, args.rounds, args.passes, args.student)
                         + args.overrides)
@@ -127,6 +129,7 @@ def main() -> None:
         metrics = read_json(done / "metrics.json")
         row = {"run": str(done), "part": args.part, "steps": metrics["steps"], "top1": percent(metrics["top1"])}
     print(json.dumps(row))
+
 
 if __name__ == "__main__":
     main()
