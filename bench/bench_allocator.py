@@ -43,10 +43,12 @@ def child(model: str, steps: int) -> None:
 
 
 def parse_model(spec: str) -> tuple[str, int, int, str]:
-    arch, size, batch, optimizer = (spec.split(":") + ["sgd"])[:4] if spec.count(":") in (2, 3) else [""] * 4
-    if not (size.isdigit() and batch.isdigit() and optimizer in ("sgd", "adamw")):
+    parts = spec.split(":")
+    if len(parts) == 3:
+        parts.append("sgd")
+    if len(parts) != 4 or not (parts[1].isdigit() and parts[2].isdigit() and parts[3] in ("sgd", "adamw")):
         raise SystemExit(f"--model {spec!r}: expected ARCH:SIZE:BATCH[:sgd|adamw], e.g. resnet18:32:384:sgd")
-    return arch, int(size), int(batch), optimizer
+    return parts[0], int(parts[1]), int(parts[2]), parts[3]
 
 
 def main() -> None:

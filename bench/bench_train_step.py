@@ -34,7 +34,8 @@ def train_rate(arch: str, size: int, batch: int, steps: int, channels_last: bool
                bf16: bool = False, compile: bool = False, small_map_grad: bool = False,
                optimizer: str = "sgd") -> tuple[float, float]:
     """(images/s after two warm-up steps, seconds the warm-up steps took); `small_map_grad`: weight
-    gradients on small maps as the trainer takes them on CPU (pipeline/engine/small_map_conv.py)."""
+    gradients on small maps as the trainer takes them on CPU (pipeline/engine/small_map_conv.py);
+    `optimizer`: "sgd" (momentum 0.9) or "adamw", the two the trainer builds."""
     torch.manual_seed(0)
     model = create_model(arch, 10, in_chans)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
