@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from pipeline.core.allocator import OPT_OUT_ENV
+from pipeline.core.allocator import OPT_OUT_ENV, on_glibc
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="the thresholds are glibc's")
+glibc_only = pytest.mark.skipif(not on_glibc(), reason="the thresholds are glibc's")
 
 # Eight 16 MiB buffers written and freed together, like one step's activations; the page faults
 # of five steps after two warm-up steps. 5 x 8 x 16 MiB are 40,960 pages of 4 KiB.

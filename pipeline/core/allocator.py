@@ -28,12 +28,17 @@ MAX_MMAP_THRESHOLD = 32 * 2**20
 NEVER_TRIM = 2**31 - 1  # mallopt takes an int: 2 GiB of free heap top is kept before any trim
 
 
+def on_glibc() -> bool:
+    """Linux with glibc: the only C library whose thresholds this module sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds for this process (inherited by forked loader workers).
 
     Returns True when they were set; False off glibc (macOS, musl), when OPT_OUT_ENV is "0", or
     when mallopt refuses. Safe to call more than once."""
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(OPT_OUT_ENV, "1") == "0" or not on_glibc():
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     mmap_set = libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
