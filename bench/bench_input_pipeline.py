@@ -58,6 +58,7 @@ import torch
 from augment import build_policy
 from neighbour_load import NeighbourLoad
 from pipeline.config.sections import TrainConfig
+from pipeline.core.allocator import keep_freed_memory
 from pipeline.data.imageset import channel_stats, load_labeled_split, open_data
 from pipeline.data.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
 from pipeline.stages.teacher import supervised_loss
@@ -202,6 +203,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     add_device_args(parser)
     args = parser.parse_args()
+    keep_freed_memory()  # as `selftrain` does (bench_allocator.py measures it)
     args.warmup = max(1, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)

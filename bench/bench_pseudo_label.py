@@ -49,6 +49,7 @@ from augment import build_eval_transform
 from neighbour_load import NeighbourLoad
 from device import add_device_args, autocast, describe, device_of, sync
 from pipeline.config.sections import PseudoLabelConfig
+from pipeline.core.allocator import keep_freed_memory
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import to_model_input
 from pipeline.stages.pseudo_label import Labeler, LabelingJob, label_shards
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     add_device_args(parser)
     args = parser.parse_args()
+    keep_freed_memory()  # as `selftrain` does (bench_allocator.py measures it)
     if args.threads:
         torch.set_num_threads(args.threads)
     channels_last = not args.no_channels_last
