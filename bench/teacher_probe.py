@@ -6,8 +6,9 @@ input size by the distill stage's own `TeacherView` (does the shared view cost t
 
 Decide on the holdout split (import with `--holdout-per-class`); the test split is printed beside
 it, not for choosing. Without a holdout only test is shown. Prints one JSON line per model or
-combination: `holdout_top1` / `test_top1` in %, and with `--flip` also `..._flip_avg_top1`.
-The README's "ensemble of rounds" and "flip-averaged teacher" probes are this script:
+combination: `holdout_top1` / `test_top1` in %, with `--flip` also `..._flip_avg_top1`, with
+`--view-from 64` also `..._from_64px_top1`. The README's "ensemble of rounds", "flip-averaged teacher"
+and "shared view" probes are this script:
   python bench/teacher_probe.py runs/hold-ens teacher student_r1 student_r2 student_r3 --ensemble
   python bench/teacher_probe.py runs/holdout-choice teacher student_r1 --flip
   python bench/teacher_probe.py runs/goal32/seed0 student_r3 --view-from 64
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--view-from", type=int, metavar="SIZE",
                         help="also the top-1 on the eval view at SIZE px resized as online distillation does")
     args = parser.parse_args()
+    if args.view_from is not None and args.view_from < 1:
+        parser.error(f"--view-from: a size in pixels >= 1, got {args.view_from}")
     missing = [s for s in args.stages if not (args.run_dir / s / "checkpoint").is_dir()]
     if missing:
         raise SystemExit(f"no checkpoint for {', '.join(missing)} under {args.run_dir} "

@@ -128,6 +128,9 @@ def test_teacher_probe_scores_the_view_distillation_feeds_the_teacher(tiny_teach
     assert same[f"test_from_{own}px_top1"] == same["test_top1"] > 0
     larger = bench("teacher_probe.py", str(copy), "teacher", "--view-from", str(2 * own))[0]
     assert 0 < larger[f"test_from_{2 * own}px_top1"] <= 100
+    refused = subprocess.run([sys.executable, str(BENCH / "teacher_probe.py"), str(copy), "teacher", "--view-from", "0"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--view-from" in refused.stderr
 
 
 def test_teacher_probe_names_a_stage_without_a_checkpoint(tiny_teacher_run):
