@@ -61,14 +61,23 @@ def test_wall_time_counts_an_invocation_killed_midway(tmp_path):
 
     path = tmp_path / "stage" / "wall_time.json"
     code = textwrap.dedent(f"""
-        import os, signal, time
+        import json, os, signal, sys, time
         from pathlib import Path
         from pipeline.core.wallclock import StageClock
-        with StageClock(Path({str(path)!r}), heartbeat_s=0.05):
+        path = Path({str(path)!r})
+        with StageClock(path, heartbeat_s=0.05):
             time.sleep(0.5)
+            # killed once a heartbeat has written 0.4 s: on a loaded machine the heartbeat thread may run late,
+            # and what is tested is that a kill keeps what the heartbeats wrote, not when the thread runs
+            deadline = time.monotonic() + 20
+            while json.loads(path.read_text())["seconds"] < 0.4:
+                if time.monotonic() > deadline:
+                    sys.exit("no heartbeat wrote 0.4 s within 20 s")
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGKILL)
     """)
-    subprocess.run([sys.executable, "-c", code])
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
     killed = json.loads(path.read_text())
     assert killed["running"] and killed["invocations"] == 1 and killed["seconds"] >= 0.4
     from pipeline.core.wallclock import StageClock
