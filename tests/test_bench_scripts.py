@@ -118,11 +118,9 @@ def test_teacher_probe_scores_flip_averages_and_ensembles(tiny_teacher_run, tmp_
     assert 0 < models["teacher"]["test_flip_avg_top1"] <= 100
 
 
-def test_teacher_probe_scores_the_view_distillation_feeds_the_teacher(tiny_teacher_run, tmp_path):
+def test_teacher_probe_scores_the_view_distillation_feeds_the_teacher(tiny_teacher_run):
     """At the teacher's own size the distillation view is its eval view (no resize): the same top-1."""
-    _, run = tiny_teacher_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("lock"))
+    _, copy = tiny_teacher_run  # read only: no copy needed
     own = json.loads((copy / "teacher" / "checkpoint" / "meta.json").read_text())["input_size"]
     same = bench("teacher_probe.py", str(copy), "teacher", "--view-from", str(own))[0]
     assert same[f"test_from_{own}px_top1"] == same["test_top1"] > 0
