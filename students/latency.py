@@ -58,16 +58,29 @@ def onnx_latency(
     )
 
 
-def interleaved_onnx_latency(
+def interleaved_onnx_samples(
     sessions: dict[str, ort.InferenceSession], input_shape: tuple[int, int, int], batch: int = 64,
     repeats: int = 30, rounds: int = 3,
-) -> dict[str, dict[str, float]]:
-    """:func:`onnx_latency` of each session, taken in `rounds` interleaved rounds (a, b, ..., a, b, ...)
-    and reduced by the median, so that load from other processes hits every model alike."""
+) -> dict[str, list[dict[str, float]]]:
+    """:func:`onnx_latency` of each session in each of `rounds` interleaved rounds (a, b, ..., a, b, ...),
+    so that load from other processes hits every model alike; one result per round and session."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in sessions}
     for _ in range(max(1, rounds)):
         for name, session in sessions.items():
             samples[name].append(onnx_latency(session, input_shape, batch, repeats))
+    return samples
+
+
+def interleaved_onnx_latency(
+    sessions: dict[str, ort.InferenceSession], input_shape: tuple[int, int, int], batch: int = 64,
+    repeats: int = 30, rounds: int = 3,
+) -> dict[str, dict[str, float]]:
+    """:func:`interleaved_onnx_samples` reduced by the median over the rounds."""
+    return median_over_rounds(interleaved_onnx_samples(sessions, input_shape, batch, repeats, rounds), batch)
+
+
+def median_over_rounds(samples: dict[str, list[dict[str, float]]], batch: int = 64) -> dict[str, dict[str, float]]:
+    """Per session, the median batch-1 latency and batch-`batch` throughput over its rounds."""
     key = f"batch{batch}_img_s"
     return {name: {"batch1_ms": float(statistics.median(x["batch1_ms"] for x in runs)),
                    key: float(statistics.median(x[key] for x in runs))}

@@ -23,11 +23,14 @@ def test_pairs_each_int8_model_with_its_fp32_model_and_prints_speedups(tmp_path)
     export_onnx(model, tmp_path / "student.onnx", (1, 8, 8))
     shutil.copy(tmp_path / "student.onnx", tmp_path / "student.int8.onnx")  # the pairing, not int8, is tested
     export_onnx(model, tmp_path / "teacher.onnx", (1, 8, 8))  # no int8 file: not measured
-    result = run(str(tmp_path), "--rounds", "1", "--repeats", "2", "--threads", "1")
+    result = run(str(tmp_path), "--rounds", "2", "--repeats", "2", "--threads", "1", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [r["model"] for r in rows] == ["student"]
-    assert rows[0]["batch1_speedup"] > 0 and rows[0]["batch64_speedup"] > 0 and rows[0]["fp32_batch64_img_s"] > 0
+    assert [(r["model"], r["threads"]) for r in rows] == [("student", 1), ("student", 2)]  # one line per thread count
+    for r in rows:
+        assert r["batch1_speedup"] > 0 and r["batch64_speedup"] > 0 and r["fp32_batch64_img_s"] > 0
+        assert len(r["fp32_batch64_img_s_by_round"]) == len(r["int8_batch64_img_s_by_round"]) == 2
+        assert min(r["fp32_batch64_img_s_by_round"]) <= r["fp32_batch64_img_s"] <= max(r["fp32_batch64_img_s_by_round"])
 
 
 def test_a_directory_without_pairs_is_named_in_the_error(tmp_path):

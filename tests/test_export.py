@@ -300,12 +300,13 @@ def test_int8_speed_against_fp32_names_where_int8_is_slower() -> None:
                        "batch64_speedup": round(2335 / 3047, 3), "slower_at": [64]},
                       {"model": "teacher", "batch1_speedup": round(0.61 / 0.57, 3),
                        "batch64_speedup": round(3565 / 2332, 3), "slower_at": []}]  # a rejected model has none
-    notes = int8_speed_notes(ratios)
+    notes = int8_speed_notes(ratios, threads=2)
     assert "- student: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.10x, batch 64 0.77x; " \
            "**int8 measured slower at batch 64**: re-measure with more rounds, " \
-           "`python bench/bench_int8_speed.py RUN/export --rounds 5`" in notes
+           "`python bench/bench_int8_speed.py RUN/export --rounds 5 --threads 1 2`" in notes
+    assert "--rounds 5 --threads 1`" in int8_speed_notes(ratios, threads=1)
     assert notes.endswith("- teacher: int8 / fp32 speed in onnxruntime on this CPU: batch 1 1.07x, batch 64 1.53x")
-    assert int8_speed_notes([]) == ""  # no kept int8 model: nothing under the table
+    assert int8_speed_notes([], threads=2) == ""  # no kept int8 model: nothing under the table
 
 
 def test_pareto_plot(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
                "latency_budget_ms": cfg.latency_budget_ms,
                "best_under_budget": {k: best[k] for k in ("model", "precision", "top1", "batch1_ms")} if best else None,
                "pareto": [{k: r[k] for k in ("model", "precision", "top1", "batch1_ms")} for r in front]}
-    table = deployment_table(rows) + int8_speed_notes(int8_speed)
+    table = deployment_table(rows) + int8_speed_notes(int8_speed, threads)
     write_text(out / "deployment.md", table + "\n")
     run_dir.write_metrics(this.name, metrics)
     run_dir.mark_done(this.name)
@@ -178,8 +178,11 @@ def _speed(latency: dict) -> dict:
     return {"batch1_ms": latency["batch1_ms"], "batch64_img_s": latency["batch64_img_s"]}
 
 
-def int8_speed_notes(ratios: list[dict]) -> str:
-    """Lines under the table: int8 over fp32 in onnxruntime per model, the slower cases named."""
+def int8_speed_notes(ratios: list[dict], threads: int) -> str:
+    """Lines under the table: int8 over fp32 in onnxruntime per model, the slower cases named with the
+    command that re-measures them, on one thread too (a busy second vCPU can halve a multi-threaded
+    int8 model's throughput for a while: README "Deployment table")."""
+    thread_counts = "1" if threads <= 1 else f"1 {threads}"
     lines = []
     for r in ratios:
         line = (f"- {r['model']}: int8 / fp32 speed in onnxruntime on this CPU: batch 1 {r['batch1_speedup']:.2f}x, "
@@ -187,7 +190,8 @@ def int8_speed_notes(ratios: list[dict]) -> str:
         if r["slower_at"]:
             sizes = " and ".join(str(b) for b in r["slower_at"])
             line += (f"; **int8 measured slower at batch {sizes}**: re-measure with more rounds, "
-                     "`python bench/bench_int8_speed.py RUN/export --rounds 5`, before serving int8 there")
+                     f"`python bench/bench_int8_speed.py RUN/export --rounds 5 --threads {thread_counts}`, "
+                     "before serving int8 there")
         lines.append(line)
     return "\n\n" + "\n".join(lines) if lines else ""
 
