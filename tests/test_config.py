@@ -106,6 +106,18 @@ def test_lists_and_mappings_of_sections_are_checked_item_by_item():
         from_dict(Grid, {"seeds": 3})
 
 
+def test_offline_distillation_refuses_an_ensemble_teacher_and_preflight_names_a_bad_member(tmp_path):
+    # offline logits are the sidecars of one teacher: there is nothing to average them with
+    with pytest.raises(ConfigError, match=r"distill: ensemble needs mode: online"):
+        load_config(None, ["distill.mode=offline", f"distill.ensemble=[{tmp_path}]"])
+    from pipeline.stages.preflight import check_models
+    from teachers.models import ModelError
+    config = load_config(None, [f"distill.ensemble=[{tmp_path}]"])
+    assert config.distill.ensemble == (str(tmp_path),)
+    with pytest.raises(ModelError, match=rf"distill.ensemble\[0\]: {tmp_path} is not a checkpoint directory"):
+        check_models(config)
+
+
 def test_offline_distillation_refuses_mixup_naming_both_keys():
     # offline logits belong to the clean image: a mixed view would be taught another image's target
     with pytest.raises(ConfigError, match=r"distill: mixup 0.5 needs mode: online"):

@@ -88,6 +88,26 @@ def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessin
     torch.testing.assert_close(teacher_model.seen[0], (resized - 0.1) / 0.2)  # same view, teacher's size/stats
 
 
+def test_an_ensemble_teaches_the_mean_of_its_members_softened_outputs_each_at_its_own_size():
+    from pipeline.stages.distill import EnsembleTeacher, TeacherView, mean_softened
+
+    logits = torch.randn(3, 5, 4) * 3
+    for temperature in (1.0, 2.0):
+        taught = mean_softened(logits, temperature)
+        torch.testing.assert_close((taught / temperature).softmax(-1), (logits / temperature).softmax(-1).mean(0))
+    one = mean_softened(logits[:1], 2.0)  # one member: its own distribution, logits shifted per row
+    torch.testing.assert_close((one / 2.0).softmax(-1), (logits[0] / 2.0).softmax(-1))
+    small, large = Recorder(4), Recorder(4)
+    members = [TeacherView(model, CheckpointMeta("x", 4, 1, size, (0.5,), (0.25,), tuple("abcd"), "h"),
+                           torch.device("cpu"), channels_last=False) for model, size in ((small, 8), (large, 16))]
+    view = torch.rand(2, 1, 16, 16)
+    out = EnsembleTeacher(members, 2.0)(view)
+    resized = torch.nn.functional.interpolate(view, size=(8, 8), mode="bilinear", antialias=True)
+    torch.testing.assert_close(small.seen[0], (resized - 0.5) / 0.25)  # each member at its own size
+    torch.testing.assert_close(large.seen[0], (view - 0.5) / 0.25)
+    torch.testing.assert_close(out, mean_softened(torch.stack([members[0](view), members[1](view)]), 2.0))
+
+
 def test_unlabeled_rows_contribute_no_cross_entropy():
     config = load_config(None, ["distill.alpha=1.0", "distill.beta=0.0"])
     ctx = SimpleNamespace(config=config)
@@ -116,6 +136,16 @@ def test_distill_online_and_offline_end_to_end(tiny_teacher_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((off / STAGE / "metrics.json").read_text())["mode"] == "offline"
     assert (off / "pseudo_label_r1" / "DONE").exists()  # offline reuses the teacher's own sidecars
+    # an ensemble teacher: the resnet teacher and the student just distilled (another arch and input size)
+    _, ens = copy_run(tiny_teacher_run, tmp_path, "ensemble")
+    member = run / STAGE / "checkpoint"
+    result = cli(config, ens, "--set", f"distill.ensemble=[{member}]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with 1 more ensemble member(s)" in result.stdout
+    metrics = json.loads((ens / STAGE / "metrics.json").read_text())
+    assert metrics["ensemble"] == [str(member)] and len(metrics["ensemble_member_top1"]) == 2
+    assert 0 <= metrics["teacher_top1"] <= 1 and 0 <= metrics["teacher_agreement"] <= 1
+    assert len(json.loads((ens / STAGE / "stage.json").read_text())["inputs"]["ensemble_sha256"]) == 1
 
 
 def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp_path):

@@ -242,6 +242,9 @@ class DistillConfig:
     # at 64 px: EfficientNet/MobileNet downsample 32x, so 32 px leaves a 1x1 map (README); empty: no stages
     students: tuple[ModelConfig, ...] = ()
     teacher: str | None = None  # null: the last self-training round; or a checkpoint directory
+    # more checkpoint directories taught together with the teacher: the KD target is the mean of their
+    # softened outputs, each model on the shared view at its own size (online only; README "ensemble teacher")
+    ensemble: tuple[str, ...] = ()
     mode: Literal["online", "offline"] = "online"  # offline: logits from pseudo-label sidecars (clean view)
     temperature: float = field(default=1.0, metadata=bounds(gt=0))
     alpha: float = field(default=0.1, metadata=bounds(ge=0))
@@ -259,6 +262,8 @@ class DistillConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if self.mode == "offline" and self.ensemble:
+            raise ValueError("ensemble needs mode: online: offline teacher logits are the sidecars of one teacher")
         if self.mode == "offline" and self.mixup > 0:
             raise ValueError(f"mixup {self.mixup} needs mode: online: offline teacher logits are of the clean, "
                              "unmixed image, so a mixed view would be taught another image's target")

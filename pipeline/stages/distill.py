@@ -56,8 +56,8 @@ def student_stage_config(config: Config, student: ModelConfig) -> StageConfig:
 
 
 def kd_settings(config: Config) -> dict:
-    found = {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "prune", "export",
-                                                                         "train")}
+    found = {k: v for k, v in to_dict(config.distill).items() if k not in ("students", "teacher", "ensemble", "prune",
+                                                                         "export", "train")}
     # options at their off value leave the fingerprint of runs made before they existed as it was
     if not config.distill.mutual.weight:
         found.pop("mutual")
@@ -73,8 +73,16 @@ def peer_config(config: Config, student: ModelConfig) -> ModelConfig:
     return config.distill.mutual.peer or student
 
 
+def teacher_inputs(ctx: StageContext, stage: Stage) -> dict:
+    """The teacher's checkpoint hash (and its ensemble members', when there are any) and the KD settings."""
+    found = {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": kd_settings(ctx.config)}
+    if ctx.config.distill.ensemble:  # absent when off: fingerprints of runs made before it stay as they were
+        found["ensemble_sha256"] = [checkpoint_hash(Path(member)) for member in ctx.config.distill.ensemble]
+    return found
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
-    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": kd_settings(ctx.config),
+    return {**teacher_inputs(ctx, stage),
             **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data())}
 
 
@@ -98,6 +106,26 @@ class TeacherView:
         x = ((x - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return self.model(x).float()
+
+
+def mean_softened(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits whose softmax at `temperature` is the mean of the members' softmaxes at it: `logits` is
+    (members, N, C); returns T * log(mean_i softmax(z_i / T)), so the KD loss, its argmax (`hard`) and
+    the agreement figures read an ensemble like one teacher."""
+    log_mean = torch.logsumexp(F.log_softmax(logits.float() / temperature, dim=-1), dim=0) - math.log(len(logits))
+    return temperature * log_mean
+
+
+class EnsembleTeacher:
+    """Several teachers on the same view, each at its own size and normalisation (:class:`TeacherView`),
+    taught as one: the mean of their softened outputs (:func:`mean_softened`)."""
+
+    def __init__(self, members: list[TeacherView], temperature: float):
+        self.members, self.temperature = members, temperature
+
+    @torch.no_grad()
+    def __call__(self, view01: torch.Tensor) -> torch.Tensor:
+        return mean_softened(torch.stack([member(view01) for member in self.members]), self.temperature)
 
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:
@@ -154,7 +182,7 @@ def stored_logits(offline: torch.Tensor, num_labeled: int, batch: Batch, source:
     return target
 
 
-def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView, labels: torch.Tensor,
+def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView | EnsembleTeacher, labels: torch.Tensor,
                offline: torch.Tensor | None, num_labeled: int, mutual_weight: float = 0.0):
     """One forward of the student on the shared view, the teacher on the same view (or stored logits).
     `mutual_weight` > 0: the model is a `MutualPair` and both students learn (students/mutual.py)."""
@@ -250,8 +278,10 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
     cfg = ctx.config.distill
     teacher_dir = ctx.teacher_dir(this)
     unlabeled, shards, num_unlabeled, problems = unlabeled_pool(ctx, this, setup)
-    teacher_model, teacher_meta = load_model(teacher_dir, ctx.data().num_classes)
-    teacher = TeacherView(teacher_model, teacher_meta, setup.accelerator.device, setup.channels_last)
+    loaded = [load_model(directory, ctx.data().num_classes) for directory in [teacher_dir, *map(Path, cfg.ensemble)]]
+    views = [TeacherView(model, meta, setup.accelerator.device, setup.channels_last) for model, meta in loaded]
+    teacher_meta = loaded[0][1]
+    teacher = views[0] if len(views) == 1 else EnsembleTeacher(views, cfg.temperature)
     offline = None
     if cfg.mode == "offline":
         labeled_logits = setup.checkpoint_logits(teacher_dir, setup.labeled, "labeled")
@@ -269,12 +299,20 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
                    math.ceil(num_unlabeled / cfg.train.batch_size))
 
 
-def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray) -> dict:
-    """The teacher's own test top-1 and how often the student agrees with it."""
-    teacher_logits = setup.checkpoint_test_logits(kd.teacher_dir)
-    return {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
-            "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
-            "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
+def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, ensemble: tuple[str, ...] = (),
+                       temperature: float = 1.0) -> dict:
+    """The teacher's own test top-1 and how often the student agrees with it; with an ensemble, of the
+    ensemble as taught (and each member's top-1)."""
+    members = [setup.checkpoint_test_logits(directory) for directory in [kd.teacher_dir, *map(Path, ensemble)]]
+    teacher_logits = members[0] if len(members) == 1 else \
+        mean_softened(torch.from_numpy(np.stack(members)), temperature).numpy()
+    found = {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
+             "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
+             "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
+    if ensemble:
+        found["ensemble"] = list(ensemble)
+        found["ensemble_member_top1"] = [float((m.argmax(1) == setup.test.labels).mean()) for m in members]
+    return found
 
 
 def build_peer(ctx: StageContext, this: Stage, setup: TrainingSetup) -> torch.nn.Module:
@@ -310,13 +348,14 @@ def finish_peer(ctx: StageContext, this: Stage, setup: TrainingSetup, peer: torc
 def run(ctx: StageContext, this: Stage) -> dict:
     config, run_dir, data, name = ctx.config, ctx.run, ctx.data(), this.name
     cfg, spec = config.distill, this.spec
-    extra = {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(this)), "kd": kd_settings(config)}
+    extra = teacher_inputs(ctx, this)
     setup = setup_training(config, run_dir, data, student_stage_config(config, spec), name, extra)
     kd = prepare_kd(ctx, this, setup, cfg.mutual.weight)
     peer = build_peer(ctx, this, setup) if cfg.mutual.weight > 0 else None
     total_steps = cfg.train.total_steps(kd.steps_per_epoch)
     setup.accelerator.print(
-        f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir}), "
+        f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir})"
+        f"{f' with {len(cfg.ensemble)} more ensemble member(s)' if cfg.ensemble else ''}, "
         f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
         f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
         f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step ({cfg.pool} pool of "
@@ -328,10 +367,10 @@ def run(ctx: StageContext, this: Stage) -> dict:
                    state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress,
                    extra_state=stream_state)
     logits = setup.test_logits()
-    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits),
+    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits, cfg.ensemble, cfg.temperature),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": {**kd.problems, **kd.streamed_problems()},
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:
         metrics["mutual"] = finish_peer(ctx, this, setup, peer, logits)
-    lineage = {"teacher": str(kd.teacher_dir), "teacher_sha256": extra["teacher_sha256"], "kd": extra["kd"]}
+    lineage = {"teacher": str(kd.teacher_dir), **extra, **({"ensemble": list(cfg.ensemble)} if cfg.ensemble else {})}
     return finish(setup, result, lineage, metrics, logits=logits)

@@ -59,6 +59,9 @@ def check_models(config: Config) -> None:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():
         raise ModelError(f"distill.teacher: {config.distill.teacher} is not a checkpoint directory (no {META})")
+    for i, member in enumerate(config.distill.ensemble):
+        if not (Path(member) / META).exists():
+            raise ModelError(f"distill.ensemble[{i}]: {member} is not a checkpoint directory (no {META})")
 
 
 def check_data(config: Config, run: RunDir) -> None:

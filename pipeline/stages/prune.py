@@ -18,7 +18,7 @@ from pipeline.config.schema import to_dict
 from pipeline.engine.trainer import TrainResult, train
 from pipeline.engine.training import finish, setup_training, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.distill import kd_settings, prepare_kd, student_stage_config, teacher_comparison
+from pipeline.stages.distill import prepare_kd, student_stage_config, teacher_comparison, teacher_inputs
 from students.latency import torch_latency
 from students.prune import prune_to_macs, save_pruned
 from teachers.checkpoint import checkpoint_hash
@@ -35,8 +35,7 @@ def _stage_config(ctx: StageContext, this: Stage):
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {"source_sha256": checkpoint_hash(ctx.run.checkpoint_dir(stage.source)),
-            "teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "kd": kd_settings(ctx.config),
-            "prune": to_dict(ctx.config.distill.prune),
+            **teacher_inputs(ctx, stage), "prune": to_dict(ctx.config.distill.prune),
             **training_fingerprint_inputs(_stage_config(ctx, stage), ctx.config.seed, ctx.data())}
 
 
@@ -69,7 +68,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
     logits = setup.test_logits()
-    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits),
+    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill.ensemble, config.distill.temperature),
                "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
                "params_before": report.params_before, "params_after": report.params_after,
                "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,
