@@ -8,8 +8,8 @@ this script re-measures with more rounds (on the AVX2-only machine the same Shuf
 batch-64 throughput, `--repeats` runs each) and prints one JSON line per model with the medians and
 the int8 speed-ups, and each round's batch-64 throughputs (`*_batch64_img_s_by_round`), which show a spell of
 load passing. Several `--threads` give one line per model and thread count: on the 2-vCPU AMD EPYC with AVX-512
-(README "Deployment table") ShuffleNet's int8 model ran as fast on one thread as on two at batch 64, and
-during spells when the second vCPU was busy elsewhere its two-thread throughput halved while one thread kept
+(README "Deployment table") ShuffleNet's int8 model ran as fast on one thread as on two at batch 64, and in
+spells of host slowness, which the VM cannot see, its two-thread throughput halved while one thread mostly kept
 its speed. Usage: python bench/bench_int8_speed.py RUN/export [--rounds 5] [--repeats 30] [--threads 1 2]
 """
 

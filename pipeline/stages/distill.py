@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import to_dict
-from pipeline.config.sections import Config, ModelConfig, StageConfig, fingerprint
+from pipeline.config.sections import Config, DistillConfig, ModelConfig, StageConfig, fingerprint
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
@@ -299,13 +299,13 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
                    math.ceil(num_unlabeled / cfg.train.batch_size))
 
 
-def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, ensemble: tuple[str, ...] = (),
-                       temperature: float = 1.0) -> dict:
-    """The teacher's own test top-1 and how often the student agrees with it; with an ensemble, of the
-    ensemble as taught (and each member's top-1)."""
+def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, cfg: DistillConfig) -> dict:
+    """The teacher's own test top-1 and how often the student agrees with it; with `cfg.ensemble`, of
+    the ensemble as taught (and each member's top-1)."""
+    ensemble = cfg.ensemble
     members = [setup.checkpoint_test_logits(directory) for directory in [kd.teacher_dir, *map(Path, ensemble)]]
     teacher_logits = members[0] if len(members) == 1 else \
-        mean_softened(torch.from_numpy(np.stack(members)), temperature).numpy()
+        mean_softened(torch.from_numpy(np.stack(members)), cfg.temperature).numpy()
     found = {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
              "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
              "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
@@ -367,7 +367,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
                    state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress,
                    extra_state=stream_state)
     logits = setup.test_logits()
-    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size, **teacher_comparison(setup, kd, logits, cfg.ensemble, cfg.temperature),
+    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size,
+               **teacher_comparison(setup, kd, logits, cfg),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": {**kd.problems, **kd.streamed_problems()},
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:

@@ -68,7 +68,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
     logits = setup.test_logits()
-    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill.ensemble, config.distill.temperature),
+    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill),
                "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
                "params_before": report.params_before, "params_after": report.params_after,
                "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,
