@@ -46,7 +46,7 @@ def interleaved(fp32: Path, int8: Path, rounds: int, repeats: int, threads: int)
            for precision, figures in medians.items() for key, value in figures.items()}
     row.update(batch1_speedup=ratios["batch1_speedup"], batch64_speedup=ratios["batch64_speedup"])
     for precision, runs in samples.items():
-        row[f"{precision}_batch64_img_s_by_round"] = [round(run["batch64_img_s"]) for run in runs]
+        row[f"{precision}_batch64_img_s_by_round"] = [round(run["batch64_img_s"], 1) for run in runs]
     return row
 
 

@@ -264,7 +264,8 @@ def distillation_loss(
     ``labels`` None means no row is labeled; a label of ``IGNORE_LABEL`` (-1) marks one
     unlabeled row. CE (at T = 1, with ``label_smoothing``) is the mean over labeled rows only,
     0 when there are none; KD is the mean over all rows. ``hard``: the KD term is CE on the
-    teacher's argmax instead (T plays no part). Returns {"loss", "loss_ce", "loss_kd"}.
+    teacher's argmax instead (T plays no part here; an ensemble teacher's argmax is that of its members'
+    mean softmax at T, pipeline/stages/distill.py). Returns {"loss", "loss_ce", "loss_kd"}.
     """
     for name, value in (("alpha", alpha), ("beta", beta)):
         if not math.isfinite(value) or value < 0:

@@ -110,12 +110,22 @@ def test_offline_distillation_refuses_an_ensemble_teacher_and_preflight_names_a_
     # offline logits are the sidecars of one teacher: there is nothing to average them with
     with pytest.raises(ConfigError, match=r"distill: ensemble needs mode: online"):
         load_config(None, ["distill.mode=offline", f"distill.ensemble=[{tmp_path}]"])
-    from pipeline.stages.preflight import check_models
+    for bad in ('[""]', f"[{tmp_path}, {tmp_path}]"):  # an empty name; a member counted twice
+        with pytest.raises(ConfigError, match=r"distill: ensemble .*each member a checkpoint directory, named once"):
+            load_config(None, [f"distill.ensemble={bad}"])
+    from pipeline.core.rundir import RunDir
+    from pipeline.stages.preflight import check_ensemble
     from teachers.models import ModelError
     config = load_config(None, [f"distill.ensemble=[{tmp_path}]"])
     assert config.distill.ensemble == (str(tmp_path),)
     with pytest.raises(ModelError, match=rf"distill.ensemble\[0\]: {tmp_path} is not a checkpoint directory"):
-        check_models(config)
+        check_ensemble(config, RunDir(tmp_path / "run"))
+    inside = tmp_path / "run" / "distill_x" / "checkpoint"  # a stage of this run: --from could replace it
+    inside.mkdir(parents=True)
+    (inside / "meta.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"distill.ensemble\[0\]: .* is inside this run directory"):
+        check_ensemble(load_config(None, [f"distill.ensemble=[{inside}]"]), RunDir(tmp_path / "run"))
+    check_ensemble(load_config(None, [f"distill.ensemble=[{inside}]"]), RunDir(tmp_path / "other-run"))
 
 
 def test_offline_distillation_refuses_mixup_naming_both_keys():

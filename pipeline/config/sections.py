@@ -262,6 +262,8 @@ class DistillConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
+        if any(not member for member in self.ensemble) or len(set(self.ensemble)) < len(self.ensemble):
+            raise ValueError(f"ensemble {list(self.ensemble)}: each member a checkpoint directory, named once")
         if self.mode == "offline" and self.ensemble:
             raise ValueError("ensemble needs mode: online: offline teacher logits are the sidecars of one teacher")
         if self.mode == "offline" and self.mixup > 0:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config.schema import to_dict
-from pipeline.config.sections import Config, DistillConfig, ModelConfig, StageConfig, fingerprint
+from pipeline.config.sections import Config, ModelConfig, StageConfig, fingerprint
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
@@ -120,7 +120,7 @@ class EnsembleTeacher:
     """Several teachers on the same view, each at its own size and normalisation (:class:`TeacherView`),
     taught as one: the mean of their softened outputs (:func:`mean_softened`)."""
 
-    def __init__(self, members: list[TeacherView], temperature: float):
+    def __init__(self, members: list[TeacherView], temperature: float) -> None:
         self.members, self.temperature = members, temperature
 
     @torch.no_grad()
@@ -222,6 +222,7 @@ class KDSetup:
     loss_fn: object
     teacher_dir: Path
     teacher_meta: CheckpointMeta
+    ensemble_dirs: list[Path]  # the teacher's fellow ensemble members (empty: the teacher alone)
     num_unlabeled: int
     problems: dict
     steps_per_epoch: int
@@ -278,7 +279,8 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
     cfg = ctx.config.distill
     teacher_dir = ctx.teacher_dir(this)
     unlabeled, shards, num_unlabeled, problems = unlabeled_pool(ctx, this, setup)
-    loaded = [load_model(directory, ctx.data().num_classes) for directory in [teacher_dir, *map(Path, cfg.ensemble)]]
+    ensemble_dirs = [Path(member) for member in cfg.ensemble]
+    loaded = [load_model(directory, ctx.data().num_classes) for directory in [teacher_dir, *ensemble_dirs]]
     views = [TeacherView(model, meta, setup.accelerator.device, setup.channels_last) for model, meta in loaded]
     teacher_meta = loaded[0][1]
     teacher = views[0] if len(views) == 1 else EnsembleTeacher(views, cfg.temperature)
@@ -295,23 +297,27 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
         dataset = AugmentedSources([setup.labeled.images, unlabeled.images], setup.policy)
     loss_fn = kd_loss_fn(ctx, setup, teacher, torch.from_numpy(setup.labeled.labels), offline, len(setup.labeled),
                          mutual_weight)
-    return KDSetup(sources, dataset, shards, loss_fn, teacher_dir, teacher_meta, num_unlabeled, problems,
-                   math.ceil(num_unlabeled / cfg.train.batch_size))
+    return KDSetup(sources, dataset, shards, loss_fn, teacher_dir, teacher_meta, ensemble_dirs, num_unlabeled,
+                   problems, math.ceil(num_unlabeled / cfg.train.batch_size))
 
 
-def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, cfg: DistillConfig) -> dict:
-    """The teacher's own test top-1 and how often the student agrees with it; with `cfg.ensemble`, of
-    the ensemble as taught (and each member's top-1)."""
-    ensemble = cfg.ensemble
-    members = [setup.checkpoint_test_logits(directory) for directory in [kd.teacher_dir, *map(Path, ensemble)]]
-    teacher_logits = members[0] if len(members) == 1 else \
-        mean_softened(torch.from_numpy(np.stack(members)), cfg.temperature).numpy()
+def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, temperature: float) -> dict:
+    """The teacher's own test top-1 and how often the student agrees with it; with an ensemble, the same
+    for the ensemble as taught (`ensemble_top1`, `ensemble_agreement`) and each other member's top-1."""
+    def top1(found: np.ndarray) -> float:
+        return float((found.argmax(1) == setup.test.labels).mean())
+
+    def agreement(found: np.ndarray) -> float:
+        return float((logits.argmax(1) == found.argmax(1)).mean())
+
+    teacher_logits = setup.checkpoint_test_logits(kd.teacher_dir)
     found = {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
-             "teacher_top1": float((teacher_logits.argmax(1) == setup.test.labels).mean()),
-             "teacher_agreement": float((logits.argmax(1) == teacher_logits.argmax(1)).mean())}
-    if ensemble:
-        found["ensemble"] = list(ensemble)
-        found["ensemble_member_top1"] = [float((m.argmax(1) == setup.test.labels).mean()) for m in members]
+             "teacher_top1": top1(teacher_logits), "teacher_agreement": agreement(teacher_logits)}
+    if kd.ensemble_dirs:
+        members = [setup.checkpoint_test_logits(directory) for directory in kd.ensemble_dirs]
+        taught = mean_softened(torch.from_numpy(np.stack([teacher_logits, *members])), temperature).numpy()
+        found.update(ensemble=[str(d) for d in kd.ensemble_dirs], ensemble_member_top1=[top1(m) for m in members],
+                     ensemble_top1=top1(taught), ensemble_agreement=agreement(taught))
     return found
 
 
@@ -368,7 +374,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
                    extra_state=stream_state)
     logits = setup.test_logits()
     metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size,
-               **teacher_comparison(setup, kd, logits, cfg),
+               **teacher_comparison(setup, kd, logits, cfg.temperature),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": {**kd.problems, **kd.streamed_problems()},
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:

@@ -59,9 +59,6 @@ def check_models(config: Config) -> None:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():
         raise ModelError(f"distill.teacher: {config.distill.teacher} is not a checkpoint directory (no {META})")
-    for i, member in enumerate(config.distill.ensemble):
-        if not (Path(member) / META).exists():
-            raise ModelError(f"distill.ensemble[{i}]: {member} is not a checkpoint directory (no {META})")
 
 
 def check_data(config: Config, run: RunDir) -> None:
@@ -85,7 +82,19 @@ def check_data(config: Config, run: RunDir) -> None:
                           "(ENOSPC ahead); free some space or use another --run-dir")
 
 
+def check_ensemble(config: Config, run: RunDir) -> None:
+    """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
+    stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
+    for i, member in enumerate(config.distill.ensemble):
+        if not (Path(member) / META).exists():
+            raise ModelError(f"distill.ensemble[{i}]: {member} is not a checkpoint directory (no {META})")
+        if Path(member).resolve().is_relative_to(run.root.resolve()):
+            raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
+                             "checkpoint out of it first (a rerun of its stage would replace it)")
+
+
 def preflight(config: Config, graph: StageGraph, run: RunDir) -> None:
     check_models(config)
+    check_ensemble(config, run)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run)

@@ -68,11 +68,12 @@ def run(ctx: StageContext, this: Stage) -> dict:
     after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
     logits = setup.test_logits()
-    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill),
+    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill.temperature),
                "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
                "params_before": report.params_before, "params_after": report.params_after,
                "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,
                "batch1_speedup": before["batch1_ms"] / after["batch1_ms"],
                "fine_tune_steps_total": sum(r.steps for r in results)}
-    lineage = {"source": str(run_dir.checkpoint_dir(this.source)), "teacher": str(kd.teacher_dir)}
+    lineage = {"source": str(run_dir.checkpoint_dir(this.source)), "teacher": str(kd.teacher_dir),
+               **({"ensemble": [str(d) for d in kd.ensemble_dirs]} if kd.ensemble_dirs else {})}
     return finish(setup, result, lineage, metrics, logits=logits, save=save_pruned)
