@@ -33,7 +33,7 @@ from pipeline.config.sections import load_config  # noqa: E402
 from pipeline.data.imageset import ImageSet, load_labeled_split, open_data  # noqa: E402
 from pipeline.data.loader import eval_batches, to_model_input  # noqa: E402
 from pipeline.engine.predict import load_model  # noqa: E402
-from pipeline.stages.distill import TeacherView  # noqa: E402
+from students.kd_teacher import TeacherView  # noqa: E402
 from pipeline.stages.runner import make_run_dir  # noqa: E402
 
 

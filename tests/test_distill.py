@@ -70,7 +70,7 @@ def fake_setup(mean=0.5, std=0.25):
 
 
 def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessing():
-    from pipeline.stages.distill import TeacherView
+    from students.kd_teacher import TeacherView
 
     config = load_config(None, ["distill.alpha=0.5", "distill.beta=0.5"])
     teacher_model = Recorder()
@@ -89,7 +89,7 @@ def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessin
 
 
 def test_an_ensemble_teaches_the_mean_of_its_members_softened_outputs_each_at_its_own_size():
-    from pipeline.stages.distill import EnsembleTeacher, TeacherView, mean_softened
+    from students.kd_teacher import EnsembleTeacher, TeacherView, mean_softened
 
     logits = torch.randn(3, 5, 4) * 3
     for temperature in (1.0, 2.0):
