@@ -187,6 +187,11 @@ class KDSetup:
     steps_per_epoch: int
     streams: list[PoolStream] = field(default_factory=list)  # the streams made so far (their skip counts)
 
+    def teacher_lineage(self) -> dict:
+        """Where the teaching came from, for a checkpoint's lineage: the teacher and any ensemble members."""
+        return {"teacher": str(self.teacher_dir),
+                **({"ensemble": [str(d) for d in self.ensemble_dirs]} if self.ensemble_dirs else {})}
+
     def streamed_problems(self) -> dict:
         """Samples the streams of this process skipped (no image member, or offline no logits)."""
         return {"skipped_while_streaming": sum(s.skipped for s in self.streams)} if self.stream_shards else {}
@@ -270,13 +275,13 @@ def teacher_comparison(setup: TrainingSetup, kd: KDSetup, logits: np.ndarray, te
         return float((logits.argmax(1) == found.argmax(1)).mean())
 
     teacher_logits = setup.checkpoint_test_logits(kd.teacher_dir)
-    found = {"teacher": str(kd.teacher_dir), "teacher_arch": kd.teacher_meta.arch,
+    found = {**kd.teacher_lineage(), "teacher_arch": kd.teacher_meta.arch,
              "teacher_top1": top1(teacher_logits), "teacher_agreement": agreement(teacher_logits)}
     if kd.ensemble_dirs:
         members = [setup.checkpoint_test_logits(directory) for directory in kd.ensemble_dirs]
         taught = mean_softened(torch.from_numpy(np.stack([teacher_logits, *members])), temperature).numpy()
-        found.update(ensemble=[str(d) for d in kd.ensemble_dirs], ensemble_member_top1=[top1(m) for m in members],
-                     ensemble_top1=top1(taught), ensemble_agreement=agreement(taught))
+        found.update(ensemble_member_top1=[top1(m) for m in members], ensemble_top1=top1(taught),
+                     ensemble_agreement=agreement(taught))
     return found
 
 
@@ -338,5 +343,5 @@ def run(ctx: StageContext, this: Stage) -> dict:
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}
     if peer is not None:
         metrics["mutual"] = finish_peer(ctx, this, setup, peer, logits)
-    lineage = {"teacher": str(kd.teacher_dir), **extra, **({"ensemble": list(cfg.ensemble)} if cfg.ensemble else {})}
+    lineage = {**kd.teacher_lineage(), **extra}
     return finish(setup, result, lineage, metrics, logits=logits)

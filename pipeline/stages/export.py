@@ -180,7 +180,7 @@ def _speed(latency: dict) -> dict:
 
 def int8_speed_notes(ratios: list[dict], threads: int) -> str:
     """Lines under the table: int8 over fp32 in onnxruntime per model, the slower cases named with the
-    command that re-measures them, on one thread too (a busy second vCPU can halve a multi-threaded
+    command that re-measures them, on one thread too (spells of host slowness can halve a multi-threaded
     int8 model's throughput for a while: README "Deployment table")."""
     thread_counts = "1" if threads <= 1 else f"1 {threads}"
     lines = []

@@ -57,8 +57,13 @@ def check_models(config: Config) -> None:
         _check_model(student, f"distill.students[{i}]")
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
-    if config.distill.teacher and not (Path(config.distill.teacher) / META).exists():
-        raise ModelError(f"distill.teacher: {config.distill.teacher} is not a checkpoint directory (no {META})")
+    if config.distill.teacher:
+        _check_checkpoint_dir(config.distill.teacher, "distill.teacher")
+
+
+def _check_checkpoint_dir(path: str, where: str) -> None:
+    if not (Path(path) / META).exists():
+        raise ModelError(f"{where}: {path} is not a checkpoint directory (no {META})")
 
 
 def check_data(config: Config, run: RunDir) -> None:
@@ -86,8 +91,7 @@ def check_ensemble(config: Config, run: RunDir) -> None:
     """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
     stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
     for i, member in enumerate(config.distill.ensemble):
-        if not (Path(member) / META).exists():
-            raise ModelError(f"distill.ensemble[{i}]: {member} is not a checkpoint directory (no {META})")
+        _check_checkpoint_dir(member, f"distill.ensemble[{i}]")
         if Path(member).resolve().is_relative_to(run.root.resolve()):
             raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
                              "checkpoint out of it first (a rerun of its stage would replace it)")

@@ -74,6 +74,5 @@ def run(ctx: StageContext, this: Stage) -> dict:
                "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,
                "batch1_speedup": before["batch1_ms"] / after["batch1_ms"],
                "fine_tune_steps_total": sum(r.steps for r in results)}
-    lineage = {"source": str(run_dir.checkpoint_dir(this.source)), "teacher": str(kd.teacher_dir),
-               **({"ensemble": [str(d) for d in kd.ensemble_dirs]} if kd.ensemble_dirs else {})}
+    lineage = {"source": str(run_dir.checkpoint_dir(this.source)), **kd.teacher_lineage()}
     return finish(setup, result, lineage, metrics, logits=logits, save=save_pruned)
