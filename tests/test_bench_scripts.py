@@ -141,15 +141,15 @@ def test_teacher_probe_names_a_stage_without_a_checkpoint(tiny_teacher_run):
 def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
     """bench/gpu_checks.sh needs a CUDA GPU, so no test runs it; its bench commands' flags at least exist."""
     script = (BENCH / "gpu_checks.sh").read_text().replace("\\\n", " ")
-    commands = [line.split() for line in script.splitlines() if line.startswith("$PY bench/")]
+    commands = [line.split('"$PY" ', 1)[1].split() for line in script.splitlines() if '"$PY" bench/' in line]
     assert len(commands) == 3
     known_flags: dict[str, set[str]] = {}
     for words in commands:
-        if words[1] not in known_flags:
-            shown = subprocess.run([sys.executable, words[1], "--help"], capture_output=True, text=True, timeout=120,
+        if words[0] not in known_flags:
+            shown = subprocess.run([sys.executable, words[0], "--help"], capture_output=True, text=True, timeout=120,
                                    cwd=BENCH.parent)
             assert shown.returncode == 0, shown.stderr[-2000:]
-            known_flags[words[1]] = set(re.findall(r"--[a-z][a-z0-9-]*", shown.stdout))
-        known = known_flags[words[1]]
+            known_flags[words[0]] = set(re.findall(r"--[a-z][a-z0-9-]*", shown.stdout))
+        known = known_flags[words[0]]
         unknown = [word for word in words if word.startswith("--") and word not in known]
-        assert not unknown, f"{words[1]} does not take {unknown}"
+        assert not unknown, f"{words[0]} does not take {unknown}"
