@@ -150,6 +150,31 @@ def test_distill_online_and_offline_end_to_end(tiny_teacher_run, tmp_path):
     assert len(json.loads((ens / STAGE / "stage.json").read_text())["inputs"]["ensemble_sha256"]) == 1
 
 
+def test_a_given_teacher_or_member_with_the_data_classes_in_another_order_is_refused_before_any_stage(
+        tiny_teacher_run, tmp_path):
+    """Its logits are read by class index: a checkpoint of the same class count in another order would
+    teach wrong labels. Preflight names the key and the class; nothing of the run is touched."""
+    config, run = copy_run(tiny_teacher_run, tmp_path, "classes")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(run / "teacher" / "checkpoint", swapped)
+    meta = json.loads((swapped / "meta.json").read_text())
+    names = meta["class_names"]
+    meta["class_names"] = [names[1], names[0], *names[2:]]
+    (swapped / "meta.json").write_text(json.dumps(meta))
+    before = sorted(p.name for p in run.iterdir())
+    for key, value in [("distill.ensemble", f"[{swapped}]"), ("distill.teacher", str(swapped))]:
+        result = cli(config, run, "--set", f"{key}={value}")
+        assert result.returncode == 2, result.stderr[-3000:]
+        where = key + ("[0]" if key == "distill.ensemble" else "")
+        assert (f"{where} ({swapped}): class 0 is {names[1]!r} in the checkpoint but {names[0]!r} in the data"
+                in result.stderr), result.stderr[-3000:]
+        assert sorted(p.name for p in run.iterdir()) == before  # no stage started
+    # the same checkpoint with the data's order is taken (the check compares names, not files)
+    from pipeline.core.rundir import RunDir
+    from pipeline.stages.preflight import check_teacher_classes
+    check_teacher_classes(load_config(str(config), [f"distill.teacher={run / 'teacher' / 'checkpoint'}"]), RunDir(run))
+
+
 def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp_path):
     config, straight = copy_run(tiny_teacher_run, tmp_path, "straight")
     _, killed = copy_run(tiny_teacher_run, tmp_path, "killed")

@@ -261,6 +261,11 @@ class DistillConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
+    def given_checkpoints(self) -> list[tuple[str, str]]:
+        """(config key, directory) of each teacher checkpoint named here, not made by this run."""
+        named = [("distill.teacher", self.teacher)] if self.teacher else []
+        return named + [(f"distill.ensemble[{i}]", member) for i, member in enumerate(self.ensemble)]
+
     def __post_init__(self) -> None:
         if any(not member for member in self.ensemble) or len(set(self.ensemble)) < len(self.ensemble):
             raise ValueError(f"ensemble {list(self.ensemble)}: each member a checkpoint directory, named once")
