@@ -4,6 +4,7 @@
 #   2. issue 15's figures, on the full import (its teacher: step 1's, same architecture): pseudo-label efficiency
 #      (end to end / bare forward, bf16, 2/4/8 loader workers), training images/s with the real S1/S4 loader vs
 #      pre-made batches and the share of step time waiting for data, and the same with torch.compile (inductor);
+#      the trainer's overhead against a hand-written loop;
 #   3. with FULL=1, before the compiled bench, the demo config (make demo's run) on the GPU, its report with per-stage
 #      wall times.
 # Each step runs under its own time limit and a failed step does not stop the next; once BUDGET_S seconds have
@@ -78,6 +79,8 @@ step pseudo_label 60 "$PY" bench/bench_pseudo_label.py --device "$DEVICE" --prec
     --teacher "$RUN-quick/teacher/checkpoint" --shards 8 --batch 1000 --workers 2 4 8
 step input_pipeline 100 "$PY" bench/bench_input_pipeline.py --device "$DEVICE" --precision "$PRECISION" \
     --data "$RUN/data" --policy s1 s4 --batch 256 --workers 2 4 8 --steps 30 --warmup 10 --reps 2
+step trainer_overhead 60 "$PY" bench/bench_trainer_overhead.py --device "$DEVICE" --precision "$PRECISION" \
+    --data "$RUN/data" --batch 256 --steps 100 --reps 3
 if [ "${FULL:-0}" = 1 ]; then
   step pipeline_full 3600 "${SELFTRAIN[@]}" run configs/fashion_mnist.yaml --run-dir "$RUN" "${SETS[@]}"
   report "$RUN" full

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -84,6 +85,16 @@ def test_input_pipeline_compares_the_real_loader_with_premade_batches(tiny_data)
         assert 0 <= row["data_wait_fraction"] <= 1
 
 
+def test_trainer_overhead_compares_the_trainer_with_hand_written_loops(tiny_data):
+    rows = bench("bench_trainer_overhead.py", "--data", str(tiny_data), "--arch", "test_resnet", "--size", "16",
+                 "--batch", "8", "--steps", "3", "--warmup", "1", "--reps", "1", "--save-every", "2", "--premade", "2")
+    assert len(rows) == 1
+    row = rows[0]
+    assert all(row[f"{side}_img_s"] > 0 for side in ("trainer", "hand", "hand_same_kernels"))
+    assert row["ratio_vs_hand"] > 0 and row["ratio_vs_same_kernels"] > 0 and row["ratio_vs_hand_with_setup"] > 0
+    assert row["state_saves_per_round"] == 1 and row["device"] == "cpu"
+
+
 def test_pseudo_label_compares_end_to_end_with_the_bare_forward(tiny_data, tiny_teacher_run):
     _, run = tiny_teacher_run
     rows = bench("bench_pseudo_label.py", "--data", str(tiny_data), "--teacher", str(run / "teacher" / "checkpoint"),
@@ -142,7 +153,7 @@ def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
     """bench/gpu_checks.sh needs a CUDA GPU, so no test runs it; its bench commands' flags at least exist."""
     script = (BENCH / "gpu_checks.sh").read_text().replace("\\\n", " ")
     commands = [line.split('"$PY" ', 1)[1].split() for line in script.splitlines() if '"$PY" bench/' in line]
-    assert len(commands) == 3
+    assert len(commands) == 4
     known_flags: dict[str, set[str]] = {}
     for words in commands:
         if words[0] not in known_flags:

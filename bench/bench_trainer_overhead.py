@@ -1,0 +1,215 @@
+"""Training images/s through the pipeline's trainer / through a minimal hand-written loop (DESIGN.md §8
+"trainer overhead"), same model, batches and torch threads, in one process.
+
+Three sides train the teacher model as the teacher stage builds it (timm model from
+`teachers.models.create_model`, channels_last; `teacher.supervised_loss` with label smoothing, which
+calls `loader.to_model_input`) on the same `--premade` uint8 batches (the S1 loader's own output,
+built once and cycled, so no side waits for data):
+
+* trainer:   `pipeline.engine.trainer.train` as every training stage calls it, with the accelerator
+             `pipeline.engine.runtime.make_accelerator` makes: `accelerator.prepare`, the optimizer of
+             `build_optimizer`, the warm-up cosine schedule, the progress bar and progress file, the
+             loss history, the kill points, and the training state saved every `--save-every` steps
+             (configs/fashion_mnist.yaml's 100) into a fresh state directory; on CPU it takes the small-map weight
+             gradients (`pipeline.engine.small_map_conv`);
+* hand:      `for batch in batches: loss = loss_fn(model, batch); loss.backward(); opt.step();
+             opt.zero_grad()` with `torch.optim.SGD` (the same lr, momentum and weight decay), what a user
+             would write: no schedule, no saves, plain convolutions;
+* hand_same_kernels: the hand loop inside `small_map_weight_grads(model)`, the kernels the trainer
+             takes on CPU, so `ratio_vs_same_kernels` is the cost of the trainer's bookkeeping alone.
+
+Each side runs `--warmup` + `--steps` steps from a fresh start per round, in rotated order (ABC, BCA,
+CAB, ...), so drift on a shared machine hits every side. Rates count the timed steps only (the trainer's
+own clock starts before its first step, so its first `--warmup` steps are timed by a separate call);
+`*_with_setup` also counts each side's set-up (the trainer's `prepare`, optimizer and state directory).
+Ratios are medians over rounds of (trainer rate / other side's rate of the same round).
+
+Prints one JSON line, e.g.
+  {"bench": "trainer_overhead", "trainer_img_s": ..., "hand_img_s": ..., "ratio_vs_hand": ...,
+   "ratio_vs_same_kernels": ..., ...}
+
+Usage:
+  python bench/bench_trainer_overhead.py                          # resnet18 32 px, batch 128, 3 rounds of 120 steps
+  python bench/bench_trainer_overhead.py --arch mobilenetv3_small_100 --size 64 --batch 256
+  python bench/bench_trainer_overhead.py --steps 3 --warmup 1 --reps 1 --save-every 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+from statistics import median
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from augment import build_policy
+from bench_input_pipeline import cycle
+from device import add_device_args, autocast, describe, device_of, sync
+from neighbour_load import NeighbourLoad
+from pipeline.config.sections import RuntimeConfig, TrainConfig
+from pipeline.core.allocator import keep_freed_memory
+from pipeline.data.imageset import channel_stats, load_labeled_split, open_data
+from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, collate_uint8
+from pipeline.engine.runtime import make_accelerator
+from pipeline.engine.small_map_conv import small_map_weight_grads
+from pipeline.engine.trainer import train
+from pipeline.stages.teacher import supervised_loss
+from teachers.models import create_model
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
+SIDES = ("trainer", "hand", "hand_same_kernels")
+
+
+def premade_batches(images: list[np.ndarray], size: int, batch: int, count: int, seed: int) -> list[Batch]:
+    dataset = AugmentedSources([images], build_policy("s1", size))
+    sampler = StepBatchSampler([Source(np.arange(len(dataset)), min(batch, len(dataset)))], count, seed)
+    return [collate_uint8([dataset[item] for item in items]) for items in sampler]
+
+
+class Sides:
+    """One model per side (same initial weights), the shared batches and loss, each side timed from a fresh start."""
+
+    def __init__(self, args: argparse.Namespace, batches: list[Batch], loss_fn: Callable, num_classes: int,
+                 in_chans: int, work: Path) -> None:
+        self.args, self.batches, self.loss_fn, self.work = args, batches, loss_fn, work
+        self.device = device_of(args)
+        torch.manual_seed(args.seed)
+        first = create_model(args.arch, num_classes, in_chans)
+        self.models = {}
+        for side in SIDES:
+            model = create_model(args.arch, num_classes, in_chans)
+            model.load_state_dict(first.state_dict())
+            self.models[side] = model.to(self.device, memory_format=torch.channels_last).train()
+        self.cfg = TrainConfig(policy="s1", batch_size=args.batch, save_every_steps=args.save_every,
+                               warmup_epochs=0)  # the teacher config's optimizer settings
+        self.runtime = replace(RuntimeConfig(), mixed_precision=args.precision)
+        self.rounds = 0
+
+    def run(self, side: str) -> tuple[float, float]:
+        """(timed seconds of `--steps` steps, seconds of the whole call including set-up and warm-up)."""
+        started = time.perf_counter()
+        if side == "trainer":
+            timed = self._trainer()
+        else:
+            timed = self._hand(side == "hand_same_kernels")
+        return timed, time.perf_counter() - started
+
+    def _trainer(self) -> float:
+        """Two calls of `train` on the model, as two short runs: the warm-up steps, then the timed ones (the
+        trainer's own clock, which starts after its set-up); each call with its own accelerator and state
+        directory, as a stage has."""
+        self.rounds += 1
+        state = self.work / f"state-{self.rounds}"
+        seconds = []
+        for name, steps, offset in (("warmup", self.args.warmup, 0), ("timed", self.args.steps, self.args.warmup)):
+            accelerator = make_accelerator(self.runtime, self.work / "logs", name, {})
+            result = train(accelerator, self.models["trainer"], self.cfg, steps, steps, self._from(offset, steps),
+                           self.loss_fn, state_dir=state / name, name=f"bench-{name}", progress=name == "timed")
+            seconds.append(result.seconds)
+        shutil.rmtree(state, ignore_errors=True)
+        return seconds[-1]
+
+    def _from(self, offset: int, count: int) -> Callable[[int], Iterator[Batch]]:
+        """`train`'s batch source: the `count` batches after the first `offset` (a sampler ends at total_steps)."""
+        def batches(start: int) -> Iterator[Batch]:
+            return islice(cycle(self.batches), offset + start, offset + count)
+        return batches
+
+    def _hand(self, same_kernels: bool) -> float:
+        model = self.models["hand_same_kernels" if same_kernels else "hand"]
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                    nesterov=self.cfg.momentum > 0, weight_decay=self.cfg.weight_decay)
+        stream = cycle(self.batches)
+        kernels = small_map_weight_grads(model) if same_kernels and self.device.type == "cpu" else nullcontext()
+        with kernels:
+            t0 = 0.0
+            for step in range(self.args.warmup + self.args.steps):
+                if step == self.args.warmup:
+                    sync(self.device)
+                    t0 = time.perf_counter()
+                with autocast(self.device, self.args.precision):
+                    loss = self.loss_fn(model, next(stream))["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sync(self.device)
+        return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace, sides: Sides) -> dict:
+    timed: dict[str, list[float]] = {side: [] for side in SIDES}
+    whole: dict[str, list[float]] = {side: [] for side in SIDES}
+    neighbours = []
+    for rep in range(args.reps):
+        load = NeighbourLoad()
+        for side in SIDES[rep % 3:] + SIDES[:rep % 3]:  # ABC, BCA, CAB, ...
+            seconds, total = sides.run(side)
+            timed[side].append(seconds)
+            whole[side].append(total)
+        neighbours.append(round(load.cores(), 2))
+    images = args.steps * args.batch
+    setup_images = (args.warmup + args.steps) * args.batch
+
+    def ratio(other: str, table: dict[str, list[float]]) -> float:
+        return round(median(o / t for t, o in zip(table["trainer"], table[other])), 3)
+
+    return {
+        "bench": "trainer_overhead",
+        **{f"{side}_img_s": round(images * args.reps / sum(timed[side]), 1) for side in SIDES},
+        "ratio_vs_hand": ratio("hand", timed), "ratio_vs_same_kernels": ratio("hand_same_kernels", timed),
+        "ratio_vs_hand_with_setup": ratio("hand", whole),
+        "ratio_vs_same_kernels_with_setup": ratio("hand_same_kernels", whole),
+        **{f"{side}_img_s_per_round": [round(images / s, 1) for s in timed[side]] for side in SIDES},
+        "trainer_img_s_with_setup": round(setup_images * args.reps / sum(whole["trainer"]), 1),
+        "state_saves_per_round": (args.steps - 1) // args.save_every,
+        "neighbour_cpu_cores_per_round": neighbours,
+        "arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "rounds": args.reps, "save_every": args.save_every, "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(), "device": describe(sides.device), "precision": args.precision,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="imported data dir (read only)")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=120, help="timed steps per side and round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
+    parser.add_argument("--reps", type=int, default=3, help="rounds (each side once per round, order rotated)")
+    parser.add_argument("--save-every", type=int, default=100,
+                        help="the trainer saves its state every N steps (configs/fashion_mnist.yaml's 100)")
+    parser.add_argument("--premade", type=int, default=8, help="distinct pre-made batches")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    add_device_args(parser)
+    args = parser.parse_args()
+    keep_freed_memory()  # as `selftrain` does
+    args.warmup = max(1, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = open_data(args.data)
+    labeled = load_labeled_split(data, "labeled")
+    mean, std = (torch.tensor(v) for v in channel_stats(labeled.images))
+    device = device_of(args)
+    loss_fn = supervised_loss(torch.from_numpy(labeled.labels), mean.to(device), std.to(device), device, True,
+                              TrainConfig(policy="s1").label_smoothing)
+    batches = premade_batches(labeled.images, args.size, args.batch, args.premade, args.seed)
+    with tempfile.TemporaryDirectory(prefix="trainer-overhead-") as work:
+        sides = Sides(args, batches, loss_fn, data.num_classes, data.in_chans, Path(work))
+        print(json.dumps(measure(args, sides)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
