@@ -1,7 +1,7 @@
 """Weight-gradient time of single convolutions on CPU: oneDNN's (torch's convolution_backward) against
 the small-map replacements the trainer uses (pipeline/engine/small_map_conv.py: per-tap GEMMs for
 dense convolutions, shifted sums for depthwise ones), and whether the trainer takes the replacement
-for that shape.
+for that shape on this CPU (its limits follow the vector instructions torch reports, `cpu_capability`).
 
 Prints one JSON line per shape: milliseconds of each (median of --repeats after a warm-up call), their
 ratio, and the largest difference relative to the gradient's largest value.
@@ -49,6 +49,7 @@ def measure(shape: tuple[int, ...], batch: int, repeats: int) -> dict[str, objec
             "depthwise": groups > 1, "batch": batch, "threads": torch.get_num_threads(),
             "onednn_ms": round(onednn_ms, 2), "replacement_ms": round(replacement_ms, 2),
             "ratio": round(onednn_ms / replacement_ms, 2), "trainer_takes_it": takes_small_map_grad(conv, x),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "relative_difference": float(f"{difference:.1e}")}
 
 

@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine.small_map_conv import SmallMapGradConv2d, small_map_weight_grads, takes_small_map_grad
+from pipeline.engine import small_map_conv
+from pipeline.engine.small_map_conv import (AVX2_LIMITS, AVX512_LIMITS, SmallMapGradConv2d, cpu_limits,
+                                            small_map_weight_grads, takes_small_map_grad)
 from teachers.models import create_model
+
+
+@pytest.fixture(autouse=True)
+def widest_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every replacement path is tested on any CPU: the AVX2 limits take the most shapes."""
+    monkeypatch.setattr(small_map_conv, "cpu_limits", lambda: AVX2_LIMITS)
 
 
 def _weight_grad(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -71,8 +79,8 @@ def test_dense_gradients_equal_autograd_s(size: tuple[int, int], kernel: int, st
 
 
 def test_only_the_measured_shapes_take_the_replacement() -> None:
-    def takes(conv: nn.Conv2d, side: int) -> bool:
-        return takes_small_map_grad(conv, torch.empty(1, conv.in_channels, side, side))
+    def takes(conv: nn.Conv2d, side: int, limits=AVX2_LIMITS) -> bool:
+        return takes_small_map_grad(conv, torch.empty(1, conv.in_channels, side, side), limits)
 
     depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
     assert takes(depthwise, 4) and not takes(depthwise, 5)
@@ -80,6 +88,17 @@ def test_only_the_measured_shapes_take_the_replacement() -> None:
     assert takes(narrow, 2) and not takes(narrow, 4) and not takes(narrow, 8)
     assert takes(wide, 14) and not takes(wide, 15)
     assert takes(nn.Conv2d(64, 64, 3, 2, 1), 4)  # 2 x 2 outputs
+    # AVX-512: oneDNN's depthwise gradient is fast, and its dense one loses only up to 2 x 2 outputs
+    assert not takes(depthwise, 1, AVX512_LIMITS) and not takes(depthwise, 4, AVX512_LIMITS)
+    assert takes(wide, 2, AVX512_LIMITS) and takes(nn.Conv2d(512, 512, 3, padding=1), 1, AVX512_LIMITS)
+    assert not takes(wide, 4, AVX512_LIMITS) and takes(nn.Conv2d(128, 256, 3, 2, 1), 4, AVX512_LIMITS)
+
+
+@pytest.mark.parametrize(("capability", "limits"), [("AVX512", AVX512_LIMITS), ("AVX2", AVX2_LIMITS),
+                                                    ("DEFAULT", AVX2_LIMITS)])
+def test_the_limits_follow_the_vector_instructions_torch_runs(monkeypatch, capability, limits) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert cpu_limits.__wrapped__() == limits
 
 
 def test_bf16_autocast_on_cpu_keeps_autograd_s_path() -> None:

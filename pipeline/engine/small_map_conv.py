@@ -9,23 +9,43 @@ pathologically slow on maps a few pixels across, where the forward pass is cheap
   384-image batch against 7 ms forward; one GEMM per kernel tap over the positions it reaches takes
   2.4 ms. On wider channels the taps win on larger maps too (512 channels 7x7 1.8x, 256 channels
   14x14 1.4x); on 64-128 channels oneDNN wins from 4x4 outputs up.
-`python bench/bench_conv_grad.py` prints these per shape. Only the shapes where the replacement won
-take it; the forward pass and the input gradient stay oneDNN's.
+Where torch runs AVX-512 kernels (measured on a 2-thread AVX-512 EPYC, batch 256) oneDNN's depthwise
+weight gradient is fast (5.7 ms on 2x2 and 4x4 maps; the shifts take 10-20 ms) and its dense one loses
+to the taps only up to 2x2 outputs (512 on 1x1 18x, 256 on 2x2 1.9x; 256 on 4x4 0.83x, 512 on 7x7 0.8x).
+`python bench/bench_conv_grad.py` prints these per shape. Only the shapes where the replacement won on
+this CPU's vector instructions take it (`cpu_limits`); the forward pass and the input gradient stay oneDNN's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEPTHWISE_MAX_INPUT_PIXELS = 16   # 4 x 4: where the shifts beat oneDNN (module docstring)
-DENSE_MAX_OUTPUT_PIXELS = 4       # 2 x 2 outputs: the taps won on every channel count measured
-DENSE_WIDE_CHANNELS = 256         # from this many input channels ...
-DENSE_WIDE_MAX_OUTPUT_PIXELS = 196  # ... up to 14 x 14 outputs
+
+@dataclass(frozen=True)
+class SmallMapLimits:
+    """The shapes that take the replacement weight gradient (module docstring)."""
+
+    depthwise_max_input_pixels: int     # depthwise convs on input maps of at most this many pixels
+    dense_max_output_pixels: int        # dense convs with at most this many output pixels ...
+    dense_wide_channels: int            # ... or with this many input channels or more ...
+    dense_wide_max_output_pixels: int   # ... and at most this many output pixels
+
+
+AVX2_LIMITS = SmallMapLimits(16, 4, 256, 196)   # 4x4 depthwise inputs, 2x2 outputs, 14x14 from 256 channels
+AVX512_LIMITS = SmallMapLimits(0, 4, 256, 4)    # no depthwise; dense only up to 2x2 outputs
+
+
+@functools.cache
+def cpu_limits() -> SmallMapLimits:
+    """By the vector instructions torch dispatches to on this CPU (oneDNN picks its kernels by the same)."""
+    return AVX512_LIMITS if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else AVX2_LIMITS
 
 
 def weight_grad_by_shifts(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple[int, int],
@@ -103,13 +123,14 @@ def _output_pixels(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return out_h * out_w
 
 
-def takes_small_map_grad(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether this call's shape is one where the replacement gradient beat oneDNN (module docstring)."""
+def takes_small_map_grad(conv: nn.Conv2d, x: torch.Tensor, limits: SmallMapLimits | None = None) -> bool:
+    """Whether this call's shape is one where the replacement gradient beat oneDNN on this CPU (or `limits`)."""
+    limits = limits or cpu_limits()
     if conv.groups > 1:
-        return x.shape[-2] * x.shape[-1] <= DEPTHWISE_MAX_INPUT_PIXELS
+        return x.shape[-2] * x.shape[-1] <= limits.depthwise_max_input_pixels
     out_pixels = _output_pixels(conv, x)
-    return out_pixels <= DENSE_MAX_OUTPUT_PIXELS or (
-        conv.in_channels >= DENSE_WIDE_CHANNELS and out_pixels <= DENSE_WIDE_MAX_OUTPUT_PIXELS)
+    return out_pixels <= limits.dense_max_output_pixels or (
+        conv.in_channels >= limits.dense_wide_channels and out_pixels <= limits.dense_wide_max_output_pixels)
 
 
 class SmallMapGradConv2d(nn.Conv2d):
