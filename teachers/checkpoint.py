@@ -6,6 +6,7 @@ The weights load into `timm.create_model(meta["arch"], num_classes=..., in_chans
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,12 @@ def check_same_classes(meta: CheckpointMeta, classes: list[str], where: str) -> 
         index = next(i for i, (ours, theirs) in enumerate(zip(classes, meta.class_names)) if ours != theirs)
         raise CheckpointError(f"{where}: class {index} is {meta.class_names[index]!r} in the checkpoint but "
                               f"{classes[index]!r} in the data; a teacher needs the data's classes in the same order")
+
+
+def check_teachers_classes(named_dirs: Iterable[tuple[str, str]], classes: list[str]) -> None:
+    """`check_same_classes` for each (config key, checkpoint directory) of teachers given by the user."""
+    for where, directory in named_dirs:
+        check_same_classes(read_meta(Path(directory)), classes, f"{where} ({directory})")
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -171,8 +171,8 @@ def test_a_given_teacher_or_member_with_the_data_classes_in_another_order_is_ref
         assert sorted(p.name for p in run.iterdir()) == before  # no stage started
     # the same checkpoint with the data's order is taken (the check compares names, not files)
     from pipeline.core.rundir import RunDir
-    from pipeline.stages.preflight import check_teacher_classes
-    check_teacher_classes(load_config(str(config), [f"distill.teacher={run / 'teacher' / 'checkpoint'}"]), RunDir(run))
+    from pipeline.stages.preflight import check_given_teachers
+    check_given_teachers(load_config(str(config), [f"distill.teacher={run / 'teacher' / 'checkpoint'}"]), RunDir(run))
 
 
 def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp_path):

@@ -45,7 +45,7 @@ from pipeline.stages.base import Stage, StageContext
 from students.kd_teacher import EnsembleTeacher, TeacherView, mean_softened
 from students.losses import IGNORE_LABEL, distillation_loss
 from students.mutual import MutualPair, mutual_distillation_loss
-from teachers.checkpoint import CheckpointMeta, check_same_classes, checkpoint_hash, read_meta, save_checkpoint
+from teachers.checkpoint import CheckpointMeta, check_teachers_classes, checkpoint_hash, save_checkpoint
 from teachers.sidecar import Sidecar, read_sidecar
 
 LABELED, UNLABELED = 0, 1
@@ -242,8 +242,7 @@ def prepare_kd(ctx: StageContext, this: Stage, setup: TrainingSetup, mutual_weig
     (for a `MutualPair` when `mutual_weight` > 0)."""
     cfg = ctx.config.distill
     teacher_dir = ctx.teacher_dir(this)
-    for where, directory in cfg.given_checkpoints():  # also checked before the first stage once data is imported
-        check_same_classes(read_meta(Path(directory)), ctx.data().classes, f"{where} ({directory})")
+    check_teachers_classes(cfg.given_checkpoints(), ctx.data().classes)  # preflight's too, once data is imported
     unlabeled, shards, num_unlabeled, problems = unlabeled_pool(ctx, this, setup)
     ensemble_dirs = [Path(member) for member in cfg.ensemble]
     loaded = [load_model(directory, ctx.data().num_classes) for directory in [teacher_dir, *ensemble_dirs]]

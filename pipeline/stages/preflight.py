@@ -16,7 +16,7 @@ from pipeline.data.imageset import open_data
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
-from teachers.checkpoint import META, check_same_classes, read_meta
+from teachers.checkpoint import META, check_teachers_classes
 from teachers.models import ModelError, create_model, is_known_arch
 from students.prune import PruneError, build_pruners
 
@@ -97,19 +97,16 @@ def check_ensemble(config: Config, run: RunDir) -> None:
                              "checkpoint out of it first (a rerun of its stage would replace it)")
 
 
-def check_teacher_classes(config: Config, run: RunDir) -> None:
+def check_given_teachers(config: Config, run: RunDir) -> None:
     """`distill.teacher` and the ensemble members carry the imported data's classes in its order (checked
     again by the distill stage, for a run whose import is not made yet)."""
-    if not config.distill.students or not (run.data_dir / "manifest.json").exists():
-        return
-    classes = open_data(run.data_dir).classes
-    for where, directory in config.distill.given_checkpoints():
-        check_same_classes(read_meta(Path(directory)), classes, f"{where} ({directory})")
+    if config.distill.students and (run.data_dir / "manifest.json").exists():
+        check_teachers_classes(config.distill.given_checkpoints(), open_data(run.data_dir).classes)
 
 
 def preflight(config: Config, graph: StageGraph, run: RunDir) -> None:
     check_models(config)
     check_ensemble(config, run)
-    check_teacher_classes(config, run)
+    check_given_teachers(config, run)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run)
