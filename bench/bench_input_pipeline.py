@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 from statistics import median
 
 import numpy as np
@@ -59,14 +58,13 @@ from augment import build_policy
 from neighbour_load import NeighbourLoad
 from pipeline.config.sections import TrainConfig
 from pipeline.core.allocator import keep_freed_memory
-from pipeline.data.imageset import channel_stats, load_labeled_split, open_data
 from pipeline.data.loader import AugmentedSources, Source, StepBatchSampler, collate_uint8, make_loader
 from pipeline.stages.teacher import supervised_loss
 from pipeline.engine.trainer import build_optimizer, warmup_cosine
 from teachers.models import create_model
 from device import add_device_args, autocast, describe, device_of, sync
+from training_bench import add_model_data_args, cycle, labeled_images
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
 QUIET_CORES = 0.15  # a round is "quiet" when other processes used at most this many cores meanwhile
 
 
@@ -121,11 +119,6 @@ def timed_steps(batches, step: Stepper, warmup: int, steps: int) -> tuple[float,
     wall = time.perf_counter() - t0
     del iterator  # shuts the workers down before the other side runs
     return wall, wait, startup
-
-
-def cycle(items: list):
-    while True:
-        yield from items
 
 
 def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: list[np.ndarray],
@@ -187,10 +180,7 @@ def run_case(args: argparse.Namespace, policy_name: str, workers: int, images: l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="imported data dir (read only)")
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=128)
+    add_model_data_args(parser)
     parser.add_argument("--policy", nargs="+", default=["s4"], help="s1 s2 s3 s4 (any policy string)")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per segment")
@@ -208,14 +198,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = open_data(args.data)
-    labeled = load_labeled_split(data, "labeled")
-    mean_t, std_t = channel_stats(labeled.images)
-    step = Stepper(args, data.num_classes, data.in_chans, torch.from_numpy(labeled.labels),
-                   torch.tensor(mean_t), torch.tensor(std_t))
+    data, images, labels, mean, std = labeled_images(args.data)
+    step = Stepper(args, data.num_classes, data.in_chans, labels, mean, std)
     for policy_name in args.policy:
         for workers in args.workers:
-            print(json.dumps(run_case(args, policy_name, workers, labeled.images, step)), flush=True)
+            print(json.dumps(run_case(args, policy_name, workers, images, step)), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,20 +53,18 @@ import numpy as np
 import torch
 
 from augment import build_policy
-from bench_input_pipeline import cycle
 from device import add_device_args, autocast, describe, device_of, sync
 from neighbour_load import NeighbourLoad
 from pipeline.config.sections import RuntimeConfig, TrainConfig
 from pipeline.core.allocator import keep_freed_memory
-from pipeline.data.imageset import channel_stats, load_labeled_split, open_data
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, collate_uint8
 from pipeline.engine.runtime import make_accelerator
 from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.engine.trainer import train
 from pipeline.stages.teacher import supervised_loss
 from teachers.models import create_model
+from training_bench import add_model_data_args, cycle, labeled_images
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "runs" / "fm" / "data"
 SIDES = ("trainer", "hand", "hand_same_kernels")
 
 
@@ -179,10 +177,7 @@ def measure(args: argparse.Namespace, sides: Sides) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="imported data dir (read only)")
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=128)
+    add_model_data_args(parser)
     parser.add_argument("--steps", type=int, default=120, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
     parser.add_argument("--reps", type=int, default=3, help="rounds (each side once per round, order rotated)")
@@ -197,13 +192,11 @@ def main() -> None:
     args.warmup = max(1, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = open_data(args.data)
-    labeled = load_labeled_split(data, "labeled")
-    mean, std = (torch.tensor(v) for v in channel_stats(labeled.images))
+    data, images, labels, mean, std = labeled_images(args.data)
     device = device_of(args)
-    loss_fn = supervised_loss(torch.from_numpy(labeled.labels), mean.to(device), std.to(device), device, True,
+    loss_fn = supervised_loss(labels, mean.to(device), std.to(device), device, True,
                               TrainConfig(policy="s1").label_smoothing)
-    batches = premade_batches(labeled.images, args.size, args.batch, args.premade, args.seed)
+    batches = premade_batches(images, args.size, args.batch, args.premade, args.seed)
     with tempfile.TemporaryDirectory(prefix="trainer-overhead-") as work:
         sides = Sides(args, batches, loss_fn, data.num_classes, data.in_chans, Path(work))
         print(json.dumps(measure(args, sides)), flush=True)
