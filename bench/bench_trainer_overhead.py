@@ -13,16 +13,20 @@ built once and cycled, so no side waits for data):
              (configs/fashion_mnist.yaml's 100) into a fresh state directory; on CPU it takes the small-map weight
              gradients (`pipeline.engine.small_map_conv`);
 * hand:      `for batch in batches: loss = loss_fn(model, batch); loss.backward(); opt.step();
-             opt.zero_grad()` with `torch.optim.SGD` (the same lr, momentum and weight decay), what a user
-             would write: no schedule, no saves, plain convolutions;
+             opt.zero_grad()` with `torch.optim.SGD` (the same lr, Nesterov momentum and weight decay, on every
+             parameter where the trainer spares 1-d ones), what a user would write: no schedule, no saves,
+             plain convolutions;
 * hand_same_kernels: the hand loop inside `small_map_weight_grads(model)`, the kernels the trainer
              takes on CPU, so `ratio_vs_same_kernels` is the cost of the trainer's bookkeeping alone.
 
-Each side runs `--warmup` + `--steps` steps from a fresh start per round, in rotated order (ABC, BCA,
-CAB, ...), so drift on a shared machine hits every side. Rates count the timed steps only (the trainer's
-own clock starts before its first step, so its first `--warmup` steps are timed by a separate call);
-`*_with_setup` also counts each side's set-up (the trainer's `prepare`, optimizer and state directory).
-Ratios are medians over rounds of (trainer rate / other side's rate of the same round).
+Each side starts every round from the same initial weights (a fresh copy) and a fresh optimizer, in rotated
+order (ABC, BCA, CAB, ...), so drift on a shared machine hits every side. Rates count the `--steps` timed steps
+only, after `--warmup` untimed ones: the hand loops time from their first step after the warm-up, the trainer
+by its own clock in a second `train` call on another fresh copy (its clock starts after its set-up; the first
+timed step also allocates that optimizer's state, about a model's size of memory). `*_with_setup` also counts
+each side's set-up (the trainer's `prepare`, optimizer and state directory) and warm-up steps. Ratios are
+medians over rounds of (trainer rate / other side's rate of the same round). With `--device cuda` the trainer
+runs where accelerate puts it (the first visible GPU: choose with CUDA_VISIBLE_DEVICES).
 
 Prints one JSON line, e.g.
   {"bench": "trainer_overhead", "trainer_img_s": ..., "hand_img_s": ..., "ratio_vs_hand": ...,
@@ -37,6 +41,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -75,23 +80,27 @@ def premade_batches(images: list[np.ndarray], size: int, batch: int, count: int,
 
 
 class Sides:
-    """One model per side (same initial weights), the shared batches and loss, each side timed from a fresh start."""
+    """The initial model, the shared batches and loss; each side timed from a fresh copy of the model."""
 
     def __init__(self, args: argparse.Namespace, batches: list[Batch], loss_fn: Callable, num_classes: int,
                  in_chans: int, work: Path) -> None:
         self.args, self.batches, self.loss_fn, self.work = args, batches, loss_fn, work
         self.device = device_of(args)
+        if (self.device.type == "cuda") != torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: the trainer runs where accelerate puts it "
+                             f"({'cuda' if torch.cuda.is_available() else 'cpu'} here); pass that device")
         torch.manual_seed(args.seed)
-        first = create_model(args.arch, num_classes, in_chans)
-        self.models = {}
-        for side in SIDES:
-            model = create_model(args.arch, num_classes, in_chans)
-            model.load_state_dict(first.state_dict())
-            self.models[side] = model.to(self.device, memory_format=torch.channels_last).train()
+        self.initial = create_model(args.arch, num_classes, in_chans).to(self.device, memory_format=torch.channels_last)
         self.cfg = TrainConfig(policy="s1", batch_size=args.batch, save_every_steps=args.save_every,
                                warmup_epochs=0)  # the teacher config's optimizer settings
         self.runtime = replace(RuntimeConfig(), mixed_precision=args.precision)
         self.rounds = 0
+        timed = islice(cycle(batches), args.warmup, args.warmup + args.steps)
+        self.timed_images = sum(len(batch) for batch in timed)  # a small labeled set makes smaller batches
+        self.round_images = sum(len(batch) for batch in islice(cycle(batches), args.warmup + args.steps))
+
+    def fresh_model(self) -> torch.nn.Module:
+        return copy.deepcopy(self.initial).train()
 
     def run(self, side: str) -> tuple[float, float]:
         """(timed seconds of `--steps` steps, seconds of the whole call including set-up and warm-up)."""
@@ -103,14 +112,14 @@ class Sides:
         return timed, time.perf_counter() - started
 
     def _trainer(self) -> float:
-        """Two calls of `train` on the model, as two short runs: the warm-up steps, then the timed ones (the
-        trainer's own clock, which starts after its set-up); each call with its own accelerator and state
-        directory, as a stage has."""
+        """Two calls of `train`, as two short runs on fresh copies of the model: the warm-up steps, then the timed
+        ones (the trainer's own clock, which starts after its set-up); each call with its own accelerator and
+        state directory, as a stage has (and one `prepare` per model, as a stage does)."""
         self.rounds += 1
         state = self.work / f"state-{self.rounds}"
         for name, steps, offset in (("warmup", self.args.warmup, 0), ("timed", self.args.steps, self.args.warmup)):
             accelerator = make_accelerator(self.runtime, self.work / "logs", name, {})
-            result = train(accelerator, self.models["trainer"], self.cfg, steps, steps, self._from(offset, steps),
+            result = train(accelerator, self.fresh_model(), self.cfg, steps, steps, self._from(offset, steps),
                            self.loss_fn, state_dir=state / name, name=f"bench-{name}", progress=name == "timed")
         shutil.rmtree(state, ignore_errors=True)
         return result.seconds  # the timed call's
@@ -122,7 +131,7 @@ class Sides:
         return batches
 
     def _hand(self, same_kernels: bool) -> float:
-        model = self.models["hand_same_kernels" if same_kernels else "hand"]
+        model = self.fresh_model()
         optimizer = torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                                     nesterov=self.cfg.momentum > 0, weight_decay=self.cfg.weight_decay)
         stream = cycle(self.batches)
@@ -153,8 +162,7 @@ def measure(args: argparse.Namespace, sides: Sides) -> dict:
             timed[side].append(seconds)
             whole[side].append(total)
         neighbours.append(round(load.cores(), 2))
-    images = args.steps * args.batch
-    setup_images = (args.warmup + args.steps) * args.batch
+    images = sides.timed_images
 
     def ratio(other: str, table: dict[str, list[float]]) -> float:
         return round(median(o / t for t, o in zip(table["trainer"], table[other])), 3)
@@ -166,7 +174,7 @@ def measure(args: argparse.Namespace, sides: Sides) -> dict:
         "ratio_vs_hand_with_setup": ratio("hand", whole),
         "ratio_vs_same_kernels_with_setup": ratio("hand_same_kernels", whole),
         **{f"{side}_img_s_per_round": [round(images / s, 1) for s in timed[side]] for side in SIDES},
-        "trainer_img_s_with_setup": round(setup_images * args.reps / sum(whole["trainer"]), 1),
+        "trainer_img_s_with_setup": round(sides.round_images * args.reps / sum(whole["trainer"]), 1),
         "state_saves_per_round": (args.steps - 1) // args.save_every,
         "neighbour_cpu_cores_per_round": neighbours,
         "arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,

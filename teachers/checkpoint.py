@@ -132,11 +132,13 @@ def check_compatible(meta: CheckpointMeta, arch: str | None, num_classes: int | 
 def check_same_classes(meta: CheckpointMeta, classes: list[str], where: str) -> None:
     """Refuse a checkpoint whose classes are not the data's, by name and in order: a teacher's logits
     are read by class index, so another order (or other classes of the same count) would teach wrong labels."""
-    if meta.num_classes != len(classes):
-        raise CheckpointError(f"{where}: checkpoint has {meta.num_classes} classes, the data has {len(classes)}")
-    if meta.class_names and tuple(meta.class_names) != tuple(classes):
-        index = next(i for i, (ours, theirs) in enumerate(zip(classes, meta.class_names)) if ours != theirs)
-        raise CheckpointError(f"{where}: class {index} is {meta.class_names[index]!r} in the checkpoint but "
+    check_compatible(meta, None, len(classes), where)
+    names = tuple(meta.class_names)
+    if names and len(names) != len(classes):
+        raise CheckpointError(f"{where}: meta.json names {len(names)} classes for {meta.num_classes} outputs")
+    if names and names != tuple(classes):
+        index = next(i for i, (ours, theirs) in enumerate(zip(classes, names)) if ours != theirs)
+        raise CheckpointError(f"{where}: class {index} is {names[index]!r} in the checkpoint but "
                               f"{classes[index]!r} in the data; a teacher needs the data's classes in the same order")
 
 

@@ -154,8 +154,15 @@ def test_teacher_probe_names_a_stage_without_a_checkpoint(tiny_teacher_run):
 
 
 def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
-    """bench/gpu_checks.sh needs a CUDA GPU, so no test runs it; its bench commands' flags at least exist."""
+    """bench/gpu_checks.sh needs a CUDA GPU, so no test runs it; it parses, the config keys it sets exist, and
+    its bench commands' flags exist."""
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu_checks.sh")]).returncode == 0
     script = (BENCH / "gpu_checks.sh").read_text().replace("\\\n", " ")
+    from pipeline.config.sections import load_config
+
+    keys = sorted(set(re.findall(r'--set "?([a-z_.]+)=', script)))
+    assert keys == ["data.path", "runtime.progress", "runtime.workers"]
+    load_config(None, ["data.path=/x", "runtime.progress=false", "runtime.workers=8"])  # raises on an unknown key
     commands = [line.split('"$PY" ', 1)[1].split() for line in script.splitlines() if '"$PY" bench/' in line]
     assert len(commands) == 4
     known_flags: dict[str, set[str]] = {}

@@ -172,7 +172,14 @@ def test_a_given_teacher_or_member_with_the_data_classes_in_another_order_is_ref
     # the same checkpoint with the data's order is taken (the check compares names, not files)
     from pipeline.core.rundir import RunDir
     from pipeline.stages.preflight import check_given_teachers
-    check_given_teachers(load_config(str(config), [f"distill.teacher={run / 'teacher' / 'checkpoint'}"]), RunDir(run))
+    check_given_teachers(load_config(str(config), [f"distill.teacher={run / 'teacher' / 'checkpoint'}"]), RunDir(run),
+                         reimport=False)
+    # `--from data` makes the import again, so preflight leaves the check to the distill stage, which refuses the
+    # teacher before training; the stages before it stay done
+    result = cli(config, run, "--from", "data", "--set", f"distill.teacher={swapped}")
+    assert result.returncode == 2 and "distill.teacher" in result.stderr and "in the same order" in result.stderr
+    assert "[teacher]" in result.stdout  # past preflight: the import and the teacher were made again
+    assert (run / "teacher" / "DONE").exists() and not (run / STAGE / "checkpoint").exists()
 
 
 def test_distill_resumes_after_sigkill_to_the_same_weights(tiny_teacher_run, tmp_path):

@@ -97,16 +97,18 @@ def check_ensemble(config: Config, run: RunDir) -> None:
                              "checkpoint out of it first (a rerun of its stage would replace it)")
 
 
-def check_given_teachers(config: Config, run: RunDir) -> None:
+def check_given_teachers(config: Config, run: RunDir, reimport: bool) -> None:
     """`distill.teacher` and the ensemble members carry the imported data's classes in its order (checked
-    again by the distill stage, for a run whose import is not made yet)."""
-    if config.distill.students and (run.data_dir / "manifest.json").exists():
+    again by the distill stage, for a run whose import is not made yet or is made again: `reimport`)."""
+    if config.distill.students and not reimport and (run.data_dir / "manifest.json").exists():
         check_teachers_classes(config.distill.given_checkpoints(), open_data(run.data_dir).classes)
 
 
-def preflight(config: Config, graph: StageGraph, run: RunDir) -> None:
+def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = False) -> None:
+    """`reimport`: the data stage runs again in this invocation (`--from data`), so the import on disk is not
+    the one later stages will read."""
     check_models(config)
     check_ensemble(config, run)
-    check_given_teachers(config, run)
+    check_given_teachers(config, run, reimport)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run)

@@ -63,7 +63,8 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
     graph = build_graph(config)
     stages = graph.select(only, start)
     run = make_run_dir(config, run_dir)
-    preflight(config, graph, run)  # before anything is written or started
+    reimport = bool(start) and any(stage.kind == "data" for stage in stages)  # --from resets what it runs
+    preflight(config, graph, run, reimport)  # before anything is written or started
     state = process_state()  # the one process state of this run
     try:
         run_stages(config, run, graph, stages, state, reset=bool(start))
