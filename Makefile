@@ -9,7 +9,7 @@ FMNIST  = /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PRESET  ?=
 RUN_DIR ?= runs/demo$(if $(PRESET),-$(PRESET))
 
-.PHONY: demo test install data-package clean-demo bench
+.PHONY: demo test install data-package bench
 
 install: $(STAMP)
 
@@ -36,7 +36,7 @@ data-package:
 	fi
 
 # make demo                 the full demo (17-26.5 minutes measured on 2-core AVX-512 CPUs, 29-35 on an AVX2-only one by the VM's day: teacher, round 1, distilled ShuffleNet V2, export)
-# make demo PRESET=quick    a 10,000-image pool and short training, every stage (4 minutes here)
+# make demo PRESET=quick    a 10,000-image pool and short training, every stage (4-7 minutes measured)
 demo: install data-package
 	$(VENV)/bin/selftrain run configs/fashion_mnist.yaml --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET))
 	@echo "report: $(RUN_DIR)/report/report.md   metrics: $(RUN_DIR)/<stage>/metrics.json"

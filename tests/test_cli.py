@@ -1,5 +1,7 @@
 """CLI entry points users type: data import, augmentation preview, errors as messages (exit 2)."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -65,3 +67,31 @@ def test_help_and_version_answer_without_importing_torch():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: selftrain run" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_run_with_the_quick_preset_applies_it_before_the_users_set(tiny_fashion_dir, tmp_path, capsys):
+    """`selftrain run configs/fashion_mnist.yaml --preset quick` (what `make demo PRESET=quick` runs): the
+    preset's overrides reach the saved config, a `--set` of the same key wins, an unknown preset is a message."""
+    import yaml
+
+    from pipeline.config.presets import PRESETS
+
+    run = tmp_path / "run"
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml")
+    assert main(["run", config, "--preset", "quick", "--run-dir", str(run), "--only", "data",
+                 "--set", f"data.path={tiny_fashion_dir}", "--set", "data.labels_per_class=10",
+                 "--set", "data.shard_size=100", "--set", "teacher.train.epochs=1"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["teacher"]["train"]["epochs"] == 1  # the user's --set, over the preset's 20
+    for override in PRESETS["quick"]:
+        key, value = override.split("=")
+        if key != "teacher.train.epochs":
+            section = saved
+            for part in key.split("."):
+                section = section[part]
+            assert section == yaml.safe_load(value), key
+    assert (run / "data" / "manifest.json").exists()
+    capsys.readouterr()
+    assert main(["run", config, "--preset", "fast", "--run-dir", str(tmp_path / "other")]) == 2
+    assert "--preset 'fast': unknown preset; presets are quick" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -98,6 +98,25 @@ def test_compare_config_errors_name_the_key(tmp_path):
         load_compare_config(path)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, arms, jobs", [("compare_fashion_mnist", 48, 30), ("compare_fashion_mnist_gpu", 216, 119)])
+def test_the_shipped_compare_configs_load_and_plan_as_the_readme_says(name, arms, jobs, tmp_path, capsys, monkeypatch):
+    """The README's `selftrain compare configs/...yaml [--only 'policy=s4'] --dry-run`: the grid and job
+    counts its comments and the README name, the filter halving it; nothing is written."""
+    monkeypatch.setattr("pipeline.experiments.compare.measured_rate", lambda config: 1000.0)
+    out = tmp_path / "out"
+    assert main(["compare", str(REPO / "configs" / f"{name}.yaml"), "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"compare: {arms} arms" in printed and f"jobs: {jobs} (0 done)" in printed
+    assert main(["compare", str(REPO / "configs" / f"{name}.yaml"), "--out", str(out), "--dry-run",
+                 "--only", "policy=s4"]) == 0
+    printed = capsys.readouterr().out
+    per_policy = arms // (2 if name == "compare_fashion_mnist" else 4)
+    assert f"compare: {per_policy} arms" in printed and not out.exists()
+
+
 def test_class_filter_import_renumbers_and_adds_out_of_domain_images_unlabeled(tiny_fashion_dir, tmp_path):
     manifest = import_fashion_mnist(tmp_path / "d", str(tiny_fashion_dir), per_class=10, shard_size=1000,
                                     progress=False, class_filter=ClassFilter(("7", "2"), True))

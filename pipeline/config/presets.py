@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.config.schema import ConfigError
 
 PRESETS: dict[str, list[str]] = {
-    # the whole pipeline in about 3 minutes on a 2-core CPU: a 10,000-image pool, short training
+    # the whole pipeline in 4-7 minutes on a 2-core CPU (README): a 10,000-image pool, short training
     "quick": ["data.max_unlabeled=10000", "teacher.train.epochs=20", "student.train.epochs=3",
               "student.train.warmup_epochs=0.3", "distill.train.epochs=2", "distill.export.repeats=10"],
 }
