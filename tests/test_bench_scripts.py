@@ -89,6 +89,20 @@ def test_input_pipeline_compares_the_real_loader_with_premade_batches(tiny_data)
         assert 0 <= row["data_wait_fraction"] <= 1
 
 
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's inductor needs a C++ compiler")
+def test_the_compile_flags_run_under_inductor(tiny_data):
+    """`--compile` on the training benches (README "Benchmarks", bench/README "On a GPU"): the compiled rows
+    are there and measured. About 30 s of compilation each on a 2-core CPU."""
+    row, = bench("bench_train_step.py", "--arch", "test_resnet", "--size", "16", "--batch", "8", "--steps", "1",
+                 "--compile")
+    assert row["channels_last_compiled_img_s"] > 0 and row["compile_warmup_s"] > 0
+    row, = bench("bench_input_pipeline.py", "--data", str(tiny_data), "--arch", "test_resnet", "--size", "16",
+                 "--batch", "8", "--steps", "2", "--warmup", "1", "--reps", "1", "--workers", "0", "--premade", "2",
+                 "--policy", "s1", "--compile")
+    assert row["compile"] is True and row["real_img_s"] > 0 and row["in_memory_img_s"] > 0
+
 def test_trainer_overhead_compares_the_trainer_with_hand_written_loops(tiny_data):
     rows = bench("bench_trainer_overhead.py", "--data", str(tiny_data), "--arch", "test_resnet", "--size", "16",
                  "--batch", "8", "--steps", "3", "--warmup", "1", "--reps", "1", "--save-every", "2", "--premade", "2")
