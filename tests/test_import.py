@@ -97,6 +97,21 @@ def test_folder_import(tmp_path):
     assert again["splits"] == manifest["splits"]
 
 
+
+def test_an_import_of_another_folder_or_a_changed_one_into_the_same_out_is_refused(tmp_path, monkeypatch):
+    """Returning the existing import would silently ignore the new images."""
+    make_folder(tmp_path / "src")
+    args = dict(per_class=4, seed=0, shard_size=10, progress=False)
+    first = import_folder(tmp_path / "src", tmp_path / "out", **args)
+    monkeypatch.chdir(tmp_path)
+    assert import_folder("src", tmp_path / "out", **args) == first  # the same folder by another path: done
+    make_folder(tmp_path / "other")
+    with pytest.raises(DataSourceError, match=r"already holds an import of the image folder .*src, not .*other"):
+        import_folder(tmp_path / "other", tmp_path / "out", **args)
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8), "L").save(tmp_path / "src" / "cat" / "new.png")
+    with pytest.raises(DataSourceError, match="holds 36 images imported from .*src, which now holds 37"):
+        import_folder(tmp_path / "src", tmp_path / "out", **args)
+
 def test_folder_import_rejects_undecodable_image(tmp_path):
     make_folder(tmp_path / "src")
     (tmp_path / "src" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -94,3 +94,40 @@ def test_from_data_removes_the_journaled_import(tiny_fashion_dir, tmp_path):
     run.mark_done("data")
     run.reset_stage("data")
     assert not run.data_dir.exists()
+
+
+def test_from_refuses_a_missing_source_or_a_damaged_teacher_before_forgetting_any_stage(tmp_path, capsys):
+    """`--from data` with the image folder gone (or a relative data.path read from another directory), and
+    `--from` with a truncated distill.ensemble member: refused before a stage is forgotten, the run unchanged."""
+    from conftest import TINY_TEACHER, set_args
+
+    from teachers.checkpoint import CheckpointMeta, save_checkpoint
+    from teachers.models import create_model
+
+    image_folder(tmp_path / "ds", per_class=24)
+    config = tmp_path / "folder.yaml"
+    config.write_text(f"data:\n  source: folder\n  path: {tmp_path / 'ds' / 'train'}\n  labels_per_class: 8\n"
+                      "  shard_size: 100\n")
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "data"] + set_args(TINY_TEACHER)) == 0
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 0
+    before = tree_hashes(run)
+    capsys.readouterr()
+
+    missing = ["--set", "data.path=moved/train"]
+    assert main(["run", str(config), "--run-dir", str(run), "--from", "data"] + set_args(TINY_TEACHER) + missing) == 2
+    err = capsys.readouterr().err
+    assert "data.path: image folder moved/train does not exist" in err and "relative to the working directory" in err
+    assert tree_hashes(run) == before
+
+    member = tmp_path / "member"
+    save_checkpoint(member, create_model("test_resnet", 2, 1), CheckpointMeta(
+        arch="test_resnet", num_classes=2, in_chans=1, input_size=16, mean=(0.5,), std=(0.5,),
+        class_names=("cat", "dog"), config_hash="x"))
+    weights = member / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated after it was written
+    damaged = ["--set", "distill.students=[{arch: test_resnet, input_size: 16}]", "--set", f"distill.ensemble=[{member}]"]
+    assert main(["run", str(config), "--run-dir", str(run), "--from", "teacher"] + set_args(TINY_TEACHER) + damaged) == 2
+    err = capsys.readouterr().err
+    assert f"distill.ensemble[0]: {weights}" in err and "damaged" in err
+    assert tree_hashes(run) == before

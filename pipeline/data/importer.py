@@ -137,6 +137,19 @@ def existing_import(out: Path, params: dict[str, object]) -> dict | None:
     return manifest
 
 
+def check_same_folder(out: Path, manifest: dict, src: str | Path, image_count: int | None) -> None:
+    """An import of another image folder, or of this one since grown or shrunk (`image_count`: every image
+    is imported, no filter or cap), is refused: returning the old import would silently drop the new images."""
+    made_from = Path(manifest.get("source", ""))
+    if made_from.resolve() != Path(src).resolve():
+        raise DataSourceError(f"{out} already holds an import of the image folder {made_from}, not {src}; "
+                              "choose another --out or delete it")
+    imported = sum(split["count"] for split in manifest["splits"].values())
+    if image_count is not None and image_count != imported:
+        raise DataSourceError(f"{out} holds {imported} images imported from {src}, which now holds {image_count}; "
+                              "choose another --out or delete it to import the folder as it is now")
+
+
 def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callable[[], tuple[str, bytes]]]]],
                   shard_size: int, progress: bool) -> dict[str, list[dict[str, object]]]:
     total = sum(len(items) for items in split_items.values())
@@ -246,6 +259,7 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     if class_filter is not None:
         params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:
+        check_same_folder(out, manifest, src, len(images) if class_filter is None and max_unlabeled is None else None)
         return manifest
     labels = np.array([im.label for im in images], dtype=np.int64)
     if class_filter is not None:
@@ -275,5 +289,5 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
         "test": items(np.flatnonzero(is_test), True),
     }
     truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]] if labels[i] >= 0}
-    return _finish(out, params, classes, mode, split_items, shard_size, truth, str(src), progress,
+    return _finish(out, params, classes, mode, split_items, shard_size, truth, str(Path(src).resolve()), progress,
                    extra={"conversions": conversions})

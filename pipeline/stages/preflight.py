@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config.sections import Config, ModelConfig
+from pipeline.config.sections import Config, DataConfig, ModelConfig
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
+from pipeline.data.sources import fashion_mnist
+from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
-from teachers.checkpoint import META, check_teachers_classes
+from teachers.checkpoint import META, CheckpointError, check_teachers_classes, checkpoint_hash
 from teachers.models import ModelError, create_model, is_known_arch
 from students.prune import PruneError, build_pruners
 
@@ -58,20 +60,50 @@ def check_models(config: Config) -> None:
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher:
-        _check_checkpoint_dir(config.distill.teacher, "distill.teacher")
+        _check_given_checkpoint(config.distill.teacher, "distill.teacher")
 
 
-def _check_checkpoint_dir(path: str, where: str) -> None:
+def _check_given_checkpoint(path: str, where: str) -> None:
+    """A checkpoint directory whose weights are the ones its meta.json records (a damaged or swapped file is
+    refused here, before `--from` forgets the stages it would teach)."""
     if not (Path(path) / META).exists():
         raise ModelError(f"{where}: {path} is not a checkpoint directory (no {META})")
+    try:
+        checkpoint_hash(Path(path))
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}: {error}") from None
 
 
-def check_data(config: Config, run: RunDir) -> None:
-    """An existing import must have an unlabeled pool; a new import must fit on the disk; shards used in
-    place must be listed, named once and reachable by name (local files exist, URL schemes are known)."""
+def _relative_note(path: str) -> str:
+    return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+
+
+def check_source(data: DataConfig) -> None:
+    """The raw data a new import (or `--from data`) reads is there: checked before `--from` forgets anything.
+    (`shards` is checked as the import it is; `webdataset` by its shard lists.)"""
+    if data.source == "fashion-mnist":
+        try:
+            fashion_mnist.locate(data.path)
+        except DataSourceError as error:
+            raise DataSourceError(f"data.path: {error}{_relative_note(data.path)}" if data.path else str(error)) from None
+    elif data.source == "folder":
+        if not data.path:
+            raise DataSourceError("data.source is 'folder' but data.path (the image folder) is not set")
+        if not Path(data.path).is_dir():
+            raise DataSourceError(f"data.path: image folder {data.path} does not exist or is not a "
+                                  f"directory{_relative_note(data.path)}")
+
+
+def check_data(config: Config, run: RunDir, reimport: bool) -> None:
+    """The source of a new import (or of `reimport`, `--from data`) is there; an existing import must have an
+    unlabeled pool; a new import must fit on the disk; shards used in place must be listed, named once and
+    reachable by name (local files exist, URL schemes are known)."""
     if config.data.source == "webdataset":
         shard_lists(webdataset_section(config.data))
-    if config.data.source == "shards" or (run.data_dir / "manifest.json").exists():
+    imported = (run.data_dir / "manifest.json").exists()
+    if reimport or not imported:
+        check_source(config.data)
+    if config.data.source == "shards" or (imported and not reimport):
         data = open_data(run.data_dir)
         if data.count("unlabeled") == 0:
             raise RunDirError(f"{run.data_dir}: the unlabeled pool is empty; self-training needs unlabeled images "
@@ -91,7 +123,7 @@ def check_ensemble(config: Config, run: RunDir) -> None:
     """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
     stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
     for i, member in enumerate(config.distill.ensemble):
-        _check_checkpoint_dir(member, f"distill.ensemble[{i}]")
+        _check_given_checkpoint(member, f"distill.ensemble[{i}]")
         if Path(member).resolve().is_relative_to(run.root.resolve()):
             raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
                              "checkpoint out of it first (a rerun of its stage would replace it)")
@@ -111,4 +143,4 @@ def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = F
     check_ensemble(config, run)
     check_given_teachers(config, run, reimport)
     if any(stage.kind == "data" for stage in graph.stages):
-        check_data(config, run)
+        check_data(config, run, reimport)
