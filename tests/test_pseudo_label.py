@@ -162,9 +162,13 @@ def corrupt_one_png(shard: Path) -> str:
 
 
 def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
+    """A sample that does not decode is skipped and named; a truncated shard's lost images are counted and
+    said on the console."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     key = corrupt_one_png(data / "unlabeled" / "unlabeled-000001.tar")
+    cut = data / "unlabeled" / "unlabeled-000002.tar"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
     config = tmp_path / "c.yaml"
     config.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data}\n")
     run = tmp_path / "run"
@@ -173,7 +177,11 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
     result = cli(config, run, "--only", "pseudo_label_r1")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
-    assert manifest["num_skipped"] == 1 and manifest["num_labeled"] == 399
+    assert manifest["num_skipped"] == 1 and manifest["num_truncated_shards"] == 1
+    assert manifest["truncated"][0]["shard"] == "unlabeled-000002.tar"
+    unread = json.loads((run / "pseudo_label_r1" / "metrics.json").read_text())["num_unread"]
+    assert 0 < unread < 100 and manifest["num_labeled"] == 399 - unread
+    assert f"1 skipped, {unread} not read from 1 truncated shard(s)" in result.stdout + result.stderr
     assert manifest["skipped"][0]["key"] == key and manifest["skipped"][0]["shard"] == "unlabeled-000001.tar"
     assert "does not decode" in manifest["skipped"][0]["reason"]
     assert key not in set(sidecars(run)["unlabeled-000001.labels.npz"].keys)

@@ -227,6 +227,8 @@ def run(ctx: StageContext, stage: Stage) -> dict:
         metrics = write_manifest(ctx, stage, teacher_hash, job.topk, LabelingRun(labeled, seconds, len(pending), state.num_processes))
         run_dir.mark_done(stage.name)
         state.print(f"[{stage.name}] {metrics['num_labeled']} images labeled, {metrics['num_skipped']} skipped"
+                    + (f", {metrics['num_unread']} not read from {metrics['num_truncated_shards']} truncated shard(s) "
+                       "(listed in its manifest.json)" if metrics["num_truncated_shards"] else "")
                     + (f"; pool accuracy {metrics['pool_accuracy']:.4f}" if "pool_accuracy" in metrics else ""))
     state.wait_for_everyone()
     return metrics
@@ -250,8 +252,9 @@ def write_manifest(ctx: StageContext, stage: Stage, teacher_hash: str, topk: int
                    this_run: LabelingRun) -> dict:
     run_dir, data = ctx.run, ctx.data()
     teacher_dir = ctx.teacher_dir(stage)
-    sidecars, skipped, truncated, total = [], [], [], 0
+    sidecars, skipped, truncated, total, in_pool = [], [], [], 0, 0
     for record in data.shard_records("unlabeled"):
+        in_pool += int(record["count"])
         path = run_dir.sidecar_path(stage.name, record["name"])
         meta = read_sidecar_meta(path)
         total += int(meta["count"])
@@ -259,6 +262,7 @@ def write_manifest(ctx: StageContext, stage: Stage, teacher_hash: str, topk: int
         truncated += meta["problems"]["truncated"]
         sidecars.append({"name": path.name, "source_shard": record["name"], "count": meta["count"]})
     metrics = {"num_labeled": total, "num_skipped": len(skipped), "num_truncated_shards": len(truncated),
+               "num_unread": in_pool - total - len(skipped),
                "images_per_s_this_run": round(this_run.images / max(this_run.seconds, 1e-9), 1),
                "shards_this_run": this_run.shards, "processes": this_run.processes,
                **pool_report(run_dir, stage.name, data)}
