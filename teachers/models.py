@@ -41,15 +41,20 @@ def _torchvision_model(arch: str, num_classes: int, in_chans: int, drop_rate: fl
     return model
 
 
+def check_arch(arch: str) -> None:
+    """Raise ModelError naming the closest known names when `arch` is neither a timm model nor a ShuffleNet."""
+    if not is_known_arch(arch):
+        close = difflib.get_close_matches(arch, timm.list_models() + list(TORCHVISION_ARCHS), n=5, cutoff=0.6)
+        raise ModelError(f"unknown timm architecture '{arch}'" + (f"; did you mean {', '.join(close)}?" if close else
+                                                                 "; `timm.list_models('*name*')` lists the names"))
+
+
 def create_model(arch: str, num_classes: int, in_chans: int, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0) -> torch.nn.Module:
     """`timm.create_model` (or torchvision's ShuffleNet V2) with random init; weights never come from a hub."""
     if arch in TORCHVISION_ARCHS:
         return _torchvision_model(arch, num_classes, in_chans, drop_rate, drop_path_rate)
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models() + list(TORCHVISION_ARCHS), n=5, cutoff=0.6)
-        raise ModelError(f"unknown timm architecture '{arch}'" + (f"; did you mean {', '.join(close)}?" if close else
-                                                                 "; `timm.list_models('*name*')` lists the names"))
+    check_arch(arch)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": False, "drop_rate": drop_rate}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate

@@ -275,3 +275,21 @@ def test_compare_under_torchrun_with_two_processes(tiny_fashion_dir, tmp_path):
     assert metrics["num_processes"] == 2 and metrics["steps"] == 2
     assert all(n == 1 for n in stage_invocations(out).values())
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("section", ["teacher", "student"])
+def test_a_misspelt_architecture_is_refused_before_the_dry_run_probe(section, tmp_path, capsys, monkeypatch):
+    """As `selftrain run`'s preflight refuses it: the key and the closest names, before anything is built."""
+    def probe(config):
+        raise AssertionError("the speed probe ran")
+    monkeypatch.setattr("pipeline.experiments.compare.measured_rate", probe)
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"base:\n  {section}:\n    model: {{arch: resnet10tt}}\n"
+                    "axes: {init: [random], self_training: [off, on], policy: [s1], labels_per_class: [4], seeds: [0]}\n")
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"selftrain: error: {path}: base.{section}.model.arch: unknown timm architecture 'resnet10tt'; "
+            "did you mean resnet10t" in err) and "Traceback" not in err and not out.exists()
+    if section == "student":  # without self-training no student is trained: its model is not checked
+        grid_config(base={"student": {"model": {"arch": "resnet10tt"}}}, axes={**GRID["axes"], "self_training": [False]})

@@ -120,9 +120,12 @@ def test_offline_distillation_refuses_an_ensemble_teacher_and_preflight_names_a_
     assert config.distill.ensemble == (str(tmp_path),)
     with pytest.raises(ModelError, match=rf"distill.ensemble\[0\]: {tmp_path} is not a checkpoint directory"):
         check_ensemble(config, RunDir(tmp_path / "run"))
+    from teachers.checkpoint import CheckpointMeta, save_checkpoint
+    from teachers.models import create_model
     inside = tmp_path / "run" / "distill_x" / "checkpoint"  # a stage of this run: --from could replace it
-    inside.mkdir(parents=True)
-    (inside / "meta.json").write_text("{}")
+    save_checkpoint(inside, create_model("test_resnet", 2, 1), CheckpointMeta(
+        arch="test_resnet", num_classes=2, in_chans=1, input_size=16, mean=(0.5,), std=(0.5,),
+        class_names=("a", "b"), config_hash="x"))
     with pytest.raises(ModelError, match=r"distill.ensemble\[0\]: .* is inside this run directory"):
         check_ensemble(load_config(None, [f"distill.ensemble=[{inside}]"]), RunDir(tmp_path / "run"))
     check_ensemble(load_config(None, [f"distill.ensemble=[{inside}]"]), RunDir(tmp_path / "other-run"))
@@ -133,3 +136,60 @@ def test_offline_distillation_refuses_mixup_naming_both_keys():
     with pytest.raises(ConfigError, match=r"distill: mixup 0.5 needs mode: online"):
         load_config(None, ["distill.mode=offline", "distill.mixup=0.5"])
     assert load_config(None, ["distill.mode=online", "distill.mixup=0.5"]).distill.mixup == 0.5
+
+
+def test_a_set_value_that_is_not_yaml_is_named(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^--set teacher\.train\.epochs=\[1,: not valid YAML \(expected .*\)$"):
+        load_config(None, ["teacher.train.epochs=[1,"])
+    from pipeline.cli import main
+    path = write(tmp_path, "seed: 0\n")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--set", "teacher.train.epochs=[1,"]) == 2
+    assert "selftrain: error: --set teacher.train.epochs=[1,: not valid YAML (" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_in_set_values_name_the_set_not_the_file(tmp_path):
+    path = write(tmp_path, "seed: 0\nteacher:\n  train:\n    lr: 0.05\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["seed=2", "teacher.train.epochs=abc", "teacher.train.lr=0.1"])
+    assert str(err.value) == "--set teacher.train.epochs=abc: teacher.train.epochs: expected an integer, got 'abc'"
+    # an error in the file still names the file, whatever is set beside it; a --set still replaces a file value
+    bad = write(tmp_path, "teacher:\n  train:\n    epochs: abc\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: teacher.train.epochs: expected an integer, got 'abc'"):
+        load_config(bad, ["seed=2"])
+    with pytest.raises(ConfigError, match=r"^--set teacher.train.epochs=xyz: .*got 'xyz'"):
+        load_config(bad, ["teacher.train.epochs=xyz"])
+    assert load_config(bad, ["teacher.train.epochs=4"]).teacher.train.epochs == 4
+    # a check of two keys names the --set that broke it
+    offline = write(tmp_path, "distill:\n  mode: offline\n")
+    with pytest.raises(ConfigError, match=r"^--set distill.mixup=0.5: distill: mixup 0.5 needs mode: online"):
+        load_config(offline, ["distill.mixup=0.5"])
+    with pytest.raises(ConfigError, match=r"^--set distill.mixup=0.5: distill: mixup 0.5 needs mode: online"):
+        load_config(None, ["distill.mode=offline", "distill.mixup=0.5"])
+    # an intermediate combination that the last --set makes valid is not refused
+    assert load_config(offline, ["distill.mixup=0.5", "distill.mode=online"]).distill.mixup == 0.5
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_file_key_and_line(tmp_path):
+    path = write(tmp_path, "seed: 0\nteacher:\n  train:\n    epochs: 3\n    epochs: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: line 5: key 'epochs' is given twice in one mapping (first at line 4); "
+                              "give each key once")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 3: key 'seed' is given twice .*first at line 1"):
+        load_config(write(tmp_path, "seed: 0\nteacher: {}\nseed: 1\n"))
+    with pytest.raises(ConfigError, match=rf"^{path}: line 1: key 'epochs' is given twice"):
+        load_config(write(tmp_path, "teacher: {train: {epochs: 3, epochs: 4}}\n"))
+    with pytest.raises(ConfigError, match=r"^--set teacher.train=\{epochs: 1, epochs: 2\}: line 1: key 'epochs'"):
+        load_config(None, ["teacher.train={epochs: 1, epochs: 2}"])
+    # the same key in two mappings, and a key overriding one merged from an anchor, are fine
+    config = load_config(write(tmp_path, "teacher:\n  train: &t {epochs: 3, lr: 0.05}\n"
+                                         "student:\n  train:\n    <<: *t\n    epochs: 4\n"))
+    assert (config.teacher.train.epochs, config.student.train.epochs, config.student.train.lr) == (3, 4, 0.05)
+
+
+def test_a_key_given_twice_in_a_compare_config_is_refused(tmp_path):
+    from pipeline.experiments.compare_config import load_compare_config
+    path = write(tmp_path, "budget: {steps: 5}\naxes:\n  seeds: [0]\n  policy: [s1]\n  seeds: [1]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: line 5: key 'seeds' is given twice .*first at line 3"):
+        load_compare_config(path)

@@ -3,7 +3,8 @@
 Unknown keys are rejected with the closest valid name, types are checked
 (no silent str -> int), and numeric ranges declared in field metadata are
 enforced. Lists (`tuple[X, ...]`) and mappings (`dict[str, X]`) of any supported type, dataclass sections included, are checked
-item by item with the item's path in the message (`distill.students[1].arch`). This is the only place that knows how config text becomes objects.
+item by item with the item's path in the message (`distill.students[1].arch`). This is the only place that knows how config text becomes objects
+(`load_yaml`: YAML text, a key given twice in one mapping refused).
 """
 
 from __future__ import annotations
@@ -15,11 +16,51 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, Union
 
+import yaml
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names the key path."""
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(key, line, first_line)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last).
+
+    Keys brought in by a merge (`<<: *anchor`) may still be overridden: only keys written in the mapping count.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Config YAML (a file's text, or a `--set` value) as plain data, a key given twice refused.
+
+    A repeated key raises ConfigError naming `source`, the key and both lines; malformed YAML raises
+    yaml.YAMLError for the caller to name.
+    """
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{source}: line {dup.line}: key {dup.key!r} is given twice in one mapping (first at "
+                          f"line {dup.first_line}); give each key once") from None
 
 
 def bounds(*, ge: float | None = None, gt: float | None = None,

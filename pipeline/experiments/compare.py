@@ -52,13 +52,12 @@ def make_plan(config: CompareConfig, out: Path, only: str | None) -> Plan:
 def measured_rate(config: CompareConfig) -> float:
     """Training images per second of the base teacher model at the budget's batch, on this machine
     (a few steps on random data), for the cost estimate only."""
-    import timm
-
     from pipeline.engine.runtime import configure_threads
+    from teachers.models import create_model
 
     base = config.base_config()
     configure_threads(base.runtime)
-    model = timm.create_model(base.teacher.model.arch, num_classes=10, in_chans=1)
+    model = create_model(base.teacher.model.arch, 10, 1)  # an unknown arch: ModelError with the closest names
     size, batch = base.teacher.model.input_size, config.budget.batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(batch, 1, size, size), torch.randint(0, 10, (batch,))

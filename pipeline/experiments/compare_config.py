@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import ConfigError, bounds, from_dict
+from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml
 from pipeline.config.sections import Config, DataConfig, TrainConfig
 
 RANDOM = "random"
@@ -91,13 +91,30 @@ def check(config: CompareConfig) -> None:
             TrainConfig(policy=policy)
         except ValueError as exc:
             raise ConfigError(f"axes.{exc}") from None
-    config.base_config()
+    check_archs(config)
+
+
+def check_archs(config: CompareConfig) -> None:
+    """The base models' architectures exist, checked as `selftrain run`'s preflight does (with the closest
+    names), before the plan is made or `--dry-run`'s speed probe builds the teacher. The base `init` is not
+    checked: every arm sets its own."""
+    from teachers.models import ModelError, check_arch  # torch and timm, imported only when checking
+
+    base = config.base_config()
+    models = [("base.teacher.model", base.teacher.model)]
+    if True in config.axes.self_training:
+        models.append(("base.student.model", base.student.model))
+    for where, model in models:
+        try:
+            check_arch(model.arch)
+        except ModelError as exc:
+            raise ConfigError(f"{where}.arch: {exc}") from None
 
 
 def load_compare_config(path: str | Path) -> CompareConfig:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), str(path))
     except OSError as exc:
         raise ConfigError(f"cannot read compare config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

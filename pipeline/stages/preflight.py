@@ -19,7 +19,7 @@ from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
 from teachers.checkpoint import META, CheckpointError, check_teachers_classes, checkpoint_hash
-from teachers.models import ModelError, create_model, is_known_arch
+from teachers.models import ModelError, check_arch, create_model
 from students.prune import PruneError, build_pruners
 
 # bytes a Fashion-MNIST-sized import writes per image (PNG + tar headers), with room to spare
@@ -28,8 +28,7 @@ FASHION_MNIST_IMAGES = 70_000
 
 
 def _check_model(model: ModelConfig, where: str) -> None:
-    if not is_known_arch(model.arch):
-        create_model(model.arch, 2, 1)  # raises ModelError with the closest names
+    check_arch(model.arch)
     check_init_exists(model.init, where)
 
 
@@ -123,10 +122,10 @@ def check_ensemble(config: Config, run: RunDir) -> None:
     """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
     stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
     for i, member in enumerate(config.distill.ensemble):
-        _check_given_checkpoint(member, f"distill.ensemble[{i}]")
         if Path(member).resolve().is_relative_to(run.root.resolve()):
             raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
                              "checkpoint out of it first (a rerun of its stage would replace it)")
+        _check_given_checkpoint(member, f"distill.ensemble[{i}]")
 
 
 def check_given_teachers(config: Config, run: RunDir, reimport: bool) -> None:
