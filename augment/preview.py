@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from augment.policies import build_eval_transform
 
 GAP_VALUE = 255  # white gaps: the policies pad with black, so padding stays visible
+# a PNG text chunk every saved grid carries: `selftrain augment preview --out` replaces only a file that has it
+MARK_KEY, MARK_VALUE = "Software", "selftrain augment preview"
 
 
 def _rgb(tile: np.ndarray) -> np.ndarray:
@@ -57,7 +59,8 @@ def make_preview_grid(
 
 
 def save_preview_grid(grid: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write ``grid`` as PNG atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write ``grid`` as PNG atomically (temp file in the same folder, then ``os.replace``), marked as ours
+    (``is_preview_png``)."""
     if grid.dtype != np.uint8 or grid.ndim != 3 or grid.shape[2] != 3:
         raise ValueError(f"grid must be a uint8 HxWx3 array, got {grid.dtype} {grid.shape}")
     target = Path(path)
@@ -65,7 +68,9 @@ def save_preview_grid(grid: np.ndarray, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(grid).save(handle, format="PNG")
+            mark = PngImagePlugin.PngInfo()
+            mark.add_text(MARK_KEY, MARK_VALUE)
+            Image.fromarray(grid).save(handle, format="PNG", pnginfo=mark)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a preview is meant to be shared
         os.replace(tmp, target)
     except BaseException:
@@ -73,3 +78,11 @@ def save_preview_grid(grid: np.ndarray, path: str | os.PathLike[str]) -> Path:
         raise
     return target
 
+
+def is_preview_png(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a PNG that ``save_preview_grid`` wrote (its text chunk MARK_KEY is MARK_VALUE)."""
+    try:
+        with Image.open(path, formats=["PNG"]) as image:  # the chunks before the pixels; no pixels read
+            return image.format == "PNG" and image.info.get(MARK_KEY) == MARK_VALUE
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False

@@ -17,6 +17,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from augment import PolicyError
     from pipeline.config.schema import ConfigError
     from pipeline.core.atomic import ArtifactError, WriteFailed
+    from pipeline.core.output_paths import OutputPathError
     from pipeline.core.owned import ForeignFilesError
     from pipeline.core.rundir import RunDirError
     from pipeline.data.imageset import DataDirError
@@ -33,7 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError, ForeignFilesError, ArtifactError,
             WriteFailed, PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-            InitError, BudgetError, PruneError)
+            InitError, BudgetError, PruneError, OutputPathError)
 
 
 def _version() -> str:
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)")
     summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    summarize.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    summarize.add_argument("--out", default=None, help="also write the table to this Markdown file (.md; replaces "
+                           "only a table summarize wrote)")
 
     compare = sub.add_parser("compare", help="pretraining vs self-training: run an experiment grid and report it",
                              description="Run every arm of a compare config (init x self-training x policy x labels "
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
     preview.add_argument("--policy", required=True, help="policy string, e.g. s1, s4, s4-n2-m10")
     preview.add_argument("--data", required=True, help="an imported data directory, or a shard .tar file")
-    preview.add_argument("--out", required=True, help="output PNG")
+    preview.add_argument("--out", required=True, help="output PNG (replaces only a grid preview wrote)")
     preview.add_argument("--images", type=int, default=8, help="rows (default 8)")
     preview.add_argument("--draws", type=int, default=8, help="augmented columns per image (default 8)")
     preview.add_argument("--size", type=int, default=64, help="output size of the policy (default 64)")
@@ -124,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_data(args: argparse.Namespace) -> None:
+    from pipeline.core.output_paths import check_output_dir
     from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
     from pipeline.data.sources.fashion_mnist import DataSourceError
 
+    check_output_dir(Path(args.out))
     if args.out_of_domain_unlabeled and not args.classes:
         raise DataSourceError("--out-of-domain-unlabeled needs --classes (which classes are the target task)")
     keep = ClassFilter(tuple(c.strip() for c in args.classes.split(",")), args.out_of_domain_unlabeled) \
@@ -142,11 +146,13 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from pipeline.core.output_paths import check_output_dir
     from pipeline.experiments.compare import run_compare
     from pipeline.experiments.compare_config import load_compare_config
 
     config = load_compare_config(args.config)
     out = args.out or str(Path("runs") / Path(args.config).stem)
+    check_output_dir(Path(out))
     run_compare(config, out, only=args.only, dry_run=args.dry_run)
 
 
@@ -172,12 +178,16 @@ def _cmd_status(args: argparse.Namespace) -> None:
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
     from pipeline.core.atomic import write_text
-    from pipeline.experiments.summary import summary_table
+    from pipeline.core.output_paths import check_output_file
+    from pipeline.experiments.summary import is_summary_file, summary_file_text, summary_table
 
+    if args.out:
+        check_output_file(Path(args.out), flag="--out", suffix=".md", command="selftrain summarize",
+                          written_by_us=is_summary_file)
     table = summary_table([Path(d) for d in args.run_dirs])
     print(table)
     if args.out:
-        write_text(Path(args.out), table + "\n")
+        write_text(Path(args.out), summary_file_text(table))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -214,9 +224,12 @@ def torch_threads(threads: int) -> None:
 
 def _cmd_preview(args: argparse.Namespace) -> None:
     from augment import build_policy
-    from augment.preview import make_preview_grid, save_preview_grid
+    from augment.preview import is_preview_png, make_preview_grid, save_preview_grid
+    from pipeline.core.output_paths import check_output_file
     from pipeline.data.preview import sample_images
 
+    check_output_file(Path(args.out), flag="--out", suffix=".png", command="selftrain augment preview",
+                      written_by_us=is_preview_png)
     images = sample_images(Path(args.data), args.images)
     grid = make_preview_grid(images, build_policy(args.policy, args.size), args.draws, args.seed)
     save_preview_grid(grid, Path(args.out))

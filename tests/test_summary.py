@@ -31,15 +31,19 @@ def test_summary_reports_mean_std_gain_and_wall(tmp_path, capsys):
     assert rows["student_r1"][2] == "3.00 ± 1.41"        # gains 4 and 2 points over each run's own teacher
     assert rows["student_r1"][3] == "83.00 ± 0.00"       # holdout top-1
     assert rows["student_r1"][5] == "30"                 # mean of 2x10 s and 2x20 s
-    assert (tmp_path / "t.md").read_text().strip() == out.strip()
+    mark, table = (tmp_path / "t.md").read_text().split("\n", 1)
+    assert mark == "<!-- written by selftrain summarize -->" and table.strip() == out.strip()
 
 
 def test_summary_names_a_run_without_teacher(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    assert main(["summarize", str(tmp_path / "empty")]) == 2
+    assert "empty is not a run directory (no config.yaml)" in capsys.readouterr().err
+    (tmp_path / "empty" / "config.yaml").write_text("seed: 0\n")
     assert main(["summarize", str(tmp_path / "empty")]) == 2
     assert "no finished teacher stage" in capsys.readouterr().err
 
 
 def test_summary_names_a_missing_directory(tmp_path, capsys):
     assert main(["summarize", str(tmp_path / "nope")]) == 2
-    assert "nope: not a run directory" in capsys.readouterr().err
+    assert "run directory " + str(tmp_path / "nope") + " does not exist" in capsys.readouterr().err

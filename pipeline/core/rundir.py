@@ -95,6 +95,18 @@ class RunDir:
         """The stage names the last run of this directory planned; None for a run made before stages.json."""
         return read_json(self.stage_list_path)["stages"] if self.stage_list_path.exists() else None
 
+    def require_run_dir(self) -> None:
+        """Refuse a path `selftrain run` did not make (for status and summarize, which only read).
+
+        A run writes its marker and config.yaml before its first stage starts, so a run whose first
+        stage has not finished passes; an empty directory, /tmp or a regular file does not."""
+        if not self.root.exists():
+            raise RunDirError(f"run directory {self.root} does not exist")
+        if not self.root.is_dir():
+            raise RunDirError(f"{self.root} is not a run directory (a file, not a directory)")
+        if not (self.config_path.is_file() or (self.root / MARKER).is_file()):
+            raise RunDirError(f"{self.root} is not a run directory (no config.yaml)")
+
     @property
     def data_dir(self) -> Path:
         """The imported data: RUN/data, or the import the config points at."""

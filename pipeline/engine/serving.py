@@ -52,16 +52,34 @@ class Predictor:
 
 def onnx_meta(path: Path) -> CheckpointMeta:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError:
+        raise PredictError(f"{path}: not a valid ONNX file (it does not parse as an ONNX model); "
+                           "give an .onnx file written by the export stage") from None
     props = {p.key: p.value for p in model.metadata_props}
     if ONNX_META_KEY not in props:
         raise PredictError(f"{path}: no '{ONNX_META_KEY}' metadata (input size, mean/std, classes); "
                            "export it with the pipeline's export stage")
-    raw = json.loads(props[ONNX_META_KEY])
-    raw.pop("weights_sha256", None)
-    return CheckpointMeta(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]),
-                             "class_names": tuple(raw["class_names"])})
+    try:
+        raw = json.loads(props[ONNX_META_KEY])
+        raw.pop("weights_sha256", None)
+        return CheckpointMeta(**{**raw, "mean": tuple(raw["mean"]), "std": tuple(raw["std"]),
+                                 "class_names": tuple(raw["class_names"])})
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise PredictError(f"{path}: its '{ONNX_META_KEY}' metadata is damaged ({type(exc).__name__}: {exc}); "
+                           "export the model again") from None
+
+
+def _ort_load_errors() -> tuple[type[Exception], ...]:
+    """What onnxruntime raises for a file it cannot load (its own classes derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented",
+             "RuntimeException")
+    return (RuntimeError, ValueError) + tuple(getattr(ort_state, n) for n in names if hasattr(ort_state, n))
 
 
 def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
@@ -73,7 +91,11 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except _ort_load_errors() as exc:
+            raise PredictError(f"{path}: onnxruntime cannot load this ONNX model ({type(exc).__name__}: {exc})") \
+                from None
         name = session.get_inputs()[0].name
         return Predictor(meta, lambda x: session.run(None, {name: x})[0], str(path))
     if path.is_dir() and (path / META).exists():
@@ -84,6 +106,11 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
             with torch.inference_mode():
                 return model(torch.from_numpy(x)).float().numpy()
         return Predictor(meta, torch_logits, str(path))
+    if not path.exists():
+        raise PredictError(f"{path} does not exist; give RUN/<stage>/checkpoint or an exported .onnx file")
+    inside = path / "checkpoint"
+    if path.is_dir() and (inside / META).exists():
+        raise PredictError(f"{path}: not a checkpoint directory (no {META}); did you mean {inside}?")
     raise PredictError(f"{path}: not a checkpoint directory (with {META}) or an .onnx file")
 
 
@@ -116,6 +143,9 @@ def predict_files(predictor: Predictor, files: list[Path], k: int,
             with Image.open(path) as image:
                 image.load()
                 pending.append((path, predictor.preprocess(image)))
+        except FileNotFoundError:
+            errors.append(f"{path}: image does not exist")
+            continue
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             errors.append(f"{path}: not a readable image ({type(exc).__name__}: {exc})")
             continue

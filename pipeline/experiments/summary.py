@@ -18,12 +18,29 @@ from pipeline.stages.base import Stage
 from pipeline.stages.graph import build_graph
 from pipeline.stages.report import stage_wall_seconds
 
+# the first line of every table file summarize writes: `--out` replaces only a file that starts with it
+FILE_MARK = "<!-- written by selftrain summarize -->"
+
+
+def is_summary_file(path: Path) -> bool:
+    """Whether `path` is a table an earlier `selftrain summarize --out` wrote (its first line is FILE_MARK)."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(len(FILE_MARK) + 2)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == FILE_MARK.encode()
+
+
+def summary_file_text(table: str) -> str:
+    """The table as written to `--out`: FILE_MARK (an HTML comment, invisible in rendered Markdown), then the table."""
+    return f"{FILE_MARK}\n{table}\n"
+
 
 def run_stages(run_dir: Path) -> list[Stage]:
     """The run's stage graph, from the config it was run with (RUN/config.yaml; the defaults without one)."""
     run = RunDir(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"{run_dir}: not a run directory")
+    run.require_run_dir()
     config = load_config(run.config_path) if run.config_path.exists() else Config()
     return list(build_graph(config).stages)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.core.rundir import RunDir
 
 
 def stage_names(run: RunDir) -> list[str]:
@@ -26,6 +26,5 @@ def stage_names(run: RunDir) -> list[str]:
 def describe(run_dir: str | Path) -> list[tuple[str, str]]:
     """(stage, state) for every stage of the run directory, in run order."""
     run = RunDir(run_dir)
-    if not run.root.exists():
-        raise RunDirError(f"run directory {run.root} does not exist")
+    run.require_run_dir()
     return [(name, run.stage_state(name)) for name in stage_names(run)]
