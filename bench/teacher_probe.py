@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from augment import build_eval_transform  # noqa: E402
-from pipeline.config.sections import load_config  # noqa: E402
+from pipeline.config.loading import load_config  # noqa: E402
 from pipeline.data.imageset import ImageSet, load_labeled_split, open_data  # noqa: E402
 from pipeline.data.loader import eval_batches, to_model_input  # noqa: E402
 from pipeline.engine.predict import load_model  # noqa: E402

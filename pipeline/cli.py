@@ -157,7 +157,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from pipeline.config.sections import load_config
+    from pipeline.config.loading import load_config
     from pipeline.config.presets import preset_overrides
     from pipeline.stages.runner import run_pipeline
 

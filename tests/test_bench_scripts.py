@@ -172,7 +172,7 @@ def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
     its bench commands' flags exist."""
     assert subprocess.run(["bash", "-n", str(BENCH / "gpu_checks.sh")]).returncode == 0
     script = (BENCH / "gpu_checks.sh").read_text().replace("\\\n", " ")
-    from pipeline.config.sections import load_config
+    from pipeline.config.loading import load_config
 
     keys = sorted(set(re.findall(r'--set "?([a-z_.]+)=', script)))
     assert keys == ["data.path", "runtime.progress", "runtime.workers"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_TEACHER, set_args
-from pipeline.config.sections import load_config
+from pipeline.config.loading import load_config
 from pipeline.core.faults import env_name
 from pipeline.data.loader import Batch
 from pipeline.stages.distill import kd_loss_fn

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config.sections import load_config
+from pipeline.config.loading import load_config
 from pipeline.core.rundir import RunDirError
 from pipeline.stages.graph import build_graph
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config.sections import load_config
+from pipeline.config.loading import load_config
 from pipeline.engine.predict import load_model
 from pipeline.stages.distill import kd_settings
 from students.losses import distillation_loss

@@ -100,7 +100,7 @@ def test_status_lists_the_stages_without_importing_torch(two_round_run):
     import subprocess
     import sys
 
-    from pipeline.config.sections import load_config
+    from pipeline.config.loading import load_config
     from pipeline.stages.graph import build_graph
 
     _, run, _ = two_round_run

@@ -1,23 +1,17 @@
 """The run configuration: typed, frozen, strict.
 
-A YAML file plus `--set a.b=value` overrides becomes a `Config`. Every
-section is a frozen dataclass; unknown keys, wrong types and out-of-range
-values are rejected by `configschema.from_dict` with the key path named, and
-with the file or the `--set` the value came from.
+Every section is a frozen dataclass with its defaults and bounds; `pipeline/config/loading.py`
+turns a YAML file plus `--set a.b=value` overrides into a `Config` (unknown keys, wrong types and
+out-of-range values refused by `schema.from_dict` with the key path, and the file or `--set` named).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml, set_by_path, to_dict
+from pipeline.config.schema import bounds
 
 DataSource = Literal["fashion-mnist", "folder", "shards", "webdataset"]
 
@@ -349,94 +343,3 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     ssl_pretrain: SSLPretrainConfig = field(default_factory=SSLPretrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value) with the value parsed as YAML (so 0.1, true, null work)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set teacher.train.epochs=10")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {text!r}: the key is empty")
-    if not raw.strip():
-        return key, ""
-    try:
-        return key, load_yaml(raw, f"--set {text}")
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text}: not valid YAML ({_yaml_problem(exc)})") from None
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """The short reason of a YAML error (its first line when it has no `problem`)."""
-    problem = getattr(exc, "problem", None)
-    return problem if isinstance(problem, str) and problem else str(exc).splitlines()[0]
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = load_yaml(text, str(path))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:  # the built-in defaults differ from any shipped recipe: never run them by accident
-        raise ConfigError(f"{path}: the config file is empty; start from configs/fashion_mnist.yaml")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
-
-
-def _with_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
-    merged = copy.deepcopy(data)
-    for key, value in overrides:
-        set_by_path(merged, key, value)
-    return merged
-
-
-def _error_of(data: dict[str, Any]) -> str | None:
-    try:
-        from_dict(Config, data)
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-def _blame(path: Path | None, data: dict[str, Any], items: list[str], overrides: list[tuple[str, Any]],
-           message: str) -> str:
-    """Name where the value behind `message` came from: the file, unless the file alone passes (or fails
-    otherwise); then the first `--set` after which this error appears (checked on failure only)."""
-    if overrides and _error_of(data) != message:
-        for count in range(1, len(overrides) + 1):
-            if _error_of(_with_overrides(data, overrides[:count])) == message:
-                return f"--set {items[count - 1]}: {message}"
-    return f"{path}: {message}" if path is not None else message
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read YAML `path` (or defaults when None), apply overrides, validate.
-
-    An error is attributed to the file or to the `--set` it comes from.
-    """
-    path = Path(path) if path is not None else None
-    data = _read_config_file(path) if path is not None else {}
-    items = list(overrides)
-    parsed = [parse_override(item) for item in items]
-    merged = _with_overrides(data, parsed)
-    try:
-        return from_dict(Config, merged)
-    except ConfigError as exc:
-        raise ConfigError(_blame(path, data, items, parsed, str(exc))) from None
-
-
-def config_to_yaml(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def fingerprint(obj: Any) -> str:
-    """Short stable hash of a config section (or any JSON-able value)."""
-    plain = to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
-    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -150,7 +150,7 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
 def record_stage(setup: TrainingSetup, model: torch.nn.Module, metrics: dict, lineage: dict,
                  save: Callable[[Path, torch.nn.Module, CheckpointMeta], str] = save_checkpoint) -> None:
     """Main process: checkpoint (+ meta with lineage), metrics.json, DONE, training state dropped; all wait."""
-    from pipeline.config.sections import fingerprint
+    from pipeline.config.loading import fingerprint
 
     accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
     if accelerator.is_main_process:

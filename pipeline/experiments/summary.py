@@ -11,7 +11,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from pipeline.config.sections import Config, load_config
+from pipeline.config.sections import Config
+
+from pipeline.config.loading import load_config
 from pipeline.core.atomic import read_json
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.stages.base import Stage
