@@ -91,3 +91,26 @@ def test_image_of_other_mode_is_converted_to_the_data_mode(tmp_path):
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8), "RGB").save(buffer, format="PNG")
     image = decode_image({"__key__": "k", "png": buffer.getvalue()}, tmp_path / "s.tar", "L")
     assert image.shape == (20, 30, 1) and image.dtype == np.uint8
+
+
+def test_a_stage_stopped_by_an_error_shows_it_in_status_until_a_rerun_succeeds(tiny_data, tmp_path, capsys):
+    """`selftrain status` tells a failed stage (with its error) from an interrupted one; the rerun that
+    succeeds clears it."""
+    from conftest import TINY_TEACHER, set_args, tiny_config
+
+    from pipeline.cli import main
+    from pipeline.stages.status import describe
+
+    data = copy_data(tiny_data, tmp_path)
+    config, run = tiny_config(tmp_path, data), tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "data"] + set_args(TINY_TEACHER)) == 0
+    shard = open_data(data).shard_paths("labeled")[0]
+    original = shard.read_bytes()
+    rewrite_member(shard, f"{first_key(shard)}.png", b"garbage")
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 2
+    capsys.readouterr()
+    state = dict(describe(run))["teacher"]
+    assert state.startswith("failed (ShardError: ") and shard.name in state and state.endswith("fix the cause and rerun)")
+    shard.write_bytes(original)
+    assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 0
+    assert dict(describe(run))["teacher"] == "done" and not (run / "teacher" / "failed.json").exists()

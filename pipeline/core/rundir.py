@@ -31,7 +31,8 @@ SIDECAR_SUFFIX = ".labels.npz"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
-STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", PROGRESS_FILE, "metrics.json", "manifest.json", "*" + SIDECAR_SUFFIX,
+FAILED_FILE = "failed.json"  # the error that stopped a stage's last attempt (status shows it; removed on the next)
+STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json", "manifest.json", "*" + SIDECAR_SUFFIX,
                  "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
                  "state.prev/*", "*.tmp")
 
@@ -261,8 +262,17 @@ class RunDir:
                               "Move them out of the run directory first")
         shutil.rmtree(directory)
 
+    def record_failure(self, stage: str, error: Exception) -> None:
+        """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done."""
+        if self.stage_dir(stage).exists():
+            write_json(self.stage_dir(stage) / FAILED_FILE, {"error": f"{type(error).__name__}: {error}"})
+
+    def clear_failure(self, stage: str) -> None:
+        (self.stage_dir(stage) / FAILED_FILE).unlink(missing_ok=True)
+
     def stage_state(self, stage: str) -> str:
-        """done | pending | running (a process times it now) | resumable / started (interrupted), with times."""
+        """done | pending | running (a process times it now) | failed (its error) | resumable / started
+        (interrupted), with times."""
         if self.is_done(stage):
             return "done"
         if not self.stage_dir(stage).exists():
@@ -275,6 +285,12 @@ class RunDir:
             where = "" if progress is None else f"; {progress[0].running_text(progress[1])}"
             return f"running ({format_duration(clock[0])} so far{where})"
         saved = progress is not None and progress[0].saved_step > 0  # a state, or finished sidecars
+        failed = self.stage_dir(stage) / FAILED_FILE
+        if failed.exists():
+            error = read_json(failed).get("error", "")
+            error = error if len(error) <= 300 else error[:297] + "..."
+            kept = f"; {progress[0].stopped_text()}" if progress is not None and saved else ""
+            return f"failed ({error}{kept}; fix the cause and rerun)"
         state = "resumable" if self.state_dir(stage).exists() or saved else "started"
         if clock is None:
             return state

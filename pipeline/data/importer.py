@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 TRUTH_FILE = "unlabeled_truth.json"
 FORMAT = "selftrain-data/1"
 # files of the run directory's stage protocol that may sit beside an import (RUN/data); never removed here
-RUN_BOOKKEEPING = ("stage.json", "DONE", "wall_time.json")
+RUN_BOOKKEEPING = ("stage.json", "DONE", "wall_time.json", "failed.json")
 
 
 @dataclass(frozen=True)

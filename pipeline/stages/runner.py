@@ -55,10 +55,17 @@ def _run_stage(ctx: StageContext, stage: Stage) -> None:
         state.print(f"[{stage.name}] done already; skipping (use --from {stage.name} to redo)")
         return
     timed = stage.fingerprinted and state.is_main_process
-    with run.stage_clock(stage.name) if timed else contextlib.nullcontext():
-        if state.is_main_process or not stage.main_process_only:
-            stage.run(ctx, stage)
-        state.wait_for_everyone()
+    if timed:
+        run.clear_failure(stage.name)
+    try:
+        with run.stage_clock(stage.name) if timed else contextlib.nullcontext():
+            if state.is_main_process or not stage.main_process_only:
+                stage.run(ctx, stage)
+            state.wait_for_everyone()
+    except Exception as error:  # a kill or Ctrl-C leaves the stage resumable, not failed
+        if timed:
+            run.record_failure(stage.name, error)
+        raise
 
 
 def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, start: str | None = None) -> None:
