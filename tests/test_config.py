@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.sections import Config
-
 from pipeline.config.loading import load_config
+
+from pipeline.config.sections import Config
 from pipeline.config.schema import ConfigError
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from pipeline.config.sections import Config
-
 from pipeline.config.loading import load_config
+from pipeline.config.schema import to_dict
+from pipeline.config.sections import Config
 from pipeline.core.atomic import read_json
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.stages.base import Stage
@@ -70,10 +70,36 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+SEED_KEYS = ("seed", "data.seed", "select.seed")  # what may differ between the runs of one summary
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(run_dirs: list[Path]) -> list[str]:
+    """Config keys, other than the seeds, whose values differ between the runs (`key (a / b)`): a mean over
+    such runs is not a mean over seeds."""
+    configs = [_flat(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
+               if RunDir(d).config_path.exists()]
+    keys = dict.fromkeys(k for c in configs for k in c)
+    return [f"{key} ({' / '.join(str(c.get(key)) for c in configs)})" for key in keys
+            if key not in SEED_KEYS and len({repr(c.get(key)) for c in configs}) > 1]
+
+
 def summary_table(run_dirs: list[Path]) -> str:
     runs = [run_metrics(Path(d)) for d in run_dirs]
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
+    differ = config_differences([Path(d) for d in run_dirs])
     lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
+             *([f"**Note: these runs differ in more than their seeds**: {'; '.join(differ[:8])}"
+                + (f" and {len(differ) - 8} more keys" if len(differ) > 8 else "") + "", ""] if differ else []),
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
              "| wall s | per run test top-1 % |", "|" + "---|" * 8]
     for stage in stages:

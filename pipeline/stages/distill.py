@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import to_dict
-from pipeline.config.sections import Config, ModelConfig, StageConfig
 from pipeline.config.loading import fingerprint
+from pipeline.config.sections import Config, ModelConfig, StageConfig
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline.config.sections import Config
-
 from pipeline.config.loading import config_to_yaml, fingerprint
+
+from pipeline.config.sections import Config
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.engine.runtime import process_state

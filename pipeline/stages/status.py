@@ -16,8 +16,8 @@ def stage_names(run: RunDir) -> list[str]:
     planned = run.planned_stages()
     if planned is not None:
         return planned
-    from pipeline.config.sections import Config
     from pipeline.config.loading import load_config
+    from pipeline.config.sections import Config
     from pipeline.stages.graph import build_graph
 
     config = load_config(run.config_path) if run.config_path.exists() else Config()
