@@ -95,3 +95,12 @@ def test_run_with_the_quick_preset_applies_it_before_the_users_set(tiny_fashion_
     assert main(["run", config, "--preset", "fast", "--run-dir", str(tmp_path / "other")]) == 2
     assert "--preset 'fast': unknown preset; presets are quick" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_preview_of_a_raw_image_folder_says_to_import_it_elsewhere(tmp_path, capsys):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "photos" / "cat" / "a.png")
+    assert main(["augment", "preview", "--policy", "s1", "--data", str(tmp_path / "photos"),
+                 "--out", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not an imported data directory" in err and "--out DIR" in err and f"--out {tmp_path}" not in err

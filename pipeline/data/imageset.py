@@ -87,7 +87,8 @@ def open_data(root: str | Path) -> DataInfo:
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
-        raise DataDirError(f"{root}: no {MANIFEST}; import data first (`selftrain data fashion-mnist --out {root}`)")
+        raise DataDirError(f"{root}: no {MANIFEST}, so not an imported data directory; import into a new directory "
+                           "first (`selftrain data fashion-mnist --out DIR` or `selftrain data folder SRC --out DIR`)")
     return DataInfo(root, read_json(path))
 
 
