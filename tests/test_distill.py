@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -258,9 +259,18 @@ def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_pa
     assert tops[0] == tops[1]  # same top-1 from the checkpoint and its ONNX export
 
 
-def test_distill_prune_export_under_torchrun(tiny_teacher_run, tmp_path):
-    config, run = copy_run(tiny_teacher_run, tmp_path, "torchrun")
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29545"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_distill_prune_export_under_torchrun_and_accelerate_launch(launcher, tiny_teacher_run, tmp_path):
+    """The README's two multi-process commands over the distill, prune and export stages."""
+    config, run = copy_run(tiny_teacher_run, tmp_path, launcher)
+    args = [sys.executable, *LAUNCHERS[launcher],
             "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run)] + set_args(TINY_TEACHER + DISTILL)
     result = subprocess.run(args + COMPRESS, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -25,8 +25,15 @@ def test_distilled_and_labels_only_students_get_the_same_steps_and_settings(tiny
     made = (out / "seed0-labels-only" / "teacher" / "metrics.json").read_text()
     assert first == [{"run": str(out / "seed0-labels-only" / "teacher"), "part": "labels-only",
                       "steps": json.loads(made)["steps"], "top1": round(100 * json.loads(made)["top1"], 2)}]
-    rows = bench(*goal, timeout=600)
+    # then the distillation side on its own: the chain up to the distilled student, nothing of the other side
+    second = bench(*goal, "--part", "distilled", timeout=600)
+    distilled = json.loads((out / "seed0" / "distill_test_efficientnet" / "metrics.json").read_text())
+    assert second == [{"run": str(out / "seed0" / "distill_test_efficientnet"), "part": "distilled",
+                       "steps": distilled["steps"], "top1": round(100 * distilled["top1"], 2)}]
+    assert (out / "seed0-labels-only" / "teacher" / "metrics.json").read_text() == made
+    rows = bench(*goal, timeout=600)  # the row, from both sides as they are
     assert (out / "seed0-labels-only" / "teacher" / "metrics.json").read_text() == made  # reused, not retrained
+    assert json.loads((out / "seed0" / "distill_test_efficientnet" / "metrics.json").read_text()) == distilled
     assert len(rows) == 1
     row = rows[0]
     assert row == json.loads((out / "seed0-goal.json").read_text())
