@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.core.atomic import read_json, sha256_file, write_json
+from pipeline.core.bars import progress_bar
 from pipeline.core.owned import claim, refuse_foreign
 from pipeline.data.shards import ALPHA_BACKGROUND, encode_png, shard_name, write_shards
 from pipeline.data.sources import fashion_mnist, folder
@@ -153,7 +153,7 @@ def check_same_folder(out: Path, manifest: dict, src: str | Path, image_count: i
 def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callable[[], tuple[str, bytes]]]]],
                   shard_size: int, progress: bool) -> dict[str, list[dict[str, object]]]:
     total = sum(len(items) for items in split_items.values())
-    bar = tqdm(total=total, desc="import", unit="img", disable=not progress)
+    bar = progress_bar(total=total, desc="import", unit="img", disable=not progress)
     records = {}
     with bar:  # closed before an error message is printed
         for split, items in split_items.items():

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
+from pipeline.core.bars import progress_bar
 from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import DataInfo
 from pipeline.data.shards import ShardError, decode_image, iter_shard
@@ -64,8 +64,8 @@ def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_st
     targets: list[np.ndarray] = []
     repeats: list[np.ndarray] = []
     keys: list[str] = []
-    for record in tqdm(data.shard_records("unlabeled"), desc="load pool", unit="shard", disable=not progress,
-                       leave=False):
+    for record in progress_bar(data.shard_records("unlabeled"), desc="load pool", unit="shard",
+                               disable=not progress, leave=False):
         sidecar = read_sidecar(run.sidecar_path(labels_stage, record["name"]))
         plan_path = run.plan_path(select_stage, record["name"])
         plan = np.load(plan_path)

@@ -18,13 +18,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 from webdataset.gopen import gopen_schemes
 from webdataset.shardlists import expand_urls
 
 from pipeline.config.schema import to_dict
 from pipeline.config.sections import DataConfig, WebDatasetConfig
 from pipeline.core.atomic import write_json
+from pipeline.core.bars import progress_bar
 from pipeline.core.owned import claim
 from pipeline.data.importer import FORMAT, MANIFEST, RUN_BOOKKEEPING, existing_import
 from pipeline.data.shard_io import Fingerprint, ShardLocation, as_location, shard_basename
@@ -178,7 +178,7 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
     modes: set[str] = set()
     problems = ReadProblems()
     total = sum(len(v) for v in lists.values())
-    with tqdm(total=total, desc="scan shards", unit="shard", disable=not progress) as bar:
+    with progress_bar(total=total, desc="scan shards", unit="shard", disable=not progress) as bar:
         for split in SPLITS:
             records[split], labels[split] = [], []
             for name, location in lists[split]:

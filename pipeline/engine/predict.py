@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
 from augment import build_eval_transform
+from pipeline.core.bars import progress_bar
 from pipeline.data.loader import Transform, eval_batches, to_model_input
 from students.prune import is_pruned_checkpoint, load_pruned
 from teachers.checkpoint import CheckpointMeta, check_compatible, load_checkpoint
@@ -36,8 +36,8 @@ def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: lis
         chunk = [images[i] for i in part]
         outputs = []
         loader = eval_batches(chunk, transform, batch_size, workers)
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False,
-                             disable=not (progress and accelerator.is_local_main_process)):
+        for batch in progress_bar(loader, desc=desc, unit="batch", leave=False,
+                                  disable=not (progress and accelerator.is_local_main_process)):
             x = to_model_input(batch.images, mean, std, accelerator.device, channels_last)
             with accelerator.autocast():
                 outputs.append(model(x).float())

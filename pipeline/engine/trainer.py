@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
 from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.core.atomic import WriteFailed
+from pipeline.core.bars import progress_bar
 from pipeline.core.faults import kill_point
 from pipeline.core.progress import ProgressWriter, progress_path
 
@@ -141,8 +141,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     start = state.step
     progress_file = ProgressWriter(progress_path(state_dir) if accelerator.is_main_process else None,
                                    total_steps, start)
-    bar = tqdm(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
-               disable=not (progress and accelerator.is_local_main_process))
+    bar = progress_bar(total=total_steps, initial=start, desc=name, unit="step", dynamic_ncols=True,
+                       disable=not (progress and accelerator.is_local_main_process))
     model.train()
     images, wait, t0 = 0, 0.0, time.perf_counter()
     last: dict[str, float] = {}

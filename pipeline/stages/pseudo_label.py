@@ -19,11 +19,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from augment import build_eval_transform
 from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json, write_json
+from pipeline.core.bars import progress_bar
 from pipeline.core.faults import kill_point
 from pipeline.core.progress import PROGRESS_FILE, ProgressWriter
 from pipeline.core.metrics import expected_calibration_error
@@ -126,7 +126,8 @@ def label_shards(labeler: Labeler, job: LabelingJob) -> int:
     """Label `job.shards`, writing each sidecar as soon as its last batch is done; returns images labeled."""
     buffers: dict[int, tuple[list[str], list[np.ndarray]]] = {}
     labeled = batches = shards_done = 0
-    bar = tqdm(total=job.total_images, desc="pseudo-label", unit="img", disable=not job.progress, dynamic_ncols=True)
+    bar = progress_bar(total=job.total_images, desc="pseudo-label", unit="img", disable=not job.progress,
+                       dynamic_ncols=True)
     mean, std = labeler.mean.to(labeler.device), labeler.std.to(labeler.device)
     with torch.inference_mode():
         for item in stream_loader(job.shards, labeler.transform, job.batch_size, job.mode, job.workers,
