@@ -28,7 +28,6 @@ import math
 from pathlib import Path
 
 from pipeline.config.loading import load_config
-
 from pipeline.config.sections import Config
 from pipeline.core.allocator import keep_freed_memory
 from pipeline.core.atomic import read_json, write_text

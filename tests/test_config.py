@@ -170,6 +170,10 @@ def test_errors_in_set_values_name_the_set_not_the_file(tmp_path):
         load_config(None, ["distill.mode=offline", "distill.mixup=0.5"])
     # an intermediate combination that the last --set makes valid is not refused
     assert load_config(offline, ["distill.mixup=0.5", "distill.mode=online"]).distill.mixup == 0.5
+    # the --set of the failing key is named even when a later --set mends another key of the file
+    zero = write(tmp_path, "data:\n  labels_per_class: 0\n")
+    with pytest.raises(ConfigError, match=r"^--set teacher.train.epochs=-1: teacher.train.epochs: "):
+        load_config(zero, ["teacher.train.epochs=-1", "data.labels_per_class=5"])
 
 
 def test_a_key_given_twice_in_a_config_file_is_refused_with_file_key_and_line(tmp_path):

@@ -97,7 +97,6 @@ def test_folder_import(tmp_path):
     assert again["splits"] == manifest["splits"]
 
 
-
 def test_an_import_of_another_folder_or_a_changed_one_into_the_same_out_is_refused(tmp_path, monkeypatch):
     """Returning the existing import would silently ignore the new images."""
     make_folder(tmp_path / "src")
@@ -111,6 +110,7 @@ def test_an_import_of_another_folder_or_a_changed_one_into_the_same_out_is_refus
     Image.fromarray(np.zeros((20, 24), dtype=np.uint8), "L").save(tmp_path / "src" / "cat" / "new.png")
     with pytest.raises(DataSourceError, match="holds 36 images imported from .*src, which now holds 37"):
         import_folder(tmp_path / "src", tmp_path / "out", **args)
+
 
 def test_folder_import_rejects_undecodable_image(tmp_path):
     make_folder(tmp_path / "src")

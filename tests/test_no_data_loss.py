@@ -126,8 +126,10 @@ def test_from_refuses_a_missing_source_or_a_damaged_teacher_before_forgetting_an
         class_names=("cat", "dog"), config_hash="x"))
     weights = member / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated after it was written
-    damaged = ["--set", "distill.students=[{arch: test_resnet, input_size: 16}]", "--set", f"distill.ensemble=[{member}]"]
-    assert main(["run", str(config), "--run-dir", str(run), "--from", "teacher"] + set_args(TINY_TEACHER) + damaged) == 2
-    err = capsys.readouterr().err
-    assert f"distill.ensemble[0]: {weights}" in err and "damaged" in err
-    assert tree_hashes(run) == before
+    for key, value in (("distill.ensemble", f"[{member}]"), ("distill.teacher", str(member))):
+        damaged = ["--set", "distill.students=[{arch: test_resnet, input_size: 16}]", "--set", f"{key}={value}"]
+        assert main(["run", str(config), "--run-dir", str(run), "--from", "teacher"] + set_args(TINY_TEACHER)
+                    + damaged) == 2
+        err = capsys.readouterr().err
+        assert f"{key}{'[0]' if key == 'distill.ensemble' else ''}: {weights}" in err and "damaged" in err
+        assert tree_hashes(run) == before

@@ -179,6 +179,9 @@ def test_status_of_a_run_whose_first_stage_has_not_finished(tmp_path, capsys):
     assert main(["status", str(run.root)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert rows == [["data", "pending"], ["teacher", "pending"], ["report", "pending"]]
+    run.config_path.unlink()  # the run marker alone (written when the directory was claimed) is enough
+    (run.root / ".selftrain-run").write_text("selftrain run directory\n")
+    assert main(["status", str(run.root)]) == 0
 
 
 def test_summarize_refuses_a_directory_without_config(tmp_path, capsys):

@@ -52,7 +52,7 @@ def test_summary_names_a_missing_directory(tmp_path, capsys):
 def test_summary_notes_runs_that_differ_in_more_than_their_seeds(tmp_path, capsys):
     a = fake_run(tmp_path / "a", 0.80, 0.84, 10)
     b = fake_run(tmp_path / "b", 0.82, 0.84, 20)
-    RunDir(b).config_path.write_text("seed: 1\ndata:\n  seed: 1\n")  # other seeds only: a plain mean
+    RunDir(b).config_path.write_text("seed: 1\ndata:\n  seed: 1\nruntime:\n  threads: 1\n")  # seeds, threads: a mean
     assert main(["summarize", str(a), str(b)]) == 0
     assert "differ" not in capsys.readouterr().out
     RunDir(b).config_path.write_text("seed: 1\nteacher:\n  train:\n    epochs: 200\n")

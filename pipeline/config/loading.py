@@ -63,22 +63,20 @@ def _with_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     return merged
 
 
-def _error_of(data: dict[str, Any]) -> str | None:
-    try:
-        from_dict(Config, data)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+def _error_key(message: str) -> str:
+    """The key path a ConfigError message is about: `a.b[1].c: ...`, or the quoted key of `unknown config key`."""
+    if message.startswith("unknown config key '"):
+        return message.split("'")[1]
+    return message.split(":", 1)[0].strip()
 
 
-def _blame(path: Path | None, data: dict[str, Any], items: list[str], overrides: list[tuple[str, Any]],
-           message: str) -> str:
-    """Name where the value behind `message` came from: the file, unless the file alone passes (or fails
-    otherwise); then the first `--set` after which this error appears (checked on failure only)."""
-    if overrides and _error_of(data) != message:
-        for count in range(1, len(overrides) + 1):
-            if _error_of(_with_overrides(data, overrides[:count])) == message:
-                return f"--set {items[count - 1]}: {message}"
+def _blame(path: Path | None, items: list[str], overrides: list[tuple[str, Any]], message: str) -> str:
+    """Name where the value behind `message` came from: the last `--set` of that key, of a section holding it
+    or of a key inside the section the message is about; else the file."""
+    failing = _error_key(message)
+    for item, (key, _) in reversed(list(zip(items, overrides))):
+        if key == failing or failing.startswith((key + ".", key + "[")) or key.startswith(failing + "."):
+            return f"--set {item}: {message}"
     return f"{path}: {message}" if path is not None else message
 
 
@@ -91,11 +89,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data = _read_config_file(path) if path is not None else {}
     items = list(overrides)
     parsed = [parse_override(item) for item in items]
-    merged = _with_overrides(data, parsed)
     try:
-        return from_dict(Config, merged)
+        return from_dict(Config, _with_overrides(data, parsed))
     except ConfigError as exc:
-        raise ConfigError(_blame(path, data, items, parsed, str(exc))) from None
+        raise ConfigError(_blame(path, items, parsed, str(exc))) from None
 
 
 def config_to_yaml(config: Config) -> str:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import read_json, write_json, write_text
+from pipeline.core.atomic import WriteFailed, read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
 from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
@@ -263,9 +263,13 @@ class RunDir:
         shutil.rmtree(directory)
 
     def record_failure(self, stage: str, error: Exception) -> None:
-        """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done."""
-        if self.stage_dir(stage).exists():
-            write_json(self.stage_dir(stage) / FAILED_FILE, {"error": f"{type(error).__name__}: {error}"})
+        """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done; best effort
+        (a full disk must not replace the error being raised)."""
+        try:
+            if self.stage_dir(stage).exists():
+                write_json(self.stage_dir(stage) / FAILED_FILE, {"error": f"{type(error).__name__}: {error}"})
+        except (OSError, WriteFailed):
+            pass
 
     def clear_failure(self, stage: str) -> None:
         (self.stage_dir(stage) / FAILED_FILE).unlink(missing_ok=True)

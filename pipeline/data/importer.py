@@ -141,7 +141,8 @@ def check_same_folder(out: Path, manifest: dict, src: str | Path, image_count: i
     """An import of another image folder, or of this one since grown or shrunk (`image_count`: every image
     is imported, no filter or cap), is refused: returning the old import would silently drop the new images."""
     made_from = Path(manifest.get("source", ""))
-    if made_from.resolve() != Path(src).resolve():
+    # imports made before sources were recorded resolved hold the path as typed: not comparable from here
+    if made_from.is_absolute() and made_from != Path(src).resolve():
         raise DataSourceError(f"{out} already holds an import of the image folder {made_from}, not {src}; "
                               "choose another --out or delete it")
     imported = sum(split["count"] for split in manifest["splits"].values())

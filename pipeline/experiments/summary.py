@@ -70,7 +70,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-SEED_KEYS = ("seed", "data.seed", "select.seed")  # what may differ between the runs of one summary
+# what may differ between the runs of one summary: the seeds, and settings that do not change results on CPU
+SAME_RESULT_KEYS = ("seed", "data.seed", "select.seed", "pretrain.data.seed", "runtime.workers", "runtime.threads",
+                    "runtime.progress", "runtime.log_with")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -84,22 +86,28 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_differences(run_dirs: list[Path]) -> list[str]:
-    """Config keys, other than the seeds, whose values differ between the runs (`key (a / b)`): a mean over
-    such runs is not a mean over seeds."""
+    """Config keys other than SAME_RESULT_KEYS whose values differ between the runs (`key (a / b)`): a mean
+    over such runs is not a mean over seeds."""
     configs = [_flat(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
                if RunDir(d).config_path.exists()]
     keys = dict.fromkeys(k for c in configs for k in c)
     return [f"{key} ({' / '.join(str(c.get(key)) for c in configs)})" for key in keys
-            if key not in SEED_KEYS and len({repr(c.get(key)) for c in configs}) > 1]
+            if key not in SAME_RESULT_KEYS and len({repr(c.get(key)) for c in configs}) > 1]
+
+
+def differences_note(differ: list[str], shown: int = 8) -> list[str]:
+    """The lines above the table when the runs differ in more than their seeds (none when they do not)."""
+    if not differ:
+        return []
+    more = f" and {len(differ) - shown} more keys" if len(differ) > shown else ""
+    return [f"**Note: these runs differ in more than their seeds**: {'; '.join(differ[:shown])}{more}", ""]
 
 
 def summary_table(run_dirs: list[Path]) -> str:
     runs = [run_metrics(Path(d)) for d in run_dirs]
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
-    differ = config_differences([Path(d) for d in run_dirs])
     lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
-             *([f"**Note: these runs differ in more than their seeds**: {'; '.join(differ[:8])}"
-                + (f" and {len(differ) - 8} more keys" if len(differ) > 8 else "") + "", ""] if differ else []),
+             *differences_note(config_differences([Path(d) for d in run_dirs])),
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
              "| wall s | per run test top-1 % |", "|" + "---|" * 8]
     for stage in stages:

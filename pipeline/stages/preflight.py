@@ -59,18 +59,25 @@ def check_models(config: Config) -> None:
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher:
-        _check_given_checkpoint(config.distill.teacher, "distill.teacher")
+        _check_checkpoint_dir(config.distill.teacher, "distill.teacher")
 
 
-def _check_given_checkpoint(path: str, where: str) -> None:
-    """A checkpoint directory whose weights are the ones its meta.json records (a damaged or swapped file is
-    refused here, before `--from` forgets the stages it would teach)."""
+def _check_checkpoint_dir(path: str, where: str) -> None:
     if not (Path(path) / META).exists():
         raise ModelError(f"{where}: {path} is not a checkpoint directory (no {META})")
-    try:
-        checkpoint_hash(Path(path))
-    except CheckpointError as error:
-        raise CheckpointError(f"{where}: {error}") from None
+
+
+def check_given_weights(config: Config, graph: StageGraph, run: RunDir) -> None:
+    """The weights of `distill.teacher` and the ensemble members are the ones their meta.json records (a
+    damaged or swapped file is refused here, before `--from` forgets the stages they would teach); read
+    only while a distillation or pruning stage is still to run."""
+    if not any(s.kind in ("distill", "prune") and not run.is_done(s.name) for s in graph.stages):
+        return
+    for where, directory in config.distill.given_checkpoints():
+        try:
+            checkpoint_hash(Path(directory))
+        except CheckpointError as error:
+            raise CheckpointError(f"{where}: {error}") from None
 
 
 def _relative_note(path: str) -> str:
@@ -125,7 +132,7 @@ def check_ensemble(config: Config, run: RunDir) -> None:
         if Path(member).resolve().is_relative_to(run.root.resolve()):
             raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
                              "checkpoint out of it first (a rerun of its stage would replace it)")
-        _check_given_checkpoint(member, f"distill.ensemble[{i}]")
+        _check_checkpoint_dir(member, f"distill.ensemble[{i}]")
 
 
 def check_given_teachers(config: Config, run: RunDir, reimport: bool) -> None:
@@ -140,6 +147,7 @@ def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = F
     the one later stages will read."""
     check_models(config)
     check_ensemble(config, run)
+    check_given_weights(config, graph, run)
     check_given_teachers(config, run, reimport)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run, reimport)

@@ -263,7 +263,8 @@ def write_manifest(ctx: StageContext, stage: Stage, teacher_hash: str, topk: int
         truncated += meta["problems"]["truncated"]
         sidecars.append({"name": path.name, "source_shard": record["name"], "count": meta["count"]})
     metrics = {"num_labeled": total, "num_skipped": len(skipped), "num_truncated_shards": len(truncated),
-               "num_unread": in_pool - total - len(skipped),
+               # a webdataset import's shard counts already leave its skipped samples out: never below 0
+               "num_unread": max(0, in_pool - total - len(skipped)),
                "images_per_s_this_run": round(this_run.images / max(this_run.seconds, 1e-9), 1),
                "shards_this_run": this_run.shards, "processes": this_run.processes,
                **pool_report(run_dir, stage.name, data)}

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pipeline.config.loading import config_to_yaml, fingerprint
-
 from pipeline.config.sections import Config
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
@@ -63,7 +62,9 @@ def _run_stage(ctx: StageContext, stage: Stage) -> None:
                 stage.run(ctx, stage)
             state.wait_for_everyone()
     except Exception as error:  # a kill or Ctrl-C leaves the stage resumable, not failed
-        if timed:
+        # one process only: under several, rank 0 often sees just the broken collective of a peer that
+        # failed (or was killed); each rank's own error is in its log
+        if timed and state.num_processes == 1:
             run.record_failure(stage.name, error)
         raise
 
@@ -72,7 +73,7 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
     graph = build_graph(config)
     stages = graph.select(only, start)
     run = make_run_dir(config, run_dir)
-    reimport = bool(start) and any(stage.kind == "data" for stage in stages)  # --from resets what it runs
+    reimport = bool(start) and any(stage.name == "data" for stage in stages)  # --from resets what it runs
     preflight(config, graph, run, reimport)  # before anything is written or started
     state = process_state()  # the one process state of this run
     try:
