@@ -229,3 +229,33 @@ def test_predict_says_a_missing_image_does_not_exist_and_predicts_the_others(sta
     captured = capsys.readouterr()
     assert f"{missing}: image does not exist" in captured.err and "FileNotFoundError" not in captured.err
     assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(image)]
+
+
+def tiny_onnx(path: Path, meta_json: str, op: str = "Identity") -> Path:
+    """A one-node ONNX model carrying `meta_json` as its selftrain metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.engine.serving import ONNX_META_KEY
+
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 16, 16])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {ONNX_META_KEY: meta_json})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_predict_names_damaged_onnx_metadata_and_a_model_onnxruntime_cannot_load(tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+    damaged = tiny_onnx(tmp_path / "damaged.onnx", "{not json")
+    assert f"{damaged}: its 'selftrain_meta' metadata is damaged" in refused(
+        ["predict", str(damaged), str(image)], capsys)
+    meta = json.dumps({"arch": "x", "num_classes": 1, "in_chans": 1, "input_size": 16, "mean": [0.5],
+                       "std": [0.5], "class_names": ["a"], "config_hash": "0"})
+    unknown_op = tiny_onnx(tmp_path / "unknown_op.onnx", meta, op="NoSuchOperator")
+    assert f"{unknown_op}: onnxruntime cannot load this ONNX model" in refused(
+        ["predict", str(unknown_op), str(image)], capsys)
