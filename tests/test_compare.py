@@ -293,3 +293,14 @@ def test_a_misspelt_architecture_is_refused_before_the_dry_run_probe(section, tm
             "did you mean resnet10t" in err) and "Traceback" not in err and not out.exists()
     if section == "student":  # without self-training no student is trained: its model is not checked
         grid_config(base={"student": {"model": {"arch": "resnet10tt"}}}, axes={**GRID["axes"], "self_training": [False]})
+
+
+def test_compare_refuses_an_out_holding_the_users_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pipeline.experiments.compare.measured_rate", lambda config: 1000.0)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = REPO / "configs" / "compare_fashion_mnist.yaml"
+    assert main(["compare", str(config), "--out", str(out), "--only", "policy=s1,labels_per_class=10"]) == 2
+    assert f"{out} holds files this tool did not write (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

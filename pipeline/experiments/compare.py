@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.config.schema import to_dict
 from pipeline.core.atomic import read_json, write_json, write_text
+from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.rundir import RunDir
 from pipeline.engine.runtime import process_state
@@ -130,6 +131,15 @@ def resolved_yaml(config: CompareConfig) -> str:
     return yaml.safe_dump({**to_dict(config), "base": to_dict(config.base_config())}, sort_keys=False)
 
 
+def refuse_foreign_out(out: Path) -> None:
+    """A compare writes into a new directory or into its own (compare.yaml, written first, marks it): never
+    beside a user's files."""
+    if out.is_dir() and not (out / "compare.yaml").exists():
+        names = sorted(p.name for p in out.iterdir())
+        if names:
+            raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
+
+
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
                 estimate: bool = True) -> dict | None:
     out = Path(out)
@@ -141,6 +151,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
                   flush=True)
         if dry_run:
             return None
+        refuse_foreign_out(out)  # on every rank, so that all stop together
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "compare.yaml", resolved_yaml(config))
