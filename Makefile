@@ -43,7 +43,8 @@ demo: install data-package
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures built once; the torchrun tests'
 # ports differ by file), one torch thread each (tests/conftest.py). On 2 cores the serial suite keeps about
-# one core busy (user time ~ wall time): 17 min 28 s serial against 13 min 53 s with -n 2 on 2026-12-01.
+# one core busy (user time ~ wall time): 17 min 28 s serial against 13 min 53 s with -n 2 on 2026-12-01 (AVX2
+# EPYC); 672 tests in 7 min 38 s with -n 2 on the AMD AVX-512 EPYC on 2026-12-04.
 # TEST_WORKERS=0 runs it serially.
 TEST_WORKERS ?= 2
 test: install data-package
