@@ -64,7 +64,7 @@ def check_models(config: Config) -> None:
 
 def _check_checkpoint_dir(path: str, where: str) -> None:
     if not (Path(path) / META).exists():
-        raise ModelError(f"{where}: {path} is not a checkpoint directory (no {META})")
+        raise ModelError(f"{where}: {path} is not a checkpoint directory (no {META}){_relative_note(path)}")
 
 
 def check_given_weights(config: Config, graph: StageGraph, run: RunDir) -> None:
