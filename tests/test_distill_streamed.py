@@ -14,7 +14,8 @@ from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import Batch
 from pipeline.data.pool import PoolError
-from pipeline.data.pool_stream import LOGITS, MixedBatch, PoolShard, PoolStream, distill_shards
+from pipeline.data.pool_stream import LOGITS, PoolShard, PoolStream, distill_shards
+from pipeline.data.pool_stream_loader import MixedBatch
 from pipeline.data.shards import iter_shard
 from pipeline.stages.distill import stored_logits
 from teachers.sidecar import read_sidecar

@@ -19,7 +19,8 @@ from pipeline.data import pool_stream
 from pipeline.data.imageset import open_data
 from pipeline.data.loader import Source
 from pipeline.data.pool import LabelForm, load_selected_pool
-from pipeline.data.pool_stream import PoolPosition, PoolStream, StreamedMixtureSampler, pool_shards
+from pipeline.data.pool_stream import PoolStream, pool_shards
+from pipeline.data.pool_stream_loader import PoolPosition, StreamedMixtureSampler
 from conftest import TINY_TEACHER, set_args
 from test_student import STUDENT, assert_same, cli, weights
 

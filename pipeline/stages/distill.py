@@ -35,8 +35,9 @@ from pipeline.config.sections import Config, ModelConfig, StageConfig
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import ImageSet, load_unlabeled_split
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader
-from pipeline.data.pool_stream import (LOGITS, MixedBatch, PoolPosition, PoolShard, PoolStream, StreamedMixtureSampler,
-                                       StreamedSources, collate_mixed, distill_shards, tracked)
+from pipeline.data.pool_stream import LOGITS, PoolShard, PoolStream, distill_shards
+from pipeline.data.pool_stream_loader import (MixedBatch, PoolPosition, StreamedMixtureSampler, StreamedSources,
+                                              collate_mixed, tracked)
 from pipeline.engine.trainer import train
 from pipeline.engine.init import resolve_init
 from pipeline.engine.predict import load_model, predict_logits

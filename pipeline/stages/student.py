@@ -21,8 +21,9 @@ from pipeline.core.atomic import read_json
 from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
 from pipeline.data.pool import LabelForm, load_selected_pool
-from pipeline.data.pool_stream import (PoolPosition, PoolStream, StreamedMixtureSampler, StreamedSources,
-                                       collate_mixed, pool_shards, tracked)
+from pipeline.data.pool_stream import PoolStream, pool_shards
+from pipeline.data.pool_stream_loader import (PoolPosition, StreamedMixtureSampler, StreamedSources, collate_mixed,
+                                              tracked)
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
