@@ -116,7 +116,8 @@ def checkpoint_hash(directory: Path) -> str:
     recorded = read_json(directory / META).get("weights_sha256")
     if recorded is not None and recorded != digest:
         raise CheckpointError(f"{path}: its sha256 {digest[:12]} differs from the {recorded[:12]} recorded in "
-                              f"{directory / META}: the weights file was replaced or damaged after the checkpoint was written")
+                              f"{directory / META}: the weights file was replaced or damaged after the checkpoint "
+                              "was written")
     return digest
 
 

@@ -101,7 +101,8 @@ def test_compare_config_errors_name_the_key(tmp_path):
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name, arms, jobs", [("compare_fashion_mnist", 48, 30), ("compare_fashion_mnist_gpu", 216, 119)])
+@pytest.mark.parametrize("name, arms, jobs", [("compare_fashion_mnist", 48, 30),
+                                              ("compare_fashion_mnist_gpu", 216, 119)])
 def test_the_shipped_compare_configs_load_and_plan_as_the_readme_says(name, arms, jobs, tmp_path, capsys, monkeypatch):
     """The README's `selftrain compare configs/...yaml [--only 'policy=s4'] --dry-run`: the grid and job
     counts its comments and the README name, the filter halving it; nothing is written."""

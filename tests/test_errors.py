@@ -110,7 +110,8 @@ def test_a_stage_stopped_by_an_error_shows_it_in_status_until_a_rerun_succeeds(t
     assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 2
     capsys.readouterr()
     state = dict(describe(run))["teacher"]
-    assert state.startswith("failed (ShardError: ") and shard.name in state and state.endswith("fix the cause and rerun)")
+    assert state.startswith("failed (ShardError: ") and shard.name in state
+    assert state.endswith("fix the cause and rerun)")
     shard.write_bytes(original)
     assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 0
     assert dict(describe(run))["teacher"] == "done" and not (run / "teacher" / "failed.json").exists()

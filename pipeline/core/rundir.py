@@ -32,9 +32,9 @@ SIDECAR_SUFFIX = ".labels.npz"
 LEGACY_MARKERS = ("lock", "config.yaml")
 # every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
 FAILED_FILE = "failed.json"  # the error that stopped a stage's last attempt (status shows it; removed on the next)
-STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json", "manifest.json", "*" + SIDECAR_SUFFIX,
-                 "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv", "checkpoint/*", "peer/*", "state/*", "state.tmp/*",
-                 "state.prev/*", "*.tmp")
+STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json", "manifest.json",
+                 "*" + SIDECAR_SUFFIX, "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv",
+                 "checkpoint/*", "peer/*", "state/*", "state.tmp/*", "state.prev/*", "*.tmp")
 
 
 class RunDirError(RuntimeError):

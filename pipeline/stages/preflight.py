@@ -91,7 +91,8 @@ def check_source(data: DataConfig) -> None:
         try:
             fashion_mnist.locate(data.path)
         except DataSourceError as error:
-            raise DataSourceError(f"data.path: {error}{_relative_note(data.path)}" if data.path else str(error)) from None
+            where = f"data.path: {error}{_relative_note(data.path)}" if data.path else str(error)
+            raise DataSourceError(where) from None
     elif data.source == "folder":
         if not data.path:
             raise DataSourceError("data.source is 'folder' but data.path (the image folder) is not set")
