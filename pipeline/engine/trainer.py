@@ -166,7 +166,7 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
                 state.history.append({"step": state.step, **{k: round(v, 5) for k, v in last.items()}})
                 rate = images / max(1e-9, time.perf_counter() - t0)
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
                 accelerator.log({f"{name}/{k}": v for k, v in last.items()} | {f"{name}/lr": lr,
                                 f"{name}/images_per_s": rate, "epoch": state.step / steps_per_epoch},
                                 step=state.step)

@@ -152,7 +152,7 @@ def label_shards(labeler: Labeler, job: LabelingJob) -> int:
             shards_done += 1
             if job.status is not None:
                 job.status()
-            bar.set_postfix(shards=f"{shards_done}/{len(job.shards)}")
+            bar.set_postfix(shards=f"{shards_done}/{len(job.shards)}", refresh=False)
     bar.close()
     return labeled
 
