@@ -35,7 +35,7 @@ data-package:
 		else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; \
 	fi
 
-# make demo                 the full demo (17-26.5 minutes measured on 2-core AVX-512 CPUs, 29-35 on an AVX2-only one by the VM's day: teacher, round 1, distilled ShuffleNet V2, export)
+# make demo                 the full demo (16.5-26.5 minutes measured on 2-core AVX-512 CPUs, 29-35 on an AVX2-only one by the VM's day: teacher, round 1, distilled ShuffleNet V2, export)
 # make demo PRESET=quick    a 10,000-image pool and short training, every stage (4-7 minutes measured)
 demo: install data-package
 	$(VENV)/bin/selftrain run configs/fashion_mnist.yaml --run-dir $(RUN_DIR) $(if $(PRESET),--preset $(PRESET))
