@@ -7,6 +7,7 @@ LOG_INTERVAL_S seconds still shows the rate and the time left.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -17,7 +18,8 @@ LOG_INTERVAL_S = 30.0
 
 
 def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
-    """`tqdm(iterable, **options)`, refreshed at most every LOG_INTERVAL_S seconds when stderr is not a terminal."""
-    if not sys.stderr.isatty():
+    """`tqdm(iterable, **options)`, refreshed at most every LOG_INTERVAL_S seconds when stderr is not a terminal,
+    unless the environment sets tqdm's own `TQDM_MININTERVAL` (bench/crash_matrix.py reads every step off the log)."""
+    if not sys.stderr.isatty() and "TQDM_MININTERVAL" not in os.environ:
         options.setdefault("mininterval", LOG_INTERVAL_S)
     return tqdm(iterable, **options)
