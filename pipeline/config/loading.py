@@ -6,7 +6,6 @@ An error names the key path and where the value came from: the file, or the `--s
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -56,13 +55,6 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _with_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
-    merged = copy.deepcopy(data)
-    for key, value in overrides:
-        set_by_path(merged, key, value)
-    return merged
-
-
 def _error_key(message: str) -> str:
     """The key path a ConfigError message is about: `a.b[1].c: ...`, or the quoted key of `unknown config key`."""
     if message.startswith("unknown config key '"):
@@ -89,8 +81,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data = _read_config_file(path) if path is not None else {}
     items = list(overrides)
     parsed = [parse_override(item) for item in items]
+    for key, value in parsed:
+        set_by_path(data, key, value)
     try:
-        return from_dict(Config, _with_overrides(data, parsed))
+        return from_dict(Config, data)
     except ConfigError as exc:
         raise ConfigError(_blame(path, items, parsed, str(exc))) from None
 

@@ -329,15 +329,16 @@ def foreign_stage_files(directory: Path) -> list[str]:
 
 def input_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Readable `key: old -> new` lines; a setting added to the config since (null) is no difference."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    flat_old, flat_new = flatten_keys(old), flatten_keys(new)
     return [f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" for k in sorted(set(flat_old) | set(flat_new))
             if flat_old.get(k) != flat_new.get(k) and not (k not in flat_old and flat_new.get(k) is None)]
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as `{"a.b.c": value}` (stage inputs, configs)."""
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_keys(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: obj}

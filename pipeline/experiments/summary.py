@@ -15,7 +15,7 @@ from pipeline.config.loading import load_config
 from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config
 from pipeline.core.atomic import read_json
-from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.core.rundir import RunDir, RunDirError, flatten_keys
 from pipeline.stages.base import Stage
 from pipeline.stages.graph import build_graph
 from pipeline.stages.report import stage_wall_seconds
@@ -75,20 +75,10 @@ SAME_RESULT_KEYS = ("seed", "data.seed", "select.seed", "pretrain.data.seed", "r
                     "runtime.progress", "runtime.log_with")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_differences(run_dirs: list[Path]) -> list[str]:
     """Config keys other than SAME_RESULT_KEYS whose values differ between the runs (`key (a / b)`): a mean
     over such runs is not a mean over seeds."""
-    configs = [_flat(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
+    configs = [flatten_keys(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
                if RunDir(d).config_path.exists()]
     keys = dict.fromkeys(k for c in configs for k in c)
     return [f"{key} ({' / '.join(str(c.get(key)) for c in configs)})" for key in keys
