@@ -102,6 +102,7 @@ def test_an_import_of_another_folder_or_a_changed_one_into_the_same_out_is_refus
     make_folder(tmp_path / "src")
     args = dict(per_class=4, seed=0, shard_size=10, progress=False)
     first = import_folder(tmp_path / "src", tmp_path / "out", **args)
+    import_folder(tmp_path / "src", tmp_path / "capped", **args, max_unlabeled=5)
     monkeypatch.chdir(tmp_path)
     assert import_folder("src", tmp_path / "out", **args) == first  # the same folder by another path: done
     make_folder(tmp_path / "other")
@@ -109,6 +110,24 @@ def test_an_import_of_another_folder_or_a_changed_one_into_the_same_out_is_refus
         import_folder(tmp_path / "other", tmp_path / "out", **args)
     Image.fromarray(np.zeros((20, 24), dtype=np.uint8), "L").save(tmp_path / "src" / "cat" / "new.png")
     with pytest.raises(DataSourceError, match="holds 36 images imported from .*src, which now holds 37"):
+        import_folder(tmp_path / "src", tmp_path / "out", **args)
+    (tmp_path / "src" / "cat" / "new.png").unlink()
+    assert import_folder("src", tmp_path / "out", **args) == first  # back as it was: done
+    victim = sorted((tmp_path / "src" / "dog").glob("*.png"))[0]
+    Image.fromarray(np.full((40, 40), 200, dtype=np.uint8), "L").save(victim)  # replaced: same count
+    with pytest.raises(DataSourceError, match="whose images have changed since"):
+        import_folder(tmp_path / "src", tmp_path / "out", **args)
+    with pytest.raises(DataSourceError, match="whose images have changed since"):  # a cap hides the count only
+        import_folder(tmp_path / "src", tmp_path / "capped", **args, max_unlabeled=5)
+
+
+def test_a_renamed_image_reads_as_a_changed_folder(tmp_path):
+    make_folder(tmp_path / "src")
+    args = dict(per_class=4, seed=0, shard_size=10, progress=False)
+    import_folder(tmp_path / "src", tmp_path / "out", **args)
+    victim = sorted((tmp_path / "src" / "eel").glob("*.png"))[0]
+    victim.rename(victim.with_name("renamed.png"))
+    with pytest.raises(DataSourceError, match="whose images have changed since"):
         import_folder(tmp_path / "src", tmp_path / "out", **args)
 
 

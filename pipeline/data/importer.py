@@ -137,18 +137,24 @@ def existing_import(out: Path, params: dict[str, object]) -> dict | None:
     return manifest
 
 
-def check_same_folder(out: Path, manifest: dict, src: str | Path, image_count: int | None) -> None:
-    """An import of another image folder, or of this one since grown or shrunk (`image_count`: every image
-    is imported, no filter or cap), is refused: returning the old import would silently drop the new images."""
+def check_same_folder(out: Path, manifest: dict, src: str | Path, images: list, whole: bool) -> None:
+    """An import of another image folder, or of this one since changed, is refused: returning the old import
+    would silently drop or keep stale images. `whole`: every image is imported (no filter or cap), so the
+    count can be compared as well as the listing."""
     made_from = Path(manifest.get("source", ""))
     # imports made before sources were recorded resolved hold the path as typed: not comparable from here
     if made_from.is_absolute() and made_from != Path(src).resolve():
         raise DataSourceError(f"{out} already holds an import of the image folder {made_from}, not {src}; "
                               "choose another --out or delete it")
     imported = sum(split["count"] for split in manifest["splits"].values())
-    if image_count is not None and image_count != imported:
-        raise DataSourceError(f"{out} holds {imported} images imported from {src}, which now holds {image_count}; "
+    if whole and len(images) != imported:
+        raise DataSourceError(f"{out} holds {imported} images imported from {src}, which now holds {len(images)}; "
                               "choose another --out or delete it to import the folder as it is now")
+    recorded = manifest.get("listing", {}).get("sha256")  # absent in imports made before it was recorded
+    if recorded is not None and recorded != folder.listing_digest(images):
+        raise DataSourceError(f"{out} holds an import of {src}, whose images have changed since (same count; files "
+                              "replaced, renamed or edited); choose another --out or delete it to import the folder "
+                              "as it is now")
 
 
 def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callable[[], tuple[str, bytes]]]]],
@@ -260,7 +266,7 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     if class_filter is not None:
         params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:
-        check_same_folder(out, manifest, src, len(images) if class_filter is None and max_unlabeled is None else None)
+        check_same_folder(out, manifest, src, images, whole=class_filter is None and max_unlabeled is None)
         return manifest
     labels = np.array([im.label for im in images], dtype=np.int64)
     if class_filter is not None:
@@ -291,4 +297,5 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     }
     truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]] if labels[i] >= 0}
     return _finish(out, params, classes, mode, split_items, shard_size, truth, str(Path(src).resolve()), progress,
-                   extra={"conversions": conversions})
+                   extra={"conversions": conversions,
+                          "listing": {"sha256": folder.listing_digest(images), "of": "every image's key and byte size"}})

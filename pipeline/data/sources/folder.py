@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,15 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
             used.add(key)
             images.append(FolderImage(path, label, key))
     return classes, images
+
+
+def listing_digest(images: list[FolderImage]) -> str:
+    """sha256 of every image's key and byte size: a folder whose images were replaced, renamed or edited
+    reads as changed without decoding anything (an edit that keeps the byte size exactly is not seen)."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.key}\t{image.path.stat().st_size}\n".encode())
+    return digest.hexdigest()
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
