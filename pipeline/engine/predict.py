@@ -28,11 +28,16 @@ def load_model(directory: Path, num_classes: int | None = None) -> tuple[torch.n
 def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: list[np.ndarray],
                    transform: Transform, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
                    workers: int, channels_last: bool, desc: str = "eval", progress: bool = True) -> np.ndarray:
-    """fp32 logits in input order; each process predicts its slice, results are gathered."""
+    """fp32 logits in input order; each process predicts its slice, results are gathered.
+
+    Every row travels with its image index: accelerate pads each short slice with a repeat of the last
+    index, so with 3 or more processes the padding sits between slices and a plain `gather()[:n]` would
+    shift every later row onto its neighbour's image."""
     n = len(images)
     model = accelerator.unwrap_model(model, keep_torch_compile=False).eval()
     mean, std = mean.to(accelerator.device), std.to(accelerator.device)
     with accelerator.split_between_processes(list(range(n)), apply_padding=True) as part:
+        index = torch.tensor(part, dtype=torch.long, device=accelerator.device)
         chunk = [images[i] for i in part]
         outputs = []
         loader = eval_batches(chunk, transform, batch_size, workers)
@@ -42,7 +47,10 @@ def predict_logits(accelerator: Accelerator, model: torch.nn.Module, images: lis
             with accelerator.autocast():
                 outputs.append(model(x).float())
         logits = torch.cat(outputs) if outputs else torch.empty(0)
-    return accelerator.gather(logits)[:n].cpu().numpy()
+    gathered, where = accelerator.gather(logits).cpu().numpy(), accelerator.gather(index).cpu().numpy()
+    in_order = np.empty((n, *gathered.shape[1:]), dtype=gathered.dtype)
+    in_order[where] = gathered  # a padded repeat writes its image's own row again
+    return in_order
 
 
 def checkpoint_logits(accelerator: Accelerator, directory: Path, num_classes: int, images: list[np.ndarray],
