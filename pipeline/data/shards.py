@@ -172,13 +172,19 @@ def decode_image(sample: dict[str, bytes | str], shard: ShardLocation, mode: str
     """Decode the image of a raw sample to uint8 HxWxC in `mode` ("L" or "RGB")."""
     key = sample["__key__"]
     ext = image_member(sample, shard, image_keys)
-    array = _decode_fast(sample[ext], mode)
+    try:
+        return decode_bytes(sample[ext], mode)
+    except Exception as exc:  # PIL raises many types for undecodable bytes
+        raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_bytes(data: bytes, mode: str) -> np.ndarray:
+    """Encoded image bytes to uint8 HxWxC in `mode` ("L" or "RGB"), the one decoding every stage and
+    `selftrain predict` share (EXIF orientation is not applied, by either decoder)."""
+    array = _decode_fast(data, mode)
     if array is None:
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as image:
-                array = np.asarray(to_8bit_opaque(image).convert(mode), dtype=np.uint8)
-        except Exception as exc:  # PIL raises many types for undecodable bytes
-            raise ShardError(f"shard {shard}, key '{key}': image does not decode ({type(exc).__name__}: {exc})") from exc
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(to_8bit_opaque(image).convert(mode), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from augment import build_eval_transform
+from pipeline.data.shards import decode_bytes
 from pipeline.engine.predict import load_model
 from teachers.checkpoint import META, CheckpointMeta
 
@@ -34,10 +35,9 @@ class Predictor:
     logits_of: Callable[[np.ndarray], np.ndarray]  # float32 NCHW normalised -> logits
     source: str
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        mode = "L" if self.meta.in_chans == 1 else "RGB"
-        array = np.asarray(image.convert(mode), dtype=np.uint8)
-        array = array[:, :, None] if array.ndim == 2 else array
+    def preprocess(self, encoded: bytes) -> np.ndarray:
+        """An image file's bytes, decoded as training decoded them (16-bit scaled, transparency on black)."""
+        array = decode_bytes(encoded, "L" if self.meta.in_chans == 1 else "RGB")
         view = build_eval_transform(self.meta.input_size)(array).astype(np.float32) / 255.0
         mean, std = np.asarray(self.meta.mean, np.float32), np.asarray(self.meta.std, np.float32)
         return ((view - mean) / std).transpose(2, 0, 1)
@@ -140,9 +140,7 @@ def predict_files(predictor: Predictor, files: list[Path], k: int,
 
     for path in files:
         try:
-            with Image.open(path) as image:
-                image.load()
-                pending.append((path, predictor.preprocess(image)))
+            pending.append((path, predictor.preprocess(path.read_bytes())))
         except FileNotFoundError:
             errors.append(f"{path}: image does not exist")
             continue

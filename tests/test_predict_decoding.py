@@ -1,0 +1,45 @@
+"""`selftrain predict` decodes an image file exactly as training decoded it from the shards.
+
+PIL's plain convert() drops alpha (a transparent background's hidden colour shows through) and clips
+16-bit grayscale to white; the importer keeps the original bytes and the stages composite on black and
+scale by 1/257, so predict must too.
+"""
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from augment import build_eval_transform
+from pipeline.data.shards import decode_image
+from pipeline.engine.serving import Predictor
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def transparent_on_white() -> Image.Image:
+    rgba = np.zeros((12, 12, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # hidden colour of the transparent background
+    rgba[3:9, 3:9] = (40, 120, 200, 255)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def sixteen_bit_gray() -> Image.Image:
+    return Image.fromarray(np.arange(144, dtype=np.uint16).reshape(12, 12) * 300)  # mode I;16
+
+
+@pytest.mark.parametrize("make, in_chans", [(transparent_on_white, 3), (sixteen_bit_gray, 1), (sixteen_bit_gray, 3)])
+def test_predict_sees_the_training_view_of_converted_images(make, in_chans):
+    data = png_bytes(make())
+    meta = SimpleNamespace(in_chans=in_chans, input_size=16, mean=(0.0,) * in_chans, std=(1.0,) * in_chans)
+    served = Predictor(meta=meta, logits_of=lambda x: x, source="test").preprocess(data)
+    mode = "L" if in_chans == 1 else "RGB"
+    trained = build_eval_transform(16)(decode_image({"__key__": "k", "png": data}, "shard-0", mode))
+    np.testing.assert_allclose(served, trained.astype(np.float32).transpose(2, 0, 1) / 255.0, atol=1e-6)
+    assert served.max() < 1.0  # neither the white background nor clipped 16-bit white
