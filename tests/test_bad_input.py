@@ -149,8 +149,9 @@ def test_duplicate_unlabeled_keys_are_skipped_counted_and_named(tiny_teacher_run
         first = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()][:1]  # one sample (a .png) of shard 0
     with tarfile.open(shards[1]) as tar:
         own = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(shards[1], "w") as tar:  # shard 1: a key of shard 0, its own samples, its first one again
-        for name, payload in first + own + own[:1]:
+    again = [(own[0][0], first[0][1])]  # shard 1's first key once more, under another image
+    with tarfile.open(shards[1], "w") as tar:  # shard 1: a key of shard 0, its own samples, its first key again
+        for name, payload in first + own + again:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -162,12 +163,31 @@ def test_duplicate_unlabeled_keys_are_skipped_counted_and_named(tiny_teacher_run
     cfg = tiny_config(tmp_path, data)
     for stage in ("pseudo_label_r1", "select_r1"):
         assert main(["run", str(cfg), "--run-dir", str(run), "--only", stage, "--set", "student.rounds=0"]
-                    + set_args(TINY_TEACHER)) == 0
+                    + set_args(TINY_TEACHER + ["select.min_confidence=0", "select.per_class=1000"])) == 0  # keep all
     labels = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
     reasons = [s["reason"] for s in labels["skipped"]]
     assert reasons == [f"duplicate __key__ in shard {shards[1].name} (the first is kept)"]
     duplicates = json.loads((run / "select_r1" / "metrics.json").read_text())["duplicate_keys"]
     assert duplicates["count"] == 1 and shards[0].name in duplicates["examples"][0]
+    # every in-memory reader keeps the image the teacher labeled: the first under each key
+    from pipeline.core.rundir import RunDir
+    from pipeline.data.imageset import load_unlabeled_split, open_data
+    from pipeline.data.pool import LabelForm, load_selected_pool
+    from pipeline.data.shards import decode_bytes
+
+    info = open_data(data)
+    key = own[0][0].rsplit(".", 1)[0]
+    labeled_image = decode_bytes(own[0][1], info.mode)
+    assert not np.array_equal(labeled_image, decode_bytes(first[0][1], info.mode))
+    pool = load_selected_pool(info, RunDir(run, data), "pseudo_label_r1", "select_r1", LabelForm("soft", 1.0, 0.0),
+                              progress=False)
+    np.testing.assert_array_equal(pool.images[pool.keys.index(key)], labeled_image)
+    unlabeled, problems = load_unlabeled_split(info)
+    assert len(unlabeled.keys) == len(set(unlabeled.keys))
+    np.testing.assert_array_equal(unlabeled.images[unlabeled.keys.index(key)], labeled_image)
+    first_key = first[0][0].rsplit(".", 1)[0]
+    assert unlabeled.keys.index(first_key) < len(own)  # the shard-0 image, not its copy in shard 1
+    assert sorted(s["key"] for s in problems.skipped) == sorted([first_key, key])
 
 
 def test_unknown_architecture_is_refused_before_any_stage_records_it(tiny_data, tmp_path, capsys):

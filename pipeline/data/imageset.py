@@ -146,18 +146,26 @@ def load_labeled_split(info: DataInfo, split: str) -> ImageSet:
 
 def load_unlabeled_split(info: DataInfo) -> tuple[ImageSet, ReadProblems]:
     """Decode the unlabeled pool into memory, skip-and-count: a bad sample or a truncated shard is
-    recorded in the returned problems, never fatal. Labels are -1 (the pool's are never read)."""
+    recorded in the returned problems, never fatal. Labels are -1 (the pool's are never read). A key met
+    again (in its shard or a later one) is skipped and recorded, as pseudo-labeling and selection skip it:
+    teacher logits are joined by key, so a second image under one key would take the first one's."""
     images, keys = [], []
     problems = ReadProblems()
+    seen: set[str] = set()
     for path in info.shard_paths("unlabeled"):
         for sample in iter_shard(path, on_error="skip", problems=problems):
+            key = str(sample["__key__"])
+            if key in seen:
+                problems.skipped.append({"shard": shard_basename(path), "key": key,
+                                         "reason": "duplicate __key__ (the first sample under it is kept)"})
+                continue
+            seen.add(key)
             try:
                 images.append(decode_image(sample, path, info.mode, info.image_keys))
             except ShardError as exc:
-                problems.skipped.append({"shard": shard_basename(path), "key": str(sample["__key__"]),
-                                         "reason": str(exc)})
+                problems.skipped.append({"shard": shard_basename(path), "key": key, "reason": str(exc)})
                 continue
-            keys.append(str(sample["__key__"]))
+            keys.append(key)
     return ImageSet(images, np.full(len(images), -1, dtype=np.int64), keys), problems
 
 

@@ -78,7 +78,7 @@ def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_st
         found: dict[int, np.ndarray] = {}
         for sample in iter_shard(shard, on_error="skip"):
             row = wanted.get(str(sample["__key__"]))
-            if row is None:
+            if row is None or row in found:  # a second sample under a labeled key: the first was labeled
                 continue
             try:
                 found[row] = decode_image(sample, shard, data.mode, data.image_keys)

@@ -121,7 +121,7 @@ def offline_teacher_logits(ctx: StageContext, stage: Stage, labeled_logits: np.n
     for record in ctx.data().shard_records("unlabeled"):
         sidecar = full_logits_sidecar(ctx.run.sidecar_path(stage.labels, record["name"]), stage.labels)
         for key, row in zip(sidecar.keys, sidecar.full_logits()):
-            rows[str(key)] = row
+            rows.setdefault(str(key), row)  # a key met again in a later shard: its first image is the one kept
     missing = [k for k in unlabeled.keys if k not in rows]
     if missing:
         raise RunDirError(f"{len(missing)} unlabeled images have no logits in {ctx.run.stage_dir(stage.labels)} "
