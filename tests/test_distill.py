@@ -241,9 +241,12 @@ def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_pa
     config, run = copy_run(tiny_teacher_run, tmp_path, "compress")
     # int8 guard off: this test predicts with the int8 file of a barely trained student, whose int8
     # model agrees with fp32 on ~55 % of images and would be rejected (test_export tests the guard)
-    result = cli(config, run, *COMPRESS, "--set", "distill.export.int8_min_agreement=0")
+    result = cli(config, run, *COMPRESS, "--set", "distill.export.int8_min_agreement=0",
+                 "--set", "distill.train.ema_decay=0.9")  # distill and prune evaluate and keep the average
     assert result.returncode == 0, result.stderr[-3000:]
     check_compressed_run(run)
+    for stage in (STAGE, "prune_test_efficientnet"):
+        assert json.loads((run / stage / "metrics.json").read_text())["ema"]["decay"] == 0.9
     images = tiny_data / "preview"
     images.mkdir(exist_ok=True)
     from pipeline.data.imageset import load_labeled_split, open_data

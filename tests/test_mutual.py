@@ -77,7 +77,8 @@ def test_mutual_off_leaves_the_fingerprint_of_earlier_runs_alone():
 
 def test_mutual_distill_trains_a_peer_and_resumes_after_sigkill(tiny_teacher_run, tmp_path):
     mutual = ["--set", "distill.mutual.weight=1.0",
-              "--set", "distill.mutual.peer={arch: shufflenet_v2_x0_5, input_size: 24}"]
+              "--set", "distill.mutual.peer={arch: shufflenet_v2_x0_5, input_size: 24}",
+              "--set", "distill.train.ema_decay=0.9"]  # the pair's average: saved, resumed, swapped in
     config, straight = copy_run(tiny_teacher_run, tmp_path, "straight")
     _, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
     result = cli(config, straight, *mutual)
@@ -85,6 +86,7 @@ def test_mutual_distill_trains_a_peer_and_resumes_after_sigkill(tiny_teacher_run
     metrics = json.loads((straight / STAGE / "metrics.json").read_text())
     assert metrics["mutual"]["peer_arch"] == "shufflenet_v2_x0_5" and 0 <= metrics["mutual"]["peer_top1"] <= 1
     assert {"loss_mutual", "peer_loss_kd"} <= set(metrics["final_losses"])
+    assert metrics["ema"]["decay"] == 0.9 and 0 <= metrics["ema"]["raw_top1"] <= 1
     model, meta = load_model(straight / STAGE / "peer", 10)  # the peer is a checkpoint like any other
     assert meta.arch == "shufflenet_v2_x0_5" and meta.input_size == 24
     assert json.loads((straight / STAGE / "checkpoint" / "meta.json").read_text())["arch"] == "test_efficientnet"

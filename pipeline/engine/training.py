@@ -136,13 +136,15 @@ def setup_training(config: Config, run: RunDir, data: DataInfo, stage: StageConf
                          loader_workers(config.runtime), inputs, init)
 
 
-def swap_in_ema(setup: TrainingSetup, result: TrainResult) -> dict:
-    """With `train.ema_decay`: measure the last weights, then load the average (evaluated and exported)."""
+def swap_in_ema(setup: TrainingSetup, result: TrainResult, trained: torch.nn.Module | None = None) -> dict:
+    """With `train.ema_decay`: measure the last weights, then load the average (evaluated and exported).
+    `trained`: the module `train` averaged when it is not the stage's model alone (a student with its
+    mutual-learning peer)."""
     if result.ema is None:
         return {}
     raw = classification_metrics(setup.test_logits(), setup.test.labels, setup.data.classes)
     held = setup.holdout_metrics().get("holdout", {})
-    result.ema.copy_to(setup.accelerator.unwrap_model(setup.model, keep_torch_compile=False))
+    result.ema.copy_to(setup.accelerator.unwrap_model(trained or setup.model, keep_torch_compile=False))
     return {"ema": {"decay": result.ema.decay, "raw_top1": raw["top1"], "raw_ece": raw["ece"],
                     **({"raw_holdout_top1": held["top1"]} if held else {})}}
 

@@ -41,7 +41,7 @@ from pipeline.data.pool_stream_loader import (MixedBatch, PoolPosition, Streamed
 from pipeline.engine.trainer import train
 from pipeline.engine.init import resolve_init
 from pipeline.engine.predict import load_model, predict_logits
-from pipeline.engine.training import (TrainingSetup, build_model, finish, setup_training,
+from pipeline.engine.training import (TrainingSetup, build_model, finish, setup_training, swap_in_ema,
                                       training_fingerprint_inputs)
 from pipeline.stages.base import Stage, StageContext
 from students.kd_teacher import EnsembleTeacher, TeacherView, mean_softened
@@ -339,8 +339,9 @@ def run(ctx: StageContext, this: Stage) -> dict:
     result = train(setup.accelerator, trained, cfg.train, total_steps, kd.steps_per_epoch, batches, kd.loss_fn,
                    state_dir=run_dir.state_dir(name), name=name, progress=config.runtime.progress,
                    extra_state=stream_state)
+    ema = swap_in_ema(setup, result, trained)
     logits = setup.test_logits()
-    metrics = {**extra, "mode": cfg.mode, "input_size": spec.input_size,
+    metrics = {**extra, **ema, "mode": cfg.mode, "input_size": spec.input_size,
                **teacher_comparison(setup, kd, logits, cfg.temperature),
                "num_unlabeled": kd.num_unlabeled, "unlabeled_problems": {**kd.problems, **kd.streamed_problems()},
                "steps_per_epoch": kd.steps_per_epoch, "pool": cfg.pool}

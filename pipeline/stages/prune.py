@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config.schema import to_dict
 from pipeline.engine.trainer import TrainResult, train
-from pipeline.engine.training import finish, setup_training, training_fingerprint_inputs
+from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.distill import prepare_kd, student_stage_config, teacher_comparison, teacher_inputs
 from students.latency import torch_latency
@@ -67,8 +67,9 @@ def run(ctx: StageContext, this: Stage) -> dict:
     report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
     after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
+    ema = swap_in_ema(setup, result)  # the average of the last fine-tuning (each pruning step restarts it)
     logits = setup.test_logits()
-    metrics = {**extra, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill.temperature),
+    metrics = {**extra, **ema, "input_size": size, **teacher_comparison(setup, kd, logits, config.distill.temperature),
                "macs_before": report.macs_before, "macs_after": report.macs_after, "macs_ratio": report.macs_ratio,
                "params_before": report.params_before, "params_after": report.params_after,
                "per_step": report.per_step, "torch_latency_before": before, "torch_latency_after": after,

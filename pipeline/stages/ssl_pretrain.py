@@ -108,6 +108,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
     loss_fn = contrastive_loss(mean, std, accelerator.device, setup.channels_last, cfg.temperature)
     result = train(accelerator, model, stage.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress)
+    if result.ema is not None:  # the averaged backbone (and head) is probed and saved
+        result.ema.copy_to(model)
     knn = probe(setup, backbone, cfg.knn_k)
     metrics = {"stage": name, "arch": stage.model.arch, "method": "simclr", "policy": str(setup.policy),
                "steps": result.steps, "resumed_from_step": result.resumed_from, "pairs_per_step": global_batch,
@@ -115,7 +117,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
                "unreadable_samples": len(problems.skipped), "knn_top1": knn, "knn_k": cfg.knn_k,
                "train_seconds": round(result.seconds, 2), "train_images_per_s": round(result.images_per_s, 1),
                "wall_seconds": round(time.time() - setup.started, 2), "num_processes": accelerator.num_processes,
-               "final_losses": result.last_losses, "loss_history": result.history}
+               "final_losses": result.last_losses, "loss_history": result.history,
+               **({"ema": {"decay": result.ema.decay}} if result.ema is not None else {})}
     lineage = {"method": "simclr", "unlabeled_shards": [r["sha256"] for r in data.shard_records("unlabeled")]}
     record_stage(setup, backbone, metrics, lineage)
     accelerator.print(f"[{name}] k-NN top-1 of the features {knn:.4f} ({metrics['wall_seconds']:.0f} s)")
