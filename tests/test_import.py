@@ -1,4 +1,5 @@
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -143,3 +144,21 @@ def test_shards_are_plain_tars(tiny_data):
     with tarfile.open(info.shard_paths("labeled")[0]) as tar:
         names = tar.getnames()
     assert names[0].endswith(".cls") and names[1].endswith(".png")
+
+
+def test_hidden_files_and_folders_are_skipped_and_other_files_reported(tmp_path, capsys):
+    """A notebook's .ipynb_checkpoints copy would put one picture in train and test; a macOS ._ file
+    is no image at all; a BMP is neither imported silently nor dropped silently."""
+    make_folder(tmp_path / "src")
+    shutil.copytree(tmp_path / "src" / "cat", tmp_path / "src" / "cat" / ".ipynb_checkpoints")
+    (tmp_path / "src" / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "src" / "dog" / ".DS_Store").write_bytes(b"junk")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "src" / "eel" / "extra.bmp")
+    manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=4, seed=0, shard_size=10, progress=False)
+    assert sum(split["count"] for split in manifest["splits"].values()) == 36
+    assert manifest["skipped_files"] == {"count": 1, "examples": [str(tmp_path / "src" / "eel" / "extra.bmp")]}
+    assert "1 file(s) in class folders are not PNG/JPEG/WebP images and were skipped" in capsys.readouterr().out
+    for image in (tmp_path / "src" / "eel").glob("*.*g"):
+        image.unlink()
+    with pytest.raises(DataSourceError, match=r"class folder 'eel' has no PNG/JPEG/WebP images \(it holds .bmp"):
+        import_folder(tmp_path / "src", tmp_path / "out2", per_class=4, progress=False)

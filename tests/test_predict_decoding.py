@@ -43,3 +43,12 @@ def test_predict_sees_the_training_view_of_converted_images(make, in_chans):
     trained = build_eval_transform(16)(decode_image({"__key__": "k", "png": data}, "shard-0", mode))
     np.testing.assert_allclose(served, trained.astype(np.float32).transpose(2, 0, 1) / 255.0, atol=1e-6)
     assert served.max() < 1.0  # neither the white background nor clipped 16-bit white
+
+
+def test_predict_on_a_folder_skips_hidden_files_and_folders(tmp_path):
+    from pipeline.engine.serving import image_files
+
+    for name in ("a.png", "sub/b.jpg", "._a.png", ".ipynb_checkpoints/a.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "sub" / "b.jpg"]

@@ -262,7 +262,10 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     """Import an image folder; `test_fraction` of each class becomes the held-out test split."""
     out = Path(out)
     params = import_params("folder", per_class, holdout_per_class, seed, shard_size, test_fraction, max_unlabeled)
-    classes, images = folder.scan(src)
+    classes, images, others = folder.scan(src)
+    if others:
+        print(f"import: {len(others)} file(s) in class folders are not PNG/JPEG/WebP images and were skipped "
+              f"(e.g. {others[0]})")
     if class_filter is not None:
         params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:
@@ -298,4 +301,5 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     truth = {images[i].key: int(labels[i]) for i in train_idx[parts["unlabeled"]] if labels[i] >= 0}
     return _finish(out, params, classes, mode, split_items, shard_size, truth, str(Path(src).resolve()), progress,
                    extra={"conversions": conversions,
+                          "skipped_files": {"count": len(others), "examples": [str(p) for p in others[:5]]},
                           "listing": {"sha256": folder.listing_digest(images), "of": "every image's key and byte size"}})

@@ -18,6 +18,7 @@ from PIL import Image
 
 from augment import build_eval_transform
 from pipeline.data.shards import decode_bytes
+from pipeline.data.sources.folder import is_hidden
 from pipeline.engine.predict import load_model
 from teachers.checkpoint import META, CheckpointMeta
 
@@ -120,7 +121,8 @@ def image_files(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                            and not is_hidden(p, path))
         else:
             found.append(path)
     return found

@@ -27,8 +27,15 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
 
 
-def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
-    """Class names (sorted sub-folder names) and every image, in a stable order."""
+def is_hidden(path: Path, root: Path) -> bool:
+    """A dot-file or anything under a dot-folder below `root` (.DS_Store, macOS ._ files, .ipynb_checkpoints
+    copies): never an image of the data set."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def scan(root: str | Path) -> tuple[list[str], list[FolderImage], list[Path]]:
+    """Class names (sorted sub-folder names), every image in a stable order, and the other files found
+    in class folders (not hidden, not PNG/JPEG/WebP: skipped, and reported by the importer)."""
     root = Path(root)
     if not root.is_dir():
         raise DataSourceError(f"image folder {root} does not exist or is not a directory")
@@ -36,12 +43,16 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
     if len(classes) < 2:
         raise DataSourceError(f"image folder {root}: need one sub-folder per class (at least 2), found {classes}")
     images: list[FolderImage] = []
+    others: list[Path] = []
     used: set[str] = set()
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not is_hidden(p, root / name))
+        files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+        others += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files:
-            raise DataSourceError(f"image folder {root}: class folder '{name}' has no PNG/JPEG images")
+            kinds = sorted({p.suffix.lower() or p.name for p in found})
+            raise DataSourceError(f"image folder {root}: class folder '{name}' has no PNG/JPEG/WebP images"
+                                  + (f" (it holds {', '.join(kinds[:5])} files; convert them to PNG)" if kinds else ""))
         for path in files:
             key = f"{_safe(name)}__{_safe(str(path.relative_to(root / name).with_suffix('')))}"
             base, n = key, 1
@@ -50,7 +61,7 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage]]:
                 key = f"{base}_{n}"
             used.add(key)
             images.append(FolderImage(path, label, key))
-    return classes, images
+    return classes, images, others
 
 
 def listing_digest(images: list[FolderImage]) -> str:
