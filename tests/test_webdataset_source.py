@@ -248,3 +248,51 @@ def test_pipeline_runs_on_shards_used_in_place(shard_dir, http_root, tmp_path):
     assert "top1" in student
     assert main(["run", str(config), "--run-dir", str(run)] + overrides) == 0  # a rerun skips every stage
     assert json.loads((run / "data" / "wall_time.json").read_text())["invocations"] == 1
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar with exactly these members, in this order (as `tar cf` would write them)."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_an_empty_split_or_a_damaged_labeled_image_is_refused_by_the_data_stage(shard_dir, http_root, tmp_path):
+    """Not after the teacher has trained (an empty test split crashed the metrics; a truncated labeled
+    PNG stopped the teacher)."""
+    write_members(tmp_path / "test-000009.tar", [])
+    config = wds_config(shard_dir, http_root, test=(str(tmp_path / "test-000009.tar"),))
+    with pytest.raises(DataSourceError, match=r"data.webdataset.test: no samples in its 1 shard\(s\) "
+                                              r"\(test-000009.tar\); the test split needs images"):
+        import_webdataset(config, tmp_path / "d1", progress=False)
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+    write_members(tmp_path / "lab-000009.tar", [("a.png", png), ("a.cls", b"0"), ("b.png", png[:50]), ("b.cls", b"1")])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000009.tar"),))
+    with pytest.raises(ShardError, match=r"lab-000009.tar, key 'b': image does not decode"):
+        import_webdataset(config, tmp_path / "d2", progress=False)
+    assert not (tmp_path / "d2" / "manifest.json").exists()
+
+
+def test_dotted_file_names_and_members_stored_apart_are_explained(shard_dir, http_root, tmp_path):
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+    write_members(tmp_path / "lab-000007.tar", [("cam.2024-01-01.png", png), ("cam.2024-01-01.cls", b"0")])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000007.tar"),))
+    with pytest.raises(ShardError, match=r"key 'cam': no image member .* webdataset splits a file name at its first "
+                                         r"dot, so 'cam.2024-01-01.cls' is read as that key's member '2024-01-01.cls'"):
+        import_webdataset(config, tmp_path / "d1", progress=False)
+    write_members(tmp_path / "lab-000008.tar", [("a.png", png), ("b.png", png), ("a.cls", b"0"), ("b.cls", b"1")])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000008.tar"),))
+    with pytest.raises(ShardError, match=r"key 'a': missing 'cls' .* this sample's files are not next to each other"):
+        import_webdataset(config, tmp_path / "d2", progress=False)
+
+
+def test_a_classes_file_with_a_byte_order_mark(shard_dir, http_root, tmp_path):
+    """Windows Notepad writes one; it is not part of the first class name."""
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(CLASSES).encode() + b"\r\n")
+    config = wds_config(shard_dir, http_root, labeled=(f"{shard_dir}/json/lab-{{000000..000001}}.tar",),
+                        test=(f"{shard_dir}/json/test-000000.tar",), label_key="json:label",
+                        classes_file=str(classes))
+    assert import_webdataset(config, tmp_path / "data", progress=False)["classes"] == CLASSES

@@ -109,6 +109,9 @@ def _record(info: DataInfo, split: str, path: ShardLocation) -> dict:
     return next(r for r in info.manifest["splits"][split]["shards"] if r["name"] == name)
 
 
+REIMPORT_HINT = "; to train on the shards as they are now, rerun with --from data (every stage is redone)"
+
+
 def verify_shard(info: DataInfo, split: str, path: ShardLocation, streamed: Fingerprint | None = None) -> None:
     """The shard's bytes match the manifest's sha256: a local file is hashed here, a URL's bytes are
     `streamed` (hashed while the caller read the shard to its end)."""
@@ -116,12 +119,13 @@ def verify_shard(info: DataInfo, split: str, path: ShardLocation, streamed: Fing
     if streamed is not None:
         if streamed.sha256 != record["sha256"]:
             raise ShardError(f"shard {path} streamed {streamed.size} bytes that do not match the sha256 in "
-                             f"{info.root / MANIFEST} (changed since the data stage, or corrupt)")
+                             f"{info.root / MANIFEST} (changed since the data stage, or corrupt){REIMPORT_HINT}")
         return
     if not path.exists():
         raise ShardError(f"shard {path} listed in {info.root / MANIFEST} is missing")
     if sha256_file(path) != record["sha256"]:
-        raise ShardError(f"shard {path} does not match the sha256 in {info.root / MANIFEST} (changed or corrupt)")
+        raise ShardError(f"shard {path} does not match the sha256 in {info.root / MANIFEST} (changed or corrupt)"
+                         f"{REIMPORT_HINT}")
 
 
 def load_labeled_split(info: DataInfo, split: str) -> ImageSet:

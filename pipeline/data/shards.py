@@ -153,6 +153,19 @@ def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
     return None  # palette/alpha/16-bit or a mode conversion: PIL's rules apply
 
 
+def members_and_hint(sample: dict[str, bytes | str]) -> str:
+    """The sample's members (a few), and why a member may be missing: file names with more dots than
+    KEY.EXT (webdataset splits a name at its first dot), or one sample's files stored apart."""
+    members = sorted(k for k in sample if not k.startswith("__"))
+    shown = f"has {members[:5]}" + (f" and {len(members) - 5} more" if len(members) > 5 else "")
+    dotted = [m for m in members if "." in m]
+    if dotted:
+        return (f"{shown}: webdataset splits a file name at its first dot, so '{sample['__key__']}.{dotted[0]}' "
+                f"is read as that key's member '{dotted[0]}'; name the files KEY.EXT with no other dot")
+    return (f"{shown} (if the member is elsewhere in the tar, this sample's files are not next to each other: "
+            "write the tar with `tar --sort=name` or webdataset's TarWriter)")
+
+
 def image_member(sample: dict[str, bytes | str], shard: ShardLocation,
                  image_keys: Sequence[str] = IMAGE_KEYS) -> str:
     """The one member of `image_keys` the sample holds; none, or two (which one is the image?), is an error."""
@@ -160,7 +173,7 @@ def image_member(sample: dict[str, bytes | str], shard: ShardLocation,
     present = [e for e in image_keys if e in sample]
     if not present:
         raise ShardError(f"shard {shard}, key '{key}': no image member ({'/'.join('.' + e for e in image_keys)}); "
-                         f"has {sorted(k for k in sample if not k.startswith('__'))}")
+                         f"{members_and_hint(sample)}")
     if len(present) > 1:
         raise ShardError(f"shard {shard}, key '{key}': {len(present)} image members ({', '.join(present)}); "
                          "a sample holds one image")
@@ -210,7 +223,8 @@ def label_value(sample: dict[str, bytes | str], shard: ShardLocation, label_key:
     key = sample["__key__"]
     if label_key == "cls":
         if "cls" not in sample:
-            raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard")
+            raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard; "
+                             f"{members_and_hint(sample)}")
         raw = sample["cls"]
         try:
             return raw.decode().strip() if isinstance(raw, bytes) else raw

@@ -89,10 +89,14 @@ def read_classes(cfg: WebDatasetConfig) -> list[str] | None:
     """Class names from `classes` or `classes_file` (one per line); None when neither is given."""
     if cfg.classes_file is not None:
         try:
-            names = [line.strip() for line in Path(cfg.classes_file).read_text().splitlines() if line.strip()]
+            text = Path(cfg.classes_file).read_text(encoding="utf-8-sig")  # a byte-order mark is not a name
         except OSError as exc:
             raise DataSourceError(f"data.webdataset.classes_file: cannot read {cfg.classes_file} "
                                   f"({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise DataSourceError(f"data.webdataset.classes_file: {cfg.classes_file} is not UTF-8 text "
+                                  f"({exc.reason} at byte {exc.start})") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         where = cfg.classes_file
     elif cfg.classes is not None:
         names, where = list(cfg.classes), "data.webdataset.classes"
@@ -110,10 +114,13 @@ def _stored_url(location: ShardLocation) -> str:
     return str(location.absolute()) if isinstance(location, Path) else location
 
 
-def _header_mode(sample: dict, member: str, location: ShardLocation) -> str:
-    """'L' or 'RGB' from the image header alone (cheap)."""
+def _decoded_mode(sample: dict, member: str, location: ShardLocation) -> str:
+    """'L' or 'RGB' of an image decoded in full (a JPEG at 1/8 scale, which still reads its whole
+    stream): a damaged labeled image is refused by the data stage, not after the teacher has trained."""
     try:
         with Image.open(io.BytesIO(sample[member])) as image:
+            image.draft(image.mode, (1, 1))  # JPEG only; other formats ignore it
+            image.load()
             return "L" if image.mode in GRAY_MODES else "RGB"
     except Exception as exc:  # PIL raises many types
         raise ShardError(f"shard {location}, key '{sample['__key__']}': image does not decode "
@@ -142,7 +149,7 @@ def scan_labeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, clas
     fingerprint = Fingerprint()
     labels = []
     for sample in iter_shard(location, on_error="raise", fingerprint=fingerprint):
-        modes.add(_header_mode(sample, image_member(sample, location, cfg.image_keys), location))
+        modes.add(_decoded_mode(sample, image_member(sample, location, cfg.image_keys), location))
         labels.append(_label(sample, location, cfg, classes))
     return _record(name, location, len(labels), fingerprint), labels
 
@@ -189,6 +196,11 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
                     records[split].append(record)
                     labels[split] += found
                 bar.update(1)
+    for split in ("labeled", "holdout", "test"):
+        if records[split] and not any(r["count"] for r in records[split]):
+            raise DataSourceError(f"data.webdataset.{split}: no samples in its {len(records[split])} shard(s) "
+                                  f"({', '.join(r['name'] for r in records[split][:3])}); the {split} split "
+                                  f"{'is optional: leave it out' if split == 'holdout' else 'needs images'}")
     if classes is None:
         top = max((max(v) for v in labels.values() if v), default=0)
         if top < 1:
