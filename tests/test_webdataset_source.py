@@ -296,3 +296,19 @@ def test_a_classes_file_with_a_byte_order_mark(shard_dir, http_root, tmp_path):
                         test=(f"{shard_dir}/json/test-000000.tar",), label_key="json:label",
                         classes_file=str(classes))
     assert import_webdataset(config, tmp_path / "data", progress=False)["classes"] == CLASSES
+
+
+def test_class_names_that_read_as_numbers(shard_dir, http_root, tmp_path):
+    """'10', '20', '30' are names (no index that large); '1', '2', '3' would make a label '1' either the
+    name at position 0 or the index 1: refused, never guessed."""
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+    write_members(tmp_path / "lab-000005.tar", [m for i, name in enumerate(["10", "30", "20", "10"])
+                                                for m in ((f"s{i}.png", png), (f"s{i}.cls", name.encode()))])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000005.tar"),),
+                        test=(f"file://{tmp_path}/lab-000005.tar",), classes=("10", "20", "30"))
+    manifest = import_webdataset(config, tmp_path / "data", progress=False)
+    assert manifest["splits"]["labeled"]["per_class"] == [2, 1, 1]
+    np.testing.assert_array_equal(load_labeled_split(open_data(tmp_path / "data"), "labeled").labels, [0, 2, 1, 0])
+    ambiguous = wds_config(shard_dir, http_root, classes=("1", "2", "3"))
+    with pytest.raises(DataSourceError, match=r"the class name '1' \(position 0\) is also the class index 1"):
+        import_webdataset(ambiguous, tmp_path / "other", progress=False)

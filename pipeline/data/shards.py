@@ -266,6 +266,8 @@ def decode_label(sample: dict[str, bytes | str], shard: ShardLocation, num_class
     if label is None:
         kind = "an integer or a class name" if classes is not None else "an integer (class names need a class list)"
         raise ShardError(f"shard {shard}, key '{key}': {what} is not {kind}: {str(value)[:40]!r}")
+    if not 0 <= label < num_classes and classes is not None and str(value).strip() in classes:
+        label = list(classes).index(str(value).strip())  # a number-like name ('10' of '10', '20', '30')
     if not 0 <= label < num_classes:
         raise ShardError(f"shard {shard}, key '{key}': class {label} is outside 0..{num_classes - 1}")
     return label

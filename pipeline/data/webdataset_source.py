@@ -106,6 +106,12 @@ def read_classes(cfg: WebDatasetConfig) -> list[str] | None:
     if len(names) < 2 or repeated:
         raise DataSourceError(f"{where}: need at least 2 distinct class names"
                               + (f"; repeated: {repeated}" if repeated else f", got {names}"))
+    clashes = [(n, i) for i, n in enumerate(names) if n.isdigit() and int(n) != i and int(n) < len(names)]
+    if clashes:
+        name, position = clashes[0]
+        raise DataSourceError(f"{where}: the class name '{name}' (position {position}) is also the class index "
+                              f"{name}, so a label '{name}' could mean either; relabel the shards with the indices "
+                              f"0..{len(names) - 1} or with names that are not numbers")
     return names
 
 
