@@ -187,12 +187,14 @@ def conversion_counts(images: list, headers: list[tuple[str, str | None]]) -> di
     """How many images decoding converts (16-bit scaled to 8 bits, alpha composited on black), with
     examples: recorded in the manifest and printed, never silent."""
     found: dict = {"alpha_background": list(ALPHA_BACKGROUND)}
-    for kind in ("16-bit scaled", "alpha composited"):
+    detail = {"16-bit scaled": " to 8 bits (value / 257)", "alpha composited": " on black",
+              "EXIF orientation not applied": " (used as stored, as torchvision and timm loaders do; rotate the "
+                                              "files themselves to train on them upright)"}
+    for kind, said in detail.items():
         paths = [str(im.path) for im, (_, conversion) in zip(images, headers) if conversion == kind]
         found[kind] = {"count": len(paths), "examples": paths[:5]}
         if paths:
-            print(f"import: {len(paths)} image(s) {kind}" + (" on black" if kind.startswith("alpha") else
-                                                             " to 8 bits (value / 257)") + f", e.g. {paths[0]}")
+            print(f"import: {len(paths)} image(s) {kind}{said}, e.g. {paths[0]}")
     return found
 
 

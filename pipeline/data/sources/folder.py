@@ -75,6 +75,7 @@ def listing_digest(images: list[FolderImage]) -> str:
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA")
+EXIF_ORIENTATION = 0x0112  # phone photos: stored sideways, shown upright by viewers
 
 
 def header_mode(image: FolderImage) -> str:
@@ -83,8 +84,9 @@ def header_mode(image: FolderImage) -> str:
 
 
 def header_info(image: FolderImage) -> tuple[str, str | None]:
-    """('L' or 'RGB', the conversion decoding will apply: "16-bit scaled", "alpha composited" or None),
-    from the file header alone."""
+    """('L' or 'RGB', what decoding does that a viewer would not: "16-bit scaled", "alpha composited",
+    "EXIF orientation not applied" (training and predict use the stored pixels, as torchvision and timm
+    loaders do) or None), from the file header alone."""
     try:
         with Image.open(image.path) as handle:
             mode = "L" if handle.mode in GRAY_MODES else "RGB"
@@ -92,6 +94,8 @@ def header_info(image: FolderImage) -> tuple[str, str | None]:
                 return mode, "16-bit scaled"
             if handle.mode in ALPHA_MODES or (handle.mode == "P" and "transparency" in handle.info):
                 return mode, "alpha composited"
+            if handle.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return mode, "EXIF orientation not applied"
             return mode, None
     except Exception as exc:  # PIL raises many types
         raise DataSourceError(f"{image.path}: not a readable image ({type(exc).__name__}: {exc})") from None
