@@ -72,12 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(fm)
     fm.add_argument("--source", dest="source_dir", default=None, help="directory with the idx .gz files "
                     "(default: /usr/share/datasets/fashion-mnist, then ~/.cache/selftrain/fashion-mnist)")
-    folder = data_sub.add_parser("folder", help="a folder with one sub-folder of images per class")
+    folder = data_sub.add_parser(
+        "folder", help="a folder with one sub-folder of images per class",
+        description="Import SRC/<class>/**/*.png|jpg|jpeg|webp: the classes are the sub-folder names, sorted; "
+                    "each class folder is searched recursively; dot-files and dot-folders are skipped, other files "
+                    "are counted and named. The original bytes are stored (no re-encoding).")
     folder.add_argument("src", help="the image folder")
     _add_split_args(folder)
-    folder.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class held out as test")
+    folder.add_argument("--test-fraction", type=float, default=0.2, help="fraction of each class held out as test (default 0.2)")
 
-    run = sub.add_parser("run", help="run the pipeline stages of a config")
+    run = sub.add_parser(
+        "run", help="run the pipeline stages of a config",
+        description="Run (or resume) every stage of a config in its run directory. data.source in the config "
+                    "picks the data: fashion-mnist, folder (data.path: an image folder), shards (data.path: a "
+                    "directory made by `selftrain data`) or webdataset (data.webdataset: other tools' shard "
+                    "URLs, used in place; README \"Shards written by other tools\"). Launch under torchrun or accelerate launch for "
+                    "several processes.")
     run.add_argument("config", help="YAML config, e.g. configs/fashion_mnist.yaml")
     run.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage (its inputs must be done)")
@@ -88,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable)")
 
     status = sub.add_parser("status", help="list the stages of a run directory and their state")
-    status.add_argument("run_dir")
+    status.add_argument("run_dir", help="a run directory (the --run-dir of selftrain run)")
 
     summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)")
     summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -107,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file")
     predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="image files (any format Pillow reads), or folders searched recursively for "
+                              ".png/.jpg/.jpeg/.webp/.bmp (dot-files skipped)")
     predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
@@ -116,12 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     aug_sub = augment.add_subparsers(dest="action", required=True)
     preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
     preview.add_argument("--policy", required=True, help="policy string, e.g. s1, s4, s4-n2-m10")
-    preview.add_argument("--data", required=True, help="an imported data directory, or a shard .tar file")
+    preview.add_argument("--data", required=True,
+                         help="an imported data directory, one of its split folders, or a shard .tar / .tar.gz")
     preview.add_argument("--out", required=True, help="output PNG (replaces only a grid preview wrote)")
     preview.add_argument("--images", type=int, default=8, help="rows (default 8)")
     preview.add_argument("--draws", type=int, default=8, help="augmented columns per image (default 8)")
     preview.add_argument("--size", type=int, default=64, help="output size of the policy (default 64)")
-    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--seed", type=int, default=0, help="seed of the augmented draws (default 0)")
     return parser
 
 

@@ -46,6 +46,19 @@ def test_augment_preview_accepts_a_split_folder(tiny_data, tmp_path):
     assert out.exists()
 
 
+def test_augment_preview_accepts_a_shard_plain_or_gzipped(tiny_data, tmp_path):
+    import gzip
+
+    shard = next((tiny_data / "labeled").glob("*.tar"))
+    zipped = tmp_path / "labeled-000000.tar.gz"
+    zipped.write_bytes(gzip.compress(shard.read_bytes()))
+    for source in (shard, zipped):
+        out = tmp_path / f"{source.name}.png"
+        assert main(["augment", "preview", "--policy", "s1", "--data", str(source), "--out", str(out),
+                     "--images", "2", "--draws", "2", "--size", "16"]) == 0
+        assert out.exists()
+
+
 def test_version(capsys):
     import pytest
 

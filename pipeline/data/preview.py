@@ -23,10 +23,10 @@ def sample_images(source: Path, count: int) -> list[np.ndarray]:
         info = open_data(source)
         shards = info.shard_paths("labeled") or info.shard_paths("test")
         mode, image_keys = info.mode, info.image_keys
-    elif source.suffix == ".tar" and source.exists():
+    elif source.name.endswith((".tar", ".tar.gz", ".tgz")) and source.exists():
         shards, mode, image_keys = [source], "RGB", IMAGE_KEYS
     else:
-        raise DataDirError(f"--data {source}: expected an imported data directory or a .tar shard")
+        raise DataDirError(f"--data {source}: expected an imported data directory or a .tar (.tar.gz) shard")
     images: list[np.ndarray] = []
     for shard in shards:
         for sample in iter_shard(shard):
