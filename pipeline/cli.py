@@ -24,6 +24,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.data.shards import ShardError
     from pipeline.data.sources.fashion_mnist import DataSourceError
     from pipeline.data.pool import PoolError
+    from pipeline.engine.per_rank import ResumeStateError
     from pipeline.engine.serving import PredictError
     from pipeline.experiments.compare import BudgetError
     from students.prune import PruneError
@@ -34,7 +35,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError, ForeignFilesError, ArtifactError,
             WriteFailed, PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-            InitError, BudgetError, PruneError, OutputPathError)
+            InitError, BudgetError, PruneError, OutputPathError, ResumeStateError)
 
 
 def _version() -> str:
@@ -208,6 +209,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from pipeline.engine.serving import image_files, load_predictor, predict_files
 
+    from pipeline.engine.per_rank import ResumeStateError
     from pipeline.engine.serving import PredictError
 
     if args.top_k < 1:

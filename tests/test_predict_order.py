@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent("""
 def test_three_processes_return_every_image_s_logits_in_input_order(tmp_path):
     script, out = tmp_path / "order.py", tmp_path / "logits.npy"
     script.write_text(SCRIPT)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29571"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29581"]
     result = subprocess.run(torchrun + [str(script), str(out), "10"], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

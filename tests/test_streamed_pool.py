@@ -166,13 +166,16 @@ def test_kill_and_resume_gives_the_same_weights(tiny_teacher_run, streamed_run, 
 def torchrun_cli(config: Path, run: Path, port: int, env: dict | None = None):
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
             "-m", "pipeline.cli", "run", str(config), "--run-dir", str(run)] + set_args(TINY_TEACHER + STUDENT)
+    # with loss_balance each rank keeps its own running loss averages: both must come back on resume
+    args += ["--set", "student.loss_balance=true"]
     return subprocess.run(args + list(STREAMED), capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def test_two_processes_stream_their_own_shards_and_resume_exactly(tiny_teacher_run, tmp_path):
     """Under torchrun with 2 processes each rank streams its own shards; killed after step 3 (state saved
-    at 2) and rerun, the weights equal an uninterrupted 2-process run's."""
+    at 2) and rerun, the weights equal an uninterrupted 2-process run's (each rank's stream position and
+    loss averages restored, not rank 0's on both)."""
     config, teacher_run = tiny_teacher_run
     runs = {}
     for name, env in (("whole", None), ("killed", {env_name("step"): "3"})):

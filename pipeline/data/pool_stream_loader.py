@@ -10,7 +10,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.data.loader import Batch, Source, StreamPosition, Transform
@@ -40,21 +39,11 @@ class PoolPosition:
         self._produced = {k: v for k, v in self._produced.items() if k > step + 1}
 
     def state_dict(self) -> dict[str, Any]:
-        """Every rank's position: accelerate writes custom state from the main process only."""
-        mine = {"next_step": self.next_step, "stream": self.snapshot}
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return {"ranks": [mine]}
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-        return {"ranks": ranks}
+        """This rank's position (the trainer saves every rank's: engine/per_rank.py)."""
+        return {"next_step": self.next_step, "stream": self.snapshot}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if rank >= len(state["ranks"]):
-            raise PoolError(f"the saved pool stream position is for {len(state['ranks'])} processes; "
-                            f"this run has more (rank {rank})")
-        mine = state["ranks"][rank]
-        self.next_step, self.snapshot = int(mine["next_step"]), mine["stream"]
+        self.next_step, self.snapshot = int(state["next_step"]), state["stream"]
 
     def resume(self, stream: PoolStream, start_step: int) -> None:
         if start_step == 0:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
+from pipeline.engine.per_rank import PerRankState
 from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.core.atomic import WriteFailed
 from pipeline.core.bars import progress_bar
@@ -133,7 +134,9 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     state = TrainProgress()
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     ema = WeightEma(raw_model, cfg.ema_decay) if cfg.ema_decay else None
-    accelerator.register_for_checkpointing(scheduler, state, *extra_state, *([ema] if ema else []))
+    # extra state (loss averages, a pool stream position) is each process's own: saved for every rank
+    own_states = [PerRankState(obj, type(obj).__name__) for obj in extra_state]
+    accelerator.register_for_checkpointing(scheduler, state, *own_states, *([ema] if ema else []))
     resume = _state_path(state_dir)
     if resume is not None:
         accelerator.load_state(str(resume))

@@ -1,0 +1,53 @@
+"""Resume state that differs between processes, saved for each of them.
+
+accelerate writes a registered object's `state_dict()` from the main process only and loads that one
+file on every rank, so state each process keeps for itself (running loss averages, a stream position)
+would come back as rank 0's on every rank. `PerRankState` gathers every rank's state when saving and
+gives each rank its own back on resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch.distributed as dist
+
+
+class ResumeStateError(ValueError):
+    """A saved state cannot resume this run (another process count)."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class PerRankState:
+    def __init__(self, inner: Stateful, what: str) -> None:
+        self.inner, self.what = inner, what
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = self.inner.state_dict()
+        _, world = _rank_and_world()
+        if world == 1:
+            return {"ranks": [mine]}
+        ranks: list[Any] = [None] * world
+        dist.all_gather_object(ranks, mine)  # a collective: every rank saves together (accelerate's save_state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "ranks" not in state:  # saved before states were kept per rank: rank 0's, as it was then
+            self.inner.load_state_dict(state)
+            return
+        rank, _ = _rank_and_world()
+        if rank >= len(state["ranks"]):
+            raise ResumeStateError(f"the saved {self.what} is for {len(state['ranks'])} process(es); this run has "
+                                   f"more (rank {rank}): resume with the process count it was started with")
+        self.inner.load_state_dict(state["ranks"][rank])
