@@ -203,6 +203,19 @@ def test_student_at_a_larger_input_size_is_compared_with_the_teacher_at_its_own(
     assert metrics["teacher_agreement"] == pytest.approx(float((student.argmax(1) == teacher.argmax(1)).mean()))
 
 
+def test_labeled_rows_a_step_are_capped_at_the_labeled_set_as_for_the_teacher(tiny_teacher_run, tmp_path):
+    """A batch larger than the labeled set does not draw labeled images twice in one step (compare's arms with
+    and without self-training then see the same labeled rows); the pseudo-labeled part keeps its ratio."""
+    config, teacher_run = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
+    result = cli(config, run, "--set", "student.train.batch_size=256")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "student_r1" / "metrics.json").read_text())
+    assert metrics["num_labeled"] == metrics["labeled_batch"] == 200 and metrics["pseudo_batch"] == 2 * 256
+    assert json.loads((run / "teacher" / "metrics.json").read_text())["labeled_batch"] == 32  # its own, uncapped
+
+
 def test_deeper_student_is_grown_from_a_shallower_checkpoint(tiny_teacher_run, tmp_path):
     """`model.init` of another depth (resnet18 checkpoint, resnet34 student) warm-starts instead of being refused."""
     from teachers.checkpoint import CheckpointMeta, save_checkpoint

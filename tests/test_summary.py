@@ -59,3 +59,15 @@ def test_summary_notes_runs_that_differ_in_more_than_their_seeds(tmp_path, capsy
     assert main(["summarize", str(a), str(b)]) == 0
     assert "**Note: these runs differ in more than their seeds**: teacher.train.epochs (80 / 200)" in \
         capsys.readouterr().out
+
+
+def test_summary_notes_runs_made_with_the_same_seeds(tmp_path, capsys):
+    """A copy of a run (or the same seeds rerun) is no second seed: its spread would read as seed spread."""
+    a = fake_run(tmp_path / "a", 0.80, 0.84, 10)
+    b = fake_run(tmp_path / "b", 0.80, 0.84, 10)
+    c = fake_run(tmp_path / "c", 0.82, 0.85, 10)
+    RunDir(c).config_path.write_text("seed: 1\ndata:\n  seed: 1\nselect:\n  seed: 1\n")
+    assert main(["summarize", str(a), str(b), str(c)]) == 0
+    out = capsys.readouterr().out
+    assert f"**Note: runs with the same seeds** (seed, data.seed, select.seed): {a} = {b}." in out
+    assert str(c) + " =" not in out and "= " + str(c) not in out

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.config.schema import to_dict
+from pipeline.config.schema import ConfigError, to_dict
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
-from pipeline.core.rundir import RunDir
+from pipeline.core.rundir import RunDir, input_differences
 from pipeline.engine.runtime import process_state
 from pipeline.experiments.compare_config import CompareConfig
 from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, final_stage, job_images, plan_jobs,
@@ -103,6 +103,11 @@ def arm_result(config: CompareConfig, arm: Arm, out: Path) -> ArmResult:
     if metrics["steps"] != config.budget.steps:
         raise BudgetError(f"arm {arm.name}: {stage} trained {metrics['steps']} steps, the budget is "
                           f"{config.budget.steps} ({run.metrics_path(stage)})")
+    labeled_batch = min(config.budget.batch_size, int(metrics["num_labeled"]))
+    if metrics.get("labeled_batch", labeled_batch) != labeled_batch:  # absent in runs made before it was recorded
+        raise BudgetError(f"arm {arm.name}: {stage} drew {metrics['labeled_batch']} labeled images a step, the "
+                          f"budget is {labeled_batch} ({config.budget.batch_size} capped at the "
+                          f"{metrics['num_labeled']} labeled images; {run.metrics_path(stage)})")
     stages = ["teacher"] + ([s.format(i=i) for i in range(1, rounds + 1) for s in ROUND_STAGES]
                             if arm.self_training else [])
     wall = sum(run.wall_seconds(s) or read_json(run.metrics_path(s)).get("wall_seconds", 0.0) for s in stages)
@@ -140,6 +145,21 @@ def refuse_foreign_out(out: Path) -> None:
             raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
 
 
+def refuse_changed_config(out: Path, resolved: str) -> None:
+    """A grid's finished runs belong to the config that made them: rerunning into `out` with settings other
+    than the axes changed would report them as the new config's (only the axes may grow or shrink)."""
+    saved = out / "compare.yaml"
+    if not saved.exists():
+        return
+    before, now = (yaml.safe_load(text) or {} for text in (saved.read_text(), resolved))
+    diffs = input_differences({k: v for k, v in before.items() if k != "axes"},
+                              {k: v for k, v in now.items() if k != "axes"})
+    if diffs:
+        raise ConfigError(f"{out} holds a grid made with another config ({'; '.join(diffs[:5])}"
+                          f"{'; ...' if len(diffs) > 5 else ''}); its finished arms would be reported as this "
+                          "config's. Use a new --out (a change to the axes alone extends the grid in place)")
+
+
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
                 estimate: bool = True) -> dict | None:
     out = Path(out)
@@ -152,6 +172,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
         if dry_run:
             return None
         refuse_foreign_out(out)  # on every rank, so that all stop together
+        refuse_changed_config(out, resolved_yaml(config))
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "compare.yaml", resolved_yaml(config))
@@ -169,8 +190,8 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             report_dir = out / "report"
             budget = (f"Every arm's final model trained {config.budget.steps} optimizer steps at "
                       f"{config.budget.batch_size} labeled images a step (checked per arm).")
-            summary = write_compare_report(report_dir, results, provenance(),
-                                           resolved_yaml(config), budget)
+            summary = write_compare_report(report_dir, results, provenance(), resolved_yaml(config), budget,
+                                           {name: source.kind for name, source in config.sources.items()})
             write_json(report_dir / "metrics.json", summary)
             print(f"report: {report_dir / 'report.md'}")
         state.wait_for_everyone()

@@ -8,17 +8,15 @@ labels per class, seed. Writes into one directory:
   wall time per arm, the budget, provenance and the resolved config;
 - accuracy_vs_policy.png and gain_vs_labels.png.
 
-Statistics: spread is the sample standard deviation (n-1) over seeds. Gains are paired per seed (same
-policy, labels and seed), so seed-to-seed variation shared by both arms cancels. A difference is
-significant only when |mean| > 2 SE, SE = sample std of the paired differences / sqrt(n); with n=1 the SE
-is undefined and the verdict is inconclusive.
+Statistics: see compare_stats (paired per seed; a two-sided t-test at 5 %, Holm-corrected over a family of
+cells; pooled findings average each seed over the cells first).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 
@@ -149,7 +147,10 @@ def report_markdown(grid: Grid, results: Sequence[ArmResult], verdicts: list[Ver
               "Paired per seed (same policy, labels and seed): mean ± sample std of the differences (SE).", ""]
     lines += _markdown_tables(grid, gains_table(grid), format_gain, "comparison")
     lines += ["## Findings", "",
-              "Significant: |mean| > 2 SE of the paired differences; n=1 or an undefined SE is inconclusive.", ""]
+              "Significant: a two-sided one-sample t-test of the paired per-seed differences gives p < 0.05 "
+              "(n-1 degrees of freedom: with 2 seeds |t| must pass 12.7); a finding tested in several cells at once "
+              "is Holm-corrected; a pooled finding averages each seed over its cells first, so n is the number of "
+              "seeds. n=1 or an undefined SE is inconclusive.", ""]
     lines += [f"- **{v.finding}**: {v.outcome}. {v.evidence}" for v in verdicts]
     lines += ["", "## Plots", "", f"![top-1 against policy]({ACCURACY_PNG})", "",
               f"![gain against labels per class]({GAIN_PNG})", "", "## Wall time per arm", ""]
@@ -166,13 +167,14 @@ def _stats_json(table: dict[int, dict[str, dict[str, Stat]]]) -> dict:
 
 
 def write_compare_report(out: Path, results: list[ArmResult], provenance: dict, config_yaml: str,
-                         budget: str) -> dict:
-    """Write summary.csv, report.md and the two PNGs into `out`; return the verdicts and tables (for metrics.json)."""
+                         budget: str, source_kinds: Mapping[str, str] | None = None) -> dict:
+    """Write summary.csv, report.md and the two PNGs into `out`; return the verdicts and tables (for metrics.json).
+    `source_kinds`: {init: kind} of the config's sources (which init is self-supervised)."""
     if not results:
         raise ValueError("no arm results to report: the compare grid produced nothing")
     out = Path(out)
     grid = Grid(results)
-    verdicts = all_verdicts(grid)
+    verdicts = all_verdicts(grid, source_kinds)
     write_text(out / "summary.csv", results_csv(results))
     accuracy_chart(grid, out / ACCURACY_PNG)
     gain_chart(grid, out / GAIN_PNG)

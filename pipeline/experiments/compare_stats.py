@@ -1,8 +1,10 @@
 """The numbers of a `selftrain compare` grid: arm results, mean/std/SE, paired per-seed gains, tables, summary.csv.
 
 Spread is the sample standard deviation (n-1) over seeds. Gains are paired per seed (same policy, labels and
-seed), so seed-to-seed variation shared by both arms cancels. A difference is significant only when
-|mean| > 2 SE, SE = sample std of the paired differences / sqrt(n); with n=1 the SE is undefined.
+seed), so seed-to-seed variation shared by both arms cancels. A difference is significant when a two-sided
+one-sample t-test of the paired differences gives p < 0.05 (t = mean / SE, SE = sample std / sqrt(n), n-1
+degrees of freedom: with 2 seeds |t| must pass 12.7, not 2); with n=1 the SE is undefined. A family of
+cells tested together ("in some cell", "in every cell") is corrected with Holm's step-down method.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
+from scipy.stats import t as student_t
+
+from augment import PolicyError, parse_policy
 from pipeline.core.atomic import ArtifactError
 
 BASELINE = "random"
@@ -23,6 +28,7 @@ SUPERVISED = "supervised"
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
+ALPHA = 0.05  # two-sided significance level of every test
 POLICY_STRENGTH = {"s1": 1, "s2": 2, "s3": 3, "s4": 4}
 STRONG_POLICIES = ("s3", "s4")
 ACCURACY_PNG = "accuracy_vs_policy.png"
@@ -65,20 +71,49 @@ def describe(values: Sequence[float]) -> Stat:
     return Stat(len(values), statistics.mean(values), std, std / math.sqrt(len(values)))
 
 
-def significance(stat: Stat) -> int | None:
-    """+1 / -1 when |mean| > 2 SE (the sign of the mean), 0 when not, None when the SE is undefined."""
+def p_value(stat: Stat) -> float | None:
+    """Two-sided p of the one-sample t-test of mean 0; None when the SE is undefined (n = 1)."""
     if stat.se is None:
         return None
-    if abs(stat.mean) > max(2 * stat.se, 1e-9):  # the floor: identical seeds give SE 0 and a rounding-error mean
-        return 1 if stat.mean > 0 else -1
-    return 0
+    if stat.se <= 1e-12:  # identical differences: significant unless they are all (about) zero
+        return 0.0 if abs(stat.mean) > 1e-9 else 1.0
+    return float(2 * student_t.sf(abs(stat.mean) / stat.se, stat.n - 1))
 
 
-def significance_text(stat: Stat) -> str:
-    sign = significance(stat)
-    if sign is None:
+def _sign(stat: Stat) -> int:
+    return 1 if stat.mean > 0 else -1
+
+
+def significance(stat: Stat) -> int | None:
+    """+1 / -1 when p < ALPHA (the sign of the mean), 0 when not, None when the SE is undefined."""
+    p = p_value(stat)
+    if p is None:
+        return None
+    return _sign(stat) if p < ALPHA else 0
+
+
+def holm_significance(stats: Sequence[Stat]) -> list[int | None]:
+    """`significance` of each of a family of tests, corrected with Holm's step-down method (the family-wise
+    error stays at ALPHA however many cells are tested); None where the SE is undefined."""
+    p = [p_value(s) for s in stats]
+    tested = sorted((value, i) for i, value in enumerate(p) if value is not None)
+    signs: list[int | None] = [None if value is None else 0 for value in p]
+    for rank, (value, i) in enumerate(tested):
+        if value >= ALPHA / (len(tested) - rank):
+            break
+        signs[i] = _sign(stats[i])
+    return signs
+
+
+def significance_text(stat: Stat, sign: int | None = None) -> str:
+    """The test and its outcome; `sign` overrides the outcome (a Holm-corrected family)."""
+    p = p_value(stat)
+    if p is None:
         return "n=1, SE undefined"
-    return {1: "significantly > 0", -1: "significantly < 0", 0: "not significant (|mean| <= 2 SE)"}[sign]
+    sign = significance(stat) if sign is None else sign
+    t = "t undefined" if stat.se is None or stat.se <= 1e-12 else f"t = {stat.mean / stat.se:+.2f}"
+    outcome = {1: "significantly > 0", -1: "significantly < 0", 0: "not significant"}[sign]
+    return f"{t}, {stat.n - 1} df, p = {p:.3f}: {outcome}"
 
 
 def format_top1(stat: Stat) -> str:
@@ -91,15 +126,23 @@ def format_gain(stat: Stat) -> str:
     return f"{stat.mean:+.2f} ± {stat.std:.2f} (SE {stat.se:.2f})"
 
 
-def evidence_number(stat: Stat) -> str:
-    return f"{format_gain(stat)}, n={stat.n}: {significance_text(stat)}"
+def evidence_number(stat: Stat, sign: int | None = None) -> str:
+    return f"{format_gain(stat)}, n={stat.n} ({significance_text(stat, sign)})"
 
 
 # ----------------------------------------------------------------------------------------------- the grid
 
+def policy_kind(policy: str) -> str:
+    """The base policy of a policy string ('s4' of 's4-n2-m6-j0.8:1.25'), or the string itself if unknown."""
+    try:
+        return parse_policy(policy).name
+    except PolicyError:
+        return policy.lower()
+
+
 def policy_key(policy: str) -> tuple[int, str]:
-    """Strength order s1 < s2 < s3 < s4; unknown policy names after them, by name."""
-    return POLICY_STRENGTH.get(policy.lower(), len(POLICY_STRENGTH) + 1), policy
+    """Strength order s1 < s2 < s3 < s4 (by base policy, options included); unknown names after them."""
+    return POLICY_STRENGTH.get(policy_kind(policy), len(POLICY_STRENGTH) + 1), policy
 
 
 def init_key(init: str) -> tuple[int, str]:
@@ -110,7 +153,11 @@ def mode_key(mode: str) -> tuple[int, str]:
     return (0 if mode == "off" else 1 if mode == "on" else 2), mode
 
 
-def is_ssl(init: str) -> bool:
+def is_ssl(init: str, source_kinds: Mapping[str, str] | None = None) -> bool:
+    """A self-supervised init: a simclr-kind source of the compare config when the kinds are known,
+    else (a summary.csv read alone) by its name."""
+    if source_kinds is not None:
+        return source_kinds.get(init) == "simclr"
     name = init.lower()
     return "simclr" in name or "ssl" in name
 

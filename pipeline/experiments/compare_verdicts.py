@@ -1,16 +1,21 @@
 """Verdicts on the findings of Zoph et al. 2020 ("Rethinking Pre-training and Self-training") from a compare grid.
 
-Each finding is "reproduced", "not reproduced" or "inconclusive" (the paired difference within twice its
-standard error, or an axis the finding needs is missing from the grid), with the numbers it rests on.
+Each finding is "reproduced", "not reproduced" or "inconclusive" (the paired difference not significant in a
+t-test at 5 %, or an axis the finding needs is missing from the grid), with the numbers it rests on. Where a
+finding pools several cells, each seed's differences are averaged over the cells first: the cells of one seed
+share its imports (the labeled draw), so they are not independent observations, and n is the number of seeds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Mapping
+
 from pipeline.experiments.compare_stats import (BASELINE, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, STRONG_POLICIES,
                                                 SUPERVISED, Arm, Grid, Stat, describe, evidence_number,
-                                                format_gain, is_ssl, pair_label, significance)
+                                                format_gain, holm_significance, is_ssl, pair_label, policy_kind,
+                                                significance)
 
 
 @dataclass(frozen=True)
@@ -43,24 +48,30 @@ def _missing_gain_axes(grid: Grid, init: str) -> str | None:
     return None
 
 
+def _per_seed_mean(per_cell: list[dict[int, float]]) -> dict[int, float]:
+    """{seed: mean over the cells that have it} of per-cell {seed: value} maps."""
+    seeds = sorted({seed for cell in per_cell for seed in cell})
+    return {seed: sum(c[seed] for c in per_cell if seed in c) / sum(seed in c for c in per_cell) for seed in seeds}
+
+
 def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str, int], tuple[str, int]]],
-                ends: tuple[str, str], pairing: str) -> Verdict:
-    """Gain over random at the `lo` cell minus at the `hi` cell, paired per seed, pooled over the cell pairs."""
+                ends: tuple[str, str], averaged_over: str) -> Verdict:
+    """Gain over random at the `lo` cell minus at the `hi` cell, paired per seed, each seed's differences
+    averaged over the cell pairs; both ends printed over exactly the seeds and cells the difference uses."""
     arm, base = (init, "off"), (BASELINE, "off")
-    diffs: list[float] = []
-    lo_gains: list[float] = []
-    hi_gains: list[float] = []
+    lo_cells, hi_cells = [], []
     for lo, hi in cells:
         g_lo, g_hi = grid.paired(arm, base, *lo), grid.paired(arm, base, *hi)
-        lo_gains += g_lo.values()
-        hi_gains += g_hi.values()
-        diffs += [g_lo[s] - g_hi[s] for s in g_lo if s in g_hi]
-    if not diffs:
+        both = [seed for seed in g_lo if seed in g_hi]
+        lo_cells.append({seed: g_lo[seed] for seed in both})
+        hi_cells.append({seed: g_hi[seed] for seed in both})
+    lo_gain, hi_gain = _per_seed_mean(lo_cells), _per_seed_mean(hi_cells)
+    if not lo_gain:
         return Verdict(finding, INCONCLUSIVE, f"no seed has {init} and random at both {ends[0]} and {ends[1]}")
-    stat = describe(diffs)
-    evidence = (f"gain of {init} over random (self-training off) at {ends[0]}: {format_gain(describe(lo_gains))}; "
-                f"at {ends[1]}: {format_gain(describe(hi_gains))}; difference, paired per {pairing}: "
-                f"{evidence_number(stat)}")
+    stat = describe([lo_gain[seed] - hi_gain[seed] for seed in lo_gain])
+    evidence = (f"gain of {init} over random (self-training off), each seed averaged over {averaged_over}, at "
+                f"{ends[0]}: {format_gain(describe(list(lo_gain.values())))}; at {ends[1]}: "
+                f"{format_gain(describe(list(hi_gain.values())))}; difference, paired per seed: {evidence_number(stat)}")
     return Verdict(finding, _outcome(significance(stat)), evidence)
 
 
@@ -75,7 +86,7 @@ def verdict_labels(grid: Grid, init: str) -> Verdict:
     lo, hi = grid.labels[0], grid.labels[-1]
     cells = [((p, lo), (p, hi)) for p in grid.policies]
     return _gain_trend(grid, init, finding, cells, (f"{lo} labels per class", f"{hi} labels per class"),
-                       "(policy, seed)")
+                       "policies")
 
 
 def verdict_augmentation(grid: Grid, init: str) -> Verdict:
@@ -88,7 +99,7 @@ def verdict_augmentation(grid: Grid, init: str) -> Verdict:
         return Verdict(finding, INCONCLUSIVE, reason)
     weak, strong = grid.policies[0], grid.policies[-1]
     cells = [((weak, n), (strong, n)) for n in grid.labels]
-    return _gain_trend(grid, init, finding, cells, (f"policy {weak}", f"policy {strong}"), "(labels, seed)")
+    return _gain_trend(grid, init, finding, cells, (f"policy {weak}", f"policy {strong}"), "label counts")
 
 
 def verdict_hurts(grid: Grid, init: str) -> Verdict:
@@ -96,34 +107,36 @@ def verdict_hurts(grid: Grid, init: str) -> Verdict:
     finding = f"{FINDING_C} ({init})"
     reason = _missing_gain_axes(grid, init)
     strongest = grid.policies[-1] if grid.policies else ""
-    if reason is None and strongest.lower() not in STRONG_POLICIES:
+    if reason is None and policy_kind(strongest) not in STRONG_POLICIES:
         reason = f"the strongest policy in the grid is {strongest}; the finding is about S3/S4"
     if reason:
         return Verdict(finding, INCONCLUSIVE, reason)
-    parts, signs = [], []
+    cells: list[tuple[int, Stat]] = []
     for labels in grid.labels:
         gains = grid.paired((init, "off"), (BASELINE, "off"), strongest, labels)
         if gains:
-            stat = describe(list(gains.values()))
-            signs.append(significance(stat))
-            parts.append(f"{labels} labels per class: {evidence_number(stat)}")
-    if not signs:
+            cells.append((labels, describe(list(gains.values()))))
+    if not cells:
         return Verdict(finding, INCONCLUSIVE, f"no seed has both {init} and random at policy {strongest}")
+    signs = holm_significance([stat for _, stat in cells])  # "hurts at some label count": one family
     outcome = REPRODUCED if -1 in signs else NOT_REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE
-    evidence = f"gain of {init} over random (self-training off) at policy {strongest}: " + "; ".join(parts)
+    evidence = (f"gain of {init} over random (self-training off) at policy {strongest}, Holm-corrected over "
+                f"{len(cells)} label count(s): "
+                + "; ".join(f"{labels} labels per class: {evidence_number(stat, sign)}"
+                            for (labels, stat), sign in zip(cells, signs)))
     return Verdict(finding, outcome, evidence)
 
 
-def verdict_ssl_like_supervised(grid: Grid, ssl_init: str) -> Verdict:
+def verdict_ssl_like_supervised(grid: Grid, ssl_init: str, supervised: str = SUPERVISED) -> Verdict:
     """(d) The SSL init's verdicts for a, b, c agree with the supervised init's."""
     finding = f"{FINDING_D} ({ssl_init})"
-    if SUPERVISED not in grid.inits or ssl_init not in grid.inits:
+    if supervised not in grid.inits or ssl_init not in grid.inits:
         return Verdict(finding, INCONCLUSIVE, f"needs both a supervised and a {ssl_init} init in the grid")
     parts, pairs = [], []
     for name, verdict in (("a", verdict_labels), ("b", verdict_augmentation), ("c", verdict_hurts)):
-        sup, ssl = verdict(grid, SUPERVISED).outcome, verdict(grid, ssl_init).outcome
+        sup, ssl = verdict(grid, supervised).outcome, verdict(grid, ssl_init).outcome
         pairs.append((sup, ssl))
-        parts.append(f"{name}: supervised {sup}, {ssl_init} {ssl}")
+        parts.append(f"{name}: {supervised} {sup}, {ssl_init} {ssl}")
     if any({sup, ssl} == {REPRODUCED, NOT_REPRODUCED} for sup, ssl in pairs):
         outcome = NOT_REPRODUCED
     elif all(sup == ssl for sup, ssl in pairs) and not all(sup == INCONCLUSIVE for sup, _ in pairs):
@@ -134,27 +147,31 @@ def verdict_ssl_like_supervised(grid: Grid, ssl_init: str) -> Verdict:
 
 
 def _pooled(grid: Grid, arm: Arm, base: Arm) -> list[float]:
-    """Paired per (policy, labels, seed) differences arm − base over the whole grid."""
-    return [d for p in grid.policies for n in grid.labels for d in grid.paired(arm, base, p, n).values()]
+    """arm − base paired per seed, each seed's differences averaged over every (policy, labels) cell."""
+    per_cell = [grid.paired(arm, base, p, n) for p in grid.policies for n in grid.labels]
+    return list(_per_seed_mean([cell for cell in per_cell if cell]).values())
 
 
 def verdict_self_training_helps(grid: Grid) -> Verdict:
-    """(e) Self-training on − off is significantly positive in every (init, policy, labels) cell."""
+    """(e) Self-training on − off is significantly positive in every (init, policy, labels) cell (the
+    cells tested as one family, Holm-corrected)."""
     cells: list[tuple[str, Stat]] = []
+    per_cell: list[dict[int, float]] = []
     for init in grid.inits:
         for policy in grid.policies:
             for labels in grid.labels:
                 diffs = grid.paired((init, "on"), (init, "off"), policy, labels)
                 if diffs:
                     cells.append((f"{init}/{policy}/{labels}", describe(list(diffs.values()))))
+                    per_cell.append(diffs)
     if not cells:
         return Verdict(FINDING_E, INCONCLUSIVE, "no cell has arms both with and without self-training")
-    signs = [significance(stat) for _, stat in cells]
+    signs = holm_significance([stat for _, stat in cells])
     negative = [name for (name, _), s in zip(cells, signs) if s == -1]
-    pooled = describe([d for i in grid.inits for d in _pooled(grid, (i, "on"), (i, "off"))])
-    evidence = (f"self-training on − off, paired per seed in each (init, policy, labels) cell: {signs.count(1)} of "
-                f"{len(cells)} cells significantly > 0, {len(negative)} significantly < 0; all cells pooled: "
-                f"{format_gain(pooled)}, n={pooled.n}")
+    pooled = describe(list(_per_seed_mean(per_cell).values()))
+    evidence = (f"self-training on − off, paired per seed in each (init, policy, labels) cell (Holm-corrected over "
+                f"the cells): {signs.count(1)} of {len(cells)} cells significantly > 0, {len(negative)} significantly "
+                f"< 0; each seed averaged over all cells: {evidence_number(pooled)}")
     if negative:
         evidence += "; negative in " + ", ".join(negative)
     outcome = NOT_REPRODUCED if negative else REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE
@@ -169,7 +186,8 @@ def verdict_stacks(grid: Grid, init: str) -> Verdict:
     if not diffs:
         return Verdict(finding, INCONCLUSIVE, f"no seed has {init} both with and without self-training")
     stat = describe(diffs)
-    evidence = f"{pair_label(with_st, alone)}, paired per (policy, labels, seed): {evidence_number(stat)}"
+    evidence = (f"{pair_label(with_st, alone)}, paired per seed, averaged over the (policy, labels) cells: "
+                f"{evidence_number(stat)}")
     versus_random = _pooled(grid, with_st, (BASELINE, "on"))
     if versus_random:
         evidence += (f"; {pair_label(with_st, (BASELINE, 'on'))}: "
@@ -177,16 +195,18 @@ def verdict_stacks(grid: Grid, init: str) -> Verdict:
     return Verdict(finding, _outcome(significance(stat)), evidence)
 
 
-def all_verdicts(grid: Grid) -> list[Verdict]:
-    """Every finding's verdict: a, b, c and f once per pretrained init, d once per SSL init."""
+def all_verdicts(grid: Grid, source_kinds: Mapping[str, str] | None = None) -> list[Verdict]:
+    """Every finding's verdict: a, b, c and f once per pretrained init, d once per self-supervised init.
+    `source_kinds`: {init: kind} from the compare config's sources (None, a summary.csv alone: told by name)."""
     verdicts: list[Verdict] = []
     per_init = ((FINDING_A, verdict_labels), (FINDING_B, verdict_augmentation), (FINDING_C, verdict_hurts))
     for finding, verdict in per_init:
         verdicts += [verdict(grid, i) for i in grid.pretrained] or [
             Verdict(finding, INCONCLUSIVE, "no pretrained init in the grid")]
-    ssl_inits = [i for i in grid.pretrained if is_ssl(i)]
-    verdicts += [verdict_ssl_like_supervised(grid, i) for i in ssl_inits] or [
-        Verdict(FINDING_D, INCONCLUSIVE, "no self-supervised init (simclr / *ssl*) in the grid")]
+    ssl_inits = [i for i in grid.pretrained if is_ssl(i, source_kinds)]
+    supervised = next((i for i in grid.pretrained if (source_kinds or {}).get(i) == "supervised"), SUPERVISED)
+    verdicts += [verdict_ssl_like_supervised(grid, i, supervised) for i in ssl_inits] or [
+        Verdict(FINDING_D, INCONCLUSIVE, "no self-supervised init (a simclr source) in the grid")]
     verdicts.append(verdict_self_training_helps(grid))
     verdicts += [verdict_stacks(grid, i) for i in grid.pretrained] or [
         Verdict(FINDING_F, INCONCLUSIVE, "no pretrained init in the grid")]

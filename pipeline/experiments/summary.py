@@ -85,6 +85,27 @@ def config_differences(run_dirs: list[Path]) -> list[str]:
             if key not in SAME_RESULT_KEYS and len({repr(c.get(key)) for c in configs}) > 1]
 
 
+SEED_KEYS = ("seed", "data.seed", "select.seed")
+
+
+def repeated_seeds(run_dirs: list[Path]) -> list[list[Path]]:
+    """Groups of runs made with the same seeds (a copy, or the same seed rerun elsewhere): their spread is
+    not a spread over seeds."""
+    groups: dict[tuple, list[Path]] = {}
+    for d in run_dirs:
+        if RunDir(d).config_path.exists():
+            flat = flatten_keys(to_dict(load_config(RunDir(d).config_path)))
+            groups.setdefault(tuple(flat.get(k) for k in SEED_KEYS), []).append(d)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def repeated_seeds_note(groups: list[list[Path]]) -> list[str]:
+    return [f"**Note: runs with the same seeds** ({', '.join(SEED_KEYS)}): "
+            + "; ".join(" = ".join(str(d) for d in group) for group in groups)
+            + ". Their results are not independent draws; a spread over them is not a spread over seeds.", ""
+            ] if groups else []
+
+
 def differences_note(differ: list[str], shown: int = 8) -> list[str]:
     """The lines above the table when the runs differ in more than their seeds (none when they do not)."""
     if not differ:
@@ -98,6 +119,7 @@ def summary_table(run_dirs: list[Path]) -> str:
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
     lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
              *differences_note(config_differences([Path(d) for d in run_dirs])),
+             *repeated_seeds_note(repeated_seeds([Path(d) for d in run_dirs])),
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
              "| wall s | per run test top-1 % |", "|" + "---|" * 8]
     for stage in stages:

@@ -90,7 +90,10 @@ def run(ctx: StageContext, this: Stage) -> dict:
     verify_sidecars(run, data, labels_stage, extra["teacher_sha256"])
     form = LabelForm.from_select_metrics(select)
     batch = cfg.train.batch_size
-    labeled = Source(np.arange(len(setup.labeled)), batch)
+    # labeled rows a step capped at the labeled set's size, as the teacher's batch is: a smaller labeled set
+    # is not drawn twice within a step (compare's arms with and without self-training see equal labeled rows)
+    labeled_batch = min(batch, len(setup.labeled))
+    labeled = Source(np.arange(len(setup.labeled)), labeled_batch)
     balance = LossBalance(cfg.pseudo_weight, cfg.loss_balance)
     mean, std = setup.device_stats()
     extra_state: list = [balance]
@@ -137,5 +140,6 @@ def run(ctx: StageContext, this: Stage) -> dict:
     lineage = {"round": round_index, "teacher": str(teacher_dir), "teacher_sha256": extra["teacher_sha256"],
                "labels": labels_stage, "selection": select_stage}
     metrics = {**extra, **sizes, **ema, "teacher_agreement": agreement, "num_pseudo_unique": num_unique,
-               "num_pseudo_with_copies": int(num_copies), "steps_per_epoch": steps_per_epoch, "pool": cfg.pool}
+               "num_pseudo_with_copies": int(num_copies), "steps_per_epoch": steps_per_epoch, "pool": cfg.pool,
+               "labeled_batch": labeled_batch, "pseudo_batch": batch * cfg.unlabeled_ratio}
     return finish(setup, result, lineage, metrics, logits=logits)

@@ -64,4 +64,4 @@ def train_supervised(config: Config, run: RunDir, data: DataInfo, stage: StageCo
     result = train(accelerator, setup.model, stage.train, total_steps, steps_per_epoch, batches, loss_fn,
                    state_dir=run.state_dir(name), name=name, progress=config.runtime.progress)
     lineage = {"labeled_shards": [r["sha256"] for r in data.manifest["splits"]["labeled"]["shards"]]}
-    return finish(setup, result, lineage, swap_in_ema(setup, result))
+    return finish(setup, result, lineage, {**swap_in_ema(setup, result), "labeled_batch": global_batch})
