@@ -9,7 +9,6 @@ share its imports (the labeled draw), so they are not independent observations, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Mapping
 
 from pipeline.experiments.compare_stats import (BASELINE, INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, STRONG_POLICIES,
