@@ -209,11 +209,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from pipeline.engine.serving import image_files, load_predictor, predict_files
 
-    from pipeline.engine.per_rank import ResumeStateError
     from pipeline.engine.serving import PredictError
 
     if args.top_k < 1:
         raise PredictError(f"--top-k {args.top_k}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise PredictError(f"--threads {args.threads}: must be at least 1 (leave it out to use every core)")
     if args.threads:
         torch_threads(args.threads)
     predictor = load_predictor(args.model, args.threads)

@@ -105,3 +105,18 @@ def torch_latency(
             latency_ms(lambda: model(one), repeats), batch, latency_ms(lambda: model(many), repeats),
             torch.get_num_threads(),
         )
+
+
+def interleaved_torch_latency(
+    models: dict[str, torch.nn.Module], input_shape: tuple[int, int, int], batch: int = 64, repeats: int = 30,
+    rounds: int = 3, channels_last: bool = True,
+) -> dict[str, dict[str, float]]:
+    """:func:`torch_latency` of each model in `rounds` interleaved rounds, reduced by the median over the
+    rounds: two models timed minutes apart (before and after pruning) can meet different loads; timed
+    alternately, both meet the same."""
+    per_round = max(1, -(-repeats // rounds))
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(max(1, rounds)):
+        for name, model in models.items():
+            samples[name].append(torch_latency(model, input_shape, batch, per_round, channels_last))
+    return median_over_rounds(samples, batch)

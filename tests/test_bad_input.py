@@ -346,6 +346,8 @@ def test_truncated_weights_are_named(checkpoint, image, capsys):
 
 
 @pytest.mark.parametrize("args,message", [(["--top-k", "0"], "--top-k 0: must be at least 1"),
+                                          (["--threads", "-1"], "--threads -1: must be at least 1"),
+                                          (["--threads", "0"], "--threads 0: must be at least 1"),
                                           ([], "no image files in")])
 def test_predict_mistakes_are_named(checkpoint, tmp_path, capsys, args, message):
     empty = tmp_path / "no_images"

@@ -233,6 +233,14 @@ def check_compressed_run(run: Path) -> None:
     deployment = (run / "export" / "deployment.md").read_text()
     assert all(f"- {model}: int8 / fp32 speed" in deployment for model in kept)
     assert (run / "export" / "pareto.png").exists() and "## Deployment" in (run / "report" / "report.md").read_text()
+    for row in table["rows"]:
+        if "path" in row:  # the size of the file as shipped (the int8 one after its metadata was embedded)
+            assert row["file_bytes"] == Path(row["path"]).stat().st_size, row["path"]
+    assert "| teacher (teacher) |" in deployment and "agrees with the distillation teacher %" in deployment
+    report = (run / "report" / "report.md").read_text()
+    assert "batch-1 budget (onnxruntime)" in report and ("Best under the" in report or "No model meets" in report)
+    assert all(r["label"] == f"{r['model']} {r['runtime']} {r['precision']}" for r in table["rows"])
+    assert set(pruned["torch_latency_before"]) == {"batch1_ms", "batch64_img_s"}  # interleaved with after
 
 
 def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_path, capsys):

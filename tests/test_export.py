@@ -314,3 +314,15 @@ def test_pareto_plot(tmp_path: Path) -> None:
     pareto_plot(ROWS, path, "ms", "acc", "name")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert no_tmp_files(tmp_path)
+
+
+def test_a_timing_disturbed_by_load_is_flagged_under_the_table() -> None:
+    """One image slower than a whole batch of 64 is no property of the model (a neighbour's load hit it)."""
+    from pipeline.stages.export import disturbed_timing_notes
+
+    fine = {"model": "s", "runtime": "onnxruntime", "precision": "fp32", "batch1_ms": 0.5, "batch64_img_s": 6400.0}
+    hit = {"model": "t", "runtime": "pytorch", "precision": "fp32", "batch1_ms": 480.0, "batch64_img_s": 6400.0}
+    assert disturbed_timing_notes([fine]) == ""
+    note = disturbed_timing_notes([fine, hit])
+    assert "t pytorch fp32: **timing disturbed** (batch 1 took 480.00 ms, a batch of 64 10.00 ms)" in note
+    assert "- s " not in note

@@ -19,7 +19,7 @@ from typing import Iterator, Literal, Sequence
 import cv2
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.core.atomic import atomic_open, sha256_file
@@ -196,7 +196,11 @@ def decode_bytes(data: bytes, mode: str) -> np.ndarray:
     `selftrain predict` share (EXIF orientation is not applied, by either decoder)."""
     array = _decode_fast(data, mode)
     if array is None:
-        with Image.open(io.BytesIO(data)) as image:
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:  # its own message names a BytesIO object, not the file
+            raise UnidentifiedImageError("not an image format Pillow reads") from None
+        with image:
             array = np.asarray(to_8bit_opaque(image).convert(mode), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 

@@ -117,7 +117,7 @@ def differences_note(differ: list[str], shown: int = 8) -> list[str]:
 def summary_table(run_dirs: list[Path]) -> str:
     runs = [run_metrics(Path(d)) for d in run_dirs]
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
-    lines = [f"{len(runs)} runs: " + ", ".join(str(d) for d in run_dirs), "",
+    lines = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}: " + ", ".join(str(d) for d in run_dirs), "",
              *differences_note(config_differences([Path(d) for d in run_dirs])),
              *repeated_seeds_note(repeated_seeds([Path(d) for d in run_dirs])),
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "

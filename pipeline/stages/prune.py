@@ -15,11 +15,12 @@ import dataclasses
 import torch
 
 from pipeline.config.schema import to_dict
+from pipeline.engine.predict import load_model
 from pipeline.engine.trainer import TrainResult, train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.distill import prepare_kd, student_stage_config, teacher_comparison, teacher_inputs
-from students.latency import torch_latency
+from students.latency import interleaved_torch_latency
 from students.prune import prune_to_macs, save_pruned
 from teachers.checkpoint import checkpoint_hash
 
@@ -49,8 +50,6 @@ def run(ctx: StageContext, this: Stage) -> dict:
     kd = prepare_kd(ctx, this, setup)
     size, chans = this.spec.input_size, ctx.data().in_chans
     example = torch.zeros(1, chans, size, size)
-    before = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20,
-                           channels_last=setup.channels_last)
     results: list[TrainResult] = []
 
     def fine_tune(model: torch.nn.Module, step: int) -> None:
@@ -65,7 +64,10 @@ def run(ctx: StageContext, this: Stage) -> dict:
     setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
                             f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
     report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
-    after = torch_latency(setup.model, (chans, size, size), batch=64, repeats=20, channels_last=setup.channels_last)
+    unpruned, _ = load_model(run_dir.checkpoint_dir(this.source), ctx.data().num_classes)
+    speed = interleaved_torch_latency({"before": unpruned, "after": setup.model}, (chans, size, size), batch=64,
+                                      repeats=30, channels_last=setup.channels_last)
+    before, after = speed["before"], speed["after"]
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)
     ema = swap_in_ema(setup, result)  # the average of the last fine-tuning (each pruning step restarts it)
     logits = setup.test_logits()

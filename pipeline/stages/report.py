@@ -111,10 +111,12 @@ def deployment_section(run: RunDir, stages: list[Stage]) -> str:
     for stage in stages:
         table = run.stage_dir(stage.name) / "deployment.md"
         if stage.kind == "export" and table.exists() and run.metrics_path(stage.name).exists():
-            best = read_json(run.metrics_path(stage.name)).get("best_under_budget")
-            verdict = (f"Best under the {read_json(run.metrics_path(stage.name))['latency_budget_ms']} ms batch-1 "
-                       f"budget: **{best['model']} {best['precision']}** ({100 * best['top1']:.2f} %, "
-                       f"{best['batch1_ms']:.2f} ms).\n\n" if best else "")
+            metrics = read_json(run.metrics_path(stage.name))
+            best, budget = metrics.get("best_under_budget"), metrics["latency_budget_ms"]
+            verdict = (f"Best under the {budget} ms batch-1 budget (onnxruntime): **{best['model']} "
+                       f"{best['precision']}** ({100 * best['top1']:.2f} %, {best['batch1_ms']:.2f} ms).\n\n" if best
+                       else f"No model meets the {budget} ms batch-1 budget (onnxruntime; "
+                            "`distill.export.latency_budget_ms`).\n\n")
             return (f"\n## Deployment\n\n{table.read_text()}\n{verdict}"
                     f"![accuracy against batch-1 latency](../{stage.name}/pareto.png)\n")
     return ""
