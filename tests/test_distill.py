@@ -180,6 +180,7 @@ def test_a_given_teacher_or_member_with_the_data_classes_in_another_order_is_ref
     result = cli(config, run, "--from", "data", "--set", f"distill.teacher={swapped}")
     assert result.returncode == 2 and "distill.teacher" in result.stderr and "in the same order" in result.stderr
     assert "[teacher]" in result.stdout  # past preflight: the import and the teacher were made again
+    assert "--from data: forgot data, teacher (their files removed" in result.stdout  # said, not silent
     assert (run / "teacher" / "DONE").exists() and not (run / STAGE / "checkpoint").exists()
 
 

@@ -101,8 +101,11 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
             write_text(run.config_path, config_to_yaml(config))
             write_json(run.stage_list_path, {"stages": graph.names})
             if reset:
+                forgotten = [stage.name for stage in stages if run.stage_dir(stage.name).exists()]
                 for stage in stages:
                     run.reset_stage(stage.name)
+                if forgotten:
+                    print(f"--from {stages[0].name}: forgot {', '.join(forgotten)} (their files removed; redone now)")
         state.wait_for_everyone()
         running = {s.name for s in stages}
         for stage in stages:
