@@ -33,6 +33,8 @@ SCRIPT = textwrap.dedent("""
                             torch.ones(1), batch_size=2, workers=0, channels_last=False, progress=False)
     if accelerator.is_main_process:
         np.save(sys.argv[1], logits)
+    accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()  # as the runner does: exiting with gloo's threads alive can abort
 """)
 
 
