@@ -75,27 +75,30 @@ SAME_RESULT_KEYS = ("seed", "data.seed", "select.seed", "pretrain.data.seed", "r
                     "runtime.progress", "runtime.log_with")
 
 
-def config_differences(run_dirs: list[Path]) -> list[str]:
+def flat_configs(run_dirs: list[Path]) -> dict[Path, dict]:
+    """Each run's config as `{"a.b": value}`, read once (runs without a config.yaml left out)."""
+    return {d: flatten_keys(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
+            if RunDir(d).config_path.exists()}
+
+
+def config_differences(configs: dict[Path, dict]) -> list[str]:
     """Config keys other than SAME_RESULT_KEYS whose values differ between the runs (`key (a / b)`): a mean
     over such runs is not a mean over seeds."""
-    configs = [flatten_keys(to_dict(load_config(RunDir(d).config_path))) for d in run_dirs
-               if RunDir(d).config_path.exists()]
-    keys = dict.fromkeys(k for c in configs for k in c)
-    return [f"{key} ({' / '.join(str(c.get(key)) for c in configs)})" for key in keys
-            if key not in SAME_RESULT_KEYS and len({repr(c.get(key)) for c in configs}) > 1]
+    flat = list(configs.values())
+    keys = dict.fromkeys(k for c in flat for k in c)
+    return [f"{key} ({' / '.join(str(c.get(key)) for c in flat)})" for key in keys
+            if key not in SAME_RESULT_KEYS and len({repr(c.get(key)) for c in flat}) > 1]
 
 
 SEED_KEYS = ("seed", "data.seed", "select.seed")
 
 
-def repeated_seeds(run_dirs: list[Path]) -> list[list[Path]]:
+def repeated_seeds(configs: dict[Path, dict]) -> list[list[Path]]:
     """Groups of runs made with the same seeds (a copy, or the same seed rerun elsewhere): their spread is
     not a spread over seeds."""
     groups: dict[tuple, list[Path]] = {}
-    for d in run_dirs:
-        if RunDir(d).config_path.exists():
-            flat = flatten_keys(to_dict(load_config(RunDir(d).config_path)))
-            groups.setdefault(tuple(flat.get(k) for k in SEED_KEYS), []).append(d)
+    for d, flat in configs.items():
+        groups.setdefault(tuple(flat.get(k) for k in SEED_KEYS), []).append(d)
     return [group for group in groups.values() if len(group) > 1]
 
 
@@ -116,10 +119,11 @@ def differences_note(differ: list[str], shown: int = 8) -> list[str]:
 
 def summary_table(run_dirs: list[Path]) -> str:
     runs = [run_metrics(Path(d)) for d in run_dirs]
+    configs = flat_configs([Path(d) for d in run_dirs])
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds
     lines = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}: " + ", ".join(str(d) for d in run_dirs), "",
-             *differences_note(config_differences([Path(d) for d in run_dirs])),
-             *repeated_seeds_note(repeated_seeds([Path(d) for d in run_dirs])),
+             *differences_note(config_differences(configs)),
+             *repeated_seeds_note(repeated_seeds(configs)),
              "| stage | runs | test top-1 % | gain over teacher (points) | holdout top-1 % | pseudo-label acc % "
              "| wall s | per run test top-1 % |", "|" + "---|" * 8]
     for stage in stages:
