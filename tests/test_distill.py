@@ -269,6 +269,20 @@ def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_pa
         tops.append([json.loads(line)["top"][0]["class"] for line in capsys.readouterr().out.splitlines()])
         assert len(tops[-1]) == 6
     assert tops[0] == tops[1]  # same top-1 from the checkpoint and its ONNX export
+    moved = tmp_path / "moved"  # a finished run copied elsewhere is still done, every stage of it
+    shutil.copytree(run, moved)
+    again = cli(config, moved, *COMPRESS, "--set", "distill.export.int8_min_agreement=0",
+                "--set", "distill.train.ema_decay=0.9")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done already" in again.stdout and "prune_test_efficientnet] done already" in again.stdout
+    from pipeline.config.loading import fingerprint
+    record_path = moved / "prune_test_efficientnet" / "stage.json"  # as recorded before init was relative
+    record = json.loads(record_path.read_text())
+    record["inputs"]["model"]["init"] = f"/elsewhere/run/{STAGE}/checkpoint"
+    record_path.write_text(json.dumps({"fingerprint": fingerprint(record["inputs"]), "inputs": record["inputs"]}))
+    legacy = cli(config, moved, *COMPRESS, "--set", "distill.export.int8_min_agreement=0",
+                 "--set", "distill.train.ema_decay=0.9")
+    assert legacy.returncode == 0 and "prune_test_efficientnet] done already" in legacy.stdout, legacy.stderr[-3000:]
 
 
 LAUNCHERS = {

@@ -11,6 +11,7 @@ A killed prune stage starts again from the distilled checkpoint (it holds no res
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -34,10 +35,24 @@ def _stage_config(ctx: StageContext, this: Stage):
     return dataclasses.replace(base, model=model, train=train_cfg)
 
 
+def _recorded_init(ctx: StageContext, stage: Stage) -> str:
+    """The start checkpoint as the fingerprint names it: relative to the run directory, so a copied or moved
+    run still matches (its content is in `source_sha256`). A record made before this named the absolute path;
+    one whose path ends in this run's source checkpoint is kept as written, so finished prunes stay done."""
+    relative = f"{stage.source}/{ctx.run.checkpoint_dir(stage.source).name}"
+    previous = ctx.run.stage_record(stage.name) or {}
+    recorded = previous.get("inputs", {}).get("model", {}).get("init")
+    if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).parts[-2:] == Path(relative).parts:
+        return recorded
+    return relative
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
+    trained = _stage_config(ctx, stage)
+    trained = dataclasses.replace(trained, model=dataclasses.replace(trained.model, init=_recorded_init(ctx, stage)))
     return {"source_sha256": checkpoint_hash(ctx.run.checkpoint_dir(stage.source)),
             **teacher_inputs(ctx, stage), "prune": to_dict(ctx.config.distill.prune),
-            **training_fingerprint_inputs(_stage_config(ctx, stage), ctx.config.seed, ctx.data())}
+            **training_fingerprint_inputs(trained, ctx.config.seed, ctx.data())}
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
