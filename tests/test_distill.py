@@ -216,6 +216,8 @@ def check_compressed_run(run: Path) -> None:
     pruned = json.loads((run / "prune_test_efficientnet" / "metrics.json").read_text())
     assert pruned["macs_after"] <= 0.5 * pruned["macs_before"] * 1.02 and pruned["fine_tune_steps_total"] == 3
     assert (run / "prune_test_efficientnet" / "checkpoint" / "structure.json").exists()
+    progress = json.loads((run / "prune_test_efficientnet" / "progress.json").read_text())  # for selftrain status
+    assert (progress["unit"], progress["step"], progress["total"]) == ("pruning step", 1, 1)
     table = json.loads((run / "export" / "metrics.json").read_text())
     rows = {(r["model"], r["runtime"], r["precision"]) for r in table["rows"]}
     for model in ("teacher", STAGE, "prune_test_efficientnet"):

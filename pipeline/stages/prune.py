@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config.schema import to_dict
+from pipeline.core.progress import PROGRESS_FILE, ProgressWriter
 from pipeline.engine.predict import load_model
 from pipeline.engine.trainer import TrainResult, train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
@@ -67,7 +68,12 @@ def run(ctx: StageContext, this: Stage) -> dict:
     example = torch.zeros(1, chans, size, size)
     results: list[TrainResult] = []
 
+    # `selftrain status` reads RUN/<stage>/progress.json; each fine-tuning loop writes its own under state/
+    pruning = ProgressWriter(run_dir.stage_dir(name) / PROGRESS_FILE if setup.accelerator.is_main_process else None,
+                             total=cfg.steps, start_step=0, every_s=0.0, unit="pruning step")
+
     def fine_tune(model: torch.nn.Module, step: int) -> None:
+        pruning.update(step - 1)
         if cfg.fine_tune_steps == 0:
             return
         batches, stream_state = kd.batches(ctx, setup, cfg.fine_tune_steps, offset=(step - 1) * cfg.fine_tune_steps)
@@ -79,6 +85,7 @@ def run(ctx: StageContext, this: Stage) -> dict:
     setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
                             f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
     report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
+    pruning.update(cfg.steps)
     unpruned, _ = load_model(run_dir.checkpoint_dir(this.source), ctx.data().num_classes)
     speed = interleaved_torch_latency({"before": unpruned, "after": setup.model}, (chans, size, size), batch=64,
                                       repeats=30, channels_last=setup.channels_last)
