@@ -101,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="list the stages of a run directory and their state")
     status.add_argument("run_dir", help="a run directory (the --run-dir of selftrain run)")
 
-    summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)")
-    summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)",
+                               description="One Markdown table over finished runs (e.g. one per seed): per stage, "
+                               "test and holdout top-1 (mean +- sample std), the gain of each student round over "
+                               "its run's teacher and of each distilled student over the teacher it was taught by, "
+                               "pseudo-label accuracy, wall time. Notes runs whose configs differ in more than "
+                               "their seeds, or that share seeds.")
+    summarize.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (--run-dir of selftrain run)")
     summarize.add_argument("--out", default=None, help="also write the table to this Markdown file (.md; replaces "
                            "only a table summarize wrote)")
 

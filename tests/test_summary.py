@@ -71,3 +71,21 @@ def test_summary_notes_runs_made_with_the_same_seeds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"**Note: runs with the same seeds** (seed, data.seed, select.seed): {a} = {b}." in out
     assert str(c) + " =" not in out and "= " + str(c) not in out
+
+
+def test_summary_gives_the_distilled_gain_over_its_teacher_and_the_selected_labels_accuracy(tmp_path, capsys):
+    root = fake_run(tmp_path / "a", 0.80, 0.84, 10)
+    run = RunDir(root)
+    run.config_path.write_text("seed: 0\ndistill:\n  students: [{arch: mobilenetv3_small_100, input_size: 64}]\n")
+    written = {"pseudo_label_r1": {"pool_accuracy": 0.8351},
+               "select_r1": {"selected_accuracy": {"weighted_by_copies": 0.8456}},
+               "distill_mobilenetv3_small_100": {"top1": 0.8650, "teacher_top1": 0.8400}}
+    for stage, metrics in written.items():
+        run.stage_dir(stage).mkdir()
+        run.metrics_path(stage).write_text(json.dumps(metrics))
+        run.mark_done(stage)
+    assert main(["summarize", str(root)]) == 0
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["pseudo_label_r1"][4] == "83.51" and rows["select_r1"][4] == "84.56"
+    assert rows["distill_mobilenetv3_small_100"][2] == "2.50"  # over the teacher it was taught by, not the run's

@@ -2,7 +2,8 @@
 
 Reads the metrics.json of every stage in each run directory; prints one Markdown
 table: test top-1 (and holdout top-1 where the import has a holdout), the gain of
-each student round over the same run's teacher, and wall time per stage.
+each student round over the same run's teacher and of each distilled or pruned student over the
+teacher it was taught by, the pseudo-labels' accuracy, and wall time per stage.
 Spread is the sample standard deviation (n-1) over the runs that have the stage.
 """
 
@@ -129,12 +130,37 @@ def summary_table(run_dirs: list[Path]) -> str:
     for stage in stages:
         have = [r for r in runs if stage in r]
         top1 = [100 * r[stage]["top1"] for r in have if "top1" in r[stage]]
-        gain = [100 * (r[stage]["top1"] - r["teacher"]["top1"]) for r in have
-                if r[stage]["kind"] == "student" and "top1" in r[stage]]
+        gain = [g for g in (gain_points(r, stage) for r in have) if g is not None]
         held = [100 * r[stage]["holdout"]["top1"] for r in have if "holdout" in r[stage]]
-        pool = [100 * r[stage]["pool_accuracy"] for r in have if "pool_accuracy" in r[stage]]
+        pool = [a for a in (pseudo_label_accuracy(r[stage]) for r in have) if a is not None]
         wall = [r[stage]["wall_seconds"] for r in have if r[stage]["wall_seconds"] is not None]
         cells = [stage, str(len(have)), mean_std(top1), mean_std(gain), mean_std(held), mean_std(pool),
                  f"{statistics.mean(wall):.0f}" if wall else "", " / ".join(f"{v:.2f}" for v in top1)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Gain: a student round over its run's teacher stage; a distilled or pruned student over the teacher "
+              "it was taught by (the ensemble, when it had one). Pseudo-label accuracy: of the whole labeled pool "
+              "(pseudo_label), of the selected copies the student trains on (select); hidden true labels, "
+              "never used for training."]
     return "\n".join(lines)
+
+
+def gain_points(run: dict[str, dict], stage: str) -> float | None:
+    """Points over the teacher that matters for the stage's kind (None when it has none or no top-1)."""
+    metrics = run[stage]
+    if "top1" not in metrics:
+        return None
+    if metrics["kind"] == "student":
+        return 100 * (metrics["top1"] - run["teacher"]["top1"])
+    taught_by = metrics.get("ensemble_top1", metrics.get("teacher_top1"))
+    if metrics["kind"] in ("distill", "prune") and taught_by is not None:
+        return 100 * (metrics["top1"] - taught_by)
+    return None
+
+
+def pseudo_label_accuracy(metrics: dict) -> float | None:
+    """Percent of pseudo-labels that match the pool's hidden labels: the pool's (pseudo_label stages) or the
+    selected copies' (select stages)."""
+    if "pool_accuracy" in metrics:
+        return 100 * metrics["pool_accuracy"]
+    selected = metrics.get("selected_accuracy", {}).get("weighted_by_copies")
+    return None if selected is None else 100 * selected
