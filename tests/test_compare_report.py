@@ -250,3 +250,11 @@ def test_a_trend_prints_both_ends_over_the_seeds_its_difference_uses():
     # seeds 0 and 1, averaged over policies: at 10 labels (5 + 4)/2 - 0.5*(1 + 2)/2*(-1, 0) = (5.25, 4.50),
     # mean 4.875 (printed 4.87: 4.875 is exact in binary and rounds to even), std 0.53
     assert "at 10 labels per class: +4.87 ± 0.53" in evidence and "n=2 (t = " in evidence
+
+
+def test_total_wall_counts_a_shared_teacher_once():
+    from pipeline.experiments.compare_report import total_wall_seconds
+    alone = ArmResult("random", "off", "s1", 10, 0, 0.5, 100, 30.0)  # its whole run: the teacher
+    with_rounds = ArmResult("random", "on", "s1", 10, 0, 0.6, 100, 130.0)  # that teacher + 100 s of rounds
+    other_seed = ArmResult("random", "on", "s1", 10, 1, 0.6, 100, 125.0)  # its twin not in the results
+    assert total_wall_seconds([alone, with_rounds, other_seed]) == 30.0 + 100.0 + 125.0
