@@ -189,3 +189,16 @@ def test_gpu_checks_script_passes_only_flags_its_bench_scripts_know():
         known = known_flags[words[0]]
         unknown = [word for word in words if word.startswith("--") and word not in known]
         assert not unknown, f"{words[0]} does not take {unknown}"
+
+
+def test_streamed_pool_bench_prints_every_case_and_the_ratios(tiny_fashion_dir, tmp_path):
+    rows = bench("bench_streamed_pool.py", "--work", str(tmp_path / "work"), "--source", str(tiny_fashion_dir),
+                 "--labels-per-class", "10", "--max-unlabeled", "300", "--steps", "2", "--batch", "16", "--size", "16",
+                 "--shuffle-buffer", "50", timeout=900)
+    cases = {row["case"]: row for row in rows}
+    assert set(cases) == {"memory@1x", "streamed@1x", "memory@10x", "streamed@10x", "pool-only memory@1x",
+                          "pool-only streamed@1x", "pool-only memory@10x", "pool-only streamed@10x", "ratios"}
+    assert cases["memory@10x"]["pool_with_copies"] == 10 * cases["memory@1x"]["pool_with_copies"]
+    assert all(cases[c]["peak_rss_mib"] > 0 and cases[c]["train_images_per_s"] > 0
+               for c in ("memory@1x", "streamed@1x", "memory@10x", "streamed@10x"))
+    assert all(value > 0 for key, value in cases["ratios"].items() if key not in ("case", "targets"))
