@@ -177,8 +177,8 @@ def main() -> None:
     bare_rate(model, x, 2, args.precision)  # warm-up (oneDNN primitives / cuDNN autotune, allocator)
 
     labeler = Labeler(model, transform, mean, std, device, channels_last, args.precision, teacher_hash)
-    job = LabelingJob(shards=shards, records=records, sidecars=[], mode=data.mode, batch_size=args.batch,
-                      workers=0, topk=topk, progress=False)
+    job = LabelingJob(shards=shards, records=records, sidecars=[], mode=data.mode, num_classes=data.num_classes,
+                      batch_size=args.batch, workers=0, topk=topk, progress=False)
     with tempfile.TemporaryDirectory(prefix="bench-pseudo-label-") as tmp_name:
         tmp = Path(tmp_name)
         for workers in args.workers:

@@ -187,6 +187,33 @@ def test_corrupt_sample_is_skipped_and_counted(tiny_data, tmp_path):
     assert key not in set(sidecars(run)["unlabeled-000001.labels.npz"].keys)
 
 
+def test_a_shard_with_no_readable_image_is_skipped_through_the_student(tiny_teacher_run, tmp_path):
+    """Its sidecar has the classes' width (it was 0 x 1), so the student's in-memory pool loads."""
+    config, run = copy_run(tiny_teacher_run, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(Path(config.read_text().split("path: ")[1].strip()), data)
+    shard = data / "unlabeled" / "unlabeled-000001.tar"
+    with tarfile.open(shard) as tar:
+        names = [m.name for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(b"not a png")
+            tar.addfile(info, io.BytesIO(b"not a png"))
+    config = tmp_path / "broken.yaml"
+    config.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data}\n")
+    student = ["--set", "student.rounds=1", "--set", "student.model.arch=test_resnet", "--set",
+               "student.model.input_size=16", "--set", "student.train.steps=2", "--set", "student.train.batch_size=16",
+               "--set", "select.min_confidence=0.0"]
+    result = cli(config, run, *student, "--only", "pseudo_label_r1")  # the teacher is the one already trained
+    assert result.returncode == 0, result.stderr[-3000:]
+    empty = sidecars(run)["unlabeled-000001.labels.npz"]
+    assert len(empty.keys) == 0 and empty.full_logits().shape == (0, 10)
+    for stage in ("select_r1", "student_r1"):
+        result = cli(config, run, *student, "--only", stage)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_calibrate_without_holdout_is_a_clear_error(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path)
     result = cli(config, run, "--set", "select.calibrate=true")

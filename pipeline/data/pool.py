@@ -88,6 +88,8 @@ def load_selected_pool(data: DataInfo, run: RunDir, labels_stage: str, select_st
         if missing:
             raise PoolError(f"{shard}: {len(missing)} selected keys are no longer readable "
                             f"(e.g. '{sidecar.keys[min(missing)]}'); the shard changed after labeling")
+        if not found:  # nothing kept here (a shard with no readable image: its sidecar may be 0 x 1 in old runs)
+            continue
         for row in sorted(found):
             images.append(found[row])
             keys.append(str(sidecar.keys[row]))

@@ -110,6 +110,7 @@ class LabelingJob:
     records: list[dict]  # the manifest record of each shard (name, count, sha256)
     sidecars: list[Path]
     mode: str  # image mode of the data ("L" or "RGB")
+    num_classes: int  # the logits' width, also of a shard that gave no image
     batch_size: int
     workers: int
     topk: int | None  # sidecars keep only the top-k logits (many classes)
@@ -144,7 +145,7 @@ def label_shards(labeler: Labeler, job: LabelingJob) -> int:
                 kill_point("batch", batches)
                 continue
             keys, chunks = buffers.pop(item.shard, ([], []))
-            logits = np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+            logits = np.concatenate(chunks) if chunks else np.zeros((0, job.num_classes), np.float32)
             meta = {**_expected_meta(labeler.teacher_hash, job.records[item.shard]), "count": item.count,
                     "problems": item.problems}
             write_sidecar(job.sidecars[item.shard], keys, logits, meta, job.topk)
@@ -214,6 +215,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
         status()  # the count from the start, not only after the main process's first shard
     job = LabelingJob(shards=[data.shard_path("unlabeled", r["name"]) for r in mine], records=mine,
                       sidecars=[run_dir.sidecar_path(stage.name, r["name"]) for r in mine], mode=data.mode,
+                      num_classes=data.num_classes,
                       image_keys=data.image_keys,
                       batch_size=cfg.batch_size, workers=loader_workers(config.runtime),
                       topk=cfg.topk if data.num_classes > cfg.topk_above_classes else None,
