@@ -124,7 +124,8 @@ def test_two_processes_equal_one(tiny_teacher_run, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
     result = cli(config, two, "--only", "pseudo_label_r1", launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((two / "pseudo_label_r1" / "metrics.json").read_text())["processes"] == 2
+    metrics = json.loads((two / "pseudo_label_r1" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["images_this_run"] == 400  # both ranks' images in the rate
     assert_same_sidecars(sidecars(one), sidecars(two))
     progress = json.loads((two / "pseudo_label_r1" / "progress.json").read_text())
     assert progress["unit"] == "shard" and progress["total"] == 4 and progress["saved_step"] >= 2  # rank 0's 2 at least

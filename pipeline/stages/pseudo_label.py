@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 
 from augment import build_eval_transform
 from pipeline.config.schema import to_dict
@@ -222,9 +223,8 @@ def run(ctx: StageContext, stage: Stage) -> dict:
                       progress=config.runtime.progress and state.is_local_main_process, status=status)
     state.print(f"[{stage.name}] {len(pending)} of {shards_total} shards to label "
                 f"({state.num_processes} process(es)), teacher {meta.arch} {teacher_hash[:12]}")
-    labeled = label_shards(labeler, job)
+    labeled = sum(gather_object([label_shards(labeler, job)]))  # every process's images (all finish here)
     seconds = time.perf_counter() - started
-    state.wait_for_everyone()
     metrics: dict = {}
     if state.is_main_process:
         metrics = write_manifest(ctx, stage, teacher_hash, job.topk, LabelingRun(labeled, seconds, len(pending), state.num_processes))
@@ -267,6 +267,7 @@ def write_manifest(ctx: StageContext, stage: Stage, teacher_hash: str, topk: int
     metrics = {"num_labeled": total, "num_skipped": len(skipped), "num_truncated_shards": len(truncated),
                # a webdataset import's shard counts already leave its skipped samples out: never below 0
                "num_unread": max(0, in_pool - total - len(skipped)),
+               "images_this_run": this_run.images,  # every process's
                "images_per_s_this_run": round(this_run.images / max(this_run.seconds, 1e-9), 1),
                "shards_this_run": this_run.shards, "processes": this_run.processes,
                **pool_report(run_dir, stage.name, data)}
