@@ -93,6 +93,21 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
     assert_same_sidecars(sidecars(straight), sidecars(killed))
 
 
+def test_a_resume_may_lower_the_batch_size_and_keeps_the_finished_sidecars(tiny_teacher_run, tmp_path):
+    from pipeline.config.loading import fingerprint
+    config, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
+    assert cli(config, killed, "--only", "pseudo_label_r1", env={env_name("batch"): "10"}).returncode == -9
+    finished = len(list((killed / "pseudo_label_r1").glob("*.labels.npz")))
+    record_path = killed / "pseudo_label_r1" / "stage.json"  # as recorded when the batch size was an input
+    inputs = json.loads(record_path.read_text())["inputs"]
+    assert "batch_size" not in inputs["pseudo_label"]
+    inputs["pseudo_label"]["batch_size"] = 30
+    record_path.write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs}))
+    again = cli(config, killed, "--only", "pseudo_label_r1", "--set", "pseudo_label.batch_size=20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{4 - finished} of 4 shards to label" in again.stdout + again.stderr
+
+
 def test_status_counts_shards_from_the_start_of_the_stage(tiny_teacher_run, tmp_path):
     """Before any shard is finished (the first can take minutes on a real pool) status shows 0 of N."""
     config, run = copy_run(tiny_teacher_run, tmp_path)

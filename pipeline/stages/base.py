@@ -118,6 +118,11 @@ class StageContext:
             self._data = open_data(self.run.data_dir)
         return self._data
 
+    def recorded_inputs(self, stage: Stage) -> dict:
+        """The inputs the stage's stage.json recorded ({} before its first start): lets a stage keep a field
+        it no longer fingerprints as recorded, so runs made before still match."""
+        return (self.run.stage_record(stage.name) or {}).get("inputs", {})
+
     def teacher_dir(self, stage: Stage) -> Path:
         if stage.teacher_path is not None:
             return Path(stage.teacher_path)

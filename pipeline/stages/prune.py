@@ -41,8 +41,7 @@ def _recorded_init(ctx: StageContext, stage: Stage) -> str:
     run still matches (its content is in `source_sha256`). A record made before this named the absolute path;
     one whose path ends in this run's source checkpoint is kept as written, so finished prunes stay done."""
     relative = f"{stage.source}/{ctx.run.checkpoint_dir(stage.source).name}"
-    previous = ctx.run.stage_record(stage.name) or {}
-    recorded = previous.get("inputs", {}).get("model", {}).get("init")
+    recorded = ctx.recorded_inputs(stage).get("model", {}).get("init")
     if isinstance(recorded, str) and Path(recorded).is_absolute() and Path(recorded).parts[-2:] == Path(relative).parts:
         return recorded
     return relative

@@ -183,7 +183,15 @@ def pool_report(run: RunDir, stage: str, data: DataInfo) -> dict:
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
-    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "pseudo_label": to_dict(ctx.config.pseudo_label),
+    settings = to_dict(ctx.config.pseudo_label)
+    # the batch size changes no label (eval mode): a rerun may lower it (out of GPU memory) and keep the finished
+    # sidecars. Records made when it was fingerprinted keep their value.
+    recorded = ctx.recorded_inputs(stage).get("pseudo_label", {})
+    if "batch_size" in recorded:
+        settings["batch_size"] = recorded["batch_size"]
+    else:
+        del settings["batch_size"]
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), "pseudo_label": settings,
             "unlabeled_shards": [r["sha256"] for r in ctx.data().shard_records("unlabeled")]}
 
 
