@@ -41,3 +41,30 @@ def test_unknown_or_conflicting_selection_is_named():
         g.select("studnet_r1", None)
     with pytest.raises(RunDirError, match="either --only or --from"):
         g.select("teacher", "teacher")
+
+
+PRETRAIN = ("pretrain.data={source: fashion-mnist}", "teacher.model.init=pretrain", "student.rounds=0",
+            "distill.students=[{arch: test_resnet, input_size: 16, init: pretrain}]")
+
+
+def test_a_distilled_student_started_from_pretraining_is_redone_with_it():
+    g = graph(*PRETRAIN)
+    assert "pretrain" in g.get("distill_test_resnet").needs
+    assert "distill_test_resnet" in [s.name for s in g.select(None, "pretrain")]
+
+
+@pytest.mark.parametrize("where, init, message", [
+    ("teacher.model", "pretrain", 'teacher.model.init is "pretrain" but the config has no pretrain.data'),
+    ("student.model", "ssl_pretrain", 'student.model.init is "ssl_pretrain" but ssl_pretrain.enabled is false'),
+    ("distill", "pretrain", r'distill.students\[0\].init is "pretrain" but the config has no pretrain.data'),
+    ("distill", "teacher", r'distill.students\[0\].init "teacher": a distilled student does not start'),
+])
+def test_an_init_naming_a_stage_the_config_leaves_out_is_refused_before_anything_runs(where, init, message):
+    from pipeline.stages.preflight import check_models
+    from teachers.models import ModelError
+    override = (f"distill.students=[{{arch: test_resnet, input_size: 16, init: {init}}}]" if where == "distill"
+                else f"{where}.init={init}")
+    config = load_config(None, [override, "student.rounds=1"])
+    build_graph(config)  # the graph leaves the need out (it raised a bare ValueError before preflight could speak)
+    with pytest.raises(ModelError, match=message):
+        check_models(config)

@@ -43,7 +43,8 @@ def distill_stages(config: Config, stages: list[Stage], final: str) -> list[Stag
             added.append(Stage(labels, "pseudo_label", pseudo_label.run, pseudo_label.inputs,
                                needs=("data",) + ((final,) if not cfg.teacher else ()), **teacher_of))
     for spec in cfg.students:
-        needs = ("data",) + ((final,) if not cfg.teacher else ()) + ((labels,) if labels else ())
+        needs = (("data",) + ((final,) if not cfg.teacher else ()) + ((labels,) if labels else ())
+                 + init_needs(spec, stages))
         name = distill_stage_name(spec, cfg.students)
         added.append(Stage(name, "distill", distill.run, distill.inputs, needs=needs, labels=labels, spec=spec,
                            **teacher_of))
@@ -69,16 +70,18 @@ def pretraining_stages(config: Config) -> list[Stage]:
     return stages
 
 
-def init_needs(model: ModelConfig) -> tuple[str, ...]:
-    """A stage whose `model.init` names a pretraining stage needs that stage."""
-    return (model.init,) if model.init in ("pretrain", "ssl_pretrain") else ()
+def init_needs(model: ModelConfig, stages: list[Stage]) -> tuple[str, ...]:
+    """A stage whose `model.init` names a pretraining stage of the graph needs that stage (one the config
+    leaves out is refused by preflight with the section to add)."""
+    declared = {s.name for s in stages if s.kind in ("pretrain", "ssl_pretrain")}
+    return (model.init,) if model.init in declared else ()
 
 
 def build_graph(config: Config) -> StageGraph:
     stages = [Stage("data", "data", data_import.run, data_import.inputs, main_process_only=True),
-              *pretraining_stages(config),
-              Stage("teacher", "teacher", teacher.run, teacher.inputs,
-                    needs=("data",) + init_needs(config.teacher.model))]
+              *pretraining_stages(config)]
+    stages.append(Stage("teacher", "teacher", teacher.run, teacher.inputs,
+                        needs=("data",) + init_needs(config.teacher.model, stages)))
     round_teacher = "teacher"
     for i in range(1, max(config.student.rounds, 1) + 1):
         labels, selection, trained = f"pseudo_label_r{i}", f"select_r{i}", f"student_r{i}"
@@ -90,8 +93,8 @@ def build_graph(config: Config) -> StageGraph:
         ]
         if i <= config.student.rounds:
             stages.append(Stage(trained, "student", student.run, student.inputs,
-                                needs=(round_teacher, labels, selection) + init_needs(config.student.model), round=i, teacher=round_teacher,
-                                labels=labels, selection=selection))
+                                needs=(round_teacher, labels, selection) + init_needs(config.student.model, stages),
+                                round=i, teacher=round_teacher, labels=labels, selection=selection))
         round_teacher = trained
     final = f"student_r{config.student.rounds}" if config.student.rounds else "teacher"
     stages += distill_stages(config, stages, final)

@@ -56,6 +56,11 @@ def check_models(config: Config) -> None:
         _check_run_stage_init(config, config.student.model, "student.model")
     for i, student in enumerate(config.distill.students):
         _check_model(student, f"distill.students[{i}]")
+        _check_run_stage_init(config, student, f"distill.students[{i}]")
+        if student.init == "teacher":
+            raise ModelError(f'distill.students[{i}].init "teacher": a distilled student does not start from its '
+                             'teacher\'s weights; use null (random), "pretrain", "ssl_pretrain", a checkpoint '
+                             'directory, a weights file or "timm:NAME"')
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.teacher:
