@@ -29,13 +29,17 @@ class Growth:
     source_arch: str  # the checkpoint's architecture
     loaded: int  # tensors copied from the checkpoint
     fresh: int  # tensors of the larger model left at their initialisation
-    max_logit_diff: float  # teacher vs grown student on the probe batch, eval mode
+    max_logit_diff: float  # teacher vs grown student on the probe batch, eval mode (features when the head is new)
+    head_reinitialised: bool = False  # the checkpoint's head was for other classes (or never trained): left fresh
 
 
-def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta) -> Growth:
-    """Copy a smaller checkpoint into `model` and check the result computes the checkpoint's function."""
+def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta, new_head: frozenset[str] = frozenset()
+              ) -> Growth:
+    """Copy a smaller checkpoint into `model` and check the result computes the checkpoint's function.
+    `new_head`: the model's classifier tensors, when the checkpoint's head is for other classes: they keep
+    their initialisation, and the check compares the features the heads read instead of the logits."""
     where = f"model.init {directory}"
-    source = read_weights(directory)
+    source = {k: v for k, v in read_weights(directory).items() if k not in new_head}
     target = model.state_dict()
     absent = [k for k in source if k not in target]
     if absent:
@@ -48,24 +52,32 @@ def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta) -> 
         raise CheckpointError(f"{where}: cannot grow '{meta.arch}' into this model: {len(reshaped)} tensors differ "
                               f"in shape (e.g. {k}: {tuple(source[k].shape)} vs {tuple(target[k].shape)})")
     model.load_state_dict(source, strict=False)
-    diff = _max_logit_diff(model, source, meta)
+    diff = _max_output_diff(model, source, meta, features=bool(new_head))
     if diff > FUNCTION_TOLERANCE:
         raise CheckpointError(f"{where}: '{meta.arch}' weights fit this model, but the grown model does not compute "
-                              f"the checkpoint's function (largest logit difference {diff:.3g}); its extra blocks "
-                              "must start as the identity (timm ResNets do: zero_init_last)")
-    return Growth(source_arch=meta.arch, loaded=len(source), fresh=len(target) - len(source), max_logit_diff=diff)
+                              f"the checkpoint's function (largest {'feature' if new_head else 'logit'} difference "
+                              f"{diff:.3g}); its extra blocks must start as the identity (timm ResNets do: "
+                              "zero_init_last)")
+    return Growth(source_arch=meta.arch, loaded=len(source), fresh=len(target) - len(source), max_logit_diff=diff,
+                  head_reinitialised=bool(new_head))
 
 
 @torch.no_grad()
-def _max_logit_diff(model: torch.nn.Module, source: dict[str, torch.Tensor], meta: CheckpointMeta) -> float:
+def _max_output_diff(model: torch.nn.Module, source: dict[str, torch.Tensor], meta: CheckpointMeta,
+                     features: bool) -> float:
+    """Grown model vs checkpoint on a probe batch: logits, or the pooled features their heads read."""
     with torch.random.fork_rng(devices=[]):  # building the teacher must not move the training's RNG
         teacher = create_model(meta.arch, meta.num_classes, meta.in_chans)
-    teacher.load_state_dict(source)
+    teacher.load_state_dict(source, strict=not features)
     probe = torch.randn(4, meta.in_chans, meta.input_size, meta.input_size,
                         generator=torch.Generator().manual_seed(0))
+
+    def output(net: torch.nn.Module) -> torch.Tensor:
+        return net.forward_head(net.forward_features(probe), pre_logits=True) if features else net(probe)
+
     was_training = model.training
     model.eval()
     try:
-        return (model(probe) - teacher.eval()(probe)).abs().max().item()
+        return (output(model) - output(teacher.eval())).abs().max().item()
     finally:
         model.train(was_training)

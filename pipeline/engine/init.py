@@ -53,14 +53,18 @@ class InitOutcome:
             return "random init"
         if self.growth is not None:
             g = self.growth
+            head = ", the classifier re-initialised for the target classes" if g.head_reinitialised else ""
             return (f"grown from {g.source_arch} at {self.source.path}: {g.loaded} tensors copied, {g.fresh} new "
-                    f"ones start as identity blocks (largest logit difference {g.max_logit_diff:.1e})")
+                    f"ones start as identity blocks{head} (largest {'feature' if g.head_reinitialised else 'logit'} "
+                    f"difference {g.max_logit_diff:.1e})")
         if self.report is None:
             return f"all weights from {self.source.path}"
         return self.report.describe()
 
     def metrics(self) -> dict:
         found = {"source": self.source.text}
+        if self.growth is not None:
+            found.update({"grown_from": self.growth.source_arch, "head_reinitialised": self.growth.head_reinitialised})
         if self.report is not None:
             found.update({"loaded": self.report.loaded, "skipped": list(self.report.skipped),
                           "missing": list(self.report.missing),
@@ -122,10 +126,11 @@ def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_name
     path = source.path
     if path.is_dir():
         meta = read_meta(path)
-        if meta.arch != arch:
-            return InitOutcome(source, growth=grow_from(model, path, meta))
         # a head trained on other classes (even as many) or never trained (SimCLR) is re-initialised
         other_head = tuple(meta.class_names) != tuple(class_names) or meta.lineage.get("method") == "simclr"
+        if meta.arch != arch:
+            new_head = frozenset(classifier_names(model)) if other_head else frozenset()
+            return InitOutcome(source, growth=grow_from(model, path, meta, new_head))
         if not other_head:
             load_weights_into(model, path)
             return InitOutcome(source)
