@@ -163,7 +163,7 @@ def test_a_checkpoint_of_other_classes_starts_the_backbone_and_a_new_head(tmp_pa
         model = create_model("test_resnet", len(target_classes), 1)
         fresh_head = model.get_classifier().weight.detach().clone()
         outcome = apply_init(model, InitSource(str(tmp_path / "src"), path=tmp_path / "src"), "test_resnet",
-                             target_classes)
+                             target_classes, in_chans=1)
         assert outcome.report.head_reinitialised and "classifier re-initialised" in outcome.describe()
         assert outcome.metrics()["head_reinitialised"] is True
         assert torch.equal(model.get_classifier().weight, fresh_head)
@@ -171,8 +171,24 @@ def test_a_checkpoint_of_other_classes_starts_the_backbone_and_a_new_head(tmp_pa
             if not name.startswith(("fc.", "head.")) and value.ndim:
                 assert torch.equal(value, source.state_dict()[name]), name
     same = create_model("test_resnet", 5, 1)
-    outcome = apply_init(same, InitSource("x", path=tmp_path / "src"), "test_resnet", ("a", "b", "c", "d", "e"))
+    outcome = apply_init(same, InitSource("x", path=tmp_path / "src"), "test_resnet", ("a", "b", "c", "d", "e"),
+                         in_chans=1)
     assert outcome.report is None and torch.equal(same.get_classifier().weight, source.get_classifier().weight)
+
+
+def test_an_rgb_checkpoint_starts_a_grayscale_model_with_its_stem_summed(tmp_path):
+    import dataclasses
+    from timm.models import adapt_input_conv
+    torch.manual_seed(0)
+    classes = ("a", "b", "c", "d", "e")
+    source = create_model("test_resnet", 5, 3)  # pretrained on an RGB folder, the same classes
+    save_checkpoint(tmp_path / "rgb", source, dataclasses.replace(_meta(classes), in_chans=3))
+    model = create_model("test_resnet", 5, 1)
+    outcome = apply_init(model, InitSource("x", path=tmp_path / "rgb"), "test_resnet", classes, in_chans=1)
+    stem = next(name for name, value in source.state_dict().items() if value.ndim == 4)
+    torch.testing.assert_close(model.state_dict()[stem], adapt_input_conv(1, source.state_dict()[stem]))
+    assert not outcome.report.missing and not outcome.report.skipped  # every tensor loaded, the stem summed
+    assert torch.equal(model.get_classifier().weight, source.get_classifier().weight)  # same classes: same head
 
 
 def test_timm_weights_not_cached_give_a_clear_error(tiny_data, tmp_path, capsys, monkeypatch):

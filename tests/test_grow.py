@@ -59,8 +59,8 @@ def test_growth_for_other_classes_keeps_the_features_and_starts_a_new_head(tmp_p
     torch.manual_seed(5)
     student = create_model("resnet34", 10, 1)
     fresh_head = student.fc.weight.detach().clone()
-    outcome = apply_init(student, InitSource(str(tmp_path), path=tmp_path), "resnet34",
-                         tuple(f"other {i}" for i in range(10)))  # the checkpoint's classes are '0'..'9'
+    others = tuple(f"other {i}" for i in range(10))  # the checkpoint's classes are '0'..'9'
+    outcome = apply_init(student, InitSource(str(tmp_path), path=tmp_path), "resnet34", others, in_chans=1)
     teacher, _ = load_checkpoint(tmp_path)
     assert outcome.growth.head_reinitialised and outcome.metrics()["head_reinitialised"]
     assert torch.equal(student.fc.weight, fresh_head) and not torch.equal(student.fc.weight, teacher.fc.weight)
@@ -68,5 +68,5 @@ def test_growth_for_other_classes_keeps_the_features_and_starts_a_new_head(tmp_p
     features = [m.eval().forward_head(m.forward_features(x), pre_logits=True) for m in (student, teacher)]
     torch.testing.assert_close(features[0], features[1], atol=1e-5, rtol=1e-5)
     five = create_model("resnet34", 5, 1)  # another class count grows too (it was refused on the head's shape)
-    grown = apply_init(five, InitSource(str(tmp_path), path=tmp_path), "resnet34", tuple("abcde")).growth
+    grown = apply_init(five, InitSource(str(tmp_path), path=tmp_path), "resnet34", tuple("abcde"), 1).growth
     assert grown.head_reinitialised and grown.loaded == len(teacher.state_dict()) - 2

@@ -116,8 +116,9 @@ def adapt_stem(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     return adapted
 
 
-def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_names: tuple[str, ...]) -> InitOutcome:
-    """Load `source` into `model` (built for `arch` and the target `class_names`)."""
+def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_names: tuple[str, ...],
+               in_chans: int) -> InitOutcome:
+    """Load `source` into `model` (built for `arch`, the target `class_names` and `in_chans` input channels)."""
     if source.is_random:
         return InitOutcome(source)
     if source.timm_name is not None:
@@ -131,11 +132,12 @@ def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_name
         if meta.arch != arch:
             new_head = frozenset(classifier_names(model)) if other_head else frozenset()
             return InitOutcome(source, growth=grow_from(model, path, meta, new_head))
-        if not other_head:
+        if not other_head and meta.in_chans == in_chans:
             load_weights_into(model, path)
             return InitOutcome(source)
-        head = classifier_names(model)
-        state = {k: v for k, v in read_weights(path).items() if k not in head}
+        # other classes: a new head; other input channels: an RGB stem summed for grayscale, as for weights files
+        head = classifier_names(model) if other_head else set()
+        state = adapt_stem(model, {k: v for k, v in read_weights(path).items() if k not in head})
         return InitOutcome(source, report=load_matching(model, state, str(path / WEIGHTS)))
     if not path.exists():
         raise InitError(f"model.init: {path} does not exist")

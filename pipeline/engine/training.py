@@ -57,7 +57,7 @@ def build_model(stage: StageConfig | StudentConfig, data: DataInfo, init: InitSo
     """The stage's model, with `init`'s weights (pipeline/engine/init.py)."""
     model = create_model(stage.model.arch, data.num_classes, data.in_chans,
                          stage.model.drop_rate, stage.model.drop_path_rate)
-    return model, apply_init(model, init, stage.model.arch, tuple(data.classes))
+    return model, apply_init(model, init, stage.model.arch, tuple(data.classes), data.in_chans)
 
 
 @dataclass
