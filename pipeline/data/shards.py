@@ -143,6 +143,8 @@ def iter_shard(path: ShardLocation, on_error: OnError = "raise", problems: ReadP
 
 def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
     """OpenCV decode (4x faster than PIL on small PNGs) when no mode conversion is needed, else None."""
+    if not data:  # cv2.imdecode raises on an empty buffer; PIL's path names the empty file
+        return None
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.dtype != np.uint8:
         return None
