@@ -130,9 +130,19 @@ def check_compatible(meta: CheckpointMeta, arch: str | None, num_classes: int | 
         raise CheckpointError(f"{where}: checkpoint has {meta.num_classes} classes, the data has {num_classes}")
 
 
+def check_trained_head(meta: CheckpointMeta, where: str) -> None:
+    """Refuse to predict or teach with a self-supervised backbone: its classifier was never trained (its
+    outputs are random however good its features are)."""
+    if meta.lineage.get("method") == "simclr":
+        raise CheckpointError(f"{where} is a SimCLR backbone (stage ssl_pretrain): its classifier was never "
+                              "trained, so its predictions are random; start a model from it (model.init: "
+                              "ssl_pretrain) and use that model")
+
+
 def check_same_classes(meta: CheckpointMeta, classes: list[str], where: str) -> None:
     """Refuse a checkpoint whose classes are not the data's, by name and in order: a teacher's logits
     are read by class index, so another order (or other classes of the same count) would teach wrong labels."""
+    check_trained_head(meta, where)
     check_compatible(meta, None, len(classes), where)
     names = tuple(meta.class_names)
     if names and len(names) != len(classes):

@@ -124,11 +124,12 @@ def test_test_fraction_out_of_range_names_test_fraction(tmp_path, capsys):
 
 
 def test_unreadable_image_is_named_and_the_others_are_predicted(checkpoint, image, tmp_path, capsys):
-    broken = tmp_path / "broken.png"
+    broken, empty = tmp_path / "broken.png", tmp_path / "empty.png"
     broken.write_bytes(b"not an image")
-    assert main(["predict", str(checkpoint), str(broken), str(image), "--json"]) == 2
+    empty.write_bytes(b"")  # cv2 raised on it, and every other image's result was lost
+    assert main(["predict", str(checkpoint), str(broken), str(empty), str(image), "--json"]) == 2
     captured = capsys.readouterr()
-    assert f"{broken}: not a readable image" in captured.err
+    assert f"{broken}: not a readable image" in captured.err and f"{empty}: not a readable image" in captured.err
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert [line["image"] for line in lines] == [str(image)] and len(lines[0]["top"]) == 3
 
@@ -353,6 +354,14 @@ def test_predict_mistakes_are_named(checkpoint, tmp_path, capsys, args, message)
     empty = tmp_path / "no_images"
     empty.mkdir()
     assert message in error_of(["predict", str(checkpoint), str(empty)] + args, capsys)
+
+
+def test_predict_refuses_a_simclr_backbone_whose_classifier_was_never_trained(checkpoint, image, capsys):
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["lineage"] = {**meta.get("lineage", {}), "method": "simclr"}  # as stage ssl_pretrain writes it
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    assert "is a SimCLR backbone (stage ssl_pretrain): its classifier was never trained" in error_of(
+        ["predict", str(checkpoint), str(image)], capsys)
 
 
 def test_predict_on_something_that_is_no_model_is_named(tmp_path, image, capsys):

@@ -20,7 +20,7 @@ from augment import build_eval_transform
 from pipeline.data.shards import decode_bytes
 from pipeline.data.sources.folder import is_hidden
 from pipeline.engine.predict import load_model
-from teachers.checkpoint import META, CheckpointMeta
+from teachers.checkpoint import META, CheckpointMeta, check_trained_head
 
 ONNX_META_KEY = "selftrain_meta"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -101,6 +101,7 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
         return Predictor(meta, lambda x: session.run(None, {name: x})[0], str(path))
     if path.is_dir() and (path / META).exists():
         model, meta = load_model(path)
+        check_trained_head(meta, str(path))
         model.eval()
 
         def torch_logits(x: np.ndarray) -> np.ndarray:
