@@ -192,9 +192,26 @@ def _pretrained_cfg(name: str):
 def timm_pretrained_state(name: str) -> dict[str, torch.Tensor]:
     """timm's published weights for `name` (e.g. "resnet18.a1_in1k"), from the local cache only; never downloads.
 
+    The state dict is returned as published: timm's per-model `pretrained_filter_fn` (key remapping,
+    pos-embed resizing) is not applied.
+    """
+    return load_state_dict_file(timm_weights_file(name))
+
+
+def check_timm_weights(name: str, arch: str) -> None:
+    """Preflight for `init: timm:NAME` into a model of `arch`: a published name, weights of that architecture
+    (another one would fill the model's tensors from the blocks whose names happen to match), in the cache."""
+    if timm_arch(name) != arch:
+        raise InitError(f"'{name}' are weights of {timm_arch(name)}, the model is {arch}; give weights of {arch} "
+                        f"(`timm.list_pretrained('{arch}*')` lists them)")
+    timm_weights_file(name)
+
+
+def timm_weights_file(name: str) -> Path:
+    """The cached file of timm's published weights `name`, or InitError saying how to bring it here.
+
     Looks in the Hugging Face hub cache (model.safetensors, then pytorch_model.bin) and then in
-    torch hub's checkpoints/ for url-only weights. The state dict is returned as published: timm's
-    per-model `pretrained_filter_fn` (key remapping, pos-embed resizing) is not applied.
+    torch hub's checkpoints/ for url-only weights.
     """
     cfg = _pretrained_cfg(name)
     full = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
@@ -206,12 +223,12 @@ def timm_pretrained_state(name: str) -> dict[str, torch.Tensor]:
         for filename in filenames:
             found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache), revision=revision or None)
             if isinstance(found, str):
-                return load_state_dict_file(Path(found))
+                return Path(found)
         looked.append(f"{cache} for {repo_id} ({' or '.join(filenames)})")
     if cfg.url:
         file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
         if file.is_file():
-            return load_state_dict_file(file)
+            return file
         looked.append(str(file))
     raise InitError(
         f"timm weights '{full}' are not in the local cache (looked in {'; and '.join(looked)}); nothing is "

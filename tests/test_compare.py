@@ -199,10 +199,13 @@ def test_timm_weights_not_cached_give_a_clear_error(tiny_data, tmp_path, capsys,
     config.write_text(f"data: {{source: shards, path: {tiny_data}}}\n"
                       "teacher: {model: {arch: resnet18, init: 'timm:resnet18.a1_in1k'}, train: {steps: 1}}\n"
                       "runtime: {progress: false, workers: 0}\n")
-    assert main(["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "data"]) == 0
-    assert main(["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "teacher"]) == 2
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run")]) == 2  # before the import
     err = capsys.readouterr().err
-    assert "resnet18.a1_in1k" in err and "cache" in err and "timm.create_model" in err
+    assert "teacher.model.init: " in err and "resnet18.a1_in1k" in err and "cache" in err and "timm.create_model" in err
+    assert not (tmp_path / "run" / "data").exists()
+    config.write_text(config.read_text().replace("arch: resnet18,", "arch: resnet34,"))
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run")]) == 2  # weights of another architecture
+    assert "'resnet18.a1_in1k' are weights of resnet18, the model is resnet34" in capsys.readouterr().err
 
 
 def tiny_compare_config(tmp_path: Path, fashion_dir: Path, seeds=(0, 1), inits=("random", "supervised", "simclr"),
@@ -318,6 +321,21 @@ def test_a_misspelt_architecture_is_refused_before_the_dry_run_probe(section, tm
             "did you mean resnet10t" in err) and "Traceback" not in err and not out.exists()
     if section == "student":  # without self-training no student is trained: its model is not checked
         grid_config(base={"student": {"model": {"arch": "resnet10tt"}}}, axes={**GRID["axes"], "self_training": [False]})
+
+
+def test_a_timm_source_not_in_the_cache_is_refused_before_the_first_arm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
+    monkeypatch.setattr("pipeline.experiments.compare.measured_rate", lambda config: 1000.0)
+    path = tmp_path / "compare.yaml"
+    path.write_text("base:\n  teacher:\n    model: {arch: resnet18}\n"
+                    "sources: {imnet: {kind: timm, path: resnet18.a1_in1k}}\n"
+                    "axes: {init: [random, imnet], self_training: [off], policy: [s1], labels_per_class: [4], "
+                    "seeds: [0]}\n")
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "sources.imnet.path: timm weights 'resnet18.a1_in1k' are not in the local cache" in err and not out.exists()
 
 
 def test_compare_refuses_an_out_holding_the_users_files(tmp_path, capsys, monkeypatch):

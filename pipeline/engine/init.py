@@ -22,7 +22,8 @@ import torch
 from pipeline.core.rundir import RunDir
 from teachers.checkpoint import META, WEIGHTS, load_weights_into, read_meta, read_weights
 from teachers.grow import Growth, grow_from
-from teachers.init_sources import InitError, InitReport, classifier_names, load_matching, load_state_dict_file, timm_pretrained_state
+from teachers.init_sources import (InitError, InitReport, check_timm_weights, classifier_names, load_matching,
+                                   load_state_dict_file, timm_pretrained_state)
 from teachers.models import ModelError
 
 RANDOM, FROM_TEACHER, TIMM_PREFIX = "random", "teacher", "timm:"
@@ -87,9 +88,16 @@ def resolve_init(init: str | None, teacher_dir: Path | None, run: RunDir) -> Ini
     return InitSource(init, path=Path(init))
 
 
-def check_init_exists(init: str | None, where: str) -> None:
-    """Preflight: a path init must exist (as a checkpoint directory or a weights file)."""
-    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX):
+def check_init_exists(init: str | None, arch: str, where: str) -> None:
+    """Preflight: a path init must exist (as a checkpoint directory or a weights file); timm weights must be
+    the model's architecture's and in the local cache."""
+    if init is not None and init.startswith(TIMM_PREFIX):
+        try:
+            check_timm_weights(init[len(TIMM_PREFIX):], arch)
+        except InitError as error:
+            raise InitError(f"{where}.init: {error}") from None
+        return
+    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES):
         return
     path = Path(init)
     if path.is_dir() and not (path / META).exists():

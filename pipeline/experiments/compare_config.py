@@ -109,6 +109,20 @@ def check_archs(config: CompareConfig) -> None:
             check_arch(model.arch)
         except ModelError as exc:
             raise ConfigError(f"{where}.arch: {exc}") from None
+    check_timm_sources(config, base.teacher.model.arch)
+
+
+def check_timm_sources(config: CompareConfig, arch: str) -> None:
+    """timm sources of the grid's inits are weights of the teacher's architecture, in the local cache: a typo
+    or a missing cache is refused before the first arm, not after the arms run before it."""
+    from teachers.init_sources import InitError, check_timm_weights
+
+    for name, source in config.sources.items():
+        if source.kind == "timm" and name in config.axes.init:
+            try:
+                check_timm_weights(source.path, arch)
+            except InitError as exc:
+                raise ConfigError(f"sources.{name}.path: {exc}") from None
 
 
 def load_compare_config(path: str | Path) -> CompareConfig:

@@ -29,7 +29,7 @@ FASHION_MNIST_IMAGES = 70_000
 
 def _check_model(model: ModelConfig, where: str) -> None:
     check_arch(model.arch)
-    check_init_exists(model.init, where)
+    check_init_exists(model.init, model.arch, where)
 
 
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
