@@ -374,3 +374,27 @@ def test_a_folder_with_one_class_is_refused(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "src" / "only" / "a.png")
     assert "need one sub-folder per class (at least 2)" in error_of(
         ["data", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "out")], capsys)
+
+
+def test_init_weights_replaced_under_the_same_name_are_a_changed_input(tiny_data, tmp_path, capsys):
+    import torch
+
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.config.loading import fingerprint
+    from teachers.models import create_model
+
+    weights = tmp_path / "start.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("test_resnet", 10, 1).state_dict(), weights)
+    run = tmp_path / "run"
+    args = ["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(run), "--only", "teacher",
+            *set_args(TINY_TEACHER + ["teacher.train.epochs=1", f"teacher.model.init={weights}"])]
+    assert main([*args[:4], "--only", "data"]) == 0 and main(args) == 0
+    assert main(args) == 0 and "[teacher] done already" in capsys.readouterr().out
+    torch.manual_seed(1)
+    torch.save(create_model("test_resnet", 10, 1).state_dict(), weights)  # other weights, same file name
+    assert "different inputs (init_sha256:" in error_of(args, capsys, also=[run / "teacher"])
+    record = json.loads((run / "teacher" / "stage.json").read_text())  # as recorded before the key existed
+    inputs = {k: v for k, v in record["inputs"].items() if k != "init_sha256"}
+    (run / "teacher" / "stage.json").write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs}))
+    assert main(args) == 0 and "[teacher] done already" in capsys.readouterr().out

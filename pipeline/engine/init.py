@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.atomic import sha256_file
 from pipeline.core.rundir import RunDir
-from teachers.checkpoint import META, WEIGHTS, load_weights_into, read_meta, read_weights
+from teachers.checkpoint import META, WEIGHTS, checkpoint_hash, load_weights_into, read_meta, read_weights
 from teachers.grow import Growth, grow_from
 from teachers.init_sources import (InitError, InitReport, check_timm_weights, classifier_names, load_matching,
                                    load_state_dict_file, timm_pretrained_state)
@@ -86,6 +87,20 @@ def resolve_init(init: str | None, teacher_dir: Path | None, run: RunDir) -> Ini
     if init.startswith(TIMM_PREFIX):
         return InitSource(init, timm_name=init[len(TIMM_PREFIX):])
     return InitSource(init, path=Path(init))
+
+
+def init_content_inputs(init: str | None, recorded: dict) -> dict:
+    """`{"init_sha256": ...}` for an init read from a path (a checkpoint directory or a weights file), so weights
+    replaced under the same name make a changed input (the path alone did not). None for other inits, and none
+    when the stage's record (`recorded`, its stage.json inputs) was made before this key existed."""
+    if recorded and "init_sha256" not in recorded:
+        return {}
+    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX):
+        return {}
+    path = Path(init)
+    if path.is_dir():
+        return {"init_sha256": checkpoint_hash(path)}
+    return {"init_sha256": sha256_file(path)} if path.is_file() else {}  # missing: preflight names it
 
 
 def check_init_exists(init: str | None, arch: str, where: str) -> None:

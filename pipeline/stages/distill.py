@@ -39,7 +39,7 @@ from pipeline.data.pool_stream import LOGITS, PoolShard, PoolStream, distill_sha
 from pipeline.data.pool_stream_loader import (MixedBatch, PoolPosition, StreamedMixtureSampler, StreamedSources,
                                               collate_mixed, tracked)
 from pipeline.engine.trainer import train
-from pipeline.engine.init import resolve_init
+from pipeline.engine.init import init_content_inputs, resolve_init
 from pipeline.engine.predict import load_model, predict_logits
 from pipeline.engine.training import (TrainingSetup, build_model, finish, setup_training, swap_in_ema,
                                       training_fingerprint_inputs)
@@ -86,7 +86,8 @@ def teacher_inputs(ctx: StageContext, stage: Stage) -> dict:
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {**teacher_inputs(ctx, stage),
-            **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data())}
+            **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data()),
+            **init_content_inputs(stage.spec.init, ctx.recorded_inputs(stage))}
 
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:

@@ -24,6 +24,7 @@ from pipeline.data.pool import LabelForm, load_selected_pool
 from pipeline.data.pool_stream import PoolStream, pool_shards
 from pipeline.data.pool_stream_loader import (PoolPosition, StreamedMixtureSampler, StreamedSources, collate_mixed,
                                               tracked)
+from pipeline.engine.init import init_content_inputs
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
@@ -68,6 +69,7 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
     student = ctx.config.student
     return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)),
             **training_fingerprint_inputs(student, ctx.config.seed, ctx.data()),
+            **init_content_inputs(student.model.init, ctx.recorded_inputs(stage)),
             "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")
                         # the memory pool's results predate these keys: its fingerprint stays as it was
                         and not (student.pool == "memory" and k in ("pool", "shuffle_buffer"))}}

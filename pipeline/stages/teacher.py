@@ -17,6 +17,7 @@ from pipeline.config.sections import Config, StageConfig
 from pipeline.core.rundir import RunDir
 from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
+from pipeline.engine.init import init_content_inputs
 from pipeline.engine.trainer import train
 from pipeline.engine.training import finish, setup_training, swap_in_ema, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
@@ -34,7 +35,8 @@ def supervised_loss(labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
-    return training_fingerprint_inputs(ctx.config.teacher, ctx.config.seed, ctx.data())
+    return {**training_fingerprint_inputs(ctx.config.teacher, ctx.config.seed, ctx.data()),
+            **init_content_inputs(ctx.config.teacher.model.init, ctx.recorded_inputs(stage))}
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
