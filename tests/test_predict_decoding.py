@@ -52,3 +52,11 @@ def test_predict_on_a_folder_skips_hidden_files_and_folders(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "sub" / "b.jpg"]
+
+
+def test_predict_on_a_folder_lists_a_dangling_link_so_that_it_is_named(tmp_path):
+    from pipeline.engine.serving import image_files
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved-away.png")
+    assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "gone.png"]

@@ -85,7 +85,7 @@ def _ort_load_errors() -> tuple[type[Exception], ...]:
 
 def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
     path = Path(path)
-    if path.suffix == ".onnx" and path.is_file():
+    if path.suffix.lower() == ".onnx" and path.is_file():
         import onnxruntime as ort
 
         meta = onnx_meta(path)
@@ -122,8 +122,9 @@ def image_files(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                            and not is_hidden(p, path))
+            # a dangling link is listed, so it is named (image does not exist) rather than skipped silently
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                            and (p.is_file() or p.is_symlink() and not p.exists()) and not is_hidden(p, path))
         else:
             found.append(path)
     return found
