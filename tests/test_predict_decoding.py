@@ -60,3 +60,15 @@ def test_predict_on_a_folder_lists_a_dangling_link_so_that_it_is_named(tmp_path)
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "gone.png").symlink_to(tmp_path / "moved-away.png")
     assert image_files([str(tmp_path)]) == [tmp_path / "a.png", tmp_path / "gone.png"]
+
+
+@pytest.mark.parametrize("mode, key", [("L", 200), ("RGB", (200, 200, 200))])
+def test_a_colour_key_png_is_composited_on_black_like_an_alpha_one(mode, key):
+    from pipeline.data.shards import decode_bytes
+
+    pixels = np.full((6, 6), 200, np.uint8) if mode == "L" else np.full((6, 6, 3), 200, np.uint8)
+    pixels[2:4, 2:4] = 90  # the object; everything else has the key colour, marked transparent (tRNS)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG", transparency=key)
+    decoded = decode_bytes(buffer.getvalue(), mode)
+    assert decoded[0, 0].max() == 0 and decoded[2, 2].min() == 90
