@@ -218,13 +218,14 @@ def test_labeled_rows_a_step_are_capped_at_the_labeled_set_as_for_the_teacher(ti
 
 def test_deeper_student_is_grown_from_a_shallower_checkpoint(tiny_teacher_run, tmp_path):
     """`model.init` of another depth (resnet18 checkpoint, resnet34 student) warm-starts instead of being refused."""
+    from pipeline.data.sources.fashion_mnist import CLASS_NAMES
     from teachers.checkpoint import CheckpointMeta, save_checkpoint
     config, teacher_run = tiny_teacher_run
     run, init = tmp_path / "run", tmp_path / "r18"
     shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
     save_checkpoint(init, create_model("resnet18", 10, 1),
                     CheckpointMeta(arch="resnet18", num_classes=10, in_chans=1, input_size=16, mean=(0.3,),
-                                   std=(0.3,), class_names=tuple(str(i) for i in range(10)), config_hash="x"))
+                                   std=(0.3,), class_names=CLASS_NAMES, config_hash="x"))  # the data's classes
     result = cli(config, run, "--set", "student.model.arch=resnet34", "--set", f"student.model.init={init}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resnet34 grown from resnet18 at {init}: 122 tensors copied" in result.stdout + result.stderr
