@@ -35,6 +35,27 @@ def sidecar_bytes(run: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((run / "pseudo_label_r1").glob("*.labels.npz"))}
 
 
+def assert_metrics_are_the_saved_models(run: Path, stage: str) -> None:
+    """The recorded test NLL is that of the saved checkpoint, evaluated here in one process (each rank used to
+    evaluate its own batch-norm statistics and weight average, not rank 0's, which it saves)."""
+    import numpy as np
+    import torch
+
+    from augment import build_eval_transform
+    from pipeline.config.loading import load_config
+    from pipeline.data.imageset import load_labeled_split, open_data
+    from pipeline.engine.predict import load_model
+
+    test = load_labeled_split(open_data(Path(load_config(run / "config.yaml").data.path)), "test")
+    model, meta = load_model(run / stage / "checkpoint")
+    transform = build_eval_transform(meta.input_size)
+    x = torch.from_numpy(np.stack([transform(image) for image in test.images])).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(meta.mean).view(1, -1, 1, 1)) / torch.tensor(meta.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model.eval()(x), torch.from_numpy(test.labels).long()).item()
+    assert abs(nll - json.loads((run / stage / "metrics.json").read_text())["nll"]) < 1e-4, stage
+
+
 @pytest.fixture
 def config(tiny_data, tmp_path) -> Path:
     return tiny_config(tmp_path, tiny_data)
@@ -62,6 +83,8 @@ def assert_complete_two_process_run(config: Path, run: Path, output: str, tmp_pa
         metrics = json.loads((run / stage / "metrics.json").read_text())
         assert metrics["provenance"]["num_processes"] == 2
     assert output.count("[teacher] test top-1") == nodes  # printed by each node's first process
+    for stage in ("teacher", "student_r1"):  # the student keeps a weight average (STUDENT sets ema_decay)
+        assert_metrics_are_the_saved_models(run, stage)
     assert sidecar_bytes(run) == one_process_sidecars(config, run, tmp_path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import torch
 import torch.distributed as dist
 
 
@@ -51,3 +52,15 @@ class PerRankState:
             raise ResumeStateError(f"the saved {self.what} is for {len(state['ranks'])} process(es); this run has "
                                    f"more (rank {rank}): resume with the process count it was started with")
         self.inner.load_state_dict(state["ranks"][rank])
+
+
+def take_main_process_copy(tensors: list[torch.Tensor]) -> None:
+    """Overwrite `tensors` on every rank with rank 0's, in place (a collective). DDP keeps the weights equal
+    but each rank updates its batch-norm statistics (and its weight average of them) from its own rows, so
+    after training the ranks would evaluate slightly different models, none of them quite the one rank 0
+    saves."""
+    _, world = _rank_and_world()
+    if world == 1:
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
-from pipeline.engine.per_rank import PerRankState
+from pipeline.engine.per_rank import PerRankState, take_main_process_copy
 from pipeline.engine.small_map_conv import small_map_weight_grads
 from pipeline.core.atomic import WriteFailed
 from pipeline.core.bars import progress_bar
@@ -183,6 +183,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
             tick = time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - t0
+    # every rank evaluates (its slice of) what rank 0 saves: rank 0's batch-norm statistics and weight average
+    take_main_process_copy([*raw_model.buffers(), *(ema.shadow.values() if ema is not None else ())])
     return TrainResult(steps=state.step, resumed_from=start, seconds=seconds,
                        images_per_s=images / max(1e-9, seconds),
                        data_wait_fraction=wait / max(1e-9, seconds), last_losses=last,
