@@ -231,3 +231,8 @@ def test_deeper_student_is_grown_from_a_shallower_checkpoint(tiny_teacher_run, t
     assert f"resnet34 grown from resnet18 at {init}: 122 tensors copied" in result.stdout + result.stderr
     meta = json.loads((run / "student_r1" / "checkpoint" / "meta.json").read_text())
     assert meta["arch"] == "resnet34" and meta["lineage"]["init"] == str(init)
+
+
+def test_rows_that_do_not_split_evenly_over_the_processes_are_warned_about():
+    with pytest.warns(UserWarning, match=r"do not split evenly over 3 processes \(source 1: 8 rows\)"):
+        StepBatchSampler([Source(np.arange(7), 6), Source(np.arange(9), 8)], total_steps=2, seed=0, rank=0, world=3)

@@ -11,6 +11,7 @@ each step's slice.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -76,6 +77,12 @@ class StepBatchSampler(Sampler[list[Item]]):
                 raise ValueError(f"data source {i} is empty: nothing to train on")
         self.streams = [StreamPosition(s, i, seed) for i, s in enumerate(sources)]
         self.total_steps, self.start_step, self.rank, self.world = total_steps, start_step, rank, world
+        uneven = [f"source {i}: {s.per_step} rows" for i, s in enumerate(sources) if s.per_step % world]
+        if uneven and rank == 0:
+            warnings.warn(f"a step's rows do not split evenly over {world} processes ({'; '.join(uneven)}): DDP "
+                          "averages the ranks' mean losses, so a row on a rank with fewer rows weighs slightly more "
+                          f"than in one process; a batch size divisible by {world} gives the one-process objective",
+                          stacklevel=2)
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step)
