@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,6 +24,38 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
     similarity.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(similarity, positives)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows in rank order; the gradient of each rank's own rows is summed over the ranks' losses
+    (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        padded = F.pad(local, (0, 0, 0, max(sizes) - len(local))).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The embeddings of every process's rows (with gradients to this process's own), so NT-Xent contrasts
+    each anchor with the whole global batch as in one process, not with this rank's share of it. DDP then
+    averages the ranks' gradients, each the whole loss's gradient for its rows times the process count:
+    exactly the one-process gradient. One process: `local` as it is."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=local.device))
+    return _GatherRows.apply(local, [int(c) for c in counts])
 
 
 class ProjectionHead(nn.Sequential):

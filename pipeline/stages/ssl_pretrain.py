@@ -25,7 +25,7 @@ from pipeline.engine.predict import predict_logits
 from pipeline.engine.trainer import train
 from pipeline.engine.training import TrainingSetup, record_stage, setup_training, training_fingerprint_inputs
 from pipeline.stages.base import Stage, StageContext
-from students.simclr import PooledFeatures, SimCLRModel, knn_top1, nt_xent_loss
+from students.simclr import PooledFeatures, SimCLRModel, gather_rows, knn_top1, nt_xent_loss
 from teachers.models import ModelError
 
 VIEW_SEED_OFFSET = 1_000_003  # the second view's augmentation seed, independent of the first
@@ -64,7 +64,8 @@ def contrastive_loss(mean: torch.Tensor, std: torch.Tensor, device: torch.device
         if channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         z1, z2 = model(views).chunk(2)
-        return {"loss": nt_xent_loss(z1, z2, temperature)}
+        # every process's embeddings: each anchor meets the whole global batch's negatives, as in one process
+        return {"loss": nt_xent_loss(gather_rows(z1), gather_rows(z2), temperature)}
     return loss_fn
 
 
