@@ -86,18 +86,41 @@ def test_wall_time_counts_an_invocation_killed_midway(tmp_path):
     assert not resumed["running"] and resumed["invocations"] == 2 and resumed["seconds"] >= killed["seconds"]
 
 
-@pytest.mark.parametrize("stage, files", [
-    ("export", ["distill_x.onnx", "distill_x.int8.onnx", "teacher.onnx", "deployment.md", "pareto.png",
-                "metrics.json", "DONE"]),
-    ("distill_x", ["checkpoint/model.safetensors", "peer/model.safetensors", "peer/meta.json", "state/x.bin"]),
+@pytest.mark.parametrize("stage, kind, files", [
+    ("export", "export", ["distill_x.onnx", "distill_x.int8.onnx", "teacher.onnx", "deployment.md", "pareto.png",
+                          "metrics.json", "DONE", "metrics.json.tmp"]),
+    ("distill_x", "distill", ["checkpoint/model.safetensors", "peer/model.safetensors", "peer/meta.json",
+                              "state/x.bin", "state/step1/y.bin", "checkpoint/meta.json.tmp"]),
 ])
-def test_every_file_a_stage_writes_is_its_own_for_from(tmp_path, stage, files):
+def test_every_file_a_stage_writes_is_its_own_for_from(tmp_path, stage, kind, files):
     """`--from` must be able to remove what the export and distill stages write (ONNX files, the peer)."""
     for name in files:
         (tmp_path / stage / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / stage / name).write_bytes(b"x")
     (tmp_path / stage / "mine.txt").write_text("a user's file")
-    assert foreign_stage_files(tmp_path / stage) == ["mine.txt"]
+    assert foreign_stage_files(tmp_path / stage, kind) == ["mine.txt"]
+
+
+def test_files_of_another_stage_kind_or_in_a_sub_folder_are_the_users(tmp_path):
+    """A plot or an ONNX copy in a teacher's directory, a backup folder in its checkpoint/: the teacher writes
+    none of them, so `--from` must not remove them (one list for every stage, and * crossing "/", did)."""
+    mine = ["my_comparison.png", "my_model.onnx", "notes.md.tmp", "checkpoint/old_good/model.safetensors",
+            "sub/unlabeled-000000.labels.npz"]
+    for name in mine + ["checkpoint/model.safetensors", "state/step1/optimizer.bin"]:
+        (tmp_path / "teacher" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "teacher" / name).write_bytes(b"x")
+    assert foreign_stage_files(tmp_path / "teacher", "teacher") == sorted(mine)
+
+
+def test_from_checks_every_stage_it_forgets_before_removing_any(tmp_path):
+    run = RunDir(tmp_path)
+    for stage in ("teacher", "student_r1"):
+        run.begin_stage(stage, {"fingerprint": "a", "inputs": {}})
+        run.mark_done(stage)
+    (run.stage_dir("student_r1") / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=r"--from teacher: .*student_r1 holds .*notes.txt.*nothing was removed"):
+        run.reset_stages([("teacher", "teacher"), ("student_r1", "student")], flag="teacher")
+    assert run.is_done("teacher") and run.is_done("student_r1")  # the teacher was removed before the refusal
 
 
 def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path):

@@ -30,11 +30,21 @@ MARKER = ".selftrain-run"
 SIDECAR_SUFFIX = ".labels.npz"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
-# every file a stage writes under RUN/<stage>/ (relative paths); `--from` removes only these
+# every file a stage writes under RUN/<stage>/ (relative paths), by stage kind; `--from` removes only these (and
+# each one's `.tmp` of an interrupted atomic write), and anything under the resume-state directories
 FAILED_FILE = "failed.json"  # the error that stopped a stage's last attempt (status shows it; removed on the next)
-STAGE_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json", "manifest.json",
-                 "*" + SIDECAR_SUFFIX, "*.plan.npz", "*.png", "*.onnx", "deployment.md", "report.md", "summary.csv",
-                 "checkpoint/*", "peer/*", "state/*", "state.tmp/*", "state.prev/*", "*.tmp")
+COMMON_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json")
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "meta.json", "structure.json")
+TRAINED_OUTPUTS = tuple(f"{directory}/{name}" for directory in ("checkpoint", "peer") for name in CHECKPOINT_FILES)
+STATE_DIRS = ("state", "state.tmp", "state.prev")  # accelerate's resume state, any depth (prune: state/step<k>/)
+KIND_OUTPUTS = {
+    "data": ("manifest.json",),  # an import's shards are journaled (.selftrain-owned.json)
+    "pseudo_label": ("manifest.json", "*" + SIDECAR_SUFFIX),
+    "select": ("*.plan.npz", "class_counts.png"),
+    "export": ("*.onnx", "*.onnx.data", "deployment.md", "pareto.png"),
+    "report": ("report.md", "summary.csv", "accuracy_by_round.png", "loss_terms.png"),
+    **{kind: TRAINED_OUTPUTS for kind in ("teacher", "student", "distill", "prune", "pretrain", "ssl_pretrain")},
+}
 
 
 class RunDirError(RuntimeError):
@@ -251,16 +261,22 @@ class RunDir:
             path = self.state_dir(stage)
             shutil.rmtree(path.with_name(path.name + suffix), ignore_errors=True)
 
-    def reset_stage(self, stage: str) -> None:
-        """Forget a stage completely (used by --from); refuse if its directory holds files a stage never writes."""
-        directory = self.stage_dir(stage)
-        if not directory.exists():
-            return
-        foreign = foreign_stage_files(directory)
-        if foreign:
-            raise RunDirError(f"--from {stage}: {describe_foreign(directory, foreign)}; nothing was removed. "
-                              "Move them out of the run directory first")
-        shutil.rmtree(directory)
+    def reset_stage(self, stage: str, kind: str | None = None) -> None:
+        """Forget a stage completely; refuse if its directory holds files a stage (of `kind`) never writes."""
+        self.reset_stages([(stage, kind)], flag=stage)
+
+    def reset_stages(self, stages: list[tuple[str, str | None]], flag: str) -> None:
+        """Forget every (stage, kind) of `--from {flag}`, or none: all directories are checked for files a
+        stage never writes before the first is removed."""
+        for stage, kind in stages:
+            directory = self.stage_dir(stage)
+            foreign = foreign_stage_files(directory, kind) if directory.exists() else []
+            if foreign:
+                raise RunDirError(f"--from {flag}: {describe_foreign(directory, foreign)}; nothing was removed. "
+                                  "Move them out of the run directory first")
+        for stage, _ in stages:
+            if self.stage_dir(stage).exists():
+                shutil.rmtree(self.stage_dir(stage))
 
     def record_failure(self, stage: str, error: Exception) -> None:
         """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done; best effort
@@ -309,21 +325,29 @@ class RunDir:
         return replace(written, step=done, saved_step=done), 0.0
 
 
-def foreign_stage_files(directory: Path) -> list[str]:
-    """Files under a stage directory that are neither journaled nor match STAGE_OUTPUTS (any depth under state*/)."""
+def stage_outputs(kind: str | None) -> tuple[str, ...]:
+    """The file patterns a stage of `kind` writes (None: any kind's)."""
+    kinds = [kind] if kind is not None else list(KIND_OUTPUTS)
+    patterns = COMMON_OUTPUTS + tuple(p for k in kinds for p in KIND_OUTPUTS.get(k, ()))
+    return patterns + tuple(p + ".tmp" for p in patterns)
+
+
+def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
+    """Files under a stage directory that are neither journaled nor written by a stage of `kind` (None: any
+    kind): a user's plot in a teacher's directory, or a backup folder inside checkpoint/, is theirs."""
     journaled = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
+    patterns = stage_outputs(kind)
+    trained = kind is None or TRAINED_OUTPUTS[0] in KIND_OUTPUTS.get(kind, ())
     found = []
     for path in sorted(directory.rglob("*")):
         if path.is_dir():
             continue
         relative = str(path.relative_to(directory))
-        if relative in journaled:
+        if relative in journaled or (trained and relative.split("/", 1)[0] in STATE_DIRS):
             continue
-        top = relative.split("/", 1)[0]
-        if top in ("state", "state.tmp", "state.prev", "checkpoint", "peer"):
-            relative = f"{top}/{path.name}"
-        if not any(fnmatch.fnmatchcase(relative, pattern) for pattern in STAGE_OUTPUTS):
-            found.append(str(path.relative_to(directory)))
+        if not any(relative.count("/") == pattern.count("/") and fnmatch.fnmatchcase(relative, pattern)
+                   for pattern in patterns):  # fnmatch's * crosses "/": a user's sub/x.onnx is not ours
+            found.append(relative)
     return found
 
 

@@ -102,8 +102,7 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
             write_json(run.stage_list_path, {"stages": graph.names})
             if reset:
                 forgotten = [stage.name for stage in stages if run.stage_dir(stage.name).exists()]
-                for stage in stages:
-                    run.reset_stage(stage.name)
+                run.reset_stages([(stage.name, stage.kind) for stage in stages], flag=stages[0].name)
                 if forgotten:
                     print(f"--from {stages[0].name}: forgot {', '.join(forgotten)} (their files removed; redone now)")
         state.wait_for_everyone()
