@@ -236,3 +236,16 @@ def test_deeper_student_is_grown_from_a_shallower_checkpoint(tiny_teacher_run, t
 def test_rows_that_do_not_split_evenly_over_the_processes_are_warned_about():
     with pytest.warns(UserWarning, match=r"do not split evenly over 3 processes \(source 1: 8 rows\)"):
         StepBatchSampler([Source(np.arange(7), 6), Source(np.arange(9), 8)], total_steps=2, seed=0, rank=0, world=3)
+
+
+def test_a_student_left_done_while_its_selection_was_redone_is_refused(tiny_teacher_run, tmp_path):
+    """`--from select_r1` with the round out of the graph forgets the selection but not the student; the
+    student's inputs include the pool it trained on, so coming back it is refused, not passed off as new."""
+    config, teacher_run = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(teacher_run, run, ignore=shutil.ignore_patterns("lock"))
+    assert cli(config, run).returncode == 0
+    redone = cli(config, run, "--from", "select_r1", "--set", "student.rounds=0", "--set", "select.min_confidence=0.5")
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    back = cli(config, run, "--set", "select.min_confidence=0.5")
+    assert back.returncode == 2 and "stage 'student_r1'" in back.stderr and "pool_sha256" in back.stderr

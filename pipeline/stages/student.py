@@ -10,6 +10,7 @@ policy (default S4), with dropout and stochastic depth from the config.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import to_dict
-from pipeline.core.atomic import read_json
+from pipeline.core.atomic import read_json, sha256_file
 from pipeline.data.imageset import DataInfo
 from pipeline.data.loader import AugmentedSources, Batch, Source, StepBatchSampler, make_loader, to_model_input
 from pipeline.data.pool import LabelForm, load_selected_pool
@@ -65,9 +66,24 @@ def warn_if_smaller(student_arch: str, teacher_dir: Path, data: DataInfo, log) -
     return {"student_params": sizes[student_arch], "teacher_params": sizes[teacher.arch]}
 
 
+def pool_inputs(ctx: StageContext, stage: Stage) -> dict:
+    """`{"pool_sha256": ...}` over the round's sidecars and selection plans: the pseudo-labeled pool the student
+    trains on, so a selection redone with other settings is a changed input (a student left done while its
+    round was out of the graph kept the old one). None for a record made before the key existed."""
+    recorded = ctx.recorded_inputs(stage)
+    if recorded and "pool_sha256" not in recorded:
+        return {}
+    digest = hashlib.sha256()
+    for record in ctx.data().shard_records("unlabeled"):
+        for path in (ctx.run.sidecar_path(stage.labels, record["name"]),
+                     ctx.run.plan_path(stage.selection, record["name"])):
+            digest.update(sha256_file(path).encode() if path.exists() else b"absent")
+    return {"pool_sha256": digest.hexdigest()}
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     student = ctx.config.student
-    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)),
+    return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), **pool_inputs(ctx, stage),
             **training_fingerprint_inputs(student, ctx.config.seed, ctx.data()),
             **init_content_inputs(student.model.init, ctx.recorded_inputs(stage)),
             "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")
