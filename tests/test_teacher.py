@@ -82,10 +82,13 @@ def test_resume_with_other_architecture_is_refused(tiny_data, tmp_path):
     config = write_config(tmp_path, tiny_data)
     killed = run_cli(config, tmp_path / "run", env={KILL_ENV: "7"})
     assert killed.returncode == -9
-    other = run_cli(config, tmp_path / "run", "--set", "teacher.model.arch=resnet10t")
+    recorded = {name: (tmp_path / "run" / name).read_text() for name in ("config.yaml", "stages.json")}
+    other = run_cli(config, tmp_path / "run", "--set", "teacher.model.arch=resnet10t", "--set", "student.rounds=2")
     assert other.returncode == 2
     assert "model.arch: 'test_resnet' -> 'resnet10t'" in other.stderr
     assert "--from teacher" in other.stderr
+    # the refused config is not recorded as the run's (status would list its rounds, summarize compare it)
+    assert {name: (tmp_path / "run" / name).read_text() for name in recorded} == recorded
 
 
 def test_status_and_only(tiny_data, tmp_path, capsys):

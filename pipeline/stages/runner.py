@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch.distributed as dist
 
@@ -44,7 +45,8 @@ def _check_needs(ctx: StageContext, stage: Stage, running: set[str]) -> None:
                               f"run without --only, or with --only {need} first")
 
 
-def _run_stage(ctx: StageContext, stage: Stage) -> None:
+def _run_stage(ctx: StageContext, stage: Stage, before_work: Callable[[], None]) -> None:
+    """Refuse other inputs, skip a done stage, else `before_work()` and run it."""
     state, run = ctx.state, ctx.run
     if stage.fingerprinted and state.is_main_process:
         record = stage.inputs(ctx, stage)
@@ -53,6 +55,8 @@ def _run_stage(ctx: StageContext, stage: Stage) -> None:
     if stage.fingerprinted and run.is_done(stage.name):
         state.print(f"[{stage.name}] done already; skipping (use --from {stage.name} to redo)")
         return
+    if state.is_main_process:
+        before_work()
     timed = stage.fingerprinted and state.is_main_process
     if timed:
         run.clear_failure(stage.name)
@@ -97,9 +101,17 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
         run.acquire()
     try:
         ctx = StageContext(config, run, state, graph)
+        recorded = []
+
+        def record_config() -> None:
+            """RUN/config.yaml and stages.json once a stage does work: a rerun refused (or with nothing
+            left to do) leaves the record of the config that made the results."""
+            if not recorded:
+                write_text(run.config_path, config_to_yaml(config))
+                write_json(run.stage_list_path, {"stages": graph.names})
+                recorded.append(True)
+
         if state.is_main_process:
-            write_text(run.config_path, config_to_yaml(config))
-            write_json(run.stage_list_path, {"stages": graph.names})
             if reset:
                 forgotten = [stage.name for stage in stages if run.stage_dir(stage.name).exists()]
                 run.reset_stages([(stage.name, stage.kind) for stage in stages], flag=stages[0].name)
@@ -109,7 +121,7 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
         running = {s.name for s in stages}
         for stage in stages:
             _check_needs(ctx, stage, running)
-            _run_stage(ctx, stage)
+            _run_stage(ctx, stage, record_config)
     finally:
         if state.is_main_process:
             run.release()
