@@ -229,6 +229,27 @@ def test_disk_full_during_a_write_leaves_no_partial_file_and_names_enospc(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_while_saving_the_training_state_names_enospc(tmp_path):
+    """accelerate writes the model through safetensors, whose writer raises its own error, not OSError."""
+    from types import SimpleNamespace
+
+    from safetensors import SafetensorError
+
+    from pipeline.core.atomic import WriteFailed
+    from pipeline.engine.trainer import _save_state
+
+    def full(directory):
+        Path(directory).mkdir()
+        (Path(directory) / "model.safetensors").write_bytes(b"part")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=full)
+    (tmp_path / "state").mkdir()
+    with pytest.raises(WriteFailed, match=r"cannot save the training state to .*state.tmp: ENOSPC.*is intact"):
+        _save_state(accelerator, tmp_path / "state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # nothing partial left
+
+
 def test_import_on_a_full_disk_fails_cleanly(tiny_fashion_dir, tmp_path, capsys):
     import subprocess
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
@@ -90,6 +92,14 @@ def _state_path(state_dir: Path) -> Path | None:
     return previous if previous.exists() else None
 
 
+def _errno_of(error: Exception) -> int | None:
+    """An OSError's errno, or the one safetensors' writer reports in its message ("... (os error 28)")."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    return int(found.group(1)) if found else None
+
+
 def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     previous = state_dir.with_name(state_dir.name + ".prev")
@@ -98,11 +108,12 @@ def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # the last complete state stays; nothing partial is left
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteFailed(f"cannot save the training state to {tmp}: {errno.errorcode[exc.errno]} "
-                              f"({os.strerror(exc.errno)}); the previous state in {state_dir} is intact") from None
+        code = _errno_of(exc)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteFailed(f"cannot save the training state to {tmp}: {errno.errorcode[code]} "
+                              f"({os.strerror(code)}); the previous state in {state_dir} is intact") from None
         raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
