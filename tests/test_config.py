@@ -199,3 +199,16 @@ def test_a_key_given_twice_in_a_compare_config_is_refused(tmp_path):
     path = write(tmp_path, "budget: {steps: 5}\naxes:\n  seeds: [0]\n  policy: [s1]\n  seeds: [1]\n")
     with pytest.raises(ConfigError, match=rf"^{path}: line 5: key 'seeds' is given twice .*first at line 3"):
         load_compare_config(path)
+
+
+def test_set_values_read_as_written_not_as_yaml_1_1():
+    """`channels_last=off` and `mixed_precision=no` are the documented words (YAML 1.1 made them false and
+    refused them), 5e-4 is a number, 010 is ten (not octal 8), 1:30 is no number (base-60 90 before)."""
+    config = load_config(None, ["runtime.channels_last=off", "runtime.mixed_precision=no", "select.seed=010",
+                                "teacher.train.weight_decay=5e-4", "runtime.progress=no"])
+    assert (config.runtime.channels_last, config.runtime.mixed_precision, config.select.seed) == ("off", "no", 10)
+    assert config.teacher.train.weight_decay == 0.0005 and config.runtime.progress is False
+    with pytest.raises(ConfigError, match=r"teacher.train.epochs: expected an integer, got '1:30'"):
+        load_config(None, ["teacher.train.epochs=1:30"])
+    with pytest.raises(ConfigError, match=r"teacher.train.lr: expected a finite number, got inf"):
+        load_config(None, ["teacher.train.lr=.inf"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -48,6 +50,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(key, line, seen[key])
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's core schema for plain scalars, not PyYAML's 1.1: `off`/`on`/`no` stay words (channels_last: off,
+# mixed_precision: no), 1e-3 is a number, 010 is ten (not octal 8) and 1:30 is text (not base-60 90).
+# A bool field still takes on/off/yes/no (`_convert`), so `self_training: [off, on]` reads as before.
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                       r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 16 if text.startswith("0x") else 10)
+
+
+_UniqueKeyLoader.add_constructor(_INT, _construct_int)
+YAML_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 
 
 def load_yaml(text: str, source: str) -> Any:
@@ -161,6 +186,8 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, path, default if dataclasses.is_dataclass(default) else None)
     if hint is bool:
+        if isinstance(value, str) and value.lower() in YAML_BOOL_WORDS:
+            return YAML_BOOL_WORDS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
@@ -171,6 +198,8 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
