@@ -212,3 +212,10 @@ def test_set_values_read_as_written_not_as_yaml_1_1():
         load_config(None, ["teacher.train.epochs=1:30"])
     with pytest.raises(ConfigError, match=r"teacher.train.lr: expected a finite number, got inf"):
         load_config(None, ["teacher.train.lr=.inf"])
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 0\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text \(byte 0xe9 at offset 13\)"):
+        load_config(path)

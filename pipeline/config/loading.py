@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import ConfigError, from_dict, load_yaml, set_by_path, to_dict
+from pipeline.config.schema import ConfigError, from_dict, load_yaml, read_config_text, set_by_path, to_dict
 from pipeline.config.sections import Config
 
 
@@ -40,10 +40,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    text = read_config_text(path, "config file")
     try:
         data = load_yaml(text, str(path))
     except yaml.YAMLError as exc:

@@ -16,6 +16,7 @@ import math
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -73,6 +74,17 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
 
 _UniqueKeyLoader.add_constructor(_INT, _construct_int)
 YAML_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def read_config_text(path: Path, what: str) -> str:
+    """The text of a config file (`what`: "config file", "compare config"), or ConfigError naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          f"save the {what} as UTF-8") from None
 
 
 def load_yaml(text: str, source: str) -> Any:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml
+from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml, read_config_text
 from pipeline.config.sections import Config, DataConfig, TrainConfig
 
 RANDOM = "random"
@@ -128,9 +128,7 @@ def check_timm_sources(config: CompareConfig, arch: str) -> None:
 def load_compare_config(path: str | Path) -> CompareConfig:
     path = Path(path)
     try:
-        raw = load_yaml(path.read_text(), str(path))
-    except OSError as exc:
-        raise ConfigError(f"cannot read compare config {path}: {exc.strerror}") from None
+        raw = load_yaml(read_config_text(path, "compare config"), str(path))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict) or not raw:
