@@ -168,6 +168,10 @@ def test_errors_in_set_values_name_the_set_not_the_file(tmp_path):
         load_config(offline, ["distill.mixup=0.5"])
     with pytest.raises(ConfigError, match=r"^--set distill.mixup=0.5: distill: mixup 0.5 needs mode: online"):
         load_config(None, ["distill.mode=offline", "distill.mixup=0.5"])
+    # a --set of another key of that section is not blamed for the file's mixup
+    mixed = write(tmp_path, "distill:\n  mode: offline\n  mixup: 0.2\n")
+    with pytest.raises(ConfigError, match=rf"^{mixed}: distill: mixup 0.2 needs mode: online"):
+        load_config(mixed, ["distill.alpha=0.2", "distill.export.repeats=10"])
     # an intermediate combination that the last --set makes valid is not refused
     assert load_config(offline, ["distill.mixup=0.5", "distill.mode=online"]).distill.mixup == 0.5
     # the --set of the failing key is named even when a later --set mends another key of the file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,13 @@ def _error_key(message: str) -> str:
 
 def _blame(path: Path | None, items: list[str], overrides: list[tuple[str, Any]], message: str) -> str:
     """Name where the value behind `message` came from: the last `--set` of that key, of a section holding it
-    or of a key inside the section the message is about; else the file."""
+    or of a key inside the section the message is about that the message names (a section's check between
+    its keys: `--set distill.alpha` is not why `distill: mixup 0.2 needs mode: online`); else the file."""
     failing = _error_key(message)
     for item, (key, _) in reversed(list(zip(items, overrides))):
-        if key == failing or failing.startswith((key + ".", key + "[")) or key.startswith(failing + "."):
+        named_inside = key.startswith(failing + ".") and re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b",
+                                                                 message)
+        if key == failing or failing.startswith((key + ".", key + "[")) or named_inside:
             return f"--set {item}: {message}"
     return f"{path}: {message}" if path is not None else message
 
