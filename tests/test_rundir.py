@@ -198,3 +198,12 @@ def test_status_of_a_run_made_before_stages_json_comes_from_its_config(tmp_path,
     assert [name for name, _ in rows][:8] == ["data", "teacher", "pseudo_label_r1", "select_r1", "student_r1",
                                               "pseudo_label_r2", "select_r2", "student_r2"]
     assert dict(rows)["teacher"] == "done" and dict(rows)["data"] == "pending"
+
+
+def test_a_lock_holder_on_another_host_is_not_called_dead():
+    """A run directory on shared storage: a pid recorded by another machine is not looked up here."""
+    from pipeline.core.rundir import describe_holder
+    assert describe_holder("pid 999999999 on some-other-node") == "pid 999999999 on some-other-node"
+    import socket
+    assert "no longer running" in describe_holder(f"pid 999999999 on {socket.gethostname()}")
+    assert "no longer running" in describe_holder("pid 999999999")  # a lock written before hosts were recorded

@@ -16,6 +16,7 @@ import fcntl
 import fnmatch
 import os
 import shutil
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,14 @@ os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def describe_holder(recorded: str) -> str:
-    """'pid N' from the lock file, saying so when that process no longer runs."""
+    """'pid N on HOST' from the lock file, saying so when that process (on this host) no longer runs."""
+    words = recorded.split()  # "pid N on HOST"; "pid N" from runs made before the host was recorded
     try:
-        pid = int(recorded.split()[-1])
+        pid = int(words[1])
     except (ValueError, IndexError):
         return "another process"
+    if len(words) >= 4 and words[2] == "on" and words[3] != socket.gethostname():
+        return recorded  # another machine sharing the run directory: its pids are not ours to look up
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,7 +187,7 @@ class RunDir:
             raise RunDirError(f"run directory {self.root} is in use by {describe_holder(holder)}; "
                               "wait for it to finish or use another --run-dir") from None
         os.ftruncate(handle, 0)
-        os.pwrite(handle, f"pid {os.getpid()}\n".encode(), 0)
+        os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_handle = handle
         _HELD_LOCKS.add(handle)
 
