@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
     run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage (its inputs must be done)")
     run.add_argument("--from", dest="start", default=None, metavar="STAGE",
-                     help="redo this stage and every later one")
+                     help="forget this stage and every stage that depends on it, and redo them")
     run.add_argument("--preset", default=None, help="named overrides applied before --set: quick")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable)")

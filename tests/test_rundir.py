@@ -207,3 +207,21 @@ def test_a_lock_holder_on_another_host_is_not_called_dead():
     import socket
     assert "no longer running" in describe_holder(f"pid 999999999 on {socket.gethostname()}")
     assert "no longer running" in describe_holder("pid 999999999")  # a lock written before hosts were recorded
+
+
+@pytest.mark.parametrize("name, text", [("stages.json", "{}"), ("stages.json", "[]"), ("teacher/failed.json", '"boom"')])
+def test_status_on_a_damaged_bookkeeping_file_names_it_or_shows_it(tmp_path, capsys, name, text):
+    from pipeline.cli import main
+    run = RunDir(tmp_path / "run")
+    run.acquire()
+    run.release()
+    (run.root / "config.yaml").write_text("seed: 0\n")
+    run.begin_stage("teacher", {"fingerprint": "a", "inputs": {}})
+    (run.root / name).write_text(text)
+    code = main(["status", str(run.root)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if name == "stages.json":
+        assert code == 2 and "stages.json: not a list of stage names" in captured.err
+    else:
+        assert code == 0 and "failed ('boom'" in captured.out

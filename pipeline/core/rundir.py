@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import WriteFailed, read_json, write_json, write_text
+from pipeline.core.atomic import ArtifactError, WriteFailed, read_json, write_json, write_text
 from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
 from pipeline.core.provenance import provenance
 from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
@@ -108,7 +108,14 @@ class RunDir:
 
     def planned_stages(self) -> list[str] | None:
         """The stage names the last run of this directory planned; None for a run made before stages.json."""
-        return read_json(self.stage_list_path)["stages"] if self.stage_list_path.exists() else None
+        if not self.stage_list_path.exists():
+            return None
+        found = read_json(self.stage_list_path)
+        stages = found.get("stages") if isinstance(found, dict) else None
+        if not (isinstance(stages, list) and all(isinstance(name, str) for name in stages)):
+            raise ArtifactError(f"{self.stage_list_path}: not a list of stage names under 'stages' (damaged?); "
+                                "the next `selftrain run` of this directory rewrites it")
+        return stages
 
     def require_run_dir(self) -> None:
         """Refuse a path `selftrain run` did not make (for status and summarize, which only read).
@@ -311,7 +318,8 @@ class RunDir:
         saved = progress is not None and progress[0].saved_step > 0  # a state, or finished sidecars
         failed = self.stage_dir(stage) / FAILED_FILE
         if failed.exists():
-            error = read_json(failed).get("error", "")
+            recorded = read_json(failed)
+            error = str(recorded.get("error", "")) if isinstance(recorded, dict) else repr(recorded)
             error = error if len(error) <= 300 else error[:297] + "..."
             kept = f"; {progress[0].stopped_text()}" if progress is not None and saved else ""
             return f"failed ({error}{kept}; fix the cause and rerun)"
