@@ -131,3 +131,11 @@ def test_compiled_training_saves_plain_weights_and_resumes(tiny_data, tmp_path):
     assert again.returncode == 0 and "resuming from step 5" in again.stdout + again.stderr
     resumed = weights(tmp_path / "killed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_warm_up_as_long_as_the_run_is_warned_about(tiny_data, tmp_path):
+    config = write_config(tmp_path, tiny_data)
+    result = run_cli(config, tmp_path / "run", "--set", "teacher.train.steps=3", "--set", "teacher.train.warmup_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[teacher] warning: the warm-up (7 steps: warmup_epochs 1.0 x 7 steps an epoch) is as long as the run " \
+           "(3 steps)" in result.stdout

@@ -141,6 +141,10 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
     if compiled:
         accelerator.print(f"[{name}] model compiled with torch.compile ({accelerator.state.dynamo_plugin.backend})")
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if 0 < total_steps <= warmup:
+        accelerator.print(f"[{name}] warning: the warm-up ({warmup} steps: warmup_epochs {cfg.warmup_epochs} x "
+                          f"{steps_per_epoch} steps an epoch) is as long as the run ({total_steps} steps), so the "
+                          "learning rate only rises and never decays; lower warmup_epochs")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup))
     state = TrainProgress()
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
