@@ -5,13 +5,14 @@ import textwrap
 
 import pytest
 
-from pipeline.core.rundir import RunDir, RunDirError, foreign_stage_files
+from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.core.stage_files import foreign_stage_files
 
 
 def test_lock_refuses_a_second_process(tmp_path):
     with RunDir(tmp_path / "run"):
         code = textwrap.dedent(f"""
-            from pipeline.core.rundir import RunDir, RunDirError, foreign_stage_files
+            from pipeline.core.rundir import RunDir, RunDirError
             try:
                 RunDir({str(tmp_path / 'run')!r}).acquire()
             except RunDirError as exc:

@@ -13,7 +13,6 @@ Layout:
 from __future__ import annotations
 
 import fcntl
-import fnmatch
 import os
 import shutil
 import socket
@@ -22,30 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.atomic import ArtifactError, WriteFailed, read_json, write_json, write_text
-from pipeline.core.owned import JOURNAL, describe_foreign, owned_paths
+from pipeline.core.owned import describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
+from pipeline.core.stage_files import FAILED_FILE, SIDECAR_SUFFIX, foreign_stage_files
 from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
-SIDECAR_SUFFIX = ".labels.npz"
 # what a run directory may hold before this marker existed (runs made by earlier versions)
 LEGACY_MARKERS = ("lock", "config.yaml")
-# every file a stage writes under RUN/<stage>/ (relative paths), by stage kind; `--from` removes only these (and
-# each one's `.tmp` of an interrupted atomic write), and anything under the resume-state directories
-FAILED_FILE = "failed.json"  # the error that stopped a stage's last attempt (status shows it; removed on the next)
-COMMON_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json")
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "meta.json", "structure.json")
-TRAINED_OUTPUTS = tuple(f"{directory}/{name}" for directory in ("checkpoint", "peer") for name in CHECKPOINT_FILES)
-STATE_DIRS = ("state", "state.tmp", "state.prev")  # accelerate's resume state, any depth (prune: state/step<k>/)
-KIND_OUTPUTS = {
-    "data": ("manifest.json",),  # an import's shards are journaled (.selftrain-owned.json)
-    "pseudo_label": ("manifest.json", "*" + SIDECAR_SUFFIX),
-    "select": ("*.plan.npz", "class_counts.png"),
-    "export": ("*.onnx", "*.onnx.data", "deployment.md", "pareto.png"),
-    "report": ("report.md", "summary.csv", "accuracy_by_round.png", "loss_terms.png"),
-    **{kind: TRAINED_OUTPUTS for kind in ("teacher", "student", "distill", "prune", "pretrain", "ssl_pretrain")},
-}
 
 
 class RunDirError(RuntimeError):
@@ -335,32 +319,6 @@ class RunDir:
         are done while the others still label theirs. Age 0: the count is of now."""
         done = self.sidecars_done(stage)
         return replace(written, step=done, saved_step=done), 0.0
-
-
-def stage_outputs(kind: str | None) -> tuple[str, ...]:
-    """The file patterns a stage of `kind` writes (None: any kind's)."""
-    kinds = [kind] if kind is not None else list(KIND_OUTPUTS)
-    patterns = COMMON_OUTPUTS + tuple(p for k in kinds for p in KIND_OUTPUTS.get(k, ()))
-    return patterns + tuple(p + ".tmp" for p in patterns)
-
-
-def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
-    """Files under a stage directory that are neither journaled nor written by a stage of `kind` (None: any
-    kind): a user's plot in a teacher's directory, or a backup folder inside checkpoint/, is theirs."""
-    journaled = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
-    patterns = stage_outputs(kind)
-    trained = kind is None or TRAINED_OUTPUTS[0] in KIND_OUTPUTS.get(kind, ())
-    found = []
-    for path in sorted(directory.rglob("*")):
-        if path.is_dir():
-            continue
-        relative = str(path.relative_to(directory))
-        if relative in journaled or (trained and relative.split("/", 1)[0] in STATE_DIRS):
-            continue
-        if not any(relative.count("/") == pattern.count("/") and fnmatch.fnmatchcase(relative, pattern)
-                   for pattern in patterns):  # fnmatch's * crosses "/": a user's sub/x.onnx is not ours
-            found.append(relative)
-    return found
 
 
 def input_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
