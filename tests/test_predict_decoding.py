@@ -72,3 +72,12 @@ def test_a_colour_key_png_is_composited_on_black_like_an_alpha_one(mode, key):
     Image.fromarray(pixels, mode).save(buffer, format="PNG", transparency=key)
     decoded = decode_bytes(buffer.getvalue(), mode)
     assert decoded[0, 0].max() == 0 and decoded[2, 2].min() == 90
+
+
+def test_a_png_larger_than_pillow_allows_is_refused_as_pillow_refuses_it(monkeypatch):
+    from pipeline.data.shards import decode_bytes
+
+    data = png_bytes(Image.fromarray(np.zeros((40, 50), np.uint8)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)  # 2,000 pixels > twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        decode_bytes(data, "L")

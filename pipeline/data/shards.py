@@ -148,8 +148,12 @@ def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
     """OpenCV decode (4x faster than PIL on small PNGs) when no mode conversion is needed, else None."""
     if not data:  # cv2.imdecode raises on an empty buffer; PIL's path names the empty file
         return None
-    if data.startswith(PNG_SIGNATURE) and 0 <= data.find(b"tRNS", 0, max(0, data.find(b"IDAT"))):
-        return None  # a colour key marks transparent pixels: cv2 ignores it, PIL composites them
+    if data.startswith(PNG_SIGNATURE):
+        if 0 <= data.find(b"tRNS", 0, max(0, data.find(b"IDAT"))):
+            return None  # a colour key marks transparent pixels: cv2 ignores it, PIL composites them
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+        if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+            return None  # PIL refuses it as a decompression bomb, as the folder import does
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None or array.dtype != np.uint8:
         return None
