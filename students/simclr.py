@@ -80,6 +80,12 @@ class PooledFeatures(nn.Module):
 class SimCLRModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_dim: int, out_dim: int):
         super().__init__()
+        # the classifier is never used (nor trained): frozen, so DDP does not wait for its gradients, which
+        # never come (it stopped every multi-process run at the second step)
+        head = backbone.get_classifier()
+        for module in head if isinstance(head, (tuple, list)) else (head,):
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
         self.features = PooledFeatures(backbone)
         self.projection = ProjectionHead(backbone.num_features, hidden_dim, out_dim)
 

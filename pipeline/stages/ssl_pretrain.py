@@ -5,7 +5,7 @@ Reads: the unlabeled shards (decoded into memory, skip-and-count), the labeled a
 Writes: ssl_pretrain/checkpoint/ (the backbone; its classifier was never trained and is
 re-initialised by whoever starts from it), metrics.json (NT-Xent over time, k-NN top-1), DONE.
 Each step draws two views of every image from `ssl_pretrain.train.policy`; under several
-processes each rank contrasts its own share of the batch (negatives are not gathered).
+processes every rank's embeddings are gathered, so each anchor meets the whole global batch's negatives.
 """
 
 from __future__ import annotations
