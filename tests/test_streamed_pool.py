@@ -83,6 +83,16 @@ def test_every_epoch_holds_each_copy_once(streamed_run, buffer):
         assert epochs[0] != sorted(epochs[0], key=list(repeats).index)  # shuffled within shards too
 
 
+def test_shards_unequal_across_processes_are_warned_about(streamed_run):
+    """Each rank streams whole shards at the same share a step: unequal ranks do not cover an epoch exactly."""
+    config, run = streamed_run
+    data, shards = open_pool(config, run)
+    counts = sorted(s.copies for s in shards)
+    assert counts[0] != counts[-1] or len(shards) % 3  # 3 processes cannot get equal shares here
+    with pytest.warns(UserWarning, match=r"give the 3 processes \[.*\] images in epoch 0"):
+        PoolStream(shards, FORM, 0, 50, data.image_keys, rank=0, world=3)
+
+
 def test_steps_mix_b_labeled_and_r_times_b_streamed(streamed_run):
     config, run = streamed_run
     data, shards = open_pool(config, run)

@@ -22,6 +22,7 @@ re-reads the current shard's prefix and nothing else.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -170,6 +171,12 @@ class PoolStream:
         self._orders: dict[int, np.ndarray] = {}
         self._skipped = 0  # samples skipped in finished shards since this stream was made (plan-free mode)
         self._epoch_items: int | None = None  # items read in an epoch this object started from its beginning
+        if rank == 0 and world > 1:
+            per_rank = [sum(self.shards[i].copies for i in self.order_of_rank(0, r)) for r in range(world)]
+            if min(per_rank) != max(per_rank):
+                warnings.warn(f"the streamed pool's shards give the {world} processes {per_rank} images in epoch 0 "
+                              "while every process draws the same share a step: an epoch repeats some images and "
+                              "misses others (pool: memory covers every image exactly)", stacklevel=2)
 
     @property
     def skipped(self) -> int:
@@ -179,9 +186,11 @@ class PoolStream:
     def order(self, epoch: int) -> np.ndarray:
         """This rank's shard indices for `epoch`: a permutation drawn from (seed, epoch), rank r takes r::W."""
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.shards))
-                            [self.rank::self.world]}
+            self._orders = {epoch: self.order_of_rank(epoch, self.rank)}
         return self._orders[epoch]
+
+    def order_of_rank(self, epoch: int, rank: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.shards))[rank::self.world]
 
     def _read(self) -> tuple[PoolItem, int] | None:
         st = self.state
