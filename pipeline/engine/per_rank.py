@@ -47,10 +47,10 @@ class PerRankState:
         if "ranks" not in state:  # saved before states were kept per rank: rank 0's, as it was then
             self.inner.load_state_dict(state)
             return
-        rank, _ = _rank_and_world()
-        if rank >= len(state["ranks"]):
+        rank, world = _rank_and_world()
+        if world != len(state["ranks"]):  # fewer: the other ranks' states would be dropped silently
             raise ResumeStateError(f"the saved {self.what} is for {len(state['ranks'])} process(es); this run has "
-                                   f"more (rank {rank}): resume with the process count it was started with")
+                                   f"{world}: resume with the process count it was started with")
         self.inner.load_state_dict(state["ranks"][rank])
 
 
