@@ -326,3 +326,17 @@ def test_a_timing_disturbed_by_load_is_flagged_under_the_table() -> None:
     note = disturbed_timing_notes([fine, hit])
     assert "t pytorch fp32: **timing disturbed** (batch 1 took 480.00 ms, a batch of 64 10.00 ms)" in note
     assert "- s " not in note
+
+
+def test_calibration_and_scored_subsets_spread_over_a_split_stored_class_by_class():
+    """An image folder's split (and many foreign shards) lists class 0, then 1, ...: the first 30 % of it held
+    three classes, so int8 ranges were calibrated on them alone."""
+    import numpy as np
+
+    from pipeline.data.imageset import ImageSet
+    from pipeline.stages.export import spread_subset
+    labels = np.repeat(np.arange(10), 100)
+    split = ImageSet([np.full((2, 2, 1), i % 256, np.uint8) for i in range(1000)], labels, [str(i) for i in range(1000)])
+    calibration, rest = spread_subset(split, 300), spread_subset(split, 1000, skip=300)
+    assert set(calibration.labels.tolist()) == set(range(10)) and min(np.bincount(calibration.labels)) >= 15
+    assert sorted(calibration.keys + rest.keys, key=int) == split.keys  # the check set is the rest, nothing twice

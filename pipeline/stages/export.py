@@ -45,6 +45,14 @@ def exported_models(ctx: StageContext, this: Stage) -> list[tuple[str, Path]]:
                                                       if ctx.graph.get(n).kind in ("distill", "prune")]
 
 
+def spread_subset(images: ImageSet, count: int, skip: int = 0) -> ImageSet:
+    """Images `skip` to `skip + count` of a fixed shuffle of the split: a split stored class by class (an image
+    folder's, many foreign shards) gives every class its share, where its first rows held a few classes only."""
+    rows = np.sort(np.random.default_rng(0).permutation(len(images))[skip:skip + count])
+    return ImageSet([images.images[i] for i in rows], images.labels[rows], [images.keys[i] for i in rows]
+                    if images.keys else [])
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {"models": {name: checkpoint_hash(path) for name, path in exported_models(ctx, stage)},
             "export": dataclasses.asdict(ctx.config.distill.export)}
@@ -83,11 +91,11 @@ def run(ctx: StageContext, this: Stage) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     test = load_labeled_split(data, "test")
     if cfg.eval_images is not None:
-        test = ImageSet(test.images[:cfg.eval_images], test.labels[:cfg.eval_images], test.keys[:cfg.eval_images])
+        test = spread_subset(test, cfg.eval_images)
     labeled = load_labeled_split(data, "labeled")
-    calibration_set = ImageSet(labeled.images[:cfg.calibration_images], labeled.labels[:cfg.calibration_images], [])
+    calibration_set = spread_subset(labeled, cfg.calibration_images)
     # the int8 check reads the labeled images calibration did not see (all of them when it saw all)
-    check_set = ImageSet(labeled.images[cfg.calibration_images:], labeled.labels[cfg.calibration_images:], []) \
+    check_set = spread_subset(labeled, len(labeled), skip=cfg.calibration_images) \
         if len(labeled) > cfg.calibration_images else calibration_set
     threads = torch.get_num_threads()
     rows: list[dict] = []
