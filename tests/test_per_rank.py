@@ -31,3 +31,11 @@ def test_each_rank_gets_its_own_state_back(monkeypatch):
     inner = Averages()
     PerRankState(inner, "Averages").load_state_dict({"ranks": [{"mean": 1.0}, {"mean": 2.0}]})
     assert inner.state == {"mean": 2.0}
+
+
+def test_a_state_that_kept_nothing_resumes_with_any_count(monkeypatch):
+    """The loss averages of a loss balance that is off stay at their start: a student resumes on 3 processes."""
+    monkeypatch.setattr(per_rank, "_rank_and_world", lambda: (2, 3))
+    inner = Averages()
+    PerRankState(inner, "Averages").load_state_dict({"ranks": [{"mean": 0.0}, {"mean": 0.0}]})
+    assert inner.state == {"mean": 0.0}

@@ -48,10 +48,20 @@ class PerRankState:
             self.inner.load_state_dict(state)
             return
         rank, world = _rank_and_world()
+        if world != len(state["ranks"]) and _as_fresh(state["ranks"], self.inner.state_dict()):
+            return  # nothing was kept (the loss averages of a loss balance that is off): any count resumes
         if world != len(state["ranks"]):  # fewer: the other ranks' states would be dropped silently
             raise ResumeStateError(f"the saved {self.what} is for {len(state['ranks'])} process(es); this run has "
                                    f"{world}: resume with the process count it was started with")
         self.inner.load_state_dict(state["ranks"][rank])
+
+
+def _as_fresh(saved: list[Any], fresh: dict[str, Any]) -> bool:
+    """Every saved rank's state equals a fresh object's: there is nothing a change of process count loses."""
+    try:
+        return all(bool(state == fresh) for state in saved)
+    except (ValueError, TypeError):  # arrays inside compare element-wise: not a plain fresh state
+        return False
 
 
 def take_main_process_copy(tensors: list[torch.Tensor]) -> None:
