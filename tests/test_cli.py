@@ -20,7 +20,8 @@ def test_data_fashion_mnist_command(tiny_fashion_dir, tmp_path, capsys):
 
 def test_data_errors_are_messages(tmp_path, capsys):
     assert main(["data", "fashion-mnist", "--out", str(tmp_path / "x"), "--source", str(tmp_path)]) == 2
-    assert "missing train-images-idx3-ubyte.gz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing train-images-idx3-ubyte.gz" in err and "apt-get install -y dataset-fashion-mnist" in err
     assert main(["data", "folder", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -44,7 +44,9 @@ def locate(source: str | Path | None) -> Path:
     if source:
         missing = [s for s in FILES.values() if not _find(Path(source), s)]
         if missing:
-            raise DataSourceError(f"Fashion-MNIST source {source}: missing {', '.join(m + '.gz' for m in missing)}")
+            raise DataSourceError(f"Fashion-MNIST source {source}: missing {', '.join(m + '.gz' for m in missing)} "
+                                  "(a given directory is the only one looked in; without one: "
+                                  f"{DEBIAN_DIR} from `apt-get install -y dataset-fashion-mnist`, then {cache_dir()})")
         return Path(source)
     candidates = [DEBIAN_DIR, cache_dir()]
     for directory in candidates:
