@@ -29,8 +29,13 @@ class Growth:
     source_arch: str  # the checkpoint's architecture
     loaded: int  # tensors copied from the checkpoint
     fresh: int  # tensors of the larger model left at their initialisation
-    max_logit_diff: float  # teacher vs grown student on the probe batch, eval mode (features when the head is new)
+    max_output_diff: float  # teacher vs grown student on the probe batch, eval mode (see `compared`)
     head_reinitialised: bool = False  # the checkpoint's head was for other classes (or never trained): left fresh
+
+    @property
+    def compared(self) -> str:
+        """What the check compared: the logits, or the pooled features when the head is new."""
+        return "feature" if self.head_reinitialised else "logit"
 
 
 def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta, new_head: frozenset[str] = frozenset()
@@ -52,14 +57,15 @@ def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta, new
         raise CheckpointError(f"{where}: cannot grow '{meta.arch}' into this model: {len(reshaped)} tensors differ "
                               f"in shape (e.g. {k}: {tuple(source[k].shape)} vs {tuple(target[k].shape)})")
     model.load_state_dict(source, strict=False)
-    diff = _max_output_diff(model, source, meta, features=bool(new_head))
-    if diff > FUNCTION_TOLERANCE:
+    growth = Growth(source_arch=meta.arch, loaded=len(source), fresh=len(target) - len(source),
+                    max_output_diff=_max_output_diff(model, source, meta, features=bool(new_head)),
+                    head_reinitialised=bool(new_head))
+    if growth.max_output_diff > FUNCTION_TOLERANCE:
         raise CheckpointError(f"{where}: '{meta.arch}' weights fit this model, but the grown model does not compute "
-                              f"the checkpoint's function (largest {'feature' if new_head else 'logit'} difference "
-                              f"{diff:.3g}); its extra blocks must start as the identity (timm ResNets do: "
-                              "zero_init_last)")
-    return Growth(source_arch=meta.arch, loaded=len(source), fresh=len(target) - len(source), max_logit_diff=diff,
-                  head_reinitialised=bool(new_head))
+                              f"the checkpoint's function (largest {growth.compared} difference "
+                              f"{growth.max_output_diff:.3g}); its extra blocks must start as the identity (timm "
+                              "ResNets do: zero_init_last)")
+    return growth
 
 
 @torch.no_grad()

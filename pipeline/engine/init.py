@@ -57,8 +57,7 @@ class InitOutcome:
             g = self.growth
             head = ", the classifier re-initialised for the target classes" if g.head_reinitialised else ""
             return (f"grown from {g.source_arch} at {self.source.path}: {g.loaded} tensors copied, {g.fresh} new "
-                    f"ones start as identity blocks{head} (largest {'feature' if g.head_reinitialised else 'logit'} "
-                    f"difference {g.max_logit_diff:.1e})")
+                    f"ones start as identity blocks{head} (largest {g.compared} difference {g.max_output_diff:.1e})")
         if self.report is None:
             return f"all weights from {self.source.path}"
         return self.report.describe()
@@ -89,13 +88,16 @@ def resolve_init(init: str | None, teacher_dir: Path | None, run: RunDir) -> Ini
     return InitSource(init, path=Path(init))
 
 
-def init_content_inputs(init: str | None, recorded: dict) -> dict:
+def _names_a_path(init: str | None) -> bool:
+    """Whether `init` is a checkpoint directory or weights file (not random, teacher, a run stage or timm:)."""
+    return not (init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX))
+
+
+def init_content_inputs(init: str | None, fingerprinted: bool) -> dict:
     """`{"init_sha256": ...}` for an init read from a path (a checkpoint directory or a weights file), so weights
     replaced under the same name make a changed input (the path alone did not). None for other inits, and none
-    when the stage's record (`recorded`, its stage.json inputs) was made before this key existed."""
-    if recorded and "init_sha256" not in recorded:
-        return {}
-    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX):
+    when not `fingerprinted` (the stage's record was made before this key existed)."""
+    if not fingerprinted or not _names_a_path(init):
         return {}
     path = Path(init)
     if path.is_dir():
@@ -112,7 +114,7 @@ def check_init_exists(init: str | None, arch: str, where: str) -> None:
         except InitError as error:
             raise InitError(f"{where}.init: {error}") from None
         return
-    if init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES):
+    if not _names_a_path(init):
         return
     path = Path(init)
     if path.is_dir() and not (path / META).exists():

@@ -48,9 +48,10 @@ class PerRankState:
             self.inner.load_state_dict(state)
             return
         rank, world = _rank_and_world()
-        if world != len(state["ranks"]) and _as_fresh(state["ranks"], self.inner.state_dict()):
-            return  # nothing was kept (the loss averages of a loss balance that is off): any count resumes
-        if world != len(state["ranks"]):  # fewer: the other ranks' states would be dropped silently
+        if world != len(state["ranks"]):
+            if _as_fresh(state["ranks"], self.inner.state_dict()):
+                return  # nothing was kept (the loss averages of a loss balance that is off): any count resumes
+            # more processes have no state; fewer would drop the other ranks' states silently
             raise ResumeStateError(f"the saved {self.what} is for {len(state['ranks'])} process(es); this run has "
                                    f"{world}: resume with the process count it was started with")
         self.inner.load_state_dict(state["ranks"][rank])

@@ -123,6 +123,12 @@ class StageContext:
         it no longer fingerprints as recorded, so runs made before still match."""
         return (self.run.stage_record(stage.name) or {}).get("inputs", {})
 
+    def fingerprints(self, stage: Stage, key: str) -> bool:
+        """Whether the stage's inputs include `key`, a key added since some runs were made: yes for a stage not
+        started yet, and for one whose record has it; a record made before keeps matching without it."""
+        recorded = self.recorded_inputs(stage)
+        return not recorded or key in recorded
+
     def teacher_dir(self, stage: Stage) -> Path:
         if stage.teacher_path is not None:
             return Path(stage.teacher_path)

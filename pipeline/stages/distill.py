@@ -87,7 +87,7 @@ def teacher_inputs(ctx: StageContext, stage: Stage) -> dict:
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {**teacher_inputs(ctx, stage),
             **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data()),
-            **init_content_inputs(stage.spec.init, ctx.recorded_inputs(stage))}
+            **init_content_inputs(stage.spec.init, ctx.fingerprints(stage, "init_sha256"))}
 
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:

@@ -101,15 +101,16 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
         run.acquire()
     try:
         ctx = StageContext(config, run, state, graph)
-        recorded = []
+        recorded = False
 
         def record_config() -> None:
             """RUN/config.yaml and stages.json once a stage does work: a rerun refused (or with nothing
             left to do) leaves the record of the config that made the results."""
+            nonlocal recorded
             if not recorded:
                 write_text(run.config_path, config_to_yaml(config))
                 write_json(run.stage_list_path, {"stages": graph.names})
-                recorded.append(True)
+                recorded = True
 
         if state.is_main_process:
             if reset:

@@ -70,8 +70,7 @@ def pool_inputs(ctx: StageContext, stage: Stage) -> dict:
     """`{"pool_sha256": ...}` over the round's sidecars and selection plans: the pseudo-labeled pool the student
     trains on, so a selection redone with other settings is a changed input (a student left done while its
     round was out of the graph kept the old one). None for a record made before the key existed."""
-    recorded = ctx.recorded_inputs(stage)
-    if recorded and "pool_sha256" not in recorded:
+    if not ctx.fingerprints(stage, "pool_sha256"):
         return {}
     digest = hashlib.sha256()
     for record in ctx.data().shard_records("unlabeled"):
@@ -85,7 +84,7 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
     student = ctx.config.student
     return {"teacher_sha256": checkpoint_hash(ctx.teacher_dir(stage)), **pool_inputs(ctx, stage),
             **training_fingerprint_inputs(student, ctx.config.seed, ctx.data()),
-            **init_content_inputs(student.model.init, ctx.recorded_inputs(stage)),
+            **init_content_inputs(student.model.init, ctx.fingerprints(stage, "init_sha256")),
             "student": {k: v for k, v in to_dict(student).items() if k not in ("model", "train", "rounds")
                         # the memory pool's results predate these keys: its fingerprint stays as it was
                         and not (student.pool == "memory" and k in ("pool", "shuffle_buffer"))}}

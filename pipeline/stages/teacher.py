@@ -36,7 +36,7 @@ def supervised_loss(labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
     return {**training_fingerprint_inputs(ctx.config.teacher, ctx.config.seed, ctx.data()),
-            **init_content_inputs(ctx.config.teacher.model.init, ctx.recorded_inputs(stage))}
+            **init_content_inputs(ctx.config.teacher.model.init, ctx.fingerprints(stage, "init_sha256"))}
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
