@@ -130,10 +130,15 @@ def check_compatible(meta: CheckpointMeta, arch: str | None, num_classes: int | 
         raise CheckpointError(f"{where}: checkpoint has {meta.num_classes} classes, the data has {num_classes}")
 
 
+def has_trained_head(meta: CheckpointMeta) -> bool:
+    """False for a self-supervised backbone (stage ssl_pretrain): its classifier was never trained."""
+    return meta.lineage.get("method") != "simclr"
+
+
 def check_trained_head(meta: CheckpointMeta, where: str) -> None:
     """Refuse to predict or teach with a self-supervised backbone: its classifier was never trained (its
     outputs are random however good its features are)."""
-    if meta.lineage.get("method") == "simclr":
+    if not has_trained_head(meta):
         raise CheckpointError(f"{where} is a SimCLR backbone (stage ssl_pretrain): its classifier was never "
                               "trained, so its predictions are random; start a model from it (model.init: "
                               "ssl_pretrain) and use that model")

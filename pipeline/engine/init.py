@@ -21,7 +21,8 @@ import torch
 
 from pipeline.core.atomic import sha256_file
 from pipeline.core.rundir import RunDir
-from teachers.checkpoint import META, WEIGHTS, checkpoint_hash, load_weights_into, read_meta, read_weights
+from teachers.checkpoint import (META, WEIGHTS, checkpoint_hash, has_trained_head, load_weights_into, read_meta,
+                                 read_weights)
 from teachers.grow import Growth, grow_from
 from teachers.init_sources import (InitError, InitReport, check_timm_weights, classifier_names, load_matching,
                                    load_state_dict_file, timm_pretrained_state)
@@ -153,7 +154,7 @@ def apply_init(model: torch.nn.Module, source: InitSource, arch: str, class_name
     if path.is_dir():
         meta = read_meta(path)
         # a head trained on other classes (even as many) or never trained (SimCLR) is re-initialised
-        other_head = tuple(meta.class_names) != tuple(class_names) or meta.lineage.get("method") == "simclr"
+        other_head = tuple(meta.class_names) != tuple(class_names) or not has_trained_head(meta)
         if meta.arch != arch:
             new_head = frozenset(classifier_names(model)) if other_head else frozenset()
             return InitOutcome(source, growth=grow_from(model, path, meta, new_head))
