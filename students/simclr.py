@@ -28,7 +28,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 class _GatherRows(torch.autograd.Function):
     """Every rank's rows in rank order; the gradient of each rank's own rows is summed over the ranks' losses
-    (an all-reduce: gloo has no reduce-scatter)."""
+    (an all-reduce: gloo has no reduce-scatter). Not torch.distributed.nn.functional.all_gather: deprecated in
+    torch 2.14, and it needs equal row counts, where a global batch not divisible by the ranks gives unequal."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:

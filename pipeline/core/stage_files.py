@@ -16,13 +16,14 @@ COMMON_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "meta.json", "structure.json")
 TRAINED_OUTPUTS = tuple(f"{directory}/{name}" for directory in ("checkpoint", "peer") for name in CHECKPOINT_FILES)
 STATE_DIRS = ("state", "state.tmp", "state.prev")  # accelerate's resume state, any depth (prune: state/step<k>/)
+TRAINED_KINDS = ("teacher", "student", "distill", "prune", "pretrain", "ssl_pretrain")
 KIND_OUTPUTS = {
     "data": ("manifest.json",),  # an import's shards are journaled (.selftrain-owned.json)
     "pseudo_label": ("manifest.json", "*" + SIDECAR_SUFFIX),
     "select": ("*.plan.npz", "class_counts.png"),
     "export": ("*.onnx", "*.onnx.data", "deployment.md", "pareto.png"),
     "report": ("report.md", "summary.csv", "accuracy_by_round.png", "loss_terms.png"),
-    **{kind: TRAINED_OUTPUTS for kind in ("teacher", "student", "distill", "prune", "pretrain", "ssl_pretrain")},
+    **{kind: TRAINED_OUTPUTS for kind in TRAINED_KINDS},
 }
 
 
@@ -38,7 +39,7 @@ def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
     kind): a user's plot in a teacher's directory, or a backup folder inside checkpoint/, is theirs."""
     journaled = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
     patterns = stage_outputs(kind)
-    trained = kind is None or TRAINED_OUTPUTS[0] in KIND_OUTPUTS.get(kind, ())
+    trained = kind is None or kind in TRAINED_KINDS
     found = []
     for path in sorted(directory.rglob("*")):
         if path.is_dir():
