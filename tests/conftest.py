@@ -56,3 +56,15 @@ def tiny_teacher_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     assert main(["run", str(config), "--run-dir", str(run), "--only", "data"] + set_args(TINY_TEACHER)) == 0
     assert main(["run", str(config), "--run-dir", str(run), "--only", "teacher"] + set_args(TINY_TEACHER)) == 0
     return config, run
+
+
+def record_as_made_before(stage_dir: Path, edit) -> None:
+    """Rewrite RUN/<stage>/stage.json as an earlier version recorded it: `edit(inputs)` changes the recorded
+    inputs in place, the fingerprint is recomputed from them."""
+    import json
+
+    from pipeline.config.loading import fingerprint
+    path = stage_dir / "stage.json"
+    inputs = json.loads(path.read_text())["inputs"]
+    edit(inputs)
+    path.write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs}))

@@ -400,8 +400,7 @@ def test_a_folder_with_one_class_is_refused(tmp_path, capsys):
 def test_init_weights_replaced_under_the_same_name_are_a_changed_input(tiny_data, tmp_path, capsys):
     import torch
 
-    from conftest import TINY_TEACHER, set_args
-    from pipeline.config.loading import fingerprint
+    from conftest import TINY_TEACHER, record_as_made_before, set_args
     from teachers.models import create_model
 
     weights = tmp_path / "start.pt"
@@ -415,7 +414,5 @@ def test_init_weights_replaced_under_the_same_name_are_a_changed_input(tiny_data
     torch.manual_seed(1)
     torch.save(create_model("test_resnet", 10, 1).state_dict(), weights)  # other weights, same file name
     assert "different inputs (init_sha256:" in error_of(args, capsys, also=[run / "teacher"])
-    record = json.loads((run / "teacher" / "stage.json").read_text())  # as recorded before the key existed
-    inputs = {k: v for k, v in record["inputs"].items() if k != "init_sha256"}
-    (run / "teacher" / "stage.json").write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs}))
+    record_as_made_before(run / "teacher", lambda inputs: inputs.pop("init_sha256"))  # before the key existed
     assert main(args) == 0 and "[teacher] done already" in capsys.readouterr().out

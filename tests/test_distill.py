@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_TEACHER, set_args
+from conftest import TINY_TEACHER, record_as_made_before, set_args
 from pipeline.config.loading import load_config
 from pipeline.core.faults import env_name
 from pipeline.data.loader import Batch
@@ -277,11 +277,8 @@ def test_prune_export_and_predict_end_to_end(tiny_teacher_run, tiny_data, tmp_pa
                 "--set", "distill.train.ema_decay=0.9")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "done already" in again.stdout and "prune_test_efficientnet] done already" in again.stdout
-    from pipeline.config.loading import fingerprint
-    record_path = moved / "prune_test_efficientnet" / "stage.json"  # as recorded before init was relative
-    record = json.loads(record_path.read_text())
-    record["inputs"]["model"]["init"] = f"/elsewhere/run/{STAGE}/checkpoint"
-    record_path.write_text(json.dumps({"fingerprint": fingerprint(record["inputs"]), "inputs": record["inputs"]}))
+    record_as_made_before(moved / "prune_test_efficientnet",  # before init was relative
+                          lambda inputs: inputs["model"].update(init=f"/elsewhere/run/{STAGE}/checkpoint"))
     legacy = cli(config, moved, *COMPRESS, "--set", "distill.export.int8_min_agreement=0",
                  "--set", "distill.train.ema_decay=0.9")
     assert legacy.returncode == 0 and "prune_test_efficientnet] done already" in legacy.stdout, legacy.stderr[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import TINY_TEACHER, set_args
+from conftest import TINY_TEACHER, record_as_made_before, set_args
 from pipeline.core.faults import env_name
 from pipeline.core.rundir import RunDir
 from teachers.sidecar import read_sidecar
@@ -94,15 +94,13 @@ def test_kill_and_resume_gives_identical_sidecars(tiny_teacher_run, tmp_path):
 
 
 def test_a_resume_may_lower_the_batch_size_and_keeps_the_finished_sidecars(tiny_teacher_run, tmp_path):
-    from pipeline.config.loading import fingerprint
     config, killed = copy_run(tiny_teacher_run, tmp_path, "killed")
     assert cli(config, killed, "--only", "pseudo_label_r1", env={env_name("batch"): "10"}).returncode == -9
     finished = len(list((killed / "pseudo_label_r1").glob("*.labels.npz")))
-    record_path = killed / "pseudo_label_r1" / "stage.json"  # as recorded when the batch size was an input
-    inputs = json.loads(record_path.read_text())["inputs"]
-    assert "batch_size" not in inputs["pseudo_label"]
-    inputs["pseudo_label"]["batch_size"] = 30
-    record_path.write_text(json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs}))
+    recorded = json.loads((killed / "pseudo_label_r1" / "stage.json").read_text())["inputs"]
+    assert "batch_size" not in recorded["pseudo_label"]
+    record_as_made_before(killed / "pseudo_label_r1",  # when the batch size was an input
+                          lambda inputs: inputs["pseudo_label"].update(batch_size=30))
     again = cli(config, killed, "--only", "pseudo_label_r1", "--set", "pseudo_label.batch_size=20")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{4 - finished} of 4 shards to label" in again.stdout + again.stderr
