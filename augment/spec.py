@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 POLICY_NAMES = ("s1", "s2", "s3", "s4")
 DEFAULT_JITTER: dict[str, tuple[float, float]] = {
@@ -48,7 +49,12 @@ class PolicyError(ValueError):
 
 def _fmt(value: float) -> str:
     """Shortest text that parses back to the same float; whole numbers without '.0'."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(int(value)) if float(value).is_integer() else _positional(float(value))
+
+
+def _positional(value: float) -> str:
+    """repr's shortest digits without an exponent (1e-05 -> 0.00001), which the option syntax cannot read."""
+    return format(Decimal(repr(value)), "f")
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,8 @@ class PolicySpec:
         object.__setattr__(self, "jitter", (lo, hi))
         if self.name != "s4":
             if self.num_ops is not None or self.magnitude is not None:
-                return f"-n/-m apply to s4 (RandAugment) only; {self.name} uses AutoAugment's fixed magnitudes"
+                fixed = "has no learnt policy" if self.name == "s1" else "uses AutoAugment's fixed magnitudes"
+                return f"-n/-m apply to s4 (RandAugment) only; {self.name} {fixed}"
             return None
         num_ops = self.num_ops
         if isinstance(num_ops, bool) or not isinstance(num_ops, int) or not 0 <= num_ops <= MAX_NUM_OPS:
@@ -99,7 +106,7 @@ class PolicySpec:
             parts.append(f"n{self.num_ops}")
         if self.magnitude is not None:
             parts.append(f"m{_fmt(self.magnitude)}")
-        parts.append(f"j{float(self.jitter[0])!r}:{float(self.jitter[1])!r}")
+        parts.append(f"j{_positional(self.jitter[0])}:{_positional(self.jitter[1])}")
         return "-".join(parts)
 
 

@@ -364,3 +364,28 @@ def test_a_grid_rerun_with_another_config_is_refused_but_new_axes_extend_it(tmp_
     changed = grid_config(base={"teacher": {"train": {"lr": 0.01}}})
     with pytest.raises(ConfigError, match=r"holds a grid made with another config \(base.teacher.train.lr: 0.1 -> 0.01"):
         refuse_changed_config(out, resolved_yaml(changed))
+    runtime = grid_config(base={"runtime": {"threads": 2, "workers": 0, "progress": False}})
+    refuse_changed_config(out, resolved_yaml(runtime))  # settings that do not change results, as summarize
+
+
+def test_spellings_of_one_policy_are_one_axis_value():
+    """'s4' and 's4-n2-m10' would train the same models twice and shrink the verdicts' SE."""
+    with pytest.raises(ConfigError, match=r"axes.policy: s4 and S4-n2-m10 are one policy \(defaults filled in: "
+                                          r"s4-n2-m10-j0.5:2.0\)"):
+        grid_config(axes={**GRID["axes"], "policy": ["s1", "s4", "S4-n2-m10"]})
+
+
+def test_a_started_pretraining_keeps_its_import_when_the_axes_change(tmp_path):
+    """SimCLR pretrains on one import; putting another label count first must not move a started job."""
+    from pipeline.experiments.compare_grid import data_dir, pretrain_job
+
+    config = grid_config()
+    first = pretrain_job(config, "simclr", tmp_path)
+    assert first is not None and first.config.data.path == str(data_dir(tmp_path, 10, 0))
+    data_dir(tmp_path, 10, 0).mkdir(parents=True)
+    RunDir(first.run_dir(tmp_path)).root.mkdir(parents=True)
+    RunDir(first.run_dir(tmp_path)).config_path.write_text(
+        f"data:\n  source: shards\n  path: {data_dir(tmp_path, 10, 0)}\n")
+    reordered = grid_config(axes={**GRID["axes"], "labels_per_class": [5, 10, 200], "seeds": [3, 0, 1]})
+    again = pretrain_job(reordered, "simclr", tmp_path)
+    assert again is not None and again.config.data.path == str(data_dir(tmp_path, 10, 0))

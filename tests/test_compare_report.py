@@ -258,3 +258,56 @@ def test_total_wall_counts_a_shared_teacher_once():
     with_rounds = ArmResult("random", "on", "s1", 10, 0, 0.6, 100, 130.0)  # that teacher + 100 s of rounds
     other_seed = ArmResult("random", "on", "s1", 10, 1, 0.6, 100, 125.0)  # its twin not in the results
     assert total_wall_seconds([alone, with_rounds, other_seed]) == 30.0 + 100.0 + 125.0
+
+
+def test_policies_of_one_base_policy_sort_by_ops_magnitude_and_jitter():
+    assert Grid([ArmResult("random", "off", p, 10, 0, 0.5, 100, 1.0) for p in
+                 ("s4-m10", "s4-m2", "s4-m6", "s4-n3-m2", "s1-j0.5:2", "s1", "s2")]).policies == [
+        "s1", "s1-j0.5:2", "s2", "s4-m2", "s4-m6", "s4-m10", "s4-n3-m2"]
+
+
+def test_a_gain_falling_with_magnitude_is_read_from_the_weakest_to_the_strongest():
+    """Gain +6 at m2, +4 at m6, -3 at m10: b and c are reproduced only if m10 is the strongest end."""
+    results = []
+    for policy, gain, spread in (("s4-m2", 6.0, 0.5), ("s4-m6", 4.0, 1.0), ("s4-m10", -3.0, 1.5)):
+        for seed, noise in enumerate((-0.2, 0.0, 0.3)):
+            results += [ArmResult("random", "off", policy, 10, seed, (70 + noise) / 100, 100, 1.0),
+                        ArmResult("supervised", "off", policy, 10, seed, (70 + gain + spread * noise) / 100, 100, 1.0)]
+    grid = Grid(results)
+    assert verdict_augmentation(grid, "supervised").outcome == REPRODUCED
+    assert verdict_hurts(grid, "supervised").outcome == REPRODUCED
+
+
+def test_a_pooled_finding_uses_only_the_seeds_every_cell_has():
+    """+2 at s1, -2 at s4; seeds 3-7 exist at s1 only (a grid grown with --only): averaging them over s1 alone
+    beside seeds 0-2 averaged over both would find +1.26, p = 0.011."""
+    noise = [0.1, -0.1, 0.05, -0.05, 0.0, 0.1, -0.1, 0.05]
+    results = []
+    for policy, effect, seeds in (("s1", 2.0, range(8)), ("s4", -2.0, range(3))):
+        for seed in seeds:
+            results += [ArmResult("supervised", "off", policy, 10, seed, 0.70, 100, 1.0),
+                        ArmResult("supervised", "on", policy, 10, seed, (70 + effect + noise[seed]) / 100, 100, 1.0)]
+    verdict = verdict_stacks(Grid(results), "supervised")
+    assert verdict.outcome == INCONCLUSIVE
+    assert "n=3 " in verdict.evidence and "seeds 3, 4, 5, 6, 7 left out: not in every cell" in verdict.evidence
+    assert "left out" in verdict_self_training_helps(Grid(results)).evidence
+
+
+def test_tables_show_n_when_cells_have_different_seed_counts(tmp_path):
+    results = [r for r in make_results() if not (r.policy == "s4" and r.seed == 2)]
+    write_compare_report(tmp_path, results, {}, "", "budget")
+    md = (tmp_path / "report.md").read_text()
+    s1, s4 = table(md, "Test top-1 %", 10)["random"]
+    assert s1.endswith("(n=3)") and s4.endswith("(n=2)")
+    write_compare_report(tmp_path, make_results(), {}, "", "budget")
+    assert "(n=" not in table((tmp_path / "report.md").read_text(), "Test top-1 %", 10)["random"][0]
+
+
+def test_every_seed_giving_the_same_difference_is_inconclusive():
+    """SE 0 makes t infinite; with two seeds and coarse test sets that happens by chance (-20, -20)."""
+    from pipeline.experiments.compare_stats import Stat, p_value, significance, significance_text
+
+    same = Stat(2, -20.0, 0.0, 0.0)
+    assert p_value(same) is None and significance(same) is None
+    assert significance_text(same) == "every seed the same difference: SE 0, t undefined"
+    assert p_value(Stat(3, 0.0, 0.0, 0.0)) is None

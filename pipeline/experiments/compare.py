@@ -26,6 +26,7 @@ from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, fin
                                                select_arms)
 from pipeline.experiments.compare_report import write_compare_report
 from pipeline.experiments.compare_stats import ArmResult
+from pipeline.experiments.summary import SAME_RESULT_KEYS
 from pipeline.stages.runner import end_processes, run_up_to
 
 ROUND_STAGES = ("pseudo_label_r{i}", "select_r{i}", "student_r{i}")
@@ -145,15 +146,26 @@ def refuse_foreign_out(out: Path) -> None:
             raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
 
 
+def _result_settings(resolved: dict) -> dict:
+    """A resolved compare config without what may change between runs into one `--out`: the axes, and the
+    base runtime settings that do not change results (threads, workers, progress bars, logging)."""
+    kept = {key: value for key, value in resolved.items() if key != "axes"}
+    base = kept.get("base")
+    if isinstance(base, dict) and isinstance(base.get("runtime"), dict):
+        runtime = {k: v for k, v in base["runtime"].items() if f"runtime.{k}" not in SAME_RESULT_KEYS}
+        kept["base"] = {**base, "runtime": runtime}
+    return kept
+
+
 def refuse_changed_config(out: Path, resolved: str) -> None:
     """A grid's finished runs belong to the config that made them: rerunning into `out` with settings other
-    than the axes changed would report them as the new config's (only the axes may grow or shrink)."""
+    than the axes changed would report them as the new config's (only the axes may grow or shrink, and the
+    runtime settings `summarize` also lets differ may change)."""
     saved = out / "compare.yaml"
     if not saved.exists():
         return
-    before, now = (yaml.safe_load(text) or {} for text in (saved.read_text(), resolved))
-    diffs = input_differences({k: v for k, v in before.items() if k != "axes"},
-                              {k: v for k, v in now.items() if k != "axes"})
+    before, now = (_result_settings(yaml.safe_load(text) or {}) for text in (saved.read_text(), resolved))
+    diffs = input_differences(before, now)
     if diffs:
         raise ConfigError(f"{out} holds a grid made with another config ({'; '.join(diffs[:5])}"
                           f"{'; ...' if len(diffs) > 5 else ''}); its finished arms would be reported as this "

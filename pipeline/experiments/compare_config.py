@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from augment.spec import parse_policy
 from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml, read_config_text
 from pipeline.config.sections import Config, DataConfig, TrainConfig
 
@@ -91,7 +92,19 @@ def check(config: CompareConfig) -> None:
             TrainConfig(policy=policy)
         except ValueError as exc:
             raise ConfigError(f"axes.{exc}") from None
+    same = same_policies(config.axes.policy)
+    if same:
+        raise ConfigError(f"axes.policy: {' and '.join(same)} are one policy (defaults filled in: "
+                          f"{parse_policy(same[0])}); its arms would train the same models and count twice")
     check_archs(config)
+
+
+def same_policies(policies: tuple[str, ...]) -> list[str]:
+    """The first group of spellings that parse to one policy ('s4', 'S4', 's4-n2-m10'), or []."""
+    groups: dict[str, list[str]] = {}
+    for policy in policies:
+        groups.setdefault(str(parse_policy(policy)), []).append(policy)
+    return next((group for group in groups.values() if len(group) > 1), [])
 
 
 def check_archs(config: CompareConfig) -> None:

@@ -16,7 +16,9 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config.loading import load_config
 from pipeline.config.schema import ConfigError
+from pipeline.core.rundir import RunDir
 from pipeline.config.sections import Config, PretrainConfig, SSLPretrainConfig, TrainConfig
 from pipeline.experiments.compare_config import RANDOM, CompareConfig
 
@@ -107,10 +109,9 @@ def data_job(config: CompareConfig, labels: int, seed: int) -> Job:
 
 def pretrain_job(config: CompareConfig, name: str, out: Path) -> Job | None:
     """The run that trains source `name` (None for sources that are read, not trained). SimCLR trains on
-    the first (labels, seed) import's unlabeled pool: one pretraining per source, as in the paper."""
+    one import's unlabeled pool: one pretraining per source, as in the paper."""
     source, base = config.sources[name], config.base_config()
-    first = data_dir(out, config.axes.labels_per_class[0], config.axes.seeds[0])
-    shared_data = dataclasses.replace(base.data, source="shards", path=str(first))
+    shared_data = dataclasses.replace(base.data, source="shards", path=str(pretrain_import(config, name, out)))
     if source.kind == "supervised":
         pretrain = PretrainConfig(data=source.data, train=source.train or PretrainConfig().train)
         return Job("pretrain", name, _with(base, data=shared_data, pretrain=pretrain, seed=0), "pretrain")
@@ -119,6 +120,17 @@ def pretrain_job(config: CompareConfig, name: str, out: Path) -> Job | None:
                                 temperature=source.temperature)
         return Job("pretrain", name, _with(base, data=shared_data, ssl_pretrain=ssl, seed=0), "ssl_pretrain")
     return None
+
+
+def pretrain_import(config: CompareConfig, name: str, out: Path) -> Path:
+    """The import source `name`'s pretraining reads: the one it was started on (its run's config.yaml), so
+    that reordering or growing the axes later does not move it; else the first (labels, seed) import."""
+    started = RunDir(out / "pretrain" / name).config_path
+    if started.exists():
+        recorded = Path(load_config(started).data.path)
+        if recorded.exists():
+            return recorded
+    return data_dir(out, config.axes.labels_per_class[0], config.axes.seeds[0])
 
 
 def init_path(config: CompareConfig, init: str, out: Path) -> str | None:

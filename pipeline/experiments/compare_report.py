@@ -97,11 +97,13 @@ def gain_chart(grid: Grid, path: Path) -> None:
 def _markdown_tables(grid: Grid, table: dict[int, dict[str, dict[str, Stat]]],
                      fmt: Callable[[Stat], str], first: str) -> list[str]:
     lines = []
+    counts = {stat.n for rows in table.values() for row in rows.values() for stat in row.values()}
+    cell = (lambda stat: f"{fmt(stat)} (n={stat.n})") if len(counts) > 1 else fmt  # a grid grown with --only
     for labels, rows in table.items():
         lines += [f"### {labels} labels per class", "", f"| {first} | " + " | ".join(grid.policies) + " |",
                   "|" + "---|" * (len(grid.policies) + 1)]
         for name, row in rows.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(row[p]) if p in row else "—" for p in grid.policies) + " |")
+            lines.append(f"| {name} | " + " | ".join(cell(row[p]) if p in row else "—" for p in grid.policies) + " |")
         lines.append("")
     return lines
 
@@ -163,7 +165,8 @@ def report_markdown(grid: Grid, results: Sequence[ArmResult], verdicts: list[Ver
               "Significant: a two-sided one-sample t-test of the paired per-seed differences gives p < 0.05 "
               "(n-1 degrees of freedom: with 2 seeds |t| must pass 12.7); a finding tested in several cells at once "
               "is Holm-corrected; a pooled finding averages each seed over its cells first, so n is the number of "
-              "seeds. n=1 or an undefined SE is inconclusive.", ""]
+              "seeds (a seed missing from one of the cells is left out, and said so). n=1, or every seed giving the "
+              "same difference (SE 0), is inconclusive.", ""]
     lines += [f"- **{v.finding}**: {v.outcome}. {v.evidence}" for v in verdicts]
     lines += ["", "## Plots", "", f"![top-1 against policy]({ACCURACY_PNG})", "",
               f"![gain against labels per class]({GAIN_PNG})", "", "## Wall time per arm", ""]

@@ -72,11 +72,11 @@ def describe(values: Sequence[float]) -> Stat:
 
 
 def p_value(stat: Stat) -> float | None:
-    """Two-sided p of the one-sample t-test of mean 0; None when the SE is undefined (n = 1)."""
-    if stat.se is None:
+    """Two-sided p of the one-sample t-test of mean 0; None when the SE is undefined: n = 1, or differences
+    that are all the same (t is infinite; with few seeds and test sets that move accuracy in coarse steps that
+    happens by chance, so it is no evidence either way)."""
+    if stat.se is None or stat.se <= 1e-12:
         return None
-    if stat.se <= 1e-12:  # identical differences: significant unless they are all (about) zero
-        return 0.0 if abs(stat.mean) > 1e-9 else 1.0
     return float(2 * student_t.sf(abs(stat.mean) / stat.se, stat.n - 1))
 
 
@@ -109,9 +109,9 @@ def significance_text(stat: Stat, sign: int | None = None) -> str:
     """The test and its outcome; `sign` overrides the outcome (a Holm-corrected family)."""
     p = p_value(stat)
     if p is None:
-        return "n=1, SE undefined"
+        return "n=1, SE undefined" if stat.se is None else "every seed the same difference: SE 0, t undefined"
     sign = significance(stat) if sign is None else sign
-    t = "t undefined" if stat.se is None or stat.se <= 1e-12 else f"t = {stat.mean / stat.se:+.2f}"
+    t = f"t = {stat.mean / stat.se:+.2f}"  # type: ignore[operator]  # p is None when the SE is
     outcome = {1: "significantly > 0", -1: "significantly < 0", 0: "not significant"}[sign]
     return f"{t}, {stat.n - 1} df, p = {p:.3f}: {outcome}"
 
@@ -140,9 +140,15 @@ def policy_kind(policy: str) -> str:
         return policy.lower()
 
 
-def policy_key(policy: str) -> tuple[int, str]:
-    """Strength order s1 < s2 < s3 < s4 (by base policy, options included); unknown names after them."""
-    return POLICY_STRENGTH.get(policy_kind(policy), len(POLICY_STRENGTH) + 1), policy
+def policy_key(policy: str) -> tuple[int, int, float, float, str]:
+    """Strength order: s1 < s2 < s3 < s4 by base policy; within one base policy fewer RandAugment ops, then a
+    lower magnitude, then a narrower scale jitter (HI/LO) is weaker; unknown names after them."""
+    try:
+        spec = parse_policy(policy)
+    except PolicyError:
+        return len(POLICY_STRENGTH) + 1, 0, 0.0, 0.0, policy
+    low, high = spec.jitter
+    return POLICY_STRENGTH[spec.name], spec.num_ops or 0, spec.magnitude or 0.0, high / low, policy
 
 
 def init_key(init: str) -> tuple[int, str]:

@@ -48,9 +48,20 @@ def _missing_gain_axes(grid: Grid, init: str) -> str | None:
 
 
 def _per_seed_mean(per_cell: list[dict[int, float]]) -> dict[int, float]:
-    """{seed: mean over the cells that have it} of per-cell {seed: value} maps."""
-    seeds = sorted({seed for cell in per_cell for seed in cell})
-    return {seed: sum(c[seed] for c in per_cell if seed in c) / sum(seed in c for c in per_cell) for seed in seeds}
+    """{seed: mean over the cells} of per-cell {seed: value} maps, for the seeds every cell has: a seed
+    averaged over other cells than the rest (a grid grown with `--only`) would measure another thing."""
+    if not per_cell:
+        return {}
+    seeds = sorted(set.intersection(*(set(cell) for cell in per_cell)))
+    return {seed: sum(cell[seed] for cell in per_cell) / len(per_cell) for seed in seeds}
+
+
+def _left_out(per_cell: list[dict[int, float]], used: dict[int, float]) -> str:
+    """'; seeds 3, 4 left out: not in every cell', or '' when every seed is used."""
+    left = sorted({seed for cell in per_cell for seed in cell} - set(used))
+    if not left:
+        return ""
+    return f"; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} left out: not in every cell"
 
 
 def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str, int], tuple[str, int]]],
@@ -70,7 +81,8 @@ def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str
     stat = describe([lo_gain[seed] - hi_gain[seed] for seed in lo_gain])
     evidence = (f"gain of {init} over random (self-training off), each seed averaged over {averaged_over}, at "
                 f"{ends[0]}: {format_gain(describe(list(lo_gain.values())))}; at {ends[1]}: "
-                f"{format_gain(describe(list(hi_gain.values())))}; difference, paired per seed: {evidence_number(stat)}")
+                f"{format_gain(describe(list(hi_gain.values())))}; difference, paired per seed: {evidence_number(stat)}"
+                f"{_left_out(lo_cells + hi_cells, lo_gain)}")
     return Verdict(finding, _outcome(significance(stat)), evidence)
 
 
@@ -145,10 +157,12 @@ def verdict_ssl_like_supervised(grid: Grid, ssl_init: str, supervised: str = SUP
     return Verdict(finding, outcome, "; ".join(parts))
 
 
-def _pooled(grid: Grid, arm: Arm, base: Arm) -> list[float]:
-    """arm − base paired per seed, each seed's differences averaged over every (policy, labels) cell."""
-    per_cell = [grid.paired(arm, base, p, n) for p in grid.policies for n in grid.labels]
-    return list(_per_seed_mean([cell for cell in per_cell if cell]).values())
+def _pooled(grid: Grid, arm: Arm, base: Arm) -> tuple[list[float], str]:
+    """arm − base paired per seed, each seed's differences averaged over every (policy, labels) cell that has
+    both; and `_left_out`'s note."""
+    per_cell = [cell for p in grid.policies for n in grid.labels if (cell := grid.paired(arm, base, p, n))]
+    means = _per_seed_mean(per_cell)
+    return list(means.values()), _left_out(per_cell, means)
 
 
 def verdict_self_training_helps(grid: Grid) -> Verdict:
@@ -167,10 +181,11 @@ def verdict_self_training_helps(grid: Grid) -> Verdict:
         return Verdict(FINDING_E, INCONCLUSIVE, "no cell has arms both with and without self-training")
     signs = holm_significance([stat for _, stat in cells])
     negative = [name for (name, _), s in zip(cells, signs) if s == -1]
-    pooled = describe(list(_per_seed_mean(per_cell).values()))
+    means = _per_seed_mean(per_cell)
+    pooled = evidence_number(describe(list(means.values()))) if means else "no seed is in every cell"
     evidence = (f"self-training on − off, paired per seed in each (init, policy, labels) cell (Holm-corrected over "
                 f"the cells): {signs.count(1)} of {len(cells)} cells significantly > 0, {len(negative)} significantly "
-                f"< 0; each seed averaged over all cells: {evidence_number(pooled)}")
+                f"< 0; each seed averaged over all cells: {pooled}{_left_out(per_cell, means)}")
     if negative:
         evidence += "; negative in " + ", ".join(negative)
     outcome = NOT_REPRODUCED if negative else REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE
@@ -181,16 +196,17 @@ def verdict_stacks(grid: Grid, init: str) -> Verdict:
     """(f) (init + self-training) − (init alone), pooled over cells, is significantly positive."""
     finding = f"{FINDING_F} ({init})"
     with_st, alone = (init, "on"), (init, "off")
-    diffs = _pooled(grid, with_st, alone)
+    diffs, left_out = _pooled(grid, with_st, alone)
     if not diffs:
-        return Verdict(finding, INCONCLUSIVE, f"no seed has {init} both with and without self-training")
+        return Verdict(finding, INCONCLUSIVE, f"no seed has {init} both with and without self-training in every "
+                                              "cell that has either")
     stat = describe(diffs)
     evidence = (f"{pair_label(with_st, alone)}, paired per seed, averaged over the (policy, labels) cells: "
-                f"{evidence_number(stat)}")
-    versus_random = _pooled(grid, with_st, (BASELINE, "on"))
+                f"{evidence_number(stat)}{left_out}")
+    versus_random, left_out = _pooled(grid, with_st, (BASELINE, "on"))
     if versus_random:
         evidence += (f"; {pair_label(with_st, (BASELINE, 'on'))}: "
-                     f"{evidence_number(describe(versus_random))}")
+                     f"{evidence_number(describe(versus_random))}{left_out}")
     return Verdict(finding, _outcome(significance(stat)), evidence)
 
 
