@@ -1,7 +1,9 @@
 """The fast tar reader agrees with tarfile on every header format and reports damage."""
 
+import bz2
 import gzip
 import io
+import lzma
 import tarfile
 
 import pytest
@@ -31,7 +33,7 @@ def test_formats_match_tarfile(tmp_path, fmt):
     assert list(iter_members(tmp_path / "s.tar")) == members
 
 
-def test_compressed_shard_falls_back(tmp_path):
+def test_compressed_shard_is_read(tmp_path):
     make_tar(tmp_path / "s.tar.gz", MEMBERS[:3], compress=True)
     assert list(iter_members(tmp_path / "s.tar.gz")) == MEMBERS[:3]
 
@@ -49,3 +51,45 @@ def test_truncation_and_corruption_raise_after_good_members(tmp_path):
         for member in iter_members(tmp_path / "c.tar"):
             got.append(member)
     assert got == MEMBERS[:1]
+
+
+def test_a_copy_cut_between_two_members_is_damaged_not_a_shorter_shard(tmp_path):
+    """A partial copy often stops on a block boundary, between members: tarfile reads that as a whole
+    archive; the reader wants tar's end-of-archive block, and keeps the members before the cut."""
+    raw = make_tar(tmp_path / "s.tar", MEMBERS[:3])
+    (tmp_path / "cut.tar").write_bytes(raw[:512 + 1024])  # the first member whole, then nothing
+    got = []
+    with pytest.raises(TarDamaged, match="without tar's end-of-archive block"):
+        for member in iter_members(tmp_path / "cut.tar"):
+            got.append(member)
+    assert got == MEMBERS[:1]
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(TarDamaged, match="end-of-archive"):
+        list(iter_members(tmp_path / "empty.tar"))
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_a_cut_compressed_shard_is_damaged(tmp_path, compress):
+    """gzip/bzip2/xz: cut before the end-of-stream marker, even where the tar inside looks complete."""
+    raw = make_tar(tmp_path / "s.tar", MEMBERS[:3])
+    whole = compress(raw)
+    (tmp_path / "s.tar.z").write_bytes(whole)
+    assert list(iter_members(tmp_path / "s.tar.z")) == MEMBERS[:3]
+    (tmp_path / "cut.tar.z").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(TarDamaged, match="compressed stream is cut or corrupt"):
+        list(iter_members(tmp_path / "cut.tar.z"))
+
+
+def test_a_member_name_that_is_not_utf8_is_read_as_tarfile_reads_it(tmp_path):
+    members = [("caf\udce9.png", b"x"), ("next.png", b"y")]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(raw.getvalue())
+    with tarfile.open(tmp_path / "s.tar") as reference:
+        assert [m.name for m in reference.getmembers()] == [name for name, _ in members]
+    assert list(iter_members(tmp_path / "s.tar")) == members

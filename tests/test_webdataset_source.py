@@ -302,13 +302,49 @@ def test_class_names_that_read_as_numbers(shard_dir, http_root, tmp_path):
     """'10', '20', '30' are names (no index that large); '1', '2', '3' would make a label '1' either the
     name at position 0 or the index 1: refused, never guessed."""
     png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
-    write_members(tmp_path / "lab-000005.tar", [m for i, name in enumerate(["10", "30", "20", "10"])
-                                                for m in ((f"s{i}.png", png), (f"s{i}.cls", name.encode()))])
+    for shard, names in (("lab-000005.tar", ["10", "30", "20", "10"]), ("test-000005.tar", ["20", "30"])):
+        write_members(tmp_path / shard, [m for i, name in enumerate(names)
+                                         for m in ((f"s{i}.png", png), (f"s{i}.cls", name.encode()))])
     config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000005.tar"),),
-                        test=(f"file://{tmp_path}/lab-000005.tar",), classes=("10", "20", "30"))
+                        test=(f"file://{tmp_path}/test-000005.tar",), classes=("10", "20", "30"))
     manifest = import_webdataset(config, tmp_path / "data", progress=False)
     assert manifest["splits"]["labeled"]["per_class"] == [2, 1, 1]
     np.testing.assert_array_equal(load_labeled_split(open_data(tmp_path / "data"), "labeled").labels, [0, 2, 1, 0])
     ambiguous = wds_config(shard_dir, http_root, classes=("1", "2", "3"))
     with pytest.raises(DataSourceError, match=r"the class name '1' \(position 0\) is also the class index 1"):
         import_webdataset(ambiguous, tmp_path / "other", progress=False)
+
+
+def test_a_test_shard_in_another_split_is_refused(shard_dir, http_root, tmp_path):
+    """Listed twice (a brace range over the pool that reaches the test shard), or copied under another name:
+    the model would train on the images it is measured with."""
+    test_shard = f"{shard_dir}/test-000000.tar"
+    config = wds_config(shard_dir, http_root, unlabeled=(f"{shard_dir}/pool-{{000000..000001}}.tar", test_shard))
+    with pytest.raises(DataSourceError, match=r"1 shard\(s\) listed in both test and unlabeled \(.*test-000000.tar\)"):
+        import_webdataset(config, tmp_path / "d1", progress=False)
+    (tmp_path / "pool-000009.tar").write_bytes(Path(test_shard).read_bytes())
+    config = wds_config(shard_dir, http_root, unlabeled=(f"{shard_dir}/pool-000000.tar", str(tmp_path / "pool-000009.tar")))
+    with pytest.raises(DataSourceError, match=r"with the same bytes \(sha256\) in both test and unlabeled"):
+        import_webdataset(config, tmp_path / "d2", progress=False)
+    assert not (tmp_path / "d2" / "manifest.json").exists()
+
+
+def test_labels_that_leave_a_class_without_images_are_refused_unless_classes_are_named(shard_dir, http_root, tmp_path):
+    """1-based labels make class 0 empty; one stray '30' would make 26 empty classes."""
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+    write_members(tmp_path / "lab-000006.tar", [m for i, label in enumerate("1223")
+                                                for m in ((f"s{i}.png", png), (f"s{i}.cls", label.encode()))])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000006.tar"),))
+    with pytest.raises(DataSourceError, match=r"the labels found run 0..3, and class\(es\) 0 have no labeled image; "
+                                              r"labels are class indices 0..N-1"):
+        import_webdataset(config, tmp_path / "d1", progress=False)
+    named = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000006.tar"),), classes=tuple("abcd"))
+    assert import_webdataset(named, tmp_path / "d2", progress=False)["splits"]["labeled"]["per_class"] == [0, 1, 2, 1]
+
+
+def test_a_label_written_with_a_superscript_digit_is_named_not_a_traceback(shard_dir, http_root, tmp_path):
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+    write_members(tmp_path / "lab-000004.tar", [("a.png", png), ("a.cls", "²".encode())])
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000004.tar"),))
+    with pytest.raises(ShardError, match=r"lab-000004.tar, key 'a': label '²' is not a class index"):
+        import_webdataset(config, tmp_path / "d1", progress=False)

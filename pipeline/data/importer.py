@@ -42,7 +42,7 @@ class ClassFilter:
         """The kept classes' original indices; unknown or repeated names are refused, naming them."""
         chosen = []
         for item in self.keep:
-            index = int(item) if str(item).isdigit() else (names.index(item) if item in names else None)
+            index = int(item) if str(item).isdecimal() else (names.index(item) if item in names else None)
             if index is None or not 0 <= index < len(names):
                 raise DataSourceError(f"data.classes: unknown class {item!r}; the source has {names} "
                                       f"(names or indices 0..{len(names) - 1})")

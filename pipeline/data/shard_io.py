@@ -16,9 +16,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
-from webdataset.tariterators import tar_file_iterator
 
-from pipeline.data.tarstream import is_compressed, iter_members, iter_stream_members
+from pipeline.data.tarstream import iter_members, iter_stream_members
 
 ShardLocation = Path | str  # a local file, or a URL for webdataset.gopen
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")
@@ -90,8 +89,7 @@ def _remote_members(url: str, fingerprint: Fingerprint | None) -> Iterator[tuple
     finished = False
     try:
         handle = fingerprint.tap(stream) if fingerprint is not None else stream
-        for member in tar_file_iterator(handle):
-            yield member["fname"], member["data"]
+        yield from iter_stream_members(handle)  # type: ignore[arg-type]
         if isinstance(handle, _Tapped):
             handle.drain()
         finished = True
@@ -111,8 +109,7 @@ def shard_members(location: ShardLocation, fingerprint: Fingerprint | None = Non
     elif fingerprint is None:
         yield from iter_members(location)
     else:
-        compressed = is_compressed(location)
         with open(location, "rb", buffering=1 << 20) as raw:
             handle = fingerprint.tap(raw)
-            yield from iter_stream_members(handle, compressed)
+            yield from iter_stream_members(handle)  # type: ignore[arg-type]
             handle.drain()

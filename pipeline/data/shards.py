@@ -264,7 +264,7 @@ def class_index(value: object, classes: Sequence[str] | None = None) -> int | No
         return value
     if isinstance(value, str):
         text = value.strip()
-        if text.lstrip("-").isdigit():
+        if text.removeprefix("-").isdecimal():  # what int() reads ('²' is a digit int() refuses)
             return int(text)
         if classes is not None and text in classes:
             return list(classes).index(text)

@@ -2,13 +2,20 @@
 
 Python's `tarfile` in stream mode costs about 40 µs a member, as much as
 decoding a small PNG; parsing the 512-byte headers directly costs about 4 µs.
-Compressed shards fall back to `tarfile`. Damage (a short header or payload, a
-bad header checksum) raises `TarDamaged`, after every complete member before it.
+Compressed shards (gzip, bzip2, xz) are decompressed by the standard library's
+readers, which raise on a missing end-of-stream, and parsed the same way.
+Damage (a short header or payload, a bad header checksum, no end-of-archive
+block, a cut or corrupt compressed stream) raises `TarDamaged`, after every
+complete member before it: `tarfile` takes a stream that stops between two
+members for a whole archive, and a partial copy often stops exactly there.
 """
 
 from __future__ import annotations
 
-import tarfile
+import bz2
+import gzip
+import lzma
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -31,8 +38,13 @@ def _pax_path(data: bytes) -> str | None:
     for record in data.split(b"\n"):
         _, _, kv = record.partition(b" ")
         if kv.startswith(b"path="):
-            return kv[5:].decode("utf-8")
+            return _name(kv[5:])
     return None
+
+
+def _name(raw: bytes) -> str:
+    """A member name as `tarfile` decodes it: UTF-8, undecodable bytes kept as surrogates (not an error)."""
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _read_exact(handle: BinaryIO, size: int, what: str) -> bytes:
@@ -46,8 +58,10 @@ def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     next_name: str | None = None
     while True:
         header = handle.read(BLOCK)
-        if not header or header == b"\0" * BLOCK:
-            return  # end of archive (the trailing zero blocks may be missing)
+        if header == b"\0" * BLOCK:
+            return  # end of archive
+        if not header:
+            raise TarDamaged("stream ends without tar's end-of-archive block (a partial copy?)")
         if len(header) != BLOCK:
             raise TarDamaged(f"stream ends inside a header ({len(header)} of {BLOCK} bytes)")
         checksum = sum(header[:148]) + 256 + sum(header[156:])
@@ -61,14 +75,14 @@ def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
         data = _read_exact(handle, size, "a member")
         _read_exact(handle, -size % BLOCK, "padding")
         if kind == b"L":  # GNU long name for the next member
-            next_name = data.rstrip(b"\0").decode("utf-8")
+            next_name = _name(data.rstrip(b"\0"))
         elif kind == b"x":  # PAX extended header for the next member
             next_name = _pax_path(data) or next_name
         elif kind in REGULAR:
             name = next_name
             if name is None:
-                prefix = header[345:500].rstrip(b"\0").decode("utf-8")
-                base = header[:100].rstrip(b"\0").decode("utf-8")
+                prefix = _name(header[345:500].rstrip(b"\0"))
+                base = _name(header[:100].rstrip(b"\0"))
                 name = f"{prefix}/{base}" if prefix else base
             next_name = None
             yield name, data
@@ -76,30 +90,52 @@ def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
             next_name = None  # directories, links, global headers: nothing to read
 
 
-def _tarfile_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
+class _Prefixed:
+    """A stream whose first bytes were already read (to tell its compression), given back first."""
+
+    def __init__(self, head: bytes, stream: BinaryIO):
+        self._head, self._stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(size)
+        if size < 0:
+            data, self._head = self._head + self._stream.read(), b""
+            return data
+        data, self._head = self._head[:size], self._head[size:]
+        return data + self._stream.read(size - len(data)) if len(data) < size else data
+
+
+GZIP, BZIP2, XZ = b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"
+DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _decompressed(head: bytes, stream: BinaryIO) -> BinaryIO | None:
+    """A decompressing reader when `head` is a gzip, bzip2 or xz magic number, else None."""
+    if head.startswith(GZIP):
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(BZIP2):
+        return bz2.BZ2File(stream)  # type: ignore[return-value]
+    if head.startswith(XZ):
+        return lzma.LZMAFile(stream)  # type: ignore[return-value]
+    return None
+
+
+def iter_stream_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Regular members of an open tar stream, plain or compressed (told by its first bytes), in order."""
+    head = handle.read(len(XZ))
+    stream = _Prefixed(head, handle)
+    decompressed = _decompressed(head, stream)  # type: ignore[arg-type]
+    if decompressed is None:
+        yield from _plain_members(stream)  # type: ignore[arg-type]
+        return
     try:
-        with tarfile.open(fileobj=handle, mode="r|*") as stream:
-            for member in stream:
-                if member.isreg():
-                    yield member.name, stream.extractfile(member).read()
-    except (tarfile.TarError, EOFError) as exc:
-        raise TarDamaged(f"{type(exc).__name__}: {exc}") from exc
-
-
-def is_compressed(path: Path) -> bool:
-    """gzip, bzip2 or xz magic at the start of the file."""
-    with open(path, "rb") as handle:
-        magic = handle.read(3)
-    return magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z"
-
-
-def iter_stream_members(handle: BinaryIO, compressed: bool) -> Iterator[tuple[str, bytes]]:
-    """Regular members of an open tar stream, in order (`compressed`: read through tarfile)."""
-    yield from _tarfile_members(handle) if compressed else _plain_members(handle)
+        yield from _plain_members(decompressed)
+    except DECOMPRESSION_ERRORS as exc:
+        raise TarDamaged(f"the compressed stream is cut or corrupt ({type(exc).__name__}: {exc})") from exc
 
 
 def iter_members(path: Path) -> Iterator[tuple[str, bytes]]:
     """Regular members of the tar at `path`, in stream order."""
-    compressed = is_compressed(path)
     with open(path, "rb", buffering=1 << 20) as handle:
-        yield from iter_stream_members(handle, compressed)
+        yield from iter_stream_members(handle)

@@ -82,7 +82,36 @@ def shard_lists(cfg: WebDatasetConfig) -> dict[str, list[tuple[str, ShardLocatio
         if not named and split in REQUIRED_SPLITS:
             raise DataSourceError(f"data.webdataset.{split}: no shards; list the {split} split's shard URLs")
         lists[split] = [(name, location) for name, (_, location) in named.items()]
+    _refuse_shared_shards({split: [_stored_url(location) for _, location in shards] for split, shards in lists.items()},
+                          "listed")
     return lists
+
+
+EVALUATION_SPLITS = ("test", "holdout")  # a shard of these in another split leaks what they measure
+
+
+def _refuse_shared_shards(by_split: dict[str, list[str]], how: str) -> None:
+    """A test or holdout shard (its URL, or its sha256 once read) that is also in another split is refused:
+    the model would train (or be tuned) on the images it is measured with."""
+    for split in EVALUATION_SPLITS:
+        for other, values in by_split.items():
+            shared = sorted(set(by_split.get(split, [])) & set(values)) if other != split else []
+            if shared:
+                raise DataSourceError(f"data.webdataset: {len(shared)} shard(s) {how} in both {split} and {other} "
+                                      f"({shared[0]}{', ...' if len(shared) > 1 else ''}); the {split} split must "
+                                      "hold images no other split has")
+
+
+def _refuse_empty_classes(per_class: list[int]) -> None:
+    """Without `classes`, the classes are 0..the largest label: one with no labeled image is a stray or a
+    1-based label, not a class to learn."""
+    empty = [str(i) for i, count in enumerate(per_class) if count == 0]
+    if empty:
+        raise DataSourceError(f"data.webdataset: the labels found run 0..{len(per_class) - 1}, and class(es) "
+                              f"{', '.join(empty[:8])}{', ...' if len(empty) > 8 else ''} have no labeled image; "
+                              "labels are class indices 0..N-1 (1-based labels, or one stray label, make empty "
+                              "classes): relabel, or name the classes in data.webdataset.classes (then a class "
+                              "may have no labeled image)")
 
 
 def read_classes(cfg: WebDatasetConfig) -> list[str] | None:
@@ -106,7 +135,7 @@ def read_classes(cfg: WebDatasetConfig) -> list[str] | None:
     if len(names) < 2 or repeated:
         raise DataSourceError(f"{where}: need at least 2 distinct class names"
                               + (f"; repeated: {repeated}" if repeated else f", got {names}"))
-    clashes = [(n, i) for i, n in enumerate(names) if n.isdigit() and int(n) != i and int(n) < len(names)]
+    clashes = [(n, i) for i, n in enumerate(names) if n.isdecimal() and int(n) != i and int(n) < len(names)]
     if clashes:
         name, position = clashes[0]
         raise DataSourceError(f"{where}: the class name '{name}' (position {position}) is also the class index "
@@ -207,10 +236,13 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
             raise DataSourceError(f"data.webdataset.{split}: no samples in its {len(records[split])} shard(s) "
                                   f"({', '.join(r['name'] for r in records[split][:3])}); the {split} split "
                                   f"{'is optional: leave it out' if split == 'holdout' else 'needs images'}")
+    _refuse_shared_shards({split: [r["sha256"] for r in records[split] if r["count"]] for split in records},
+                          "with the same bytes (sha256)")
     if classes is None:
         top = max((max(v) for v in labels.values() if v), default=0)
         if top < 1:
             raise DataSourceError("data.webdataset: the labeled splits hold a single class (0); need at least 2")
+        _refuse_empty_classes(np.bincount(labels["labeled"], minlength=top + 1).tolist())
         classes = [str(i) for i in range(top + 1)]
     if not any(r["count"] for r in records["unlabeled"]):
         raise DataSourceError(f"data.webdataset.unlabeled: no usable sample in {len(records['unlabeled'])} shard(s) "
