@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pipeline.core.allocator import keep_freed_memory
 
@@ -47,14 +48,27 @@ def _version() -> str:
         return "(not installed)"
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least` (argparse names the flag when it is not)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
+
+
 def _add_split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
-    parser.add_argument("--labels-per-class", type=int, default=100, help="human labels per class (default 100)")
-    parser.add_argument("--holdout-per-class", type=int, default=0,
+    parser.add_argument("--labels-per-class", type=_at_least(1), default=100, help="human labels per class (default 100)")
+    parser.add_argument("--holdout-per-class", type=_at_least(0), default=0,
                         help="of those labels, how many per class go to holdout/ for tuning (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw (default 0)")
-    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
-    parser.add_argument("--max-unlabeled", type=int, default=None,
+    parser.add_argument("--seed", type=_at_least(0), default=0, help="seed of the labeled draw (default 0)")
+    parser.add_argument("--shard-size", type=_at_least(1), default=5000, help="samples per shard (default 5000)")
+    parser.add_argument("--max-unlabeled", type=_at_least(0), default=None,
                         help="keep only this many (seeded) images of the unlabeled pool (default: all)")
     parser.add_argument("--classes", default=None, metavar="NAME,...",
                         help="keep only these classes (names or indices), renumbered 0..k-1 in this order")
@@ -126,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                          help="image files (any format Pillow reads), or folders searched recursively for "
                               ".png/.jpg/.jpeg/.webp/.bmp (dot-files skipped)")
-    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    predict.add_argument("--top-k", type=_at_least(1), default=3, help="classes per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    predict.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all)")
 
     augment = sub.add_parser("augment", help="augmentation tools")
     aug_sub = augment.add_subparsers(dest="action", required=True)
@@ -137,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--data", required=True,
                          help="an imported data directory, one of its split folders, or a shard .tar / .tar.gz")
     preview.add_argument("--out", required=True, help="output PNG (replaces only a grid preview wrote)")
-    preview.add_argument("--images", type=int, default=8, help="rows (default 8)")
-    preview.add_argument("--draws", type=int, default=8, help="augmented columns per image (default 8)")
-    preview.add_argument("--size", type=int, default=64, help="output size of the policy (default 64)")
-    preview.add_argument("--seed", type=int, default=0, help="seed of the augmented draws (default 0)")
+    preview.add_argument("--images", type=_at_least(1), default=8, help="rows (default 8)")
+    preview.add_argument("--draws", type=_at_least(1), default=8, help="augmented columns per image (default 8)")
+    preview.add_argument("--size", type=_at_least(1), default=64, help="output size of the policy (default 64)")
+    preview.add_argument("--seed", type=_at_least(0), default=0, help="seed of the augmented draws (default 0)")
     return parser
 
 

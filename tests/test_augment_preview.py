@@ -61,3 +61,17 @@ def test_albumentations_adapters() -> None:
     first = A.Compose([PolicyTransform("s4-n2-m10", size=32)], seed=3)(image=image)["image"]
     second = A.Compose([PolicyTransform("s4-n2-m10", size=32)], seed=3)(image=image)["image"]
     assert first.shape == (32, 32, 3) and np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--size", "0"], "argument --size: must be >= 1, got 0"),
+    (["--draws", "-1"], "argument --draws: must be >= 1, got -1"),
+    (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
+    (["--images", "0"], "argument --images: must be >= 1, got 0"),  # rendered the whole split before
+])
+def test_preview_numbers_out_of_range_name_the_flag(tmp_path, capsys, flag, message):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["augment", "preview", "--policy", "s4", "--data", str(tmp_path), "--out", str(tmp_path / "g.png"), *flag])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -223,3 +223,16 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes("seed: 0\n# café\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=rf"{path}: not UTF-8 text \(byte 0xe9 at offset 13\)"):
         load_config(path)
+
+
+def test_a_negative_seed_is_refused_with_its_key(tmp_path):
+    """It crashed the first training stage in numpy's seeding, naming no key."""
+    for text, key in (("seed: -1\n", "seed"), ("data:\n  seed: -2\n", "data.seed"), ("select:\n  seed: -3\n", "select.seed")):
+        with pytest.raises(ConfigError, match=rf"{key}: -\d is out of range; it must be >= 0"):
+            load_config(write(tmp_path, text))
+    from pipeline.config.schema import from_dict
+    from pipeline.experiments.compare_config import CompareConfig, check
+    for axes, message in (({"seeds": [0, -1]}, r"axes.seeds: \[0, -1\]: each must be >= 0"),
+                          ({"labels_per_class": [0, 20]}, r"axes.labels_per_class: \[0, 20\]: each must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            check(from_dict(CompareConfig, {"axes": axes}))

@@ -68,3 +68,22 @@ def test_an_init_naming_a_stage_the_config_leaves_out_is_refused_before_anything
     build_graph(config)  # the graph leaves the need out (it raised a bare ValueError before preflight could speak)
     with pytest.raises(ModelError, match=message):
         check_models(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.model.arch=densenet121", r"student.model.drop_path_rate is 0.1, and densenet121 has no stochastic "
+                                       r"depth; set student.model.drop_path_rate=0"),
+    ("distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32, drop_path_rate: 0.1}]",
+     r"distill.students\[0\].drop_path_rate is 0.1, and shufflenet_v2_x0_5 has no stochastic depth"),
+    ("distill={students: [{arch: test_resnet, input_size: 64}], "
+     "mutual: {weight: 1.0, peer: {arch: vgg11, input_size: 64, drop_path_rate: 0.2}}}",
+     r"distill.mutual.peer.drop_path_rate is 0.2, and vgg11 has no stochastic depth"),
+])
+def test_stochastic_depth_on_a_model_without_it_is_refused_before_the_teacher_trains(override, message):
+    """The student's default drop_path_rate (0.1) stopped `student_r1` after the teacher and pseudo-labels."""
+    from pipeline.stages.preflight import check_models
+    from teachers.models import ModelError
+    config = load_config(None, [override, "student.rounds=1"])
+    with pytest.raises(ModelError, match=message):
+        check_models(config)
+    check_models(load_config(None, ["student.model.arch=densenet121", "student.model.drop_path_rate=0"]))

@@ -55,7 +55,7 @@ class DataConfig:
     path: str | None = None
     labels_per_class: int = field(default=100, metadata=bounds(ge=1))
     holdout_per_class: int = field(default=0, metadata=bounds(ge=0))
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
     shard_size: int = field(default=5000, metadata=bounds(ge=1))
     # keep only this many (seeded) images of the unlabeled pool; null = all of it
     max_unlabeled: int | None = field(default=None, metadata=bounds(ge=1))
@@ -175,7 +175,7 @@ class SelectConfig:
     label_smoothing: float = field(default=0.0, metadata=bounds(ge=0, lt=1))  # for hard labels
     # fit temperature scaling on the holdout split (needs data.holdout_per_class > 0)
     calibrate: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
 
 
 def _distill_train() -> TrainConfig:
@@ -333,7 +333,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
     data: DataConfig = field(default_factory=DataConfig)
     teacher: StageConfig = field(default_factory=StageConfig)
     pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)

@@ -76,6 +76,9 @@ def check(config: CompareConfig) -> None:
             raise ConfigError(f"axes.{name}: empty; give at least one value")
         if len(set(values)) != len(values):
             raise ConfigError(f"axes.{name}: {list(values)} repeats a value")
+    for name, values, least in (("seeds", config.axes.seeds, 0), ("labels_per_class", config.axes.labels_per_class, 1)):
+        if any(value < least for value in values):
+            raise ConfigError(f"axes.{name}: {list(values)}: each must be >= {least}")
     for init in config.axes.init:
         if init != RANDOM and init not in config.sources:
             raise ConfigError(f"axes.init: {init!r} is neither 'random' nor a name under sources "

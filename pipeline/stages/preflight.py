@@ -30,6 +30,23 @@ FASHION_MNIST_IMAGES = 70_000
 def _check_model(model: ModelConfig, where: str) -> None:
     check_arch(model.arch)
     check_init_exists(model.init, model.arch, where)
+    if model.drop_rate > 0 or model.drop_path_rate > 0:
+        _check_drop_options(model, where)
+
+
+def _check_drop_options(model: ModelConfig, where: str) -> None:
+    """Architectures without stochastic depth (densenet, vgg, ShuffleNet, ...) refuse a drop_path_rate: found
+    here, by building the model on the meta device (no memory, milliseconds), not when its stage starts."""
+    try:
+        with torch.device("meta"):
+            create_model(model.arch, 2, 1, model.drop_rate, model.drop_path_rate)
+    except ModelError as error:
+        if model.drop_path_rate > 0:
+            raise ModelError(f"{where}.drop_path_rate is {model.drop_path_rate:g}, and {model.arch} has no "
+                             f"stochastic depth; set {where}.drop_path_rate=0") from None
+        raise ModelError(f"{where} ({model.arch}, drop_rate {model.drop_rate:g}): {error}") from None
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is built by its stage
+        pass
 
 
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
@@ -63,6 +80,8 @@ def check_models(config: Config) -> None:
                              'directory, a weights file or "timm:NAME"')
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
+    if config.distill.students and config.distill.mutual.weight > 0 and config.distill.mutual.peer is not None:
+        _check_model(config.distill.mutual.peer, "distill.mutual.peer")
     if config.distill.teacher:
         _check_checkpoint_dir(config.distill.teacher, "distill.teacher")
 
