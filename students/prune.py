@@ -54,7 +54,8 @@ class PruneReport:
     params_before: int
     params_after: int
     steps: int
-    per_step: list[dict] = field(default_factory=list)  # {"step", "macs", "params", "channel_ratio"}
+    # {"step", "macs", "params", "channel_ratio" (the schedule's), "conv_channels_kept" (after rounding)}
+    per_step: list[dict] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float:
@@ -95,9 +96,20 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]
     return int(macs), int(params)
 
 
+class _KeepRoundedUpPruner(tp.pruner.BasePruner):
+    """torch-pruning's `round_to` rounds the kept width *down* to a multiple: a layer of 16 asked to lose one
+    channel loses 8, so a MACs target of 0.9 ended at 0.80 for MobileNetV3-small and every layer was no longer
+    pruned to the schedule's ratio. Here the kept width is rounded *up*: a layer loses its 8 channels once the
+    schedule asks for them (0.88 for that target; README "Pruning")."""
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        kept = min(math.ceil((current_channels - n_pruned) / round_to) * round_to, current_channels)
+        return max(current_channels - kept, 0)
+
+
 def _part_pruner(part: PrunePart, entries: int, granularity: float, max_channel_ratio: float,
                  round_to: int | None) -> tp.pruner.BasePruner:
-    return tp.pruner.BasePruner(
+    return _KeepRoundedUpPruner(
         part.module, part.example_input.to(_device_of(part.module)), importance=l1_importance(),
         global_pruning=False, pruning_ratio=entries * granularity, iterative_steps=entries,
         max_pruning_ratio=max_channel_ratio, ignored_layers=part.ignored, round_to=round_to)
@@ -144,6 +156,11 @@ def _next_entry(pruner: tp.pruner.BasePruner, macs: int, target: float) -> int:
     return min(max(entry, pruner.current_step + 1), pruner.iterative_steps)
 
 
+def _conv_channels(model: nn.Module) -> int:
+    """Output channels of every convolution: what `channel_ratio` (the schedule, before rounding) removes."""
+    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
 def _prune_until(pruners: list[tp.pruner.BasePruner], model: nn.Module, example_input: torch.Tensor,
                  target: float) -> tuple[int, int]:
     """Advance the pruners' shared schedule until MACs <= target; returns (MACs, params)."""
@@ -152,8 +169,8 @@ def _prune_until(pruners: list[tp.pruner.BasePruner], model: nn.Module, example_
     while macs > target:
         if lead.current_step >= lead.iterative_steps:
             ratio = lead.per_step_pruning_ratio[lead.current_step]
-            raise PruneError(f"cannot reach {target:.0f} MACs: {macs} left at channel ratio {ratio:.3f} "
-                             "(max_channel_ratio); lower the target or raise max_channel_ratio")
+            raise PruneError(f"cannot reach {target:.0f} MACs: {macs} are left with every prunable layer at "
+                             f"{ratio:.0%} of its channels removed (the most pruning takes); raise the MACs target")
         entry = _next_entry(lead, macs, target)
         for pruner in pruners:
             pruner.current_step = entry - 1  # step() advances by one, then prunes
@@ -179,6 +196,7 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_ratio: f
     head_attrs = _head_width_attrs(model)
     model.eval()
     try:
+        channels0 = _conv_channels(model)
         with _one_thread():
             macs0, params0 = count_macs(model, example_input)
             pruners = build_pruners(model, example_input, granularity, max_channel_ratio, round_to)
@@ -191,7 +209,8 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_ratio: f
                 fine_tune(model, step)
                 model.eval()
             report.per_step.append({"step": step, "macs": macs, "params": params,
-                                    "channel_ratio": pruners[0].per_step_pruning_ratio[pruners[0].current_step]})
+                                    "channel_ratio": pruners[0].per_step_pruning_ratio[pruners[0].current_step],
+                                    "conv_channels_kept": _conv_channels(model) / channels0})
             report.macs_after, report.params_after = macs, params
     finally:
         model.train(was_training)

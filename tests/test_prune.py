@@ -140,6 +140,16 @@ def test_missing_or_malformed_structure_is_named(pruned_mnv3, tmp_path):
         load_pruned(tmp_path)
 
 
+def test_a_target_near_one_is_not_overshot_by_rounding():
+    """torch-pruning rounds a kept width down to the multiple: a stem of 16 asked to lose one channel lost 8,
+    and a MACs target of 0.9 ended at 0.80 for MobileNetV3-small; kept widths now round up."""
+    model = create_model("mobilenetv3_small_100", 10, 1).eval()
+    report = prune_to_macs(model, torch.zeros(1, 1, 64, 64), target_ratio=0.9, steps=2, round_to=8)
+    assert 0.85 <= report.macs_ratio <= 0.9
+    assert model.conv_stem.out_channels == 16  # 16 x 0.9 kept rounds up to 16, not down to 8
+    assert all(step["conv_channels_kept"] > 0.85 for step in report.per_step)
+
+
 def test_l1_filter_ranking_by_hand():
     conv = nn.Conv2d(2, 3, kernel_size=1, bias=True)
     with torch.no_grad():
@@ -194,7 +204,7 @@ def test_pruner_removes_the_smallest_l1_filters_and_keeps_the_classifier():
 
 def test_unreachable_target_is_refused():
     model = Tiny().eval()
-    with pytest.raises(PruneError, match="cannot reach"):
+    with pytest.raises(PruneError, match="cannot reach .* raise the MACs target"):
         prune_to_macs(model, torch.randn(1, 1, 8, 8), target_ratio=0.05, steps=1, max_channel_ratio=0.5)
     with pytest.raises(PruneError, match="target_ratio"):
         prune_to_macs(model, torch.randn(1, 1, 8, 8), target_ratio=1.5, steps=1)

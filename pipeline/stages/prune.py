@@ -23,7 +23,7 @@ from pipeline.engine.training import finish, setup_training, swap_in_ema, traini
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.distill import prepare_kd, student_stage_config, teacher_comparison, teacher_inputs
 from students.latency import interleaved_torch_latency
-from students.prune import prune_to_macs, save_pruned
+from students.prune import PruneError, prune_to_macs, save_pruned
 from teachers.checkpoint import checkpoint_hash
 
 
@@ -83,7 +83,10 @@ def run(ctx: StageContext, this: Stage) -> dict:
 
     setup.accelerator.print(f"[{name}] pruning {this.spec.arch} from {this.source} to {cfg.target_macs:.0%} of its "
                             f"MACs in {cfg.steps} steps, {cfg.fine_tune_steps} KD steps after each")
-    report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
+    try:
+        report = prune_to_macs(setup.model, example, cfg.target_macs, cfg.steps, fine_tune, round_to=cfg.round_to)
+    except PruneError as error:
+        raise PruneError(f"distill.prune.target_macs {cfg.target_macs:g} ({this.spec.arch}): {error}") from error
     pruning.update(cfg.steps)
     unpruned, _ = load_model(run_dir.checkpoint_dir(this.source), ctx.data().num_classes)
     speed = interleaved_torch_latency({"before": unpruned, "after": setup.model}, (chans, size, size), batch=64,
