@@ -87,3 +87,21 @@ def test_stochastic_depth_on_a_model_without_it_is_refused_before_the_teacher_tr
     with pytest.raises(ModelError, match=message):
         check_models(config)
     check_models(load_config(None, ["student.model.arch=densenet121", "student.model.drop_path_rate=0"]))
+
+
+def test_export_names_a_given_distill_teacher_apart_from_the_runs_own_teacher(tmp_path):
+    """`distill.teacher` DIR was exported and tabled as `teacher`, the name of the run's own teacher stage."""
+    from pipeline.core.rundir import RunDir
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.export import exported_models
+
+    config = load_config(None, [f"distill.teacher={tmp_path / 'given'}", "student.rounds=1",
+                                "distill.students=[{arch: test_resnet, input_size: 16}]"])
+    graph = build_graph(config)
+    ctx = StageContext(config, RunDir(tmp_path / "run"), None, graph)  # type: ignore[arg-type]
+    names = [name for name, _ in exported_models(ctx, graph.get("export"))]
+    assert names[0] == "distill_teacher" and "teacher" not in names
+    assert exported_models(ctx, graph.get("export"))[0][1] == tmp_path / "given"
+    own = load_config(None, ["student.rounds=1", "distill.students=[{arch: test_resnet, input_size: 16}]"])
+    assert exported_models(StageContext(own, RunDir(tmp_path / "run"), None, build_graph(own)),  # type: ignore[arg-type]
+                           build_graph(own).get("export"))[0][0] == "student_r1"

@@ -38,11 +38,14 @@ from students.quantize import quantize_checked, setup_for_this_cpu
 from teachers.checkpoint import META, checkpoint_hash
 
 
+EXTERNAL_TEACHER = "distill_teacher"  # `distill.teacher`'s row and file: not "teacher", the run's own stage
+
+
 def exported_models(ctx: StageContext, this: Stage) -> list[tuple[str, Path]]:
     """(stage name, checkpoint dir): the teacher first, then every model stage this stage needs."""
     teacher = ctx.teacher_dir(this)
-    return [(this.teacher or "teacher", teacher)] + [(n, ctx.run.checkpoint_dir(n)) for n in this.needs
-                                                      if ctx.graph.get(n).kind in ("distill", "prune")]
+    return [(this.teacher or EXTERNAL_TEACHER, teacher)] + [(n, ctx.run.checkpoint_dir(n)) for n in this.needs
+                                                            if ctx.graph.get(n).kind in ("distill", "prune")]
 
 
 def spread_subset(images: ImageSet, count: int, skip: int = 0) -> ImageSet:
