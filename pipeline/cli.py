@@ -63,12 +63,12 @@ def _at_least(least: int) -> Callable[[str], int]:
 
 def _add_split_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory for shards + manifest.json")
-    parser.add_argument("--labels-per-class", type=_at_least(1), default=100, help="human labels per class (default 100)")
-    parser.add_argument("--holdout-per-class", type=_at_least(0), default=0,
+    parser.add_argument("--labels-per-class", type=int, default=100, help="human labels per class (default 100)")
+    parser.add_argument("--holdout-per-class", type=int, default=0,
                         help="of those labels, how many per class go to holdout/ for tuning (default 0)")
-    parser.add_argument("--seed", type=_at_least(0), default=0, help="seed of the labeled draw (default 0)")
-    parser.add_argument("--shard-size", type=_at_least(1), default=5000, help="samples per shard (default 5000)")
-    parser.add_argument("--max-unlabeled", type=_at_least(0), default=None,
+    parser.add_argument("--seed", type=int, default=0, help="seed of the labeled draw (default 0)")
+    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    parser.add_argument("--max-unlabeled", type=int, default=None,
                         help="keep only this many (seeded) images of the unlabeled pool (default: all)")
     parser.add_argument("--classes", default=None, metavar="NAME,...",
                         help="keep only these classes (names or indices), renumbered 0..k-1 in this order")
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                          help="image files (any format Pillow reads), or folders searched recursively for "
                               ".png/.jpg/.jpeg/.webp/.bmp (dot-files skipped)")
-    predict.add_argument("--top-k", type=_at_least(1), default=3, help="classes per image (default 3)")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
-    predict.add_argument("--threads", type=_at_least(1), default=None, help="CPU threads (default: all)")
+    predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
 
     augment = sub.add_parser("augment", help="augmentation tools")
     aug_sub = augment.add_subparsers(dest="action", required=True)
@@ -240,15 +240,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     files = image_files(args.images)
     if not files:
         raise PredictError(f"no image files in {' '.join(args.images)}")
-    results, errors = predict_files(predictor, files, min(args.top_k, len(predictor.meta.class_names)))
-    for result in results:
+    if hasattr(sys.stdout, "reconfigure"):  # a file name's non-UTF-8 bytes are written back as they were
+        sys.stdout.reconfigure(errors="surrogateescape")
+    failed = 0
+    for result in predict_files(predictor, files, min(args.top_k, len(predictor.meta.class_names))):
+        if "error" in result:
+            failed += 1
+            print(f"selftrain: error: {result['image']}: {result['error']}", file=sys.stderr)
         if args.json:
-            print(json.dumps(result))
-        else:
-            print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]))
-    for error in errors:
-        print(f"selftrain: error: {error}", file=sys.stderr)
-    return 2 if errors else 0
+            print(json.dumps(result), flush=True)
+        elif "top" in result:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"]),
+                  flush=True)
+    return 2 if failed else 0
 
 
 def torch_threads(threads: int) -> None:
@@ -287,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selftrain: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("selftrain: interrupted; rerun the same command to resume", file=sys.stderr)
+        resumable = args.command in ("run", "compare")
+        print("selftrain: interrupted" + ("; rerun the same command to resume" if resumable else ""), file=sys.stderr)
         return 130
     return code or 0
 

@@ -106,6 +106,7 @@ def test_empty_config_file_is_refused(tmp_path, capsys):
     ("--max-unlabeled", "0", "max_unlabeled (--max-unlabeled / data.max_unlabeled) must be at least 1"),
     ("--max-unlabeled", "-5", "max_unlabeled (--max-unlabeled / data.max_unlabeled) must be at least 1"),
     ("--labels-per-class", "0", "labels_per_class (--labels-per-class / data.labels_per_class) must be at least 1"),
+    ("--seed", "-1", "seed (--seed / data.seed) must be at least 0"),  # a numpy traceback before
 ])
 def test_bad_import_numbers_are_named(tiny_fashion_dir, tmp_path, capsys, flag, value, message):
     err = error_of(["data", "fashion-mnist", "--out", str(tmp_path / "out"), "--source", str(tiny_fashion_dir),
@@ -130,8 +131,9 @@ def test_unreadable_image_is_named_and_the_others_are_predicted(checkpoint, imag
     assert main(["predict", str(checkpoint), str(broken), str(empty), str(image), "--json"]) == 2
     captured = capsys.readouterr()
     assert f"{broken}: not a readable image" in captured.err and f"{empty}: not a readable image" in captured.err
-    lines = [json.loads(line) for line in captured.out.splitlines()]
-    assert [line["image"] for line in lines] == [str(image)] and len(lines[0]["top"]) == 3
+    lines = [json.loads(line) for line in captured.out.splitlines()]  # one object per image, failures included
+    assert [line["image"] for line in lines] == [str(broken), str(empty), str(image)] and len(lines[2]["top"]) == 3
+    assert lines[0]["error"].startswith("not a readable image") and "top" not in lines[0]
 
 
 def test_duplicate_unlabeled_keys_are_skipped_counted_and_named(tiny_teacher_run, tiny_data, tmp_path):

@@ -228,7 +228,9 @@ def test_predict_says_a_missing_image_does_not_exist_and_predicts_the_others(sta
     assert main(["predict", str(stage_dir / "checkpoint"), str(missing), str(image), "--json"]) == 2
     captured = capsys.readouterr()
     assert f"{missing}: image does not exist" in captured.err and "FileNotFoundError" not in captured.err
-    assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(image)]
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert [line["image"] for line in lines] == [str(missing), str(image)]
+    assert lines[0] == {"image": str(missing), "error": "image does not exist"}
 
 
 def tiny_onnx(path: Path, meta_json: str, op: str = "Identity") -> Path:
@@ -259,3 +261,35 @@ def test_predict_names_damaged_onnx_metadata_and_a_model_onnxruntime_cannot_load
     unknown_op = tiny_onnx(tmp_path / "unknown_op.onnx", meta, op="NoSuchOperator")
     assert f"{unknown_op}: onnxruntime cannot load this ONNX model" in refused(
         ["predict", str(unknown_op), str(image)], capsys)
+
+
+def test_predict_refuses_an_onnx_graph_its_metadata_does_not_describe(tmp_path, capsys):
+    """Metadata copied onto another model: an onnxruntime traceback on the first batch, or class names on
+    logits they do not belong to."""
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+
+    def meta(input_size: int, classes: int) -> str:
+        return json.dumps({"arch": "x", "num_classes": classes, "in_chans": 1, "input_size": input_size,
+                           "mean": [0.5], "std": [0.5], "class_names": [str(i) for i in range(classes)],
+                           "config_hash": "0"})
+    other_size = tiny_onnx(tmp_path / "size.onnx", meta(32, 16))  # the graph takes 1 x 1 x 16 x 16
+    assert (f"{other_size}: the graph takes one input of shape [1, 1, 16, 16], and its 'selftrain_meta' metadata "
+            "describes N x 1 x 32 x 32 images") in refused(["predict", str(other_size), str(image)], capsys)
+    other_width = tiny_onnx(tmp_path / "width.onnx", meta(16, 10))  # the graph gives 16 values a row
+    assert f"{other_width}: the graph gives 16 logits, and its 'selftrain_meta' metadata names 10 classes" in refused(
+        ["predict", str(other_width), str(image)], capsys)
+
+
+def test_predict_prints_a_file_name_that_is_not_utf8(stage_dir, tmp_path, capsysbinary):
+    """A name's undecodable bytes crashed the text output under a strict UTF-8 stdout."""
+    import os
+    import subprocess
+    import sys
+
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / name)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", str(stage_dir / "checkpoint"),
+                             str(tmp_path)], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.startswith(os.fsencode(tmp_path / name) + b": ")

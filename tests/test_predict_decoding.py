@@ -81,3 +81,43 @@ def test_a_png_larger_than_pillow_allows_is_refused_as_pillow_refuses_it(monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)  # 2,000 pixels > twice the limit
     with pytest.raises(Image.DecompressionBombError):
         decode_bytes(data, "L")
+
+
+def test_linked_folders_are_followed_once(tmp_path):
+    """rglob skipped a linked sub-folder silently; a link back up the tree must not loop."""
+    from pipeline.engine.serving import image_files
+
+    (tmp_path / "shared" / "cats").mkdir(parents=True)
+    (tmp_path / "shared" / "cats" / "c.png").write_bytes(b"x")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "t.png").write_bytes(b"x")
+    (tmp_path / "tree" / "cats").symlink_to(tmp_path / "shared" / "cats")
+    (tmp_path / "tree" / "up").symlink_to(tmp_path / "tree")
+    assert image_files([str(tmp_path / "tree")]) == [tmp_path / "tree" / "cats" / "c.png", tmp_path / "tree" / "t.png"]
+
+
+def test_damaged_headers_float_pixels_and_bombs_are_refused_as_pillow_refuses_them(monkeypatch):
+    """A BMP whose header claims 2,000,000 rows raised OpenCV's own error past every handler; 32-bit float
+    pixels came out black; a JPEG past Pillow's pixel limit was decoded by OpenCV (PNG alone was checked)."""
+    import struct
+
+    import cv2
+
+    from pipeline.data.shards import decode_bytes
+
+    image = Image.fromarray(np.arange(784, dtype=np.uint8).reshape(28, 28))
+    bmp = io.BytesIO()
+    image.save(bmp, format="BMP")
+    damaged = bytearray(bmp.getvalue())
+    damaged[22:26] = struct.pack("<i", 2_000_000)
+    with pytest.raises(Exception) as raised:
+        decode_bytes(bytes(damaged), "L")
+    assert not isinstance(raised.value, cv2.error)
+    floats = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32), "F").save(floats, format="TIFF")
+    with pytest.raises(ValueError, match=r"32-bit float pixels \(mode F\)"):
+        decode_bytes(floats.getvalue(), "L")
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((40, 40), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # 1,600 pixels: past twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        decode_bytes(jpeg.tobytes(), "L")

@@ -105,6 +105,7 @@ def import_params(kind: str, per_class: int, holdout: int, seed: int, shard_size
     for the command line and the config alike."""
     checks = [("labels_per_class", per_class, per_class >= 1, "at least 1"),
               ("holdout_per_class", holdout, holdout >= 0, "at least 0"),
+              ("seed", seed, seed >= 0, "at least 0"),
               ("shard_size", shard_size, shard_size >= 1, "at least 1"),
               ("max_unlabeled", max_unlabeled, max_unlabeled is None or max_unlabeled >= 1,
                "at least 1 (an empty unlabeled pool leaves nothing to self-train on)"),

@@ -154,9 +154,14 @@ def _decode_fast(data: bytes, mode: str) -> np.ndarray | None:
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
         if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
             return None  # PIL refuses it as a decompression bomb, as the folder import does
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # a damaged BMP/TIFF header past OpenCV's limits: PIL's path names what is wrong
+        return None
     if array is None or array.dtype != np.uint8:
         return None
+    if Image.MAX_IMAGE_PIXELS and array.shape[0] * array.shape[1] > 2 * Image.MAX_IMAGE_PIXELS:
+        return None  # any format: PIL refuses it as a decompression bomb, as the folder import does
     if array.ndim == 2 and mode == "L":
         return array
     if array.ndim == 3 and array.shape[2] == 3 and mode == "RGB":
@@ -222,6 +227,9 @@ ALPHA_BACKGROUND = (0, 0, 0)  # transparent pixels become black, the background 
 def to_8bit_opaque(image: Image.Image) -> Image.Image:
     """16-bit grayscale scaled to 8 bits (value / 257; PIL's convert would clip it to white), and an
     image with transparency composited over ALPHA_BACKGROUND (its hidden RGB must not show through)."""
+    if image.mode == "F":
+        raise ValueError("32-bit float pixels (mode F): their range (0..1 or 0..255) is not in the file; "
+                         "save the image with 8- or 16-bit integer pixels")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         wide = np.asarray(image, dtype=np.int64)
         return Image.fromarray(((np.clip(wide, 0, 65535) + 128) // 257).astype(np.uint8), "L")

@@ -8,13 +8,13 @@ An ONNX file written by the export stage carries the checkpoint's meta.json in i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from augment import build_eval_transform
 from pipeline.data.shards import decode_bytes
@@ -83,6 +83,24 @@ def _ort_load_errors() -> tuple[type[Exception], ...]:
     return (RuntimeError, ValueError) + tuple(getattr(ort_state, n) for n in names if hasattr(ort_state, n))
 
 
+def _check_onnx_shapes(session: object, meta: CheckpointMeta, path: Path) -> None:
+    """The graph takes what its metadata says the images become (N x channels x size x size) and gives one
+    logit per class name: a file whose metadata was copied from another model would fail on the first batch
+    or label its outputs with the wrong names."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()  # type: ignore[attr-defined]
+    expected = {1: meta.in_chans, 2: meta.input_size, 3: meta.input_size}
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    wrong = len(shape) != 4 or any(isinstance(shape[i], int) and shape[i] != size for i, size in expected.items())
+    if wrong:
+        takes = f"one input of shape {shape}" if shape else f"{len(inputs)} inputs"
+        raise PredictError(f"{path}: the graph takes {takes}, and its '{ONNX_META_KEY}' metadata describes N x {meta.in_chans} x "
+                           f"{meta.input_size} x {meta.input_size} images; export the model again")
+    width = list(outputs[0].shape)[-1] if outputs and outputs[0].shape else None
+    if isinstance(width, int) and width != len(meta.class_names):
+        raise PredictError(f"{path}: the graph gives {width} logits, and its '{ONNX_META_KEY}' metadata names "
+                           f"{len(meta.class_names)} classes; export the model again")
+
+
 def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
     path = Path(path)
     if path.suffix.lower() == ".onnx" and path.is_file():
@@ -97,6 +115,7 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
         except _ort_load_errors() as exc:
             raise PredictError(f"{path}: onnxruntime cannot load this ONNX model ({type(exc).__name__}: {exc})") \
                 from None
+        _check_onnx_shapes(session, meta, path)
         name = session.get_inputs()[0].name
         return Predictor(meta, lambda x: session.run(None, {name: x})[0], str(path))
     if path.is_dir() and (path / META).exists():
@@ -117,42 +136,55 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
 
 
 def image_files(inputs: list[str]) -> list[Path]:
-    """Files as given, and every image under a given directory (sorted)."""
+    """Files as given, and every image under a given directory (sorted; linked folders followed once)."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            # a dangling link is listed, so it is named (image does not exist) rather than skipped silently
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                            and (p.is_file() or p.is_symlink() and not p.exists()) and not is_hidden(p, path))
-        else:
-            found.append(path)
+        found += _images_under(path) if path.is_dir() else [path]
     return found
 
 
-def predict_files(predictor: Predictor, files: list[Path], k: int,
-                  batch_size: int = 64) -> tuple[list[dict], list[str]]:
-    """Top-k for every readable image; an unreadable one becomes an error line and the rest go on."""
-    results, errors, pending = [], [], []
+def _images_under(root: Path) -> list[Path]:
+    found, seen = [], set()
+    for directory, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            folders.clear()
+            continue
+        seen.add(real)
+        folders.sort()
+        for name in names:
+            file = Path(directory) / name
+            # a dangling link is listed, so it is named (image does not exist) rather than skipped silently
+            if file.suffix.lower() in IMAGE_SUFFIXES and (file.is_file() or file.is_symlink() and not file.exists()) \
+                    and not is_hidden(file, root):
+                found.append(file)
+    return sorted(found)
 
-    def flush() -> None:
-        if pending:
-            tops = predictor.top_k(np.stack([x for _, x in pending]), k)
-            results.extend({"image": str(f), "top": [{"class": c, "probability": round(p, 6)} for c, p in top]}
-                           for (f, _), top in zip(pending, tops))
-            pending.clear()
+
+def predict_files(predictor: Predictor, files: list[Path], k: int, batch_size: int = 64) -> Iterator[dict]:
+    """{"image", "top"} for every readable image, each batch's as soon as it is done (a long run shows its
+    results as it goes, and an interruption keeps them), and {"image", "error"} for an unreadable one, which
+    does not stop the rest."""
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def finished() -> list[dict]:
+        tops = predictor.top_k(np.stack([x for _, x in pending]), k)
+        done = [{"image": str(f), "top": [{"class": c, "probability": round(p, 6)} for c, p in top]}
+                for (f, _), top in zip(pending, tops)]
+        pending.clear()
+        return done
 
     for path in files:
         try:
             pending.append((path, predictor.preprocess(path.read_bytes())))
         except FileNotFoundError:
-            errors.append(f"{path}: image does not exist")
+            yield {"image": str(path), "error": "image does not exist"}
             continue
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            errors.append(f"{path}: not a readable image ({type(exc).__name__}: {exc})")
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; each names this file, the rest go on
+            yield {"image": str(path), "error": f"not a readable image ({type(exc).__name__}: {exc})"}
             continue
         if len(pending) == batch_size:
-            flush()
-    flush()
-    return results, errors
-
+            yield from finished()
+    if pending:
+        yield from finished()
