@@ -348,3 +348,29 @@ def test_a_label_written_with_a_superscript_digit_is_named_not_a_traceback(shard
     config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000004.tar"),))
     with pytest.raises(ShardError, match=r"lab-000004.tar, key 'a': label '²' is not a class index"):
         import_webdataset(config, tmp_path / "d1", progress=False)
+
+
+def test_a_killed_scan_resumes_shard_by_shard(shard_dir, http_root, tmp_path, monkeypatch):
+    """DESIGN §7: a kill redoes at most the shard in flight; the data stage read every shard again."""
+    import pipeline.data.webdataset_source as source
+
+    config = wds_config(shard_dir, http_root)
+    whole = import_webdataset(config, tmp_path / "whole", progress=False)
+    scanned: list[str] = []
+    real = source.scan_unlabeled
+
+    def killed_at_the_second_pool_shard(name, location, cfg):
+        if len(scanned) == 1:
+            raise KeyboardInterrupt
+        scanned.append(name)
+        return real(name, location, cfg)
+    monkeypatch.setattr(source, "scan_unlabeled", killed_at_the_second_pool_shard)
+    with pytest.raises(KeyboardInterrupt):
+        import_webdataset(config, tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "scan.jsonl").exists() and not (tmp_path / "d" / "manifest.json").exists()
+    read_again: list[str] = []
+    monkeypatch.setattr(source, "scan_labeled", lambda *a: pytest.fail("a labeled shard was read again"))
+    monkeypatch.setattr(source, "scan_unlabeled", lambda name, *a: read_again.append(name) or real(name, *a))
+    assert import_webdataset(config, tmp_path / "d", progress=False) == whole
+    assert scanned == ["pool-000000.tar"] and read_again == ["pool-000001.tar", "pool-000002.tar"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".selftrain-owned.json", "manifest.json"]

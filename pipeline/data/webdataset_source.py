@@ -2,7 +2,8 @@
 
 Each split's URL list is expanded as `webdataset.WebDataset` expands it (braces, `WDS_` variables)
 and every shard is streamed once, through the same reader and sample grouping later stages use.
-`manifest.json` (the only file written) records per shard its URL, its name (the basename: what
+`manifest.json` (the only file kept; `scan.jsonl` lists the shards scanned so far while it runs, so
+a killed import resumes shard by shard) records per shard its URL, its name (the basename: what
 sidecars and plans are keyed by, so two shards of one split with one name are refused), its
 sample count, size and sha256 of the bytes streamed; then the classes, per-class counts and the
 image mode ("RGB" if any labeled image is in colour). Labeled splits are read strictly: a sample
@@ -27,6 +28,7 @@ from pipeline.core.atomic import write_json
 from pipeline.core.bars import progress_bar
 from pipeline.core.owned import claim
 from pipeline.data.importer import FORMAT, MANIFEST, RUN_BOOKKEEPING, existing_import
+from pipeline.data.scan_journal import SCAN_JOURNAL, ScanJournal
 from pipeline.data.shard_io import Fingerprint, ShardLocation, as_location, shard_basename
 from pipeline.data.shards import (ReadProblems, ShardError, class_index, decode_label, image_member, iter_shard,
                                   label_value)
@@ -178,20 +180,20 @@ def _record(name: str, location: ShardLocation, count: int, fingerprint: Fingerp
             "sha256": fingerprint.sha256}
 
 
-def scan_labeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, classes: list[str] | None,
-                 modes: set[str]) -> tuple[dict, list[int]]:
-    """A labeled shard's record and labels, read strictly; the image modes found are added to `modes`."""
+def scan_labeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, classes: list[str] | None) -> dict:
+    """A labeled shard, read strictly: {"record", "labels", "modes" (the image modes found)}."""
     fingerprint = Fingerprint()
-    labels = []
+    labels, modes = [], set()
     for sample in iter_shard(location, on_error="raise", fingerprint=fingerprint):
         modes.add(_decoded_mode(sample, image_member(sample, location, cfg.image_keys), location))
         labels.append(_label(sample, location, cfg, classes))
-    return _record(name, location, len(labels), fingerprint), labels
+    return {"record": _record(name, location, len(labels), fingerprint), "labels": labels, "modes": sorted(modes)}
 
 
-def scan_unlabeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, problems: ReadProblems) -> dict:
-    """An unlabeled shard's record; samples without one image member or under a repeated key are skipped,
-    counted in `problems` and not in the record's count."""
+def scan_unlabeled(name: str, location: ShardLocation, cfg: WebDatasetConfig) -> dict:
+    """An unlabeled shard: {"record", "skipped", "truncated"}; samples without one image member or under a
+    repeated key are skipped, listed and not in the record's count."""
+    problems = ReadProblems()
     fingerprint = Fingerprint()
     seen: set[str] = set()
     for sample in iter_shard(location, on_error="skip", problems=problems, fingerprint=fingerprint):
@@ -204,7 +206,8 @@ def scan_unlabeled(name: str, location: ShardLocation, cfg: WebDatasetConfig, pr
             problems.skipped.append({"shard": name, "key": key, "reason": str(exc)})
             continue
         seen.add(key)
-    return _record(name, location, len(seen), fingerprint)
+    return {"record": _record(name, location, len(seen), fingerprint), "skipped": problems.skipped,
+            "truncated": problems.truncated}
 
 
 def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dict:
@@ -215,22 +218,34 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
         return manifest
     lists = shard_lists(cfg)
     classes = read_classes(cfg)
+    journal = ScanJournal(out, params)  # what a killed scan finished, read before claim removes its file
+    claim(out, [SCAN_JOURNAL, MANIFEST], tolerated=RUN_BOOKKEEPING)
+    journal.start()
     records: dict[str, list[dict]] = {}
     labels: dict[str, list[int]] = {}
     modes: set[str] = set()
     problems = ReadProblems()
     total = sum(len(v) for v in lists.values())
+    reused = 0
     with progress_bar(total=total, desc="scan shards", unit="shard", disable=not progress) as bar:
         for split in SPLITS:
             records[split], labels[split] = [], []
             for name, location in lists[split]:
-                if split == "unlabeled":
-                    records[split].append(scan_unlabeled(name, location, cfg, problems))
-                else:
-                    record, found = scan_labeled(name, location, cfg, classes, modes)
-                    records[split].append(record)
-                    labels[split] += found
+                url = _stored_url(location)
+                scan = journal.scanned(split, url, location)
+                reused += scan is not None
+                if scan is None:
+                    scan = (scan_unlabeled(name, location, cfg) if split == "unlabeled"
+                            else scan_labeled(name, location, cfg, classes))
+                    journal.add(split, url, location, scan)
+                records[split].append(scan["record"])
+                labels[split] += scan.get("labels", [])
+                modes.update(scan.get("modes", []))
+                problems.skipped += scan.get("skipped", [])
+                problems.truncated += scan.get("truncated", [])
                 bar.update(1)
+    if reused:
+        print(f"data: {reused} of {total} shard(s) were scanned before the last run stopped; not read again")
     for split in ("labeled", "holdout", "test"):
         if records[split] and not any(r["count"] for r in records[split]):
             raise DataSourceError(f"data.webdataset.{split}: no samples in its {len(records[split])} shard(s) "
@@ -261,6 +276,6 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
     if problems.skipped or problems.truncated:
         print(f"data: unlabeled pool: {len(problems.skipped)} sample(s) skipped, {len(problems.truncated)} "
               f"shard(s) truncated (see unlabeled_problems in {out / MANIFEST})")
-    claim(out, [MANIFEST], tolerated=RUN_BOOKKEEPING)
     write_json(out / MANIFEST, manifest)
+    journal.finish()
     return manifest
