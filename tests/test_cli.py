@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.cli import main
@@ -118,3 +119,11 @@ def test_preview_of_a_raw_image_folder_says_to_import_it_elsewhere(tmp_path, cap
                  "--out", str(tmp_path / "grid.png")]) == 2
     err = capsys.readouterr().err
     assert "not an imported data directory" in err and "--out DIR" in err and f"--out {tmp_path}" not in err
+
+
+def test_a_folder_of_foreign_shards_given_as_an_import_points_to_webdataset(tmp_path):
+    from pipeline.data.imageset import DataDirError, open_data
+
+    (tmp_path / "pool-000000.tar").write_bytes(b"")
+    with pytest.raises(DataDirError, match="used in place with data.source: webdataset"):
+        open_data(tmp_path)

@@ -87,8 +87,11 @@ def open_data(root: str | Path) -> DataInfo:
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
+        tars = root.is_dir() and any(root.glob("*.tar*"))
         raise DataDirError(f"{root}: no {MANIFEST}, so not an imported data directory; import into a new directory "
-                           "first (`selftrain data fashion-mnist --out DIR` or `selftrain data folder SRC --out DIR`)")
+                           "first (`selftrain data fashion-mnist --out DIR` or `selftrain data folder SRC --out DIR`)"
+                           + ("; shards another tool wrote are used in place with data.source: webdataset and their "
+                              "URLs under data.webdataset" if tars else ""))
     return DataInfo(root, read_json(path))
 
 
