@@ -231,25 +231,47 @@ def test_disk_full_during_a_write_leaves_no_partial_file_and_names_enospc(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_saving_the_training_state_names_enospc(tmp_path):
-    """accelerate writes the model through safetensors, whose writer raises its own error, not OSError."""
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_disk_full_while_saving_the_training_state_names_enospc(tmp_path, monkeypatch, writer):
+    """accelerate writes the model through safetensors, whose writer raises its own error, and the optimizer
+    through torch.save, which raises RuntimeError ("unexpected pos"): neither is an OSError."""
     from types import SimpleNamespace
 
     from safetensors import SafetensorError
 
+    import pipeline.engine.trainer as trainer
     from pipeline.core.atomic import WriteFailed
-    from pipeline.engine.trainer import _save_state
 
     def full(directory):
         Path(directory).mkdir()
         (Path(directory) / "model.safetensors").write_bytes(b"part")
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        if writer == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 640 vs 574")
 
+    monkeypatch.setattr(trainer, "_disk_full", lambda directory: writer == "torch.save")
     accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, save_state=full)
     (tmp_path / "state").mkdir()
     with pytest.raises(WriteFailed, match=r"cannot save the training state to .*state.tmp: ENOSPC.*is intact"):
-        _save_state(accelerator, tmp_path / "state")
+        trainer._save_state(accelerator, tmp_path / "state")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]  # nothing partial left
+    monkeypatch.setattr(trainer, "_disk_full", lambda directory: False)
+    if writer == "torch.save":  # another failure is itself, and still leaves nothing partial
+        with pytest.raises(RuntimeError, match="unexpected pos"):
+            trainer._save_state(accelerator, tmp_path / "state")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+
+
+def test_the_stage_clock_keeps_the_error_in_flight_when_its_own_write_fails(tmp_path, monkeypatch):
+    """A full disk stopped training; the clock's last write failed too and replaced the real error."""
+    from pipeline.core import wallclock
+    from pipeline.core.atomic import WriteFailed
+
+    clock = wallclock.StageClock(tmp_path / "wall_time.json")
+    with pytest.raises(RuntimeError, match="the real error"):
+        with clock:
+            monkeypatch.setattr(wallclock, "write_json", lambda *a: (_ for _ in ()).throw(WriteFailed("ENOSPC")))
+            raise RuntimeError("the real error")
 
 
 def test_import_on_a_full_disk_fails_cleanly(tiny_fashion_dir, tmp_path, capsys):

@@ -226,3 +226,17 @@ def test_status_on_a_damaged_bookkeeping_file_names_it_or_shows_it(tmp_path, cap
         assert code == 2 and "stages.json: not a list of stage names" in captured.err
     else:
         assert code == 0 and "failed ('boom'" in captured.out
+
+
+def test_a_shard_an_import_was_writing_when_killed_is_its_own(tmp_path):
+    """A kill during the import leaves unlabeled-000001.tar.tmp: `--from data` refused it as a user's file,
+    and that was the command the refusal of changed data settings said to run."""
+    from pipeline.core.owned import claim
+
+    data = tmp_path / "data"
+    data.mkdir()
+    claim(data, ["manifest.json", "unlabeled/unlabeled-000001.tar"])
+    (data / "unlabeled").mkdir()
+    (data / "unlabeled" / "unlabeled-000001.tar.tmp").write_bytes(b"part")
+    (data / "unlabeled" / "notes.txt").write_text("mine")
+    assert foreign_stage_files(data, "data") == ["unlabeled/notes.txt"]

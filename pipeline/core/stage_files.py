@@ -37,7 +37,8 @@ def stage_outputs(kind: str | None) -> tuple[str, ...]:
 def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
     """Files under a stage directory that are neither journaled nor written by a stage of `kind` (None: any
     kind): a user's plot in a teacher's directory, or a backup folder inside checkpoint/, is theirs."""
-    journaled = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
+    owned = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
+    journaled = owned | {name + ".tmp" for name in owned}  # and writes each as NAME.tmp first (a kill leaves it)
     patterns = stage_outputs(kind)
     trained = kind is None or kind in TRAINED_KINDS
     found = []

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from pipeline.core.atomic import read_json, write_json
+from pipeline.core.atomic import WriteFailed, read_json, write_json
 
 HEARTBEAT_S = 10.0
 
@@ -47,7 +47,13 @@ class StageClock:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join()
-        self._write(running=False)
+        if exc is None:
+            self._write(running=False)
+            return
+        try:  # the error in flight (a full disk, say) is the one to report, not this write's
+            self._write(running=False)
+        except (OSError, WriteFailed):
+            pass
 
 
 def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, bool] | None:

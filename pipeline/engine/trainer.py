@@ -100,6 +100,16 @@ def _errno_of(error: Exception) -> int | None:
     return int(found.group(1)) if found else None
 
 
+FULL_DISK_BYTES = 16 << 20  # what is left free when a write failed for want of space (blocks are reserved)
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     previous = state_dir.with_name(state_dir.name + ".prev")
@@ -108,9 +118,11 @@ def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except (OSError, SafetensorError) as exc:
+    except Exception as exc:  # torch.save on a full disk raises RuntimeError ("unexpected pos"), not OSError
+        code = _errno_of(exc) if isinstance(exc, (OSError, SafetensorError)) else None
+        if code is None and _disk_full(tmp.parent):
+            code = errno.ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)  # the last complete state stays; nothing partial is left
-        code = _errno_of(exc)
         if code in (errno.ENOSPC, errno.EDQUOT):
             raise WriteFailed(f"cannot save the training state to {tmp}: {errno.errorcode[code]} "
                               f"({os.strerror(code)}); the previous state in {state_dir} is intact") from None
