@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_data(args: argparse.Namespace) -> None:
     from pipeline.core.output_paths import check_output_dir
+    from pipeline.core.owned import one_writer
     from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
     from pipeline.data.sources.fashion_mnist import DataSourceError
 
@@ -170,10 +171,11 @@ def _cmd_data(args: argparse.Namespace) -> None:
         if args.classes else None
     common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
                   seed=args.seed, shard_size=args.shard_size, max_unlabeled=args.max_unlabeled, class_filter=keep)
-    if args.kind == "fashion-mnist":
-        manifest = import_fashion_mnist(args.out, source=args.source_dir, **common)
-    else:
-        manifest = import_folder(args.src, args.out, test_fraction=args.test_fraction, **common)
+    with one_writer(Path(args.out), "selftrain data"):
+        if args.kind == "fashion-mnist":
+            manifest = import_fashion_mnist(args.out, source=args.source_dir, **common)
+        else:
+            manifest = import_folder(args.src, args.out, test_fraction=args.test_fraction, **common)
     counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
     print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
 

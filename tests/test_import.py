@@ -162,3 +162,30 @@ def test_hidden_files_and_folders_are_skipped_and_other_files_reported(tmp_path,
         image.unlink()
     with pytest.raises(DataSourceError, match=r"class folder 'eel' has no PNG/JPEG/WebP images \(it holds .bmp"):
         import_folder(tmp_path / "src", tmp_path / "out2", per_class=4, progress=False)
+
+
+def test_two_imports_into_one_directory_at_once_take_turns(tiny_fashion_dir, tmp_path):
+    """The same `selftrain data` in every job of an array: both wrote NAME.tmp, one crashed on the rename and
+    the other recorded the sha256 of an empty file. The second now waits, then reuses the finished import."""
+    import hashlib
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.core.owned import one_writer
+
+    out = tmp_path / "imp"
+    command = [sys.executable, "-m", "pipeline.cli", "data", "fashion-mnist", "--source", str(tiny_fashion_dir),
+               "--out", str(out), "--labels-per-class", "5", "--shard-size", "50"]
+    logs = [tmp_path / f"job{i}.err" for i in range(2)]
+    with one_writer(out, "test"):  # both start while the directory is held, so they meet at the lock
+        jobs = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+        deadline = time.time() + 120
+        while time.time() < deadline and not all("waiting for it" in log.read_text() for log in logs):
+            time.sleep(0.2)
+        assert all("waiting for it to finish" in log.read_text() for log in logs)
+    assert [job.wait(timeout=300) for job in jobs] == [0, 0], [log.read_text() for log in logs]
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, split in manifest["splits"].items():
+        for shard in split["shards"]:
+            assert hashlib.sha256((out / name / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]

@@ -8,8 +8,12 @@ only then writes them. A redo removes exactly the journaled files (and their
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import sys
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from pipeline.core.atomic import read_json, write_json
 
@@ -70,3 +74,28 @@ def claim(directory: Path, files: Iterable[str], tolerated: Iterable[str] = ()) 
             path.unlink(missing_ok=True)
     files = sorted(set(files) | previous)  # still ours until the new write replaces them
     write_json(directory / JOURNAL, {"files": files})
+
+
+@contextlib.contextmanager
+def one_writer(directory: Path, what: str) -> Iterator[None]:
+    """Hold an flock on `directory` itself (a lock file inside would be a file the journal does not claim)
+    while `what` writes there: a second writer (the same import started by every job of an array) waits for
+    the first, then finds the finished import and reuses it. A directory made here and left empty (the writer
+    refused its input) is removed again."""
+    made = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{what}: another process is writing {directory}; waiting for it to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    except BaseException:
+        if made and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+    finally:
+        os.close(handle)
