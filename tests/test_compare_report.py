@@ -311,3 +311,15 @@ def test_every_seed_giving_the_same_difference_is_inconclusive():
     assert p_value(same) is None and significance(same) is None
     assert significance_text(same) == "every seed the same difference: SE 0, t undefined"
     assert p_value(Stat(3, 0.0, 0.0, 0.0)) is None
+
+
+def test_a_trend_skips_a_pair_of_cells_the_grid_has_not_run():
+    """s1 run at 10 labels only (a grid grown with --only): the s4 pair still measures finding a."""
+    results = []
+    for policy, labels in (("s1", 10), ("s4", 10), ("s4", 40)):
+        for seed, noise in enumerate((-0.2, 0.0, 0.3)):
+            gain, spread = (8.0, 1.0) if labels == 10 else (1.0, 2.0)
+            results += [ArmResult("random", "off", policy, labels, seed, 0.70, 100, 1.0),
+                        ArmResult("supervised", "off", policy, labels, seed, (70 + gain + spread * noise) / 100, 100, 1.0)]
+    verdict = verdict_labels(Grid(results), "supervised")
+    assert verdict.outcome == REPRODUCED and "averaged over policies (1 of 2 have both ends run)" in verdict.evidence

@@ -189,3 +189,18 @@ def test_two_imports_into_one_directory_at_once_take_turns(tiny_fashion_dir, tmp
     for name, split in manifest["splits"].items():
         for shard in split["shards"]:
             assert hashlib.sha256((out / name / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+
+
+def test_a_directory_that_cannot_be_locked_is_written_with_a_warning(tmp_path, monkeypatch, capsys):
+    """NFS emulates flock with byte-range locks, which a directory (opened read-only) cannot take."""
+    import errno
+    import fcntl
+
+    from pipeline.core.owned import one_writer
+
+    def nfs(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    monkeypatch.setattr(fcntl, "flock", nfs)
+    with one_writer(tmp_path / "out", "selftrain data"):
+        (tmp_path / "out" / "manifest.json").write_text("{}")
+    assert "selftrain data: warning: cannot lock" in capsys.readouterr().err

@@ -374,3 +374,19 @@ def test_a_killed_scan_resumes_shard_by_shard(shard_dir, http_root, tmp_path, mo
     assert import_webdataset(config, tmp_path / "d", progress=False) == whole
     assert scanned == ["pool-000000.tar"] and read_again == ["pool-000001.tar", "pool-000002.tar"]
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".selftrain-owned.json", "manifest.json"]
+
+
+def test_a_refused_import_reads_a_fixed_stream_again(shard_dir, http_root, tmp_path):
+    """After a refusal the user rewrites the shard; a stream under the same URL was taken from the scan
+    journal (nothing can tell it changed) and refused again."""
+    png = encode(np.zeros((28, 28), dtype=np.uint8), "PNG")
+
+    def write(labels: str) -> None:
+        write_members(tmp_path / "lab-000003.tar", [m for i, label in enumerate(labels)
+                                                    for m in ((f"s{i}.png", png), (f"s{i}.cls", label.encode()))])
+    write("1223")
+    config = wds_config(shard_dir, http_root, labeled=(f"pipe:cat {tmp_path}/lab-000003.tar",))
+    with pytest.raises(DataSourceError, match=r"class\(es\) 0 have no labeled image"):
+        import_webdataset(config, tmp_path / "d", progress=False)
+    write("0123")
+    assert import_webdataset(config, tmp_path / "d", progress=False)["splits"]["labeled"]["per_class"] == [1, 1, 1, 1]

@@ -92,6 +92,9 @@ def one_writer(directory: Path, what: str) -> Iterator[None]:
             print(f"{what}: another process is writing {directory}; waiting for it to finish", file=sys.stderr,
                   flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # NFS locks a directory only as a file opened for writing; Lustre without -o flock
+            print(f"{what}: warning: cannot lock {directory} ({exc.strerror}); do not start a second writer into "
+                  "it before this one finishes", file=sys.stderr, flush=True)
         yield
     except BaseException:
         if made and not any(directory.iterdir()):

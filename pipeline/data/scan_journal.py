@@ -63,8 +63,19 @@ class ScanJournal:
             self._handle.flush()
             os.fsync(self._handle.fileno())
 
-    def finish(self) -> None:
+    def forget_streams(self) -> None:
+        """Keep only local shards' lines (their size and time tell a changed file): after a refusal the user
+        rewrites shards, and a stream read again under the same URL may hold other bytes."""
+        self.close()
+        self.entries = {key: e for key, e in self.entries.items() if e.get("stat") is not None}
+        write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
+
+    def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def finish(self) -> None:
+        """The manifest is written: the journal has served."""
+        self.close()
         self.path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
 
-from pipeline.data.tarstream import iter_members, iter_stream_members
+from pipeline.data.tarstream import TarDamaged, iter_members, iter_stream_members
 
 ShardLocation = Path | str  # a local file, or a URL for webdataset.gopen
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")
@@ -93,6 +93,12 @@ def _remote_members(url: str, fingerprint: Fingerprint | None) -> Iterator[tuple
         if isinstance(handle, _Tapped):
             handle.drain()
         finished = True
+    except TarDamaged as damage:  # a command that failed (no such file, no network) ends its stream early
+        try:
+            stream.close()
+        except OSError as failed:
+            raise TarDamaged(f"{damage}; the stream's command failed: {failed}") from damage
+        raise
     finally:
         try:
             stream.close()  # a pipe: waits for the command; its failure is an error only after a full read

@@ -131,6 +131,8 @@ def iter_stream_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
         return
     try:
         yield from _plain_members(decompressed)
+        while decompressed.read(1 << 20):  # to the end marker: a stream cut after the tar's end block is cut too
+            pass
     except DECOMPRESSION_ERRORS as exc:
         raise TarDamaged(f"the compressed stream is cut or corrupt ({type(exc).__name__}: {exc})") from exc
 

@@ -210,17 +210,10 @@ def scan_unlabeled(name: str, location: ShardLocation, cfg: WebDatasetConfig) ->
             "truncated": problems.truncated}
 
 
-def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dict:
-    """Write `out`/manifest.json for the shards `data.webdataset` lists (or return the one already there)."""
-    cfg = webdataset_section(data)
-    params = {"kind": "webdataset", "webdataset": to_dict(cfg)}
-    if (manifest := existing_import(out, params)) is not None:
-        return manifest
-    lists = shard_lists(cfg)
-    classes = read_classes(cfg)
-    journal = ScanJournal(out, params)  # what a killed scan finished, read before claim removes its file
-    claim(out, [SCAN_JOURNAL, MANIFEST], tolerated=RUN_BOOKKEEPING)
-    journal.start()
+def _scan(lists: dict[str, list[tuple[str, ShardLocation]]], cfg: WebDatasetConfig, classes: list[str] | None,
+          journal: ScanJournal, progress: bool) -> tuple[dict[str, list[dict]], dict[str, list[int]], set[str],
+                                                         ReadProblems]:
+    """Every shard's record (read now, or taken from the journal), the labels, image modes and pool problems."""
     records: dict[str, list[dict]] = {}
     labels: dict[str, list[int]] = {}
     modes: set[str] = set()
@@ -246,6 +239,12 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
                 bar.update(1)
     if reused:
         print(f"data: {reused} of {total} shard(s) were scanned before the last run stopped; not read again")
+    return records, labels, modes, problems
+
+
+def _scanned_manifest(cfg: WebDatasetConfig, params: dict, lists: dict[str, list[tuple[str, ShardLocation]]],
+                      classes: list[str] | None, journal: ScanJournal, progress: bool) -> dict:
+    records, labels, modes, problems = _scan(lists, cfg, classes, journal, progress)
     for split in ("labeled", "holdout", "test"):
         if records[split] and not any(r["count"] for r in records[split]):
             raise DataSourceError(f"data.webdataset.{split}: no samples in its {len(records[split])} shard(s) "
@@ -262,7 +261,7 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
     if not any(r["count"] for r in records["unlabeled"]):
         raise DataSourceError(f"data.webdataset.unlabeled: no usable sample in {len(records['unlabeled'])} shard(s) "
                               f"({len(problems.skipped)} skipped, {len(problems.truncated)} truncated)")
-    manifest = {
+    return {
         "format": FORMAT, "params": params, "source": "webdataset (shards used in place)",
         "classes": classes, "num_classes": len(classes), "mode": "RGB" if "RGB" in modes else "L",
         "image_keys": list(cfg.image_keys), "label_key": cfg.label_key,
@@ -273,9 +272,30 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
                    for split in ("labeled", "holdout", "unlabeled", "test")},
         "unlabeled_problems": problems.as_dict(),
     }
-    if problems.skipped or problems.truncated:
-        print(f"data: unlabeled pool: {len(problems.skipped)} sample(s) skipped, {len(problems.truncated)} "
-              f"shard(s) truncated (see unlabeled_problems in {out / MANIFEST})")
+
+
+def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dict:
+    """Write `out`/manifest.json for the shards `data.webdataset` lists (or return the one already there)."""
+    cfg = webdataset_section(data)
+    params = {"kind": "webdataset", "webdataset": to_dict(cfg)}
+    if (manifest := existing_import(out, params)) is not None:
+        return manifest
+    lists = shard_lists(cfg)
+    classes = read_classes(cfg)
+    journal = ScanJournal(out, params)  # what a killed scan finished, read before claim removes its file
+    claim(out, [SCAN_JOURNAL, MANIFEST], tolerated=RUN_BOOKKEEPING)
+    journal.start()
+    try:
+        manifest = _scanned_manifest(cfg, params, lists, classes, journal, progress)
+    except (DataSourceError, ShardError):
+        journal.forget_streams()  # refused: the user fixes the shards; a stream's URL cannot tell it changed
+        raise
+    finally:
+        journal.close()
+    if manifest["unlabeled_problems"]["num_skipped"] or manifest["unlabeled_problems"]["num_truncated"]:
+        print(f"data: unlabeled pool: {manifest['unlabeled_problems']['num_skipped']} sample(s) skipped, "
+              f"{manifest['unlabeled_problems']['num_truncated']} shard(s) truncated (see unlabeled_problems in "
+              f"{out / MANIFEST})")
     write_json(out / MANIFEST, manifest)
     journal.finish()
     return manifest

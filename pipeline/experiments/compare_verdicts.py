@@ -73,12 +73,15 @@ def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str
     for lo, hi in cells:
         g_lo, g_hi = grid.paired(arm, base, *lo), grid.paired(arm, base, *hi)
         both = [seed for seed in g_lo if seed in g_hi]
-        lo_cells.append({seed: g_lo[seed] for seed in both})
-        hi_cells.append({seed: g_hi[seed] for seed in both})
+        if both:  # a pair of cells the grid has not run (yet) is not averaged over
+            lo_cells.append({seed: g_lo[seed] for seed in both})
+            hi_cells.append({seed: g_hi[seed] for seed in both})
     lo_gain, hi_gain = _per_seed_mean(lo_cells), _per_seed_mean(hi_cells)
     if not lo_gain:
         return Verdict(finding, INCONCLUSIVE, f"no seed has {init} and random at both {ends[0]} and {ends[1]}")
     stat = describe([lo_gain[seed] - hi_gain[seed] for seed in lo_gain])
+    if len(lo_cells) < len(cells):
+        averaged_over += f" ({len(lo_cells)} of {len(cells)} have both ends run)"
     evidence = (f"gain of {init} over random (self-training off), each seed averaged over {averaged_over}, at "
                 f"{ends[0]}: {format_gain(describe(list(lo_gain.values())))}; at {ends[1]}: "
                 f"{format_gain(describe(list(hi_gain.values())))}; difference, paired per seed: {evidence_number(stat)}"
