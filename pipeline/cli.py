@@ -206,6 +206,10 @@ def _cmd_status(args: argparse.Namespace) -> None:
     from pipeline.stages.status import describe
 
     rows = describe(args.run_dir)
+    if not rows:
+        print(f"{args.run_dir}: no stage has run yet (no config.yaml); `selftrain run CONFIG --run-dir "
+              f"{args.run_dir}` starts it")
+        return
     width = max(len(stage) for stage, _ in rows)
     for stage, state in rows:
         print(f"{stage:{width}s}  {state}")

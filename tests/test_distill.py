@@ -240,6 +240,7 @@ def check_compressed_run(run: Path) -> None:
         if "path" in row:  # the size of the file as shipped (the int8 one after its metadata was embedded)
             assert row["file_bytes"] == Path(row["path"]).stat().st_size, row["path"]
     assert "| teacher (teacher) |" in deployment and "agrees with the distillation teacher %" in deployment
+    assert deployment.startswith("Test top-1, ECE and agreement on 64 of the 200 test images")  # eval_images
     report = (run / "report" / "report.md").read_text()
     assert "batch-1 budget (onnxruntime)" in report and ("Best under the" in report or "No model meets" in report)
     assert all(r["label"] == f"{r['model']} {r['runtime']} {r['precision']}" for r in table["rows"])

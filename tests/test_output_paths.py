@@ -182,6 +182,10 @@ def test_status_of_a_run_whose_first_stage_has_not_finished(tmp_path, capsys):
     run.config_path.unlink()  # the run marker alone (written when the directory was claimed) is enough
     (run.root / ".selftrain-run").write_text("selftrain run directory\n")
     assert main(["status", str(run.root)]) == 0
+    run.stage_list_path.unlink()  # a first run refused before any stage: no config to list (the default one's
+    capsys.readouterr()           # stages were listed, not the user's)
+    assert main(["status", str(run.root)]) == 0
+    assert "no stage has run yet (no config.yaml)" in capsys.readouterr().out
 
 
 def test_summarize_refuses_a_directory_without_config(tmp_path, capsys):

@@ -89,3 +89,11 @@ def test_summary_gives_the_distilled_gain_over_its_teacher_and_the_selected_labe
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
     assert rows["pseudo_label_r1"][4] == "83.51" and rows["select_r1"][4] == "84.56"
     assert rows["distill_mobilenetv3_small_100"][2] == "2.50"  # over the teacher it was taught by, not the run's
+
+
+def test_one_run_given_twice_is_refused(tmp_path, capsys, monkeypatch):
+    """`summarize run run` counted it as two seeds with one result (n=2, ± 0.00)."""
+    run = fake_run(tmp_path / "a", 0.80, 0.84, 10)
+    monkeypatch.chdir(tmp_path)
+    assert main(["summarize", str(run), "a"]) == 2
+    assert f"{run} and a are one run directory, given twice" in capsys.readouterr().err

@@ -139,3 +139,34 @@ def test_a_warm_up_as_long_as_the_run_is_warned_about(tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[teacher] warning: the warm-up (7 steps: warmup_epochs 1.0 x 7 steps an epoch) is as long as the run " \
            "(3 steps)" in result.stdout
+
+
+def test_only_report_with_another_config_is_refused(tiny_teacher_run, tmp_path, capsys):
+    """`--only report --set seed=7` rewrote the run's config.yaml and reported its stages under that seed; a
+    finished stage the config no longer has (a round beyond student.rounds) was left out silently."""
+    import json
+    import shutil
+
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.cli import main
+
+    config, made = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(made, run)
+    common = set_args(TINY_TEACHER + ["student.rounds=0"])
+    for stage in ("pseudo_label_r1", "select_r1"):  # what a teacher-only run's report describes besides it
+        assert main(["run", str(config), "--run-dir", str(run), "--only", stage] + common) == 0
+    recorded = (run / "config.yaml").read_text()
+    only_report = ["run", str(config), "--run-dir", str(run), "--only", "report"] + common
+    assert main(only_report + ["--set", "seed=7"]) == 2
+    assert "stage 'teacher' in " in (err := capsys.readouterr().err) and "(seed: 0 -> 7)" in err
+    assert (run / "config.yaml").read_text() == recorded
+    planned = json.loads((run / "stages.json").read_text())
+    (run / "stages.json").write_text(json.dumps({"stages": planned["stages"] + ["student_r2"]}))
+    (run / "student_r2").mkdir()
+    (run / "student_r2" / "DONE").write_text("")
+    assert main(only_report) == 2
+    assert "student_r2 done in" in capsys.readouterr().err
+    shutil.rmtree(run / "student_r2")
+    assert main(only_report) == 0
+    assert "labeled images per class" in (run / "report" / "report.md").read_text()

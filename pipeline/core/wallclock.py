@@ -66,6 +66,8 @@ def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, boo
         age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
         return None
+    if not isinstance(clock, dict):  # damaged: no time to show, as for an unreadable file
+        return None
     return float(clock.get("seconds", 0.0)), bool(clock.get("running")) and age < 3 * heartbeat_s
 
 

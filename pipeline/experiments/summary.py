@@ -118,7 +118,19 @@ def differences_note(differ: list[str], shown: int = 8) -> list[str]:
     return [f"**Note: these runs differ in more than their seeds**: {'; '.join(differ[:shown])}{more}", ""]
 
 
+def refuse_repeated_runs(run_dirs: list[Path]) -> None:
+    """One run given twice (`run1 /abs/run1`) would count as two seeds with the same result."""
+    seen: dict[Path, Path] = {}
+    for directory in run_dirs:
+        resolved = directory.resolve()
+        if resolved in seen:
+            raise RunDirError(f"{seen[resolved]} and {directory} are one run directory, given twice; "
+                              "each run counts once")
+        seen[resolved] = directory
+
+
 def summary_table(run_dirs: list[Path]) -> str:
+    refuse_repeated_runs([Path(d) for d in run_dirs])
     runs = [run_metrics(Path(d)) for d in run_dirs]
     configs = flat_configs([Path(d) for d in run_dirs])
     stages = [s for s in dict.fromkeys(s for r in runs for s in r)]  # run order; longer runs add later rounds

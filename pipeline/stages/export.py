@@ -155,6 +155,9 @@ def run(ctx: StageContext, this: Stage) -> dict:
                "best_under_budget": {k: best[k] for k in ("model", "precision", "top1", "batch1_ms")} if best else None,
                "pareto": [{k: r[k] for k in ("model", "precision", "top1", "batch1_ms")} for r in front]}
     table = deployment_table(rows) + int8_speed_notes(int8_speed, threads) + disturbed_timing_notes(rows)
+    if len(test) < ctx.data().count("test"):  # distill.export.eval_images
+        table = (f"Test top-1, ECE and agreement on {len(test):,} of the {ctx.data().count('test'):,} test images "
+                 "(`distill.export.eval_images`): the stages' own test top-1 is on all of them.\n\n" + table)
     write_text(out / "deployment.md", table + "\n")
     run_dir.write_metrics(this.name, metrics)
     run_dir.mark_done(this.name)

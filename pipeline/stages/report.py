@@ -72,11 +72,12 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_by_round_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
+def accuracy_by_round_chart(run: RunDir, stages: list[Stage], path: Path) -> bool:
+    """Whether there was anything to plot (and the PNG was written)."""
     names = [s.name for s in stages if s.trains_model and s.kind not in ("pretrain", "ssl_pretrain")
              and run.metrics_path(s.name).exists()]  # pretraining is measured on another task (or not at all)
     if not names:
-        return
+        return False
     top1 = [100 * read_json(run.metrics_path(s))["top1"] for s in names]
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names)), 3.2))
     ax.plot(range(len(names)), top1, marker="o")
@@ -87,24 +88,28 @@ def accuracy_by_round_chart(run: RunDir, stages: list[Stage], path: Path) -> Non
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("test top-1 by stage")
     save_figure(fig, path)
+    return True
 
 
-def loss_terms_chart(run: RunDir, stages: list[Stage], path: Path) -> None:
+def loss_terms_chart(run: RunDir, stages: list[Stage], path: Path) -> bool:
+    """Whether there was anything to plot (and the PNG was written)."""
     students = [s.name for s in stages if s.kind == "student" and run.metrics_path(s.name).exists()]
     if not students:
-        return
+        return False
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for stage in students:
         history = read_json(run.metrics_path(stage)).get("loss_history", [])
         steps = [h["step"] for h in history]
         for term, style in (("loss_labeled", "-"), ("loss_pseudo", "--")):
             if history and term in history[0]:
-                ax.plot(steps, [h[term] for h in history], style, label=f"{stage} {term}")
+                ax.plot(steps, [h[term] for h in history], style, marker="o" if len(history) == 1 else None,
+                        label=f"{stage} {term}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     ax.set_title("student loss terms")
     save_figure(fig, path)
+    return True
 
 
 def deployment_section(run: RunDir, stages: list[Stage]) -> str:
@@ -123,6 +128,19 @@ def deployment_section(run: RunDir, stages: list[Stage]) -> str:
     return ""
 
 
+def labeled_text(manifest: dict) -> str:
+    """What the import gave to train on, from its manifest: the config's labels_per_class is not the count
+    when the data is an import made elsewhere (`data.source: shards`, webdataset shards)."""
+    per_class = manifest["splits"]["labeled"].get("per_class") or []
+    holdout = manifest["splits"].get("holdout", {}).get("count", 0)
+    held = f", {holdout} more held out" if holdout else ""
+    if per_class and min(per_class) == max(per_class):
+        return f"{per_class[0]} labeled images per class{held}"
+    total = manifest["splits"]["labeled"]["count"]
+    spread = f" ({min(per_class)}-{max(per_class)} per class)" if per_class else ""
+    return f"{total} labeled images{spread}{held}"
+
+
 def run(ctx: StageContext, this: Stage) -> str:
     config, run_dir, stages = ctx.config, ctx.run, list(ctx.graph.stages)
     out = run_dir.stage_dir(this.name)
@@ -134,12 +152,12 @@ def run(ctx: StageContext, this: Stage) -> str:
     writer.writeheader()
     writer.writerows(rows)
     write_text(out / "summary.csv", buffer.getvalue())
-    accuracy_by_round_chart(run_dir, stages, out / "accuracy_by_round.png")
-    loss_terms_chart(run_dir, stages, out / "loss_terms.png")
-    text = (f"# Run report: {run_dir.root}\n\nSeed {config.seed}; {config.data.labels_per_class} labels per class.\n\n"
+    plots = [f"![{title}]({name})\n\n" for name, title, chart in (
+        ("accuracy_by_round.png", "accuracy by round", accuracy_by_round_chart),
+        ("loss_terms.png", "loss terms", loss_terms_chart)) if chart(run_dir, stages, out / name)]
+    text = (f"# Run report: {run_dir.root}\n\nSeed {config.seed}; {labeled_text(ctx.data().manifest)}.\n\n"
             f"{table}\n\nPseudo-label accuracy uses the pool's hidden labels (reporting only).\n\n"
-            "![accuracy by round](accuracy_by_round.png)\n\n![loss terms](loss_terms.png)\n"
-            + deployment_section(run_dir, stages))
+            + "".join(plots) + deployment_section(run_dir, stages))
     write_text(out / "report.md", text)
     run_dir.mark_done(this.name)
     print(table)

@@ -45,6 +45,24 @@ def _check_needs(ctx: StageContext, stage: Stage, running: set[str]) -> None:
                               f"run without --only, or with --only {need} first")
 
 
+def _check_made_with_this_config(ctx: StageContext, stage: Stage, running: set[str]) -> None:
+    """A stage without inputs of its own (the report) describes the stages it needs: those done by an earlier
+    invocation must have been made with this config (`--only report --set student.rounds=1` rewrote the run's
+    record and hid a finished round), as a rerun of each would check."""
+    if ctx.state.is_main_process:
+        for need in (ctx.graph.get(name) for name in stage.needs if name not in running):
+            if need.fingerprinted:
+                record = need.inputs(ctx, need)
+                ctx.run.begin_stage(need.name, {"fingerprint": fingerprint(record), "inputs": record})
+        left_out = [name for name in ctx.run.planned_stages() or [] if name not in ctx.graph.names
+                    and ctx.run.is_done(name)]
+        if left_out and not running & set(stage.needs):
+            raise RunDirError(f"{', '.join(left_out)} done in {ctx.run.root} but not a stage of this config: "
+                              f"`--only {stage.name}` would leave {'them' if len(left_out) > 1 else 'it'} out; "
+                              "run it with the config that made the run")
+    ctx.state.wait_for_everyone()
+
+
 def _run_stage(ctx: StageContext, stage: Stage, before_work: Callable[[], None]) -> None:
     """Refuse other inputs, skip a done stage, else `before_work()` and run it."""
     state, run = ctx.state, ctx.run
@@ -122,6 +140,8 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
         running = {s.name for s in stages}
         for stage in stages:
             _check_needs(ctx, stage, running)
+            if not stage.fingerprinted:
+                _check_made_with_this_config(ctx, stage, running)
             _run_stage(ctx, stage, record_config)
     finally:
         if state.is_main_process:

@@ -17,11 +17,11 @@ def stage_names(run: RunDir) -> list[str]:
     if planned is not None:
         return planned
     from pipeline.config.loading import load_config
-    from pipeline.config.sections import Config
     from pipeline.stages.graph import build_graph
 
-    config = load_config(run.config_path) if run.config_path.exists() else Config()
-    return build_graph(config).names
+    if not run.config_path.exists():
+        return []  # no stage has run yet (a first run refused before its first stage): no config to list
+    return build_graph(load_config(run.config_path)).names
 
 
 def describe(run_dir: str | Path) -> list[tuple[str, str]]:
