@@ -303,3 +303,21 @@ def test_distill_prune_export_under_torchrun_and_accelerate_launch(launcher, tin
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / STAGE / "metrics.json").read_text())["provenance"]["num_processes"] == 2
     check_compressed_run(run)
+
+
+def test_mixup_draws_from_the_rows_in_their_order():
+    """Seeded from an order-blind sum of the indices, a step that draws the whole pool (the same rows every
+    step, permuted) drew the same lambda every step; the draw stays a function of the batch (resumable)."""
+    from pipeline.data.loader import Batch
+    from pipeline.stages.distill import mixup_view
+
+    n = 64
+    identity = torch.eye(n).view(n, 1, 1, n)
+
+    def lam(order: torch.Tensor) -> float:
+        batch = Batch(torch.zeros(n, 1, 1, n, dtype=torch.uint8), torch.ones(n, dtype=torch.long), order)
+        mixed, _ = mixup_view(identity[order], batch, 1.0)
+        return float(mixed.view(n, n)[torch.arange(n), order].median())
+    orders = [torch.randperm(n, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    assert len({round(lam(order), 6) for order in orders}) == 4
+    assert lam(orders[0]) == lam(orders[0].clone())

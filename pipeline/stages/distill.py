@@ -92,13 +92,15 @@ def inputs(ctx: StageContext, stage: Stage) -> dict:
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:
     """Mix the batch with a permutation of itself; lambda and the permutation come from the batch's
-    own indices (streamed: and pixels), so a resumed run draws the same ones."""
+    own rows in their order (streamed: and pixels), so a resumed run draws the same ones, and a step that
+    draws the whole pool (the same rows each step, in another order) draws another lambda."""
     if alpha <= 0 or len(batch) < 2:
         return view01, False
-    seed = int((batch.index.to(torch.int64) * (batch.source.to(torch.int64) + 1)).sum()) % (2 ** 31)
+    rows = (batch.source.to(torch.int64) << 40) | batch.index.to(torch.int64)
+    entropy = [int(row) for row in rows.tolist()]
     if isinstance(batch, MixedBatch):  # streamed rows are numbered within the batch: add the images' content
-        seed = (seed + int(batch.images.to(torch.int64).sum())) % (2 ** 31)
-    rng = np.random.default_rng(seed)
+        entropy.append(int(batch.images.to(torch.int64).sum()))
+    rng = np.random.default_rng(entropy)
     lam = float(rng.beta(alpha, alpha))
     perm = torch.from_numpy(rng.permutation(len(batch))).to(view01.device)
     return lam * view01 + (1 - lam) * view01[perm], True
@@ -331,7 +333,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
         f"[{name}] {spec.arch} at {spec.input_size} px from {kd.teacher_meta.arch} ({kd.teacher_dir})"
         f"{f' with {len(cfg.ensemble)} more ensemble member(s)' if cfg.ensemble else ''}, "
         f"{cfg.mode} teaching, T={cfg.temperature}, {cfg.alpha} CE + {cfg.beta} KD"
-        f"{' (hard)' if cfg.hard else ''}{f', mixup {cfg.mixup}' if cfg.mixup else ''}; "
+        f"{' (hard)' if cfg.hard else ''}"
+        f"{f', mixup {cfg.mixup} (mixed rows: KD only, the CE term is off)' if cfg.mixup else ''}; "
         f"{cfg.labeled_batch} labeled + {cfg.train.batch_size} unlabeled a step ({cfg.pool} pool of "
         f"{kd.num_unlabeled}), {total_steps} steps, "
         f"policy {setup.policy!r}")
