@@ -94,3 +94,9 @@ def test_a_member_name_that_is_not_utf8_is_read_as_tarfile_reads_it(tmp_path):
     with tarfile.open(tmp_path / "s.tar") as reference:
         assert [m.name for m in reference.getmembers()] == [name for name, _ in members]
     assert list(iter_members(tmp_path / "s.tar")) == members
+
+
+def test_a_plain_tar_whose_first_name_reads_like_a_magic_number_is_plain(tmp_path):
+    members = [("BZh9.png", b"x" * 30), ("BZh9.cls", b"1")]
+    make_tar(tmp_path / "s.tar", members)
+    assert list(iter_members(tmp_path / "s.tar")) == members

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import re
 import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -106,7 +107,8 @@ class _Prefixed:
         return data + self._stream.read(size - len(data)) if len(data) < size else data
 
 
-GZIP, BZIP2, XZ = b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"
+GZIP, BZIP2, XZ = b"\x1f\x8b", re.compile(rb"BZh[1-9]1AY&SY"), b"\xfd7zXZ\x00"  # bzip2: + first block's magic
+HEAD_BYTES = 10  # enough for each (a plain tar starts with its first member's name, which may read "BZh...")
 DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
@@ -114,7 +116,7 @@ def _decompressed(head: bytes, stream: BinaryIO) -> BinaryIO | None:
     """A decompressing reader when `head` is a gzip, bzip2 or xz magic number, else None."""
     if head.startswith(GZIP):
         return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[arg-type]
-    if head.startswith(BZIP2):
+    if BZIP2.match(head):
         return bz2.BZ2File(stream)  # type: ignore[return-value]
     if head.startswith(XZ):
         return lzma.LZMAFile(stream)  # type: ignore[return-value]
@@ -123,7 +125,7 @@ def _decompressed(head: bytes, stream: BinaryIO) -> BinaryIO | None:
 
 def iter_stream_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """Regular members of an open tar stream, plain or compressed (told by its first bytes), in order."""
-    head = handle.read(len(XZ))
+    head = handle.read(HEAD_BYTES)
     stream = _Prefixed(head, handle)
     decompressed = _decompressed(head, stream)  # type: ignore[arg-type]
     if decompressed is None:
