@@ -240,3 +240,21 @@ def test_a_shard_an_import_was_writing_when_killed_is_its_own(tmp_path):
     (data / "unlabeled" / "unlabeled-000001.tar.tmp").write_bytes(b"part")
     (data / "unlabeled" / "notes.txt").write_text("mine")
     assert foreign_stage_files(data, "data") == ["unlabeled/notes.txt"]
+
+
+def test_a_running_clock_reads_the_time_since_its_last_heartbeat_too(tmp_path):
+    """status showed '0 s so far' 7 s into a stage: the seconds are written once a heartbeat (10 s)."""
+    import json
+    import os
+    import time
+
+    from pipeline.core.wallclock import read_clock
+
+    path = tmp_path / "wall_time.json"
+    path.write_text(json.dumps({"seconds": 5.0, "invocations": 1, "running": True}))
+    beat = time.time() - 4
+    os.utime(path, (beat, beat))
+    seconds, running = read_clock(path)
+    assert running and 8.9 < seconds < 10
+    path.write_text("[1, 2]")  # damaged: nothing to show, not a traceback
+    assert read_clock(path) is None

@@ -57,7 +57,7 @@ class StageClock:
 
 
 def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, bool] | None:
-    """(seconds so far, whether a process is timing the stage now), None when never timed.
+    """(seconds so far, whether a process is timing the stage now), None when never timed (or damaged).
 
     Running now = the clock says running and beat within 3 heartbeats: a killed (or stopped) process leaves
     `running: true` behind, but its heartbeats stop."""
@@ -68,7 +68,8 @@ def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, boo
         return None
     if not isinstance(clock, dict):  # damaged: no time to show, as for an unreadable file
         return None
-    return float(clock.get("seconds", 0.0)), bool(clock.get("running")) and age < 3 * heartbeat_s
+    running = bool(clock.get("running")) and age < 3 * heartbeat_s
+    return float(clock.get("seconds", 0.0)) + (max(age, 0.0) if running else 0.0), running  # + since the last beat
 
 
 def format_duration(seconds: float) -> str:
