@@ -157,7 +157,7 @@ def test_hidden_files_and_folders_are_skipped_and_other_files_reported(tmp_path,
     manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=4, seed=0, shard_size=10, progress=False)
     assert sum(split["count"] for split in manifest["splits"].values()) == 36
     assert manifest["skipped_files"] == {"count": 1, "examples": [str(tmp_path / "src" / "eel" / "extra.bmp")]}
-    assert "1 file(s) in class folders are not PNG/JPEG/WebP images and were skipped" in capsys.readouterr().out
+    assert "1 file(s) are no class's PNG/JPEG/WebP image" in capsys.readouterr().out
     for image in (tmp_path / "src" / "eel").glob("*.*g"):
         image.unlink()
     with pytest.raises(DataSourceError, match=r"class folder 'eel' has no PNG/JPEG/WebP images \(it holds .bmp"):
@@ -204,3 +204,39 @@ def test_a_directory_that_cannot_be_locked_is_written_with_a_warning(tmp_path, m
     with one_writer(tmp_path / "out", "selftrain data"):
         (tmp_path / "out" / "manifest.json").write_text("{}")
     assert "selftrain data: warning: cannot lock" in capsys.readouterr().err
+
+
+def test_linked_folders_are_imported_and_stray_files_and_dangling_links_named(tmp_path, capsys):
+    """rglob does not enter a linked sub-folder: its images were left out of the import unseen; a dangling
+    link and an image beside the class folders were dropped without a word."""
+    make_folder(tmp_path / "src")
+    (tmp_path / "more").mkdir()
+    for name in sorted(p.name for p in (tmp_path / "src" / "dog").iterdir())[:4]:
+        (tmp_path / "src" / "dog" / name).rename(tmp_path / "more" / name)
+    (tmp_path / "src" / "dog" / "linked").symlink_to(tmp_path / "more")
+    (tmp_path / "src" / "dog" / "up").symlink_to(tmp_path / "src" / "dog")  # a loop: followed once
+    (tmp_path / "src" / "eel" / "gone.png").symlink_to(tmp_path / "moved-away.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "src" / "stray.png")
+    manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=4, seed=0, shard_size=10, progress=False)
+    assert sum(split["count"] for split in manifest["splits"].values()) == 36
+    assert manifest["skipped_files"]["count"] == 2
+    assert set(manifest["skipped_files"]["examples"]) == {str(tmp_path / "src" / "stray.png"),
+                                                          str(tmp_path / "src" / "eel" / "gone.png")}
+
+
+def test_a_run_on_a_folder_changed_since_its_import_is_refused(tmp_path, capsys):
+    """The data stage is done and skipped: the rounds trained on the old import of a changed folder."""
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.cli import main
+
+    make_folder(tmp_path / "src")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"seed: 0\ndata:\n  source: folder\n  path: {tmp_path / 'src'}\n  labels_per_class: 4\n")
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run")] + set_args(TINY_TEACHER)
+    assert main(args + ["--only", "data"]) == 0
+    Image.fromarray(np.zeros((20, 24), dtype=np.uint8), "L").save(tmp_path / "src" / "cat" / "new.png")
+    capsys.readouterr()
+    assert main(args + ["--only", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert "which now holds 37; rerun with --from data to import the folder as it is now" in err
+    assert not (tmp_path / "run" / "teacher").exists()

@@ -138,24 +138,26 @@ def existing_import(out: Path, params: dict[str, object]) -> dict | None:
     return manifest
 
 
-def check_same_folder(out: Path, manifest: dict, src: str | Path, images: list, whole: bool) -> None:
-    """An import of another image folder, or of this one since changed, is refused: returning the old import
-    would silently drop or keep stale images. `whole`: every image is imported (no filter or cap), so the
-    count can be compared as well as the listing."""
+NEW_IMPORT_ADVICE = "choose another --out or delete it to import the folder as it is now"
+
+
+def check_same_folder(out: Path, manifest: dict, src: str | Path, images: list, whole: bool,
+                      advice: str = NEW_IMPORT_ADVICE) -> None:
+    """An import of another image folder, or of this one since changed, is refused (with `advice`): returning
+    the old import would silently drop or keep stale images. `whole`: every image is imported (no filter or
+    cap), so the count can be compared as well as the listing."""
     made_from = Path(manifest.get("source", ""))
     # imports made before sources were recorded resolved hold the path as typed: not comparable from here
     if made_from.is_absolute() and made_from != Path(src).resolve():
-        raise DataSourceError(f"{out} already holds an import of the image folder {made_from}, not {src}; "
-                              "choose another --out or delete it")
+        raise DataSourceError(f"{out} already holds an import of the image folder {made_from}, not {src}; {advice}")
     imported = sum(split["count"] for split in manifest["splits"].values())
     if whole and len(images) != imported:
         raise DataSourceError(f"{out} holds {imported} images imported from {src}, which now holds {len(images)}; "
-                              "choose another --out or delete it to import the folder as it is now")
+                              f"{advice}")
     recorded = manifest.get("listing", {}).get("sha256")  # absent in imports made before it was recorded
     if recorded is not None and recorded != folder.listing_digest(images):
         raise DataSourceError(f"{out} holds an import of {src}, whose images have changed since (same count; files "
-                              "replaced, renamed or edited); choose another --out or delete it to import the folder "
-                              "as it is now")
+                              f"replaced, renamed or edited); {advice}")
 
 
 def _write_splits(out: Path, split_items: dict[str, list[tuple[str, int, Callable[[], tuple[str, bytes]]]]],
@@ -267,8 +269,8 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
     params = import_params("folder", per_class, holdout_per_class, seed, shard_size, test_fraction, max_unlabeled)
     classes, images, others = folder.scan(src)
     if others:
-        print(f"import: {len(others)} file(s) in class folders are not PNG/JPEG/WebP images and were skipped "
-              f"(e.g. {others[0]})")
+        print(f"import: {len(others)} file(s) are no class's PNG/JPEG/WebP image (another format, a dangling link, "
+              f"or a file beside the class folders) and were skipped (e.g. {others[0]})")
     if class_filter is not None:
         params.update(class_filter.params(classes))
     if (manifest := existing_import(out, params)) is not None:

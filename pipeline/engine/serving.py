@@ -8,7 +8,6 @@ An ONNX file written by the export stage carries the checkpoint's meta.json in i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,7 +17,7 @@ import torch
 
 from augment import build_eval_transform
 from pipeline.data.shards import decode_bytes
-from pipeline.data.sources.folder import is_hidden
+from pipeline.data.sources.folder import walk_files
 from pipeline.engine.predict import load_model
 from teachers.checkpoint import META, CheckpointMeta, check_trained_head
 
@@ -145,21 +144,7 @@ def image_files(inputs: list[str]) -> list[Path]:
 
 
 def _images_under(root: Path) -> list[Path]:
-    found, seen = [], set()
-    for directory, folders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen:  # a link back up the tree, or a second link to one folder
-            folders.clear()
-            continue
-        seen.add(real)
-        folders.sort()
-        for name in names:
-            file = Path(directory) / name
-            # a dangling link is listed, so it is named (image does not exist) rather than skipped silently
-            if file.suffix.lower() in IMAGE_SUFFIXES and (file.is_file() or file.is_symlink() and not file.exists()) \
-                    and not is_hidden(file, root):
-                found.append(file)
-    return sorted(found)
+    return [path for path in walk_files(root) if path.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def predict_files(predictor: Predictor, files: list[Path], k: int, batch_size: int = 64) -> Iterator[dict]:

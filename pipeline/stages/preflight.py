@@ -12,8 +12,10 @@ import torch
 
 from pipeline.config.sections import Config, DataConfig, ModelConfig
 from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.core.atomic import read_json
 from pipeline.data.imageset import open_data
-from pipeline.data.sources import fashion_mnist
+from pipeline.data.importer import check_same_folder
+from pipeline.data.sources import fashion_mnist, folder
 from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
@@ -125,6 +127,16 @@ def check_source(data: DataConfig) -> None:
                                   f"directory{_relative_note(data.path)}")
 
 
+def check_folder_unchanged(config: Config, run: RunDir) -> None:
+    """The image folder of a finished import still holds what was imported: the data stage is done and
+    skipped, and the rounds would train on the old import of a folder since changed (file sizes only)."""
+    _, images, _ = folder.scan(config.data.path)
+    check_same_folder(run.data_dir, read_json(run.data_dir / "manifest.json"), config.data.path, images,
+                      whole=not config.data.classes and config.data.max_unlabeled is None,
+                      advice="rerun with --from data to import the folder as it is now (and redo what was "
+                             "trained on the old import)")
+
+
 def check_data(config: Config, run: RunDir, reimport: bool) -> None:
     """The source of a new import (or of `reimport`, `--from data`) is there; an existing import must have an
     unlabeled pool; a new import must fit on the disk; shards used in place must be listed, named once and
@@ -134,6 +146,8 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
     imported = (run.data_dir / "manifest.json").exists()
     if reimport or not imported:
         check_source(config.data)
+    if config.data.source == "folder" and imported and not reimport:
+        check_folder_unchanged(config, run)
     if config.data.source == "shards" or (imported and not reimport):
         data = open_data(run.data_dir)
         if data.count("unlabeled") == 0:
@@ -142,7 +156,7 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
         return
     needed = FASHION_MNIST_IMAGES * BYTES_PER_IMAGE_ESTIMATE if config.data.source == "fashion-mnist" else None
     if config.data.source == "folder" and config.data.path:
-        needed = sum(p.stat().st_size for p in Path(config.data.path).rglob("*") if p.is_file()) * 2
+        needed = sum(p.stat().st_size for p in folder.walk_files(Path(config.data.path)) if p.exists()) * 2
     existing = run.root if run.root.exists() else next(p for p in run.root.parents if p.exists())
     free = shutil.disk_usage(existing).free
     if needed is not None and free < needed:

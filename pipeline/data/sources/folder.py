@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,27 @@ def is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def walk_files(root: Path) -> list[Path]:
+    """Every file under `root` that is not hidden, sorted; linked folders are followed once (a link back up
+    the tree is not looped over), and a dangling link is listed so that callers name it."""
+    found, seen = [], set()
+    for directory, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        for name in names:
+            path = Path(directory) / name
+            if (path.is_file() or path.is_symlink() and not path.exists()) and not is_hidden(path, root):
+                found.append(path)
+    return sorted(found)
+
+
 def scan(root: str | Path) -> tuple[list[str], list[FolderImage], list[Path]]:
     """Class names (sorted sub-folder names), every image in a stable order, and the other files found
-    in class folders (not hidden, not PNG/JPEG/WebP: skipped, and reported by the importer)."""
+    (not hidden; in class folders not PNG/JPEG/WebP or a dangling link, or beside the class folders: skipped,
+    and reported by the importer)."""
     root = Path(root)
     if not root.is_dir():
         raise DataSourceError(f"image folder {root} does not exist or is not a directory")
@@ -43,12 +62,13 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage], list[Path]]:
     if len(classes) < 2:
         raise DataSourceError(f"image folder {root}: need one sub-folder per class (at least 2), found {classes}")
     images: list[FolderImage] = []
-    others: list[Path] = []
+    # files beside the class folders belong to no class: named with the skipped ones, not dropped unseen
+    others: list[Path] = sorted(p for p in root.iterdir() if not p.is_dir() and not p.name.startswith("."))
     used: set[str] = set()
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.is_file() and not is_hidden(p, root / name))
-        files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-        others += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
+        found = walk_files(root / name)
+        files = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.exists()]
+        others += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES or not p.exists()]
         if not files:
             kinds = sorted({p.suffix.lower() or p.name for p in found})
             raise DataSourceError(f"image folder {root}: class folder '{name}' has no PNG/JPEG/WebP images"
