@@ -236,3 +236,28 @@ def test_a_negative_seed_is_refused_with_its_key(tmp_path):
                           ({"labels_per_class": [0, 20]}, r"axes.labels_per_class: \[0, 20\]: each must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             check(from_dict(CompareConfig, {"axes": axes}))
+
+
+def test_the_saved_config_reads_back_the_same(tmp_path):
+    """Strings YAML 1.2 reads as numbers ('1e5', '+.5') were written unquoted: RUN/config.yaml was refused."""
+    from pipeline.config.loading import config_to_yaml
+
+    config = load_config(None, ["data.path='1e5'", "data.classes=['+.5', 'off', '010', 'shirt']",
+                                "teacher.model.init='1E3'"])
+    assert load_config(write(tmp_path, config_to_yaml(config))) == config
+
+
+def test_one_student_listed_twice_is_refused_naming_both_entries():
+    """Two entries of one arch and size make one stage name: a traceback from the graph before."""
+    with pytest.raises(ConfigError, match=r"students\[0\] and students\[1\] are both resnet18 at 32 px"):
+        load_config(None, ["distill.students=[{arch: resnet18, input_size: 32}, "
+                           "{arch: resnet18, input_size: 32, drop_rate: 0.1}]"])
+    assert len(load_config(None, ["distill.students=[{arch: resnet18, input_size: 32}, "
+                                  "{arch: resnet18, input_size: 64}]"]).distill.students) == 2
+
+
+def test_a_list_item_in_set_is_refused_with_the_whole_list_form():
+    """`distill.students[0].arch=...` blamed the config file for an unknown key."""
+    for key in ("distill.students[0].arch", "distill.students.0.arch"):
+        with pytest.raises(ConfigError, match=r"--set names a key, not a list item; give the list whole"):
+            load_config(None, [f"{key}=resnet18"])

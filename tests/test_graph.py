@@ -58,6 +58,7 @@ def test_a_distilled_student_started_from_pretraining_is_redone_with_it():
     ("student.model", "ssl_pretrain", 'student.model.init is "ssl_pretrain" but ssl_pretrain.enabled is false'),
     ("distill", "pretrain", r'distill.students\[0\].init is "pretrain" but the config has no pretrain.data'),
     ("distill", "teacher", r'distill.students\[0\].init "teacher": a distilled student does not start'),
+    ("teacher.model", "teacher", r'teacher.model.init "teacher": only a student starts from its teacher'),
 ])
 def test_an_init_naming_a_stage_the_config_leaves_out_is_refused_before_anything_runs(where, init, message):
     from pipeline.stages.preflight import check_models
@@ -105,3 +106,13 @@ def test_export_names_a_given_distill_teacher_apart_from_the_runs_own_teacher(tm
     own = load_config(None, ["student.rounds=1", "distill.students=[{arch: test_resnet, input_size: 16}]"])
     assert exported_models(StageContext(own, RunDir(tmp_path / "run"), None, build_graph(own)),  # type: ignore[arg-type]
                            build_graph(own).get("export"))[0][0] == "student_r1"
+
+
+def test_calibration_without_a_holdout_is_refused_before_the_teacher_trains(tmp_path):
+    from pipeline.core.rundir import RunDir, RunDirError
+    from pipeline.stages.preflight import check_holdout_for_calibration
+
+    with pytest.raises(RunDirError, match="select.calibrate is true but the data has no holdout split"):
+        check_holdout_for_calibration(load_config(None, ["select.calibrate=true"]), RunDir(tmp_path / "run"), False)
+    check_holdout_for_calibration(load_config(None, ["select.calibrate=true", "data.holdout_per_class=2"]),
+                                  RunDir(tmp_path / "run"), False)

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import ConfigError, from_dict, load_yaml, read_config_text, set_by_path, to_dict
+from pipeline.config.schema import ConfigDumper, ConfigError, from_dict, load_yaml, read_config_text, set_by_path, to_dict
 from pipeline.config.sections import Config
 
 
@@ -26,6 +26,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: the key is empty")
+    if re.search(r"\[|\.\d+(\.|$)", key):  # distill.students[0].arch, distill.students.0.arch
+        raise ConfigError(f"--set {text}: --set names a key, not a list item; give the list whole, e.g. "
+                          "--set 'distill.students=[{arch: mobilenetv3_small_100, input_size: 64}]'")
     if not raw.strip():
         return key, ""
     try:
@@ -91,7 +94,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def config_to_yaml(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    return yaml.dump(to_dict(config), Dumper=ConfigDumper, sort_keys=False)
 
 
 def fingerprint(obj: Any) -> str:

@@ -67,6 +67,17 @@ _UniqueKeyLoader.add_implicit_resolver(
                        r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """Writes a config that reads back the same: a string that a plain scalar would turn into a number or a
+    bool under these rules (`'1e5'`, a path) or under PyYAML's 1.1 (`'off'`, for other readers) is quoted."""
+
+
+ConfigDumper.yaml_implicit_resolvers = {
+    first: list(dict.fromkeys(yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])
+                              + _UniqueKeyLoader.yaml_implicit_resolvers.get(first, [])))
+    for first in set(yaml.SafeDumper.yaml_implicit_resolvers) | set(_UniqueKeyLoader.yaml_implicit_resolvers)}
+
+
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
     return int(text, 16 if text.startswith("0x") else 10)

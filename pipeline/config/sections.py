@@ -146,7 +146,8 @@ class StudentConfig:
     unlabeled_ratio: int = field(default=2, metadata=bounds(ge=1))
     pseudo_weight: float = field(default=1.0, metadata=bounds(ge=0))  # a in L_h + a * L_p
     loss_balance: bool = False  # Zoph et al. 2020 running-average normalisation
-    rounds: int = field(default=1, metadata=bounds(ge=0))  # 0: stop after selection
+    # 0: no student; round 1's pseudo-labels and selection still run (measured), and distill teaches from the teacher
+    rounds: int = field(default=1, metadata=bounds(ge=0))
     # memory: the selected pool is decoded into RAM; streamed: read from the shards as training goes
     # (pipeline/data/pool_stream.py), shuffled in a buffer of `shuffle_buffer` images
     pool: Literal["memory", "streamed"] = "memory"
@@ -272,6 +273,12 @@ class DistillConfig:
         if self.mode == "offline" and self.mixup > 0:
             raise ValueError(f"mixup {self.mixup} needs mode: online: offline teacher logits are of the clean, "
                              "unmixed image, so a mixed view would be taught another image's target")
+        seen: dict[tuple[str, int], int] = {}
+        for i, student in enumerate(self.students):
+            first = seen.setdefault((student.arch, student.input_size), i)
+            if first != i:
+                raise ValueError(f"students[{first}] and students[{i}] are both {student.arch} at {student.input_size} "
+                                 "px: one stage (and directory) each; list an architecture and size once")
         peer = self.mutual.peer
         if self.mutual.weight > 0 and peer is not None:
             other = sorted({s.input_size for s in self.students} - {peer.input_size})

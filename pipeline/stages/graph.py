@@ -4,7 +4,8 @@
          -> [pseudo_label_distill] -> distill_<arch> [-> prune_<arch>] ... -> export -> report
 
 Round i's teacher is `teacher` (i = 1) or `student_r{i-1}`. With `student.rounds: 0`
-the run stops after the first selection. Each `distill.students` entry adds one
+no student trains: the teacher still labels and selects once (measured), and is the one the
+`distill.students` learn from. Each `distill.students` entry adds one
 `distill_<arch>` stage whose teacher is the last round (or `distill.teacher`); offline
 distillation adds a pseudo-label stage for that teacher when no round labels with it.
 `distill.prune.enabled` adds `prune_<arch>` after each; `export` takes every distilled and

@@ -68,6 +68,9 @@ def _check_prunable(model: ModelConfig, where: str) -> None:
 
 
 def check_models(config: Config) -> None:
+    if config.teacher.model.init == "teacher":
+        raise ModelError('teacher.model.init "teacher": only a student starts from its teacher; use null (random), '
+                         '"pretrain", "ssl_pretrain", a checkpoint directory, a weights file or "timm:NAME"')
     _check_model(config.teacher.model, "teacher.model")
     _check_run_stage_init(config, config.teacher.model, "teacher.model")
     if config.student.rounds:
@@ -137,6 +140,21 @@ def check_folder_unchanged(config: Config, run: RunDir) -> None:
                              "trained on the old import)")
 
 
+def check_holdout_for_calibration(config: Config, run: RunDir, reimport: bool) -> None:
+    """`select.calibrate` fits the teacher's temperature on the holdout split: without one, select_r1 refused
+    after the teacher had trained, and the fix (a holdout) means importing again."""
+    if config.data.source == "shards" or ((run.data_dir / "manifest.json").exists() and not reimport):
+        holdout = open_data(run.data_dir).count("holdout")
+    elif config.data.source == "webdataset":
+        holdout = len(webdataset_section(config.data).holdout)
+    else:
+        holdout = config.data.holdout_per_class
+    if not holdout:
+        raise RunDirError("select.calibrate is true but the data has no holdout split to fit the temperature on; "
+                          "set data.holdout_per_class > 0 (taken from the labeled budget; data.webdataset.holdout "
+                          "for shards used in place), or select.calibrate=false")
+
+
 def check_data(config: Config, run: RunDir, reimport: bool) -> None:
     """The source of a new import (or of `reimport`, `--from data`) is there; an existing import must have an
     unlabeled pool; a new import must fit on the disk; shards used in place must be listed, named once and
@@ -190,3 +208,5 @@ def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = F
     check_given_teachers(config, run, reimport)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run, reimport)
+        if config.select.calibrate:
+            check_holdout_for_calibration(config, run, reimport)
