@@ -116,3 +116,15 @@ def test_calibration_without_a_holdout_is_refused_before_the_teacher_trains(tmp_
         check_holdout_for_calibration(load_config(None, ["select.calibrate=true"]), RunDir(tmp_path / "run"), False)
     check_holdout_for_calibration(load_config(None, ["select.calibrate=true", "data.holdout_per_class=2"]),
                                   RunDir(tmp_path / "run"), False)
+
+
+@pytest.mark.parametrize("student, message", [
+    ("{arch: convnext_atto, input_size: 16}", r"distill.students\[0\].input_size 16: convnext_atto cannot take 16 px"),
+    ("{arch: vit_tiny_patch16_224, input_size: 32}", r"input_size 32: vit_tiny_patch16_224 cannot take 32 px images"),
+])
+def test_an_input_size_a_model_cannot_take_is_refused_before_the_teacher_trains(student, message):
+    """It was a traceback at the distill stage, after the teacher and every round had trained."""
+    from pipeline.stages.preflight import check_models
+    from teachers.models import ModelError
+    with pytest.raises(ModelError, match=message):
+        check_models(load_config(None, [f"distill.students=[{student}]"]))

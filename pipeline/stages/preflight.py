@@ -32,23 +32,35 @@ FASHION_MNIST_IMAGES = 70_000
 def _check_model(model: ModelConfig, where: str) -> None:
     check_arch(model.arch)
     check_init_exists(model.init, model.arch, where)
-    if model.drop_rate > 0 or model.drop_path_rate > 0:
-        _check_drop_options(model, where)
+    _check_buildable(model, where)
 
 
-def _check_drop_options(model: ModelConfig, where: str) -> None:
-    """Architectures without stochastic depth (densenet, vgg, ShuffleNet, ...) refuse a drop_path_rate: found
-    here, by building the model on the meta device (no memory, milliseconds), not when its stage starts."""
+def _check_buildable(model: ModelConfig, where: str) -> None:
+    """The model built with its options on the meta device (no memory, milliseconds) and run on one image of
+    its input size: an option the architecture refuses (stochastic depth on densenet, vgg, ShuffleNet) or a
+    size it cannot take (a ViT's fixed size, a stem larger than the image) is found here, not at its stage."""
     try:
         with torch.device("meta"):
-            create_model(model.arch, 2, 1, model.drop_rate, model.drop_path_rate)
+            create_model(model.arch, 2, 1, model.drop_rate, model.drop_path_rate).eval()(
+                torch.zeros(1, 1, model.input_size, model.input_size))
     except ModelError as error:
         if model.drop_path_rate > 0:
             raise ModelError(f"{where}.drop_path_rate is {model.drop_path_rate:g}, and {model.arch} has no "
                              f"stochastic depth; set {where}.drop_path_rate=0") from None
         raise ModelError(f"{where} ({model.arch}, drop_rate {model.drop_rate:g}): {error}") from None
-    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is built by its stage
-        pass
+    except Exception:  # noqa: BLE001 - an op without a meta kernel, or the size: told apart on the CPU
+        _check_input_size_on_cpu(model, where)
+
+
+def _check_input_size_on_cpu(model: ModelConfig, where: str) -> None:
+    try:
+        with torch.inference_mode():
+            create_model(model.arch, 2, 1).eval()(torch.zeros(1, 1, model.input_size, model.input_size))
+    except Exception as error:  # noqa: BLE001 - timm raises AssertionError, RuntimeError, ... for a wrong size
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(f"{where}.input_size {model.input_size}: {model.arch} cannot take "
+                         f"{model.input_size} px images ({message}); give another input_size or architecture") \
+            from None
 
 
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
