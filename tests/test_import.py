@@ -240,3 +240,18 @@ def test_a_run_on_a_folder_changed_since_its_import_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "which now holds 37; rerun with --from data to import the folder as it is now" in err
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_a_run_on_an_import_refuses_a_class_filter_or_cap_the_import_was_not_made_with(tiny_data, tmp_path, capsys):
+    """`data.source: shards` ignored data.classes and data.max_unlabeled: a 2-class run trained 10 classes."""
+    from conftest import TINY_TEACHER, set_args, tiny_config
+    from pipeline.cli import main
+
+    config = tiny_config(tmp_path, tiny_data)
+    def args(run: str) -> list[str]:
+        return ["run", str(config), "--run-dir", str(tmp_path / run), "--only", "data"] + set_args(TINY_TEACHER)
+    assert main(args("a") + ["--set", "data.classes=['1', '2']"]) == 2
+    assert "data.classes keeps 2 classes, but the import at data.path has 10" in capsys.readouterr().err
+    assert main(args("b") + ["--set", "data.max_unlabeled=20"]) == 2
+    assert "data.max_unlabeled is 20, but the import at data.path was made with None" in capsys.readouterr().err
+    assert main(args("c")) == 0

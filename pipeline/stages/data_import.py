@@ -49,4 +49,19 @@ def import_data(d: DataConfig, out: Path, progress: bool) -> None:
     elif d.source == "webdataset":
         import_webdataset(d, out, progress)
     else:
-        open_data(out)  # validates the existing import
+        refuse_settings_an_import_ignores(d, open_data(out).manifest)  # opening it validates the import
+
+
+def refuse_settings_an_import_ignores(d: DataConfig, manifest: dict) -> None:
+    """`source: shards` reads an import as it was made: a class filter or pool cap asked for here but not the
+    import's would be ignored silently (a run asking for 2 classes trained a 10-class teacher)."""
+    made = manifest.get("params", {})
+    if d.classes and len(d.classes) != manifest.get("num_classes"):
+        raise RunDirError(f"data.classes keeps {len(d.classes)} classes, but the import at data.path has "
+                          f"{manifest.get('num_classes')} ({', '.join(map(str, manifest.get('classes', [])[:10]))}); "
+                          "data.source: shards uses an import as it is: import again with the class filter, or leave "
+                          "data.classes out")
+    if d.max_unlabeled is not None and d.max_unlabeled != made.get("max_unlabeled"):
+        raise RunDirError(f"data.max_unlabeled is {d.max_unlabeled}, but the import at data.path was made with "
+                          f"{made.get('max_unlabeled')}; data.source: shards uses an import as it is: import again "
+                          "with that cap, or leave data.max_unlabeled out")
