@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.importer import import_fashion_mnist, import_folder
+from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
 from pipeline.data.imageset import load_labeled_split, open_data
 from pipeline.data.shards import iter_shard
 from pipeline.data.sources.fashion_mnist import DataSourceError
@@ -251,7 +251,39 @@ def test_a_run_on_an_import_refuses_a_class_filter_or_cap_the_import_was_not_mad
     def args(run: str) -> list[str]:
         return ["run", str(config), "--run-dir", str(tmp_path / run), "--only", "data"] + set_args(TINY_TEACHER)
     assert main(args("a") + ["--set", "data.classes=['1', '2']"]) == 2
-    assert "data.classes keeps 2 classes, but the import at data.path has 10" in capsys.readouterr().err
+    assert "data.classes ['1', '2'] (out_of_domain_unlabeled False) is not the class filter the import" in \
+        capsys.readouterr().err
     assert main(args("b") + ["--set", "data.max_unlabeled=20"]) == 2
     assert "data.max_unlabeled is 20, but the import at data.path was made with None" in capsys.readouterr().err
     assert main(args("c")) == 0
+
+
+def test_a_class_filter_must_name_the_imports_classes_not_only_their_count(tiny_fashion_dir, tmp_path, capsys):
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.cli import main
+
+    import_fashion_mnist(tmp_path / "imp", str(tiny_fashion_dir), per_class=5, shard_size=100, progress=False,
+                         class_filter=ClassFilter(("0", "1")))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {tmp_path / 'imp'}\n")
+
+    def run(name: str, classes: str) -> int:
+        return main(["run", str(config), "--run-dir", str(tmp_path / name), "--only", "data",
+                     "--set", f"data.classes={classes}"] + set_args(TINY_TEACHER))
+    assert run("other", "['5', '6']") == 2  # two classes, but not these two
+    assert "is not the class filter the import at data.path was made with" in capsys.readouterr().err
+    assert run("by_index", "['0', '1']") == 0 and run("by_name", "['T-shirt/top', 'Trouser']") == 0
+
+
+def test_a_run_whose_image_folder_is_gone_uses_its_finished_import(tmp_path, capsys):
+    from conftest import TINY_TEACHER, set_args
+    from pipeline.cli import main
+
+    make_folder(tmp_path / "src")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"seed: 0\ndata:\n  source: folder\n  path: {tmp_path / 'src'}\n  labels_per_class: 4\n")
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run")] + set_args(TINY_TEACHER)
+    assert main(args + ["--only", "data"]) == 0
+    (tmp_path / "src").rename(tmp_path / "moved")
+    assert main(args + ["--only", "teacher"]) == 0
+    assert "is not there any more; the finished import" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.config.sections import DataConfig
 from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
+from pipeline.data.sources import fashion_mnist
 from pipeline.data.webdataset_source import import_webdataset
 from pipeline.stages.base import Stage, StageContext
 
@@ -56,12 +57,35 @@ def refuse_settings_an_import_ignores(d: DataConfig, manifest: dict) -> None:
     """`source: shards` reads an import as it was made: a class filter or pool cap asked for here but not the
     import's would be ignored silently (a run asking for 2 classes trained a 10-class teacher)."""
     made = manifest.get("params", {})
-    if d.classes and len(d.classes) != manifest.get("num_classes"):
-        raise RunDirError(f"data.classes keeps {len(d.classes)} classes, but the import at data.path has "
-                          f"{manifest.get('num_classes')} ({', '.join(map(str, manifest.get('classes', [])[:10]))}); "
-                          "data.source: shards uses an import as it is: import again with the class filter, or leave "
-                          "data.classes out")
+    if d.classes and not _same_class_filter(d, manifest):
+        raise RunDirError(f"data.classes {list(d.classes)} (out_of_domain_unlabeled {d.out_of_domain_unlabeled}) is "
+                          f"not the class filter the import at data.path was made with (its classes: "
+                          f"{', '.join(map(str, manifest.get('classes', [])[:10]))}; out_of_domain_unlabeled "
+                          f"{bool(made.get('out_of_domain_unlabeled'))}); data.source: shards uses an import as it is: "
+                          "import again with the class filter, or leave data.classes out")
     if d.max_unlabeled is not None and d.max_unlabeled != made.get("max_unlabeled"):
         raise RunDirError(f"data.max_unlabeled is {d.max_unlabeled}, but the import at data.path was made with "
                           f"{made.get('max_unlabeled')}; data.source: shards uses an import as it is: import again "
                           "with that cap, or leave data.max_unlabeled out")
+
+
+def _same_class_filter(d: DataConfig, manifest: dict) -> bool:
+    """`data.classes` (names, or source indices as text) names the import's classes in its order, with the
+    same out-of-domain pool. Indices are read against the source's class names where they are known
+    (Fashion-MNIST's; an image folder's sub-folders while it exists); otherwise they must be the names."""
+    made = manifest.get("params", {})
+    recorded = made.get("classes") or manifest.get("classes", [])
+    if len(d.classes) != len(recorded) or d.out_of_domain_unlabeled != bool(made.get("out_of_domain_unlabeled")):
+        return False
+    names = _source_class_names(made.get("kind"), manifest)
+    return all(item == name or (item.isdecimal() and names is not None and int(item) < len(names)
+                                and names[int(item)] == name) for item, name in zip(map(str, d.classes), recorded))
+
+
+def _source_class_names(kind: object, manifest: dict) -> list[str] | None:
+    if kind == "fashion-mnist":
+        return list(fashion_mnist.CLASS_NAMES)
+    source = Path(str(manifest.get("source", "")))
+    if kind == "folder" and source.is_dir():
+        return sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return None

@@ -145,6 +145,10 @@ def check_source(data: DataConfig) -> None:
 def check_folder_unchanged(config: Config, run: RunDir) -> None:
     """The image folder of a finished import still holds what was imported: the data stage is done and
     skipped, and the rounds would train on the old import of a folder since changed (file sizes only)."""
+    if not Path(config.data.path).is_dir():  # moved or deleted since: the finished import is what runs read
+        print(f"data.path {config.data.path} is not there any more; the finished import in {run.data_dir} is used "
+              "as it is (not compared with the folder)")
+        return
     _, images, _ = folder.scan(config.data.path)
     check_same_folder(run.data_dir, read_json(run.data_dir / "manifest.json"), config.data.path, images,
                       whole=not config.data.classes and config.data.max_unlabeled is None,
