@@ -224,8 +224,8 @@ def test_linked_folders_are_imported_and_stray_files_and_dangling_links_named(tm
                                                           str(tmp_path / "src" / "eel" / "gone.png")}
 
 
-def test_a_run_on_a_folder_changed_since_its_import_is_refused(tmp_path, capsys):
-    """The data stage is done and skipped: the rounds trained on the old import of a changed folder."""
+def imported_folder_run(tmp_path) -> list[str]:
+    """`selftrain run` arguments of a tiny run on an image folder (tmp_path/src) whose data stage is done."""
     from conftest import TINY_TEACHER, set_args
     from pipeline.cli import main
 
@@ -234,6 +234,14 @@ def test_a_run_on_a_folder_changed_since_its_import_is_refused(tmp_path, capsys)
     config.write_text(f"seed: 0\ndata:\n  source: folder\n  path: {tmp_path / 'src'}\n  labels_per_class: 4\n")
     args = ["run", str(config), "--run-dir", str(tmp_path / "run")] + set_args(TINY_TEACHER)
     assert main(args + ["--only", "data"]) == 0
+    return args
+
+
+def test_a_run_on_a_folder_changed_since_its_import_is_refused(tmp_path, capsys):
+    """The data stage is done and skipped: the rounds trained on the old import of a changed folder."""
+    from pipeline.cli import main
+
+    args = imported_folder_run(tmp_path)
     Image.fromarray(np.zeros((20, 24), dtype=np.uint8), "L").save(tmp_path / "src" / "cat" / "new.png")
     capsys.readouterr()
     assert main(args + ["--only", "teacher"]) == 2
@@ -276,14 +284,9 @@ def test_a_class_filter_must_name_the_imports_classes_not_only_their_count(tiny_
 
 
 def test_a_run_whose_image_folder_is_gone_uses_its_finished_import(tmp_path, capsys):
-    from conftest import TINY_TEACHER, set_args
     from pipeline.cli import main
 
-    make_folder(tmp_path / "src")
-    config = tmp_path / "c.yaml"
-    config.write_text(f"seed: 0\ndata:\n  source: folder\n  path: {tmp_path / 'src'}\n  labels_per_class: 4\n")
-    args = ["run", str(config), "--run-dir", str(tmp_path / "run")] + set_args(TINY_TEACHER)
-    assert main(args + ["--only", "data"]) == 0
+    args = imported_folder_run(tmp_path)
     (tmp_path / "src").rename(tmp_path / "moved")
     assert main(args + ["--only", "teacher"]) == 0
     assert "is not there any more; the finished import" in capsys.readouterr().out
