@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.schema import ConfigDumper, ConfigError, from_dict, load_yaml, read_config_text, set_by_path, to_dict
+from pipeline.config.schema import (ConfigDumper, ConfigError, from_dict, load_yaml, read_config_text, set_by_path,
+                                    to_dict)
 from pipeline.config.sections import Config
 
 

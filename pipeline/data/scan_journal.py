@@ -46,8 +46,11 @@ class ScanJournal:
                 if isinstance(entry, dict) and entry.get("settings") == self.settings:
                     self.entries[(entry.get("split"), entry.get("url"))] = entry
 
-    def start(self) -> None:
+    def _rewrite(self) -> None:
         write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
+
+    def start(self) -> None:
+        self._rewrite()
         self._handle = open(self.path, "a", encoding="utf-8")
 
     def scanned(self, split: str, url: str, location: ShardLocation) -> dict | None:
@@ -68,7 +71,7 @@ class ScanJournal:
         rewrites shards, and a stream read again under the same URL may hold other bytes."""
         self.close()
         self.entries = {key: e for key, e in self.entries.items() if e.get("stat") is not None}
-        write_text(self.path, "".join(json.dumps(e) + "\n" for e in self.entries.values()))
+        self._rewrite()
 
     def close(self) -> None:
         if self._handle is not None:

@@ -292,10 +292,10 @@ def import_webdataset(data: DataConfig, out: Path, progress: bool = True) -> dic
         raise
     finally:
         journal.close()
-    if manifest["unlabeled_problems"]["num_skipped"] or manifest["unlabeled_problems"]["num_truncated"]:
-        print(f"data: unlabeled pool: {manifest['unlabeled_problems']['num_skipped']} sample(s) skipped, "
-              f"{manifest['unlabeled_problems']['num_truncated']} shard(s) truncated (see unlabeled_problems in "
-              f"{out / MANIFEST})")
+    problems = manifest["unlabeled_problems"]
+    if problems["num_skipped"] or problems["num_truncated"]:
+        print(f"data: unlabeled pool: {problems['num_skipped']} sample(s) skipped, {problems['num_truncated']} "
+              f"shard(s) truncated (see unlabeled_problems in {out / MANIFEST})")
     write_json(out / MANIFEST, manifest)
     journal.finish()
     return manifest

@@ -92,8 +92,9 @@ def _check_onnx_shapes(session: object, meta: CheckpointMeta, path: Path) -> Non
     wrong = len(shape) != 4 or any(isinstance(shape[i], int) and shape[i] != size for i, size in expected.items())
     if wrong:
         takes = f"one input of shape {shape}" if shape else f"{len(inputs)} inputs"
-        raise PredictError(f"{path}: the graph takes {takes}, and its '{ONNX_META_KEY}' metadata describes N x {meta.in_chans} x "
-                           f"{meta.input_size} x {meta.input_size} images; export the model again")
+        raise PredictError(f"{path}: the graph takes {takes}, and its '{ONNX_META_KEY}' metadata describes "
+                           f"N x {meta.in_chans} x {meta.input_size} x {meta.input_size} images; "
+                           "export the model again")
     width = list(outputs[0].shape)[-1] if outputs and outputs[0].shape else None
     if isinstance(width, int) and width != len(meta.class_names):
         raise PredictError(f"{path}: the graph gives {width} logits, and its '{ONNX_META_KEY}' metadata names "

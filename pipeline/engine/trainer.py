@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
 
 from pipeline.config.sections import TrainConfig
 from pipeline.engine.ema import WeightEma
@@ -119,9 +118,7 @@ def _save_state(accelerator: Accelerator, state_dir: Path) -> None:
     try:
         accelerator.save_state(str(tmp))
     except Exception as exc:  # torch.save on a full disk raises RuntimeError ("unexpected pos"), not OSError
-        code = _errno_of(exc) if isinstance(exc, (OSError, SafetensorError)) else None
-        if code is None and _disk_full(tmp.parent):
-            code = errno.ENOSPC
+        code = _errno_of(exc) or (errno.ENOSPC if _disk_full(tmp.parent) else None)
         shutil.rmtree(tmp, ignore_errors=True)  # the last complete state stays; nothing partial is left
         if code in (errno.ENOSPC, errno.EDQUOT):
             raise WriteFailed(f"cannot save the training state to {tmp}: {errno.errorcode[code]} "

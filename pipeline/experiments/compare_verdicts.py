@@ -47,21 +47,17 @@ def _missing_gain_axes(grid: Grid, init: str) -> str | None:
     return None
 
 
-def _per_seed_mean(per_cell: list[dict[int, float]]) -> dict[int, float]:
-    """{seed: mean over the cells} of per-cell {seed: value} maps, for the seeds every cell has: a seed
-    averaged over other cells than the rest (a grid grown with `--only`) would measure another thing."""
+def _per_seed_mean(per_cell: list[dict[int, float]]) -> tuple[dict[int, float], str]:
+    """{seed: mean over the cells} of per-cell {seed: value} maps, for the seeds every cell has (a seed
+    averaged over other cells than the rest, in a grid grown with `--only`, would measure another thing), and
+    '; seeds 3, 4 left out: not in every cell' for the evidence ('' when every seed is used)."""
     if not per_cell:
-        return {}
+        return {}, ""
     seeds = sorted(set.intersection(*(set(cell) for cell in per_cell)))
-    return {seed: sum(cell[seed] for cell in per_cell) / len(per_cell) for seed in seeds}
-
-
-def _left_out(per_cell: list[dict[int, float]], used: dict[int, float]) -> str:
-    """'; seeds 3, 4 left out: not in every cell', or '' when every seed is used."""
-    left = sorted({seed for cell in per_cell for seed in cell} - set(used))
-    if not left:
-        return ""
-    return f"; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} left out: not in every cell"
+    left = sorted({seed for cell in per_cell for seed in cell} - set(seeds))
+    note = (f"; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} left out: not in every cell"
+            if left else "")
+    return {seed: sum(cell[seed] for cell in per_cell) / len(per_cell) for seed in seeds}, note
 
 
 def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str, int], tuple[str, int]]],
@@ -76,7 +72,7 @@ def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str
         if both:  # a pair of cells the grid has not run (yet) is not averaged over
             lo_cells.append({seed: g_lo[seed] for seed in both})
             hi_cells.append({seed: g_hi[seed] for seed in both})
-    lo_gain, hi_gain = _per_seed_mean(lo_cells), _per_seed_mean(hi_cells)
+    (lo_gain, left_out), (hi_gain, _) = _per_seed_mean(lo_cells), _per_seed_mean(hi_cells)  # same seeds
     if not lo_gain:
         return Verdict(finding, INCONCLUSIVE, f"no seed has {init} and random at both {ends[0]} and {ends[1]}")
     stat = describe([lo_gain[seed] - hi_gain[seed] for seed in lo_gain])
@@ -85,7 +81,7 @@ def _gain_trend(grid: Grid, init: str, finding: str, cells: list[tuple[tuple[str
     evidence = (f"gain of {init} over random (self-training off), each seed averaged over {averaged_over}, at "
                 f"{ends[0]}: {format_gain(describe(list(lo_gain.values())))}; at {ends[1]}: "
                 f"{format_gain(describe(list(hi_gain.values())))}; difference, paired per seed: {evidence_number(stat)}"
-                f"{_left_out(lo_cells + hi_cells, lo_gain)}")
+                f"{left_out}")
     return Verdict(finding, _outcome(significance(stat)), evidence)
 
 
@@ -162,10 +158,10 @@ def verdict_ssl_like_supervised(grid: Grid, ssl_init: str, supervised: str = SUP
 
 def _pooled(grid: Grid, arm: Arm, base: Arm) -> tuple[list[float], str]:
     """arm − base paired per seed, each seed's differences averaged over every (policy, labels) cell that has
-    both; and `_left_out`'s note."""
+    both; and `_per_seed_mean`'s note on the seeds left out."""
     per_cell = [cell for p in grid.policies for n in grid.labels if (cell := grid.paired(arm, base, p, n))]
-    means = _per_seed_mean(per_cell)
-    return list(means.values()), _left_out(per_cell, means)
+    means, left_out = _per_seed_mean(per_cell)
+    return list(means.values()), left_out
 
 
 def verdict_self_training_helps(grid: Grid) -> Verdict:
@@ -184,11 +180,11 @@ def verdict_self_training_helps(grid: Grid) -> Verdict:
         return Verdict(FINDING_E, INCONCLUSIVE, "no cell has arms both with and without self-training")
     signs = holm_significance([stat for _, stat in cells])
     negative = [name for (name, _), s in zip(cells, signs) if s == -1]
-    means = _per_seed_mean(per_cell)
+    means, left_out = _per_seed_mean(per_cell)
     pooled = evidence_number(describe(list(means.values()))) if means else "no seed is in every cell"
     evidence = (f"self-training on − off, paired per seed in each (init, policy, labels) cell (Holm-corrected over "
                 f"the cells): {signs.count(1)} of {len(cells)} cells significantly > 0, {len(negative)} significantly "
-                f"< 0; each seed averaged over all cells: {pooled}{_left_out(per_cell, means)}")
+                f"< 0; each seed averaged over all cells: {pooled}{left_out}")
     if negative:
         evidence += "; negative in " + ", ".join(negative)
     outcome = NOT_REPRODUCED if negative else REPRODUCED if all(s == 1 for s in signs) else INCONCLUSIVE

@@ -15,7 +15,7 @@ from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.config.sections import DataConfig
 from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
-from pipeline.data.sources import fashion_mnist
+from pipeline.data.sources import fashion_mnist, folder
 from pipeline.data.webdataset_source import import_webdataset
 from pipeline.stages.base import Stage, StageContext
 
@@ -87,5 +87,5 @@ def _source_class_names(kind: object, manifest: dict) -> list[str] | None:
         return list(fashion_mnist.CLASS_NAMES)
     source = Path(str(manifest.get("source", "")))
     if kind == "folder" and source.is_dir():
-        return sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return folder.class_names(source)
     return None

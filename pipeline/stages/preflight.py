@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config.sections import Config, DataConfig, ModelConfig
-from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.core.atomic import read_json
+from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.data.importer import check_same_folder
 from pipeline.data.sources import fashion_mnist, folder
@@ -79,10 +79,12 @@ def _check_prunable(model: ModelConfig, where: str) -> None:
                          "Set distill.prune.enabled=false or distil into another student") from error
 
 
+OTHER_INITS = 'null (random), "pretrain", "ssl_pretrain", a checkpoint directory, a weights file or "timm:NAME"'
+
+
 def check_models(config: Config) -> None:
     if config.teacher.model.init == "teacher":
-        raise ModelError('teacher.model.init "teacher": only a student starts from its teacher; use null (random), '
-                         '"pretrain", "ssl_pretrain", a checkpoint directory, a weights file or "timm:NAME"')
+        raise ModelError(f'teacher.model.init "teacher": only a student starts from its teacher; use {OTHER_INITS}')
     _check_model(config.teacher.model, "teacher.model")
     _check_run_stage_init(config, config.teacher.model, "teacher.model")
     if config.student.rounds:
@@ -93,8 +95,7 @@ def check_models(config: Config) -> None:
         _check_run_stage_init(config, student, f"distill.students[{i}]")
         if student.init == "teacher":
             raise ModelError(f'distill.students[{i}].init "teacher": a distilled student does not start from its '
-                             'teacher\'s weights; use null (random), "pretrain", "ssl_pretrain", a checkpoint '
-                             'directory, a weights file or "timm:NAME"')
+                             f"teacher's weights; use {OTHER_INITS}")
         if config.distill.prune.enabled:
             _check_prunable(student, f"distill.students[{i}]")
     if config.distill.students and config.distill.mutual.weight > 0 and config.distill.mutual.peer is not None:

@@ -34,6 +34,11 @@ def is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def class_names(root: Path) -> list[str]:
+    """An image folder's classes: its sub-folders (not hidden), sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def walk_files(root: Path) -> list[Path]:
     """Every file under `root` that is not hidden, sorted; linked folders are followed once (a link back up
     the tree is not looped over), and a dangling link is listed so that callers name it."""
@@ -58,7 +63,7 @@ def scan(root: str | Path) -> tuple[list[str], list[FolderImage], list[Path]]:
     root = Path(root)
     if not root.is_dir():
         raise DataSourceError(f"image folder {root} does not exist or is not a directory")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_names(root)
     if len(classes) < 2:
         raise DataSourceError(f"image folder {root}: need one sub-folder per class (at least 2), found {classes}")
     images: list[FolderImage] = []
