@@ -43,8 +43,13 @@ def grow_from(model: torch.nn.Module, directory: Path, meta: CheckpointMeta, new
     """Copy a smaller checkpoint into `model` and check the result computes the checkpoint's function.
     `new_head`: the model's classifier tensors, when the checkpoint's head is for other classes: they keep
     their initialisation, and the check compares the features the heads read instead of the logits."""
-    where = f"model.init {directory}"
-    source = {k: v for k, v in read_weights(directory).items() if k not in new_head}
+    return grow_state(model, read_weights(directory), meta, new_head, where=f"model.init {directory}")
+
+
+def grow_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], meta: CheckpointMeta,
+               new_head: frozenset[str] = frozenset(), where: str = "model.init") -> Growth:
+    """`grow_from` on weights already read (preflight grows a random-init teacher to check the pair early)."""
+    source = {k: v for k, v in weights.items() if k not in new_head}
     target = model.state_dict()
     absent = [k for k in source if k not in target]
     if absent:

@@ -128,3 +128,15 @@ def test_an_input_size_a_model_cannot_take_is_refused_before_the_teacher_trains(
     from teachers.models import ModelError
     with pytest.raises(ModelError, match=message):
         check_models(load_config(None, [f"distill.students=[{student}]"]))
+
+
+def test_a_round_one_student_that_cannot_grow_from_its_teacher_is_refused_before_the_teacher_trains():
+    from pipeline.stages.preflight import check_models
+    from teachers.models import ModelError
+    config = load_config(None, ["student.rounds=1", "teacher.model.arch=test_resnet", "student.model.init=teacher",
+                                "student.model.arch=mobilenetv3_small_100", "distill.students=[]"])
+    with pytest.raises(ModelError, match=r"student.model.init \"teacher\" \(mobilenetv3_small_100\): cannot grow "
+                                         r"'test_resnet' .*Set student.model.arch=test_resnet"):
+        check_models(config)
+    check_models(load_config(None, ["student.rounds=1", "teacher.model.arch=test_resnet", "distill.students=[]",
+                                    "student.model.init=teacher", "student.model.arch=test_resnet"]))

@@ -20,7 +20,8 @@ from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages.base import StageGraph
 from pipeline.engine.init import check_init_exists
-from teachers.checkpoint import META, CheckpointError, check_teachers_classes, checkpoint_hash
+from teachers.checkpoint import META, CheckpointError, CheckpointMeta, check_teachers_classes, checkpoint_hash
+from teachers.grow import grow_state
 from teachers.models import ModelError, check_arch, create_model
 from students.prune import PruneError, build_pruners
 
@@ -63,6 +64,23 @@ def _check_input_size_on_cpu(model: ModelConfig, where: str) -> None:
             from None
 
 
+def _check_student_grows_from_teacher(teacher: ModelConfig, student: ModelConfig) -> None:
+    """Round 1's student `init: teacher` of another architecture: grown from a random-init teacher here (CPU,
+    about a second) with the check the stage makes, so a pair that cannot grow is refused before the teacher
+    trains, not after (later rounds' teachers are students, of the student's own architecture)."""
+    if student.init != "teacher" or student.arch == teacher.arch:
+        return
+    meta = CheckpointMeta(arch=teacher.arch, num_classes=2, in_chans=1, input_size=teacher.input_size, mean=(0.5,),
+                          std=(0.5,), class_names=("0", "1"), config_hash="preflight")
+    with torch.random.fork_rng(devices=[]):
+        weights, model = create_model(teacher.arch, 2, 1).state_dict(), create_model(student.arch, 2, 1)
+    try:
+        grow_state(model, weights, meta, where=f'student.model.init "teacher" ({student.arch})')
+    except CheckpointError as error:
+        raise ModelError(f"{error}. Set student.model.arch={teacher.arch} (teacher.model.arch) or another "
+                         f"student.model.init") from None
+
+
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
     if model.init == "pretrain" and config.pretrain.data is None:
         raise ModelError(f'{where}.init is "pretrain" but the config has no pretrain.data (the labeled source data)')
@@ -90,6 +108,7 @@ def check_models(config: Config) -> None:
     if config.student.rounds:
         _check_model(config.student.model, "student.model")
         _check_run_stage_init(config, config.student.model, "student.model")
+        _check_student_grows_from_teacher(config.teacher.model, config.student.model)
     for i, student in enumerate(config.distill.students):
         _check_model(student, f"distill.students[{i}]")
         _check_run_stage_init(config, student, f"distill.students[{i}]")
