@@ -55,7 +55,9 @@ def assert_same_sidecars(a: dict, b: dict) -> None:
 
 def test_pseudo_label_and_select(tiny_teacher_run, tmp_path):
     config, run = copy_run(tiny_teacher_run, tmp_path)
-    done = cli(config, run, "--set", "select.per_class=50")
+    # top-k asked for above 5 classes, but k=20 of 10 classes is every class: full sidecars, and the manifest says so
+    done = cli(config, run, "--set", "select.per_class=50", "--set", "pseudo_label.topk_above_classes=5",
+               "--set", "pseudo_label.topk=20")
     assert done.returncode == 0, done.stderr
     labels = sidecars(run)
     assert sum(len(s) for s in labels.values()) == 400
@@ -64,6 +66,7 @@ def test_pseudo_label_and_select(tiny_teacher_run, tmp_path):
     assert first.meta["teacher_sha256"] and first.meta["source_sha256"]
     manifest = json.loads((run / "pseudo_label_r1" / "manifest.json").read_text())
     assert manifest["num_labeled"] == 400 and manifest["num_skipped"] == 0
+    assert manifest["layout"] == "full" and manifest["topk"] is None
     metrics = json.loads((run / "pseudo_label_r1" / "metrics.json").read_text())
     assert 0 <= metrics["pool_accuracy"] <= 1 and "0.3" in metrics["accuracy_above"]
     select = json.loads((run / "select_r1" / "metrics.json").read_text())
@@ -233,3 +236,30 @@ def test_calibrate_without_holdout_is_a_clear_error(tiny_teacher_run, tmp_path):
     result = cli(config, run, "--set", "select.calibrate=true")
     assert result.returncode == 2
     assert "data.holdout_per_class" in result.stderr
+
+
+def test_a_shard_missing_while_labeling_stops_the_stage_and_is_labeled_once_back(tiny_teacher_run, tmp_path):
+    """A shard the storage cannot give (moved away, a mount or network down) is not a truncated one: its
+    sidecar would hold 0 rows and the rerun would never read it again."""
+    config, run = copy_run(tiny_teacher_run, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(Path(config.read_text().split("path: ")[1].strip()), data)
+    config = tmp_path / "moved.yaml"
+    config.write_text(f"seed: 0\ndata:\n  source: shards\n  path: {data}\n")
+    shard = data / "unlabeled" / "unlabeled-000001.tar"
+    shard.rename(tmp_path / shard.name)
+    failed = cli(config, run, "--only", "pseudo_label_r1", workers=0)  # in order: shard 0 is labeled first
+    assert failed.returncode != 0
+    assert f"shard {shard} could not be read" in failed.stderr and "not counted as damaged" in failed.stderr
+    assert "unlabeled-000001.labels.npz" not in sidecars(run)
+    (tmp_path / shard.name).rename(shard)
+    damaged = run / "pseudo_label_r1" / "unlabeled-000000.labels.npz"  # a finished sidecar damaged on disk since
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    refused = cli(config, run, "--only", "pseudo_label_r1")
+    assert refused.returncode != 0 and "delete it and rerun to label shard unlabeled-000000.tar" in refused.stderr
+    damaged.unlink()
+    done = cli(config, run, "--only", "pseudo_label_r1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, whole = copy_run(tiny_teacher_run, tmp_path, "whole")
+    assert cli(config, whole, "--only", "pseudo_label_r1").returncode == 0
+    assert_same_sidecars(sidecars(run), sidecars(whole))

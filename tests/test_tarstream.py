@@ -100,3 +100,26 @@ def test_a_plain_tar_whose_first_name_reads_like_a_magic_number_is_plain(tmp_pat
     members = [("BZh9.png", b"x" * 30), ("BZh9.cls", b"1")]
     make_tar(tmp_path / "s.tar", members)
     assert list(iter_members(tmp_path / "s.tar")) == members
+
+
+def test_a_read_that_fails_is_not_damage_but_a_bzip2_stream_that_is_corrupt_is(tmp_path):
+    """An I/O error under the reader (a disk, a mount, the network) is the storage's fault: counting it as a
+    truncated shard would drop the shard's images for good. bzip2's own OSError on bad data is damage."""
+    from pipeline.data.tarstream import StreamReadError, iter_stream_members
+
+    raw = make_tar(tmp_path / "s.tar", MEMBERS[:3])
+
+    class FailsAfter(io.BytesIO):
+        def read(self, size=-1):
+            if size < 0 or self.tell() + size > 1024:  # the device fails past the first KiB
+                raise OSError(5, "Input/output error")
+            return super().read(size)
+
+    for data in (raw, gzip.compress(raw, mtime=0)):
+        with pytest.raises(StreamReadError, match="Input/output error"):
+            list(iter_stream_members(FailsAfter(data + b"\0" * 4096)))
+    corrupt = bytearray(bz2.compress(raw))
+    corrupt[40:60] = b"\xff" * 20
+    (tmp_path / "bad.tar.bz2").write_bytes(bytes(corrupt))
+    with pytest.raises(TarDamaged, match="compressed stream is cut or corrupt"):
+        list(iter_members(tmp_path / "bad.tar.bz2"))

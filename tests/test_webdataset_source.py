@@ -180,6 +180,11 @@ def test_two_shards_with_one_name_are_refused(shard_dir, http_root, tmp_path, ca
                                               f"/pool-000000.tar and {clash}"):
         shard_lists(wds_config(shard_dir, http_root,
                                unlabeled=(f"pipe:cat {shard_dir}/pool-000000.tar", clash)).webdataset)
+    (tmp_path / "pool-000000").write_bytes((shard_dir / "pool-000001.tar").read_bytes())  # another shard
+    with pytest.raises(DataSourceError, match="two shards named pool-000000.tar and pool-000000 share the sidecar "
+                                              "name pool-000000"):  # the second overwrote the first's sidecar
+        shard_lists(wds_config(shard_dir, http_root, unlabeled=(f"{shard_dir}/pool-000000.tar",
+                                                                f"{tmp_path}/pool-000000")).webdataset)
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  source: webdataset\n  webdataset:\n    labeled: ['{shard_dir}/lab-000000.tar']\n"
                       f"    unlabeled: ['{shard_dir}/pool-000000.tar', 'file://{shard_dir}/pool-000000.tar']\n"
@@ -390,3 +395,16 @@ def test_a_refused_import_reads_a_fixed_stream_again(shard_dir, http_root, tmp_p
         import_webdataset(config, tmp_path / "d", progress=False)
     write("0123")
     assert import_webdataset(config, tmp_path / "d", progress=False)["splits"]["labeled"]["per_class"] == [1, 1, 1, 1]
+
+
+def test_a_shard_that_cannot_be_read_is_an_error_even_where_damage_is_counted(tmp_path):
+    """A missing file, or a `pipe:` command that fails, is not a truncated shard: skip-and-count would record
+    it as one, and its images would be gone from the pool after the storage came back."""
+    from pipeline.data.shards import ShardUnavailable
+    shard = tmp_path / "x.tar"
+    for location in (shard, f"pipe:cat {shard}"):
+        problems = ReadProblems()
+        with pytest.raises(ShardUnavailable, match=r"x.tar could not be read after key '<start of shard>' .*"
+                                                   r"not counted as damaged"):
+            list(iter_shard(location, on_error="skip", problems=problems))
+        assert not problems.truncated

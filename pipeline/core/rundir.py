@@ -24,7 +24,7 @@ from pipeline.core.atomic import ArtifactError, WriteFailed, read_json, write_js
 from pipeline.core.owned import describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
-from pipeline.core.stage_files import FAILED_FILE, SIDECAR_SUFFIX, foreign_stage_files
+from pipeline.core.stage_files import FAILED_FILE, SIDECAR_SUFFIX, foreign_stage_files, shard_stem
 from pipeline.core.wallclock import StageClock, format_duration, read_clock
 
 MARKER = ".selftrain-run"
@@ -120,7 +120,7 @@ class RunDir:
 
     def sidecar_path(self, labels_stage: str, shard_name: str) -> Path:
         """Pseudo-label sidecar of one unlabeled shard: `<shard stem>.labels.npz`."""
-        return self.stage_dir(labels_stage) / (shard_name.removesuffix(".tar") + SIDECAR_SUFFIX)
+        return self.stage_dir(labels_stage) / (shard_stem(shard_name) + SIDECAR_SUFFIX)
 
     def sidecars_done(self, labels_stage: str) -> int:
         """Finished sidecars of a pseudo-label stage (every process's; a sidecar appears whole or not at all)."""
@@ -128,7 +128,7 @@ class RunDir:
 
     def plan_path(self, select_stage: str, shard_name: str) -> Path:
         """Selection plan of one unlabeled shard: `<shard stem>.plan.npz` (keys + repeat counts)."""
-        return self.stage_dir(select_stage) / (shard_name.removesuffix(".tar") + ".plan.npz")
+        return self.stage_dir(select_stage) / (shard_stem(shard_name) + ".plan.npz")
 
     def manifest_path(self, stage: str) -> Path:
         """A stage's manifest.json, written last (pseudo-labels)."""

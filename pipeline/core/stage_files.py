@@ -11,6 +11,11 @@ from pipeline.core.owned import JOURNAL, owned_paths
 from pipeline.core.progress import PROGRESS_FILE
 
 SIDECAR_SUFFIX = ".labels.npz"
+
+
+def shard_stem(shard_name: str) -> str:
+    """What a shard's sidecar and plan are named by: its file name without `.tar`."""
+    return shard_name.removesuffix(".tar")
 FAILED_FILE = "failed.json"  # the error that stopped a stage's last attempt (status shows it; removed on the next)
 COMMON_OUTPUTS = ("stage.json", "DONE", "wall_time.json", FAILED_FILE, PROGRESS_FILE, "metrics.json")
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "meta.json", "structure.json")

@@ -17,7 +17,7 @@ from urllib.request import url2pathname
 
 from webdataset.gopen import gopen
 
-from pipeline.data.tarstream import TarDamaged, iter_members, iter_stream_members
+from pipeline.data.tarstream import StreamReadError, TarDamaged, iter_members, iter_stream_members
 
 ShardLocation = Path | str  # a local file, or a URL for webdataset.gopen
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz")
@@ -97,7 +97,7 @@ def _remote_members(url: str, fingerprint: Fingerprint | None) -> Iterator[tuple
         try:
             stream.close()
         except OSError as failed:
-            raise TarDamaged(f"{damage}; the stream's command failed: {failed}") from damage
+            raise StreamReadError(f"the stream's command failed: {failed} ({damage})") from damage
         raise
     finally:
         try:

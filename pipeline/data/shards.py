@@ -28,12 +28,18 @@ from pipeline.data.tarstream import TarDamaged
 
 OnError = Literal["raise", "skip"]
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")  # image members tried, in order (our own imports)
-# what a broken stream raises: our tar reader, tarfile (remote streams), I/O and a failed pipe command
-STREAM_ERRORS = (TarDamaged, OSError, UnicodeDecodeError, tarfile.TarError, EOFError)
+# what a damaged shard raises: our tar reader (a cut or corrupt compressed stream included) and tarfile; an
+# OSError (a missing file, I/O, network, a failed pipe command) is the storage's fault: `ShardUnavailable`
+STREAM_ERRORS = (TarDamaged, UnicodeDecodeError, tarfile.TarError, EOFError)
 
 
 class ShardError(RuntimeError):
     """A shard or a sample in it cannot be read; the message names both."""
+
+
+class ShardUnavailable(ShardError):
+    """A shard could not be read (to its end) for a reason outside it: raised whatever `on_error` says, never
+    counted as a truncated shard, which would drop its images for good (a rerun reads it again)."""
 
 
 @dataclass
@@ -130,6 +136,9 @@ def iter_shard(path: ShardLocation, on_error: OnError = "raise", problems: ReadP
                     problems.skipped.append({"shard": shard_basename(path), "key": key, "reason": reason})
                 dropped = True
             current[ext] = data
+    except OSError as exc:
+        raise ShardUnavailable(f"shard {path} could not be read after key '{last_key}' ({type(exc).__name__}: "
+                               f"{exc}); it is not counted as damaged: make it readable and rerun") from exc
     except STREAM_ERRORS as exc:
         reason = f"{type(exc).__name__}: {exc}"
         if on_error == "raise":

@@ -28,6 +28,11 @@ class TarDamaged(Exception):
     """The tar stream ends early or holds a corrupt header."""
 
 
+class StreamReadError(OSError):
+    """Reading the stream itself failed (an I/O or network error, a failed `pipe:` command): the storage's
+    fault, not damage in the shard, so it is never counted as a truncated shard (a rerun reads it again)."""
+
+
 def _octal(field: bytes) -> int:
     text = field.rstrip(b"\0 ").strip()
     if text[:1] and text[0] & 0x80:  # GNU base-256 for large sizes
@@ -99,12 +104,20 @@ class _Prefixed:
 
     def read(self, size: int = -1) -> bytes:
         if not self._head:
-            return self._stream.read(size)
+            return self._raw_read(size)
         if size < 0:
-            data, self._head = self._head + self._stream.read(), b""
+            data, self._head = self._head + self._raw_read(-1), b""
             return data
         data, self._head = self._head[:size], self._head[size:]
-        return data + self._stream.read(size - len(data)) if len(data) < size else data
+        return data + self._raw_read(size - len(data)) if len(data) < size else data
+
+    def _raw_read(self, size: int) -> bytes:
+        """The underlying read, its OSError marked (a decompressor's own OSError, bzip2's "Invalid data
+        stream" or gzip's BadGzipFile, is damage)."""
+        try:
+            return self._stream.read(size)
+        except OSError as exc:
+            raise StreamReadError(f"{type(exc).__name__}: {exc}") from exc
 
 
 GZIP, BZIP2, XZ = b"\x1f\x8b", re.compile(rb"BZh[1-9]1AY&SY"), b"\xfd7zXZ\x00"  # bzip2: + first block's magic
@@ -135,6 +148,8 @@ def iter_stream_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
         yield from _plain_members(decompressed)
         while decompressed.read(1 << 20):  # to the end marker: a stream cut after the tar's end block is cut too
             pass
+    except StreamReadError:
+        raise
     except DECOMPRESSION_ERRORS as exc:
         raise TarDamaged(f"the compressed stream is cut or corrupt ({type(exc).__name__}: {exc})") from exc
 

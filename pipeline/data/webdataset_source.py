@@ -27,6 +27,7 @@ from pipeline.config.sections import DataConfig, WebDatasetConfig
 from pipeline.core.atomic import write_json
 from pipeline.core.bars import progress_bar
 from pipeline.core.owned import claim
+from pipeline.core.stage_files import shard_stem
 from pipeline.data.importer import FORMAT, MANIFEST, RUN_BOOKKEEPING, existing_import
 from pipeline.data.scan_journal import SCAN_JOURNAL, ScanJournal
 from pipeline.data.shard_io import Fingerprint, ShardLocation, as_location, shard_basename
@@ -70,20 +71,23 @@ def shard_lists(cfg: WebDatasetConfig) -> dict[str, list[tuple[str, ShardLocatio
     are not empty, URL schemes are known, local files exist, no two shards of a split share a name."""
     lists: dict[str, list[tuple[str, ShardLocation]]] = {}
     for split in SPLITS:
-        named: dict[str, tuple[str, ShardLocation]] = {}
+        named: dict[str, tuple[str, str, ShardLocation]] = {}  # by sidecar stem: (url, name, location)
         for url in (u for entry in getattr(cfg, split) for u in expand_urls(entry)):
             location = _check_url(url, split)
             name = shard_basename(location)
             if not name:
                 raise DataSourceError(f"data.webdataset.{split}: cannot tell the shard's file name from {url!r} "
                                       "(sidecars are keyed by it); name the .tar file in the URL or command")
-            if name in named:
-                raise DataSourceError(f"data.webdataset.{split}: two shards are named {name}: {named[name][0]} and "
-                                      f"{url}; sidecars and plans are keyed by the file name, rename one")
-            named[name] = (url, location)
+            if shard_stem(name) in named:
+                first_url, first_name, _ = named[shard_stem(name)]
+                what = (f"are named {name}" if first_name == name
+                        else f"named {first_name} and {name} share the sidecar name {shard_stem(name)}")
+                raise DataSourceError(f"data.webdataset.{split}: two shards {what}: {first_url} and {url}; sidecars "
+                                      "and plans are keyed by the file name without .tar, rename one")
+            named[shard_stem(name)] = (url, name, location)
         if not named and split in REQUIRED_SPLITS:
             raise DataSourceError(f"data.webdataset.{split}: no shards; list the {split} split's shard URLs")
-        lists[split] = [(name, location) for name, (_, location) in named.items()]
+        lists[split] = [(name, location) for _, name, location in named.values()]
     _refuse_shared_shards({split: [_stored_url(location) for _, location in shards] for split, shards in lists.items()},
                           "listed")
     return lists

@@ -54,7 +54,10 @@ def pending_shards(run: RunDir, data: DataInfo, teacher_hash: str, stage: str) -
         if not path.exists():
             pending.append(record)
             continue
-        meta = read_sidecar_meta(path)
+        try:
+            meta = read_sidecar_meta(path)
+        except SidecarError as error:  # written whole or not at all: damaged on disk since
+            raise SidecarError(f"{error}; delete it and rerun to label shard {record['name']} again") from None
         expected = _expected_meta(teacher_hash, record)
         wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
         if wrong:
@@ -227,7 +230,7 @@ def run(ctx: StageContext, stage: Stage) -> dict:
                       num_classes=data.num_classes,
                       image_keys=data.image_keys,
                       batch_size=cfg.batch_size, workers=loader_workers(config.runtime),
-                      topk=cfg.topk if data.num_classes > cfg.topk_above_classes else None,
+                      topk=cfg.topk if data.num_classes > max(cfg.topk_above_classes, cfg.topk) else None,
                       progress=config.runtime.progress and state.is_local_main_process, status=status)
     state.print(f"[{stage.name}] {len(pending)} of {shards_total} shards to label "
                 f"({state.num_processes} process(es)), teacher {meta.arch} {teacher_hash[:12]}")
