@@ -124,6 +124,34 @@ def test_from_checks_every_stage_it_forgets_before_removing_any(tmp_path):
     assert run.is_done("teacher") and run.is_done("student_r1")  # the teacher was removed before the refusal
 
 
+def test_a_stage_from_cannot_remove_is_forgotten_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    """rmtree stopped inside a read-only folder (a busy NFS file, Ctrl-C) and left DONE and the old checkpoint
+    without stage.json; the next run wrote a new record from its own config and skipped the stage as done."""
+    run = RunDir(tmp_path / "run")
+    for stage in ("teacher", "student_r1"):
+        run.begin_stage(stage, {"fingerprint": "a", "inputs": {}})
+        (run.stage_dir(stage) / "checkpoint").mkdir()
+        (run.stage_dir(stage) / "checkpoint" / "model.safetensors").write_bytes(b"w")
+        run.mark_done(stage)
+
+    def rmtree_stopping_in_checkpoint(path, ignore_errors=False, onerror=None):
+        (path / "DONE").unlink()  # removal under way, then a file it cannot remove
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path / "checkpoint" / "model.safetensors"))
+
+    with monkeypatch.context() as patched:
+        patched.setattr("pipeline.core.rundir.shutil.rmtree", rmtree_stopping_in_checkpoint)
+        run.reset_stages([("teacher", "teacher"), ("student_r1", "student")], flag="teacher")
+    assert not run.stage_dir("teacher").exists() and not run.stage_dir("student_r1").exists()
+    assert "could not be removed entirely; delete it" in capsys.readouterr().out
+    run.begin_stage("teacher", {"fingerprint": "b", "inputs": {}})  # a fresh record: the stage runs anew
+    assert not run.is_done("teacher")
+    (run.stage_dir("teacher") / "stage.json").unlink()
+    run.mark_done("teacher")  # DONE without its record: refused, not recorded as the new config's
+    with pytest.raises(RunDirError, match="marked done but its record \\(stage.json\\) is gone"):
+        run.begin_stage("teacher", {"fingerprint": "c", "inputs": {}})
+
+
 def test_status_tells_a_running_stage_from_an_interrupted_one(tmp_path):
     """`selftrain status` said "resumable" for the stage a live process was training; the clock's heartbeat tells."""
     import os

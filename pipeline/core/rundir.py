@@ -73,6 +73,9 @@ def describe_holder(recorded: str) -> str:
     return recorded
 
 
+FORGOTTEN = ".forgotten"  # RUN/.forgotten/: stages `--from` moved away, removed at once (kept only if it cannot)
+
+
 class RunDir:
     def __init__(self, root: str | Path, data_path: str | Path | None = None):
         """`data_path`: an import outside the run (data.source "shards"); default RUN/data."""
@@ -246,6 +249,10 @@ class RunDir:
                     f"stage '{stage}' in {self.root} was started with different inputs "
                     f"({'; '.join(diffs) or 'fingerprint differs'}). Rerun with --from {stage} to redo it "
                     "(and everything after it), or use a new --run-dir.")
+        if previous is None and self.is_done(stage):
+            raise RunDirError(f"stage '{stage}' in {self.root} is marked done but its record (stage.json) is gone, "
+                              f"so what made it is unknown. Rerun with --from {stage} to redo it, or use a new "
+                              "--run-dir")
         if previous is None:
             self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
             write_json(self.stage_dir(stage) / "stage.json", record)
@@ -269,9 +276,24 @@ class RunDir:
             if foreign:
                 raise RunDirError(f"--from {flag}: {describe_foreign(directory, foreign)}; nothing was removed. "
                                   "Move them out of the run directory first")
+        trash = self.root / FORGOTTEN
+        moved: list[Path] = []
         for stage, _ in stages:
-            if self.stage_dir(stage).exists():
-                shutil.rmtree(self.stage_dir(stage))
+            if not self.stage_dir(stage).exists():
+                continue
+            try:  # one rename a stage: a stage is forgotten whole or not at all (DONE never outlives stage.json)
+                trash.mkdir(exist_ok=True)
+                target = trash / f"{stage}.{os.getpid()}.{len(moved)}"
+                self.stage_dir(stage).rename(target)
+            except OSError as error:
+                done = f"{', '.join(p.name.split('.')[0] for p in moved)} forgotten, " if moved else ""
+                raise RunDirError(f"--from {flag}: cannot move {self.stage_dir(stage)} away ({error.strerror}); "
+                                  f"{done}{stage} and the rest untouched. Fix the permissions and rerun") from None
+            moved.append(target)
+        for target in moved:
+            shutil.rmtree(target, ignore_errors=True)
+            if target.exists():
+                print(f"warning: {target} (a forgotten stage's files) could not be removed entirely; delete it")
 
     def record_failure(self, stage: str, error: Exception) -> None:
         """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done; best effort
