@@ -440,3 +440,37 @@ def test_init_weights_replaced_under_the_same_name_are_a_changed_input(tiny_data
     assert "different inputs (init_sha256:" in error_of(args, capsys, also=[run / "teacher"])
     record_as_made_before(run / "teacher", lambda inputs: inputs.pop("init_sha256"))  # before the key existed
     assert main(args) == 0 and "[teacher] done already" in capsys.readouterr().out
+
+
+def test_an_init_inside_the_run_directory_is_refused_before_from_deletes_it(tiny_teacher_run, tmp_path, capsys):
+    """`--from teacher --set teacher.model.init=RUN/teacher/checkpoint` (continue from my model) forgot the
+    stage, deleting the checkpoint it was about to start from."""
+    from conftest import TINY_TEACHER, set_args
+    config, made = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(made, run, ignore=shutil.ignore_patterns("lock"))
+    args = ["run", str(config), "--run-dir", str(run), "--from", "teacher",
+            *set_args(TINY_TEACHER + [f"teacher.model.init={run / 'teacher' / 'checkpoint'}"])]
+    err = error_of(args, capsys, also=[run / "teacher"])
+    assert "teacher.model.init: " in err and "is inside this run directory" in err and "copy it out" in err
+
+
+@pytest.mark.parametrize("case", ["other family", "weights swapped"])
+def test_an_init_checkpoint_that_cannot_start_the_model_is_refused_before_the_first_stage(tiny_data, checkpoint,
+                                                                                          tmp_path, case, capsys):
+    """Found at student_r1 before, after the teacher, pseudo-labels and selection had run."""
+    from conftest import TINY_TEACHER, set_args
+    overrides = TINY_TEACHER + ["student.rounds=1", f"student.model.init={checkpoint}",
+                                "student.model.arch=test_resnet", "student.model.input_size=16"]
+    if case == "other family":
+        overrides.append("student.model.arch=mobilenetv3_small_100")
+        expected = (f'student.model.init "{checkpoint}" (mobilenetv3_small_100): cannot grow \'test_resnet\' into '
+                    "this model")
+    else:
+        weights = next(p for p in checkpoint.iterdir() if p.name != "meta.json")
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+        expected = f"student.model.init: {checkpoint}"
+    run = tmp_path / "run"
+    assert expected in error_of(["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(run),
+                                 *set_args(overrides)], capsys)
+    assert not (run / "teacher").exists()

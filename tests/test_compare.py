@@ -2,6 +2,7 @@
 pretraining sources as init, and a tiny grid end to end (one process, and torchrun with two)."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -338,6 +339,28 @@ def test_a_timm_source_not_in_the_cache_is_refused_before_the_first_arm(tmp_path
     assert main(["compare", str(path), "--out", str(out), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "sources.imnet.path: timm weights 'resnet18.a1_in1k' are not in the local cache" in err and not out.exists()
+
+
+def test_a_checkpoint_source_that_is_not_there_is_refused_before_the_first_arm(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("pipeline.experiments.compare.measured_rate", lambda config: 1000.0)
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"sources: {{mine: {{kind: checkpoint, path: {tmp_path}/no-such-ckpt}}}}\n"
+                    "axes: {init: [random, mine], self_training: [off], policy: [s1], labels_per_class: [4], "
+                    "seeds: [0]}\n")
+    assert main(["compare", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert f"sources.mine.path: {tmp_path}/no-such-ckpt does not exist" in capsys.readouterr().err
+
+
+def test_a_sources_partial_train_keeps_its_stages_other_defaults(tmp_path):
+    """`train: {steps: 300}` gave SimCLR s1 views and SGD at lr 0.1 (TrainConfig's defaults), where the same key
+    in a run config's ssl_pretrain section keeps that stage's s4, AdamW and lr."""
+    from pipeline.config.sections import PretrainConfig, SSLPretrainConfig
+    path = tmp_path / "compare.yaml"
+    path.write_text("sources: {simclr: {kind: simclr, train: {steps: 300}}, sup: {kind: supervised, data: "
+                    "{source: fashion-mnist}, train: {steps: 300}}}\naxes: {init: [random, simclr, sup]}\n")
+    sources = load_compare_config(path).sources
+    for name, stage in (("simclr", SSLPretrainConfig().train), ("sup", PretrainConfig().train)):
+        assert sources[name].train == dataclasses.replace(stage, steps=300)
 
 
 def test_compare_refuses_an_out_holding_the_users_files(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,8 @@
 """The declared stage graph: names, kinds, needs, teachers, --only/--from selection."""
 
+import hashlib
+import json
+
 import pytest
 
 from pipeline.config.loading import load_config
@@ -51,6 +54,9 @@ def test_a_distilled_student_started_from_pretraining_is_redone_with_it():
     g = graph(*PRETRAIN)
     assert "pretrain" in g.get("distill_test_resnet").needs
     assert "distill_test_resnet" in [s.name for s in g.select(None, "pretrain")]
+    peer = graph("ssl_pretrain.enabled=true", "student.rounds=0", "distill.students=[{arch: test_resnet}]",
+                 "distill.mutual.weight=1", "distill.mutual.peer={arch: test_resnet, init: ssl_pretrain}")
+    assert "ssl_pretrain" in peer.get("distill_test_resnet").needs  # the mutual-learning peer starts from it
 
 
 @pytest.mark.parametrize("where, init, message", [
@@ -59,13 +65,16 @@ def test_a_distilled_student_started_from_pretraining_is_redone_with_it():
     ("distill", "pretrain", r'distill.students\[0\].init is "pretrain" but the config has no pretrain.data'),
     ("distill", "teacher", r'distill.students\[0\].init "teacher": a distilled student does not start'),
     ("teacher.model", "teacher", r'teacher.model.init "teacher": only a student starts from its teacher'),
+    ("peer", "ssl_pretrain", r'distill.mutual.peer.init is "ssl_pretrain" but ssl_pretrain.enabled is false'),
 ])
 def test_an_init_naming_a_stage_the_config_leaves_out_is_refused_before_anything_runs(where, init, message):
     from pipeline.stages.preflight import check_models
     from teachers.models import ModelError
-    override = (f"distill.students=[{{arch: test_resnet, input_size: 16, init: {init}}}]" if where == "distill"
-                else f"{where}.init={init}")
-    config = load_config(None, [override, "student.rounds=1"])
+    overrides = {"distill": [f"distill.students=[{{arch: test_resnet, input_size: 16, init: {init}}}]"],
+                 "peer": ["distill.students=[{arch: test_resnet, input_size: 16}]", "distill.mutual.weight=1",
+                          f"distill.mutual.peer={{arch: test_resnet, input_size: 16, init: {init}}}"]}
+    config = load_config(None, overrides.get(where, [f"{where}.init={init}"]) + ["student.rounds=1",
+                                                                                "teacher.model.arch=test_resnet"])
     build_graph(config)  # the graph leaves the need out (it raised a bare ValueError before preflight could speak)
     with pytest.raises(ModelError, match=message):
         check_models(config)
@@ -136,7 +145,67 @@ def test_a_round_one_student_that_cannot_grow_from_its_teacher_is_refused_before
     config = load_config(None, ["student.rounds=1", "teacher.model.arch=test_resnet", "student.model.init=teacher",
                                 "student.model.arch=mobilenetv3_small_100", "distill.students=[]"])
     with pytest.raises(ModelError, match=r"student.model.init \"teacher\" \(mobilenetv3_small_100\): cannot grow "
-                                         r"'test_resnet' .*Set student.model.arch=test_resnet"):
+                                         r"'test_resnet' .*Give student.model.arch=test_resnet"):
         check_models(config)
     check_models(load_config(None, ["student.rounds=1", "teacher.model.arch=test_resnet", "distill.students=[]",
                                     "student.model.init=teacher", "student.model.arch=test_resnet"]))
+
+
+def test_pretraining_on_an_import_used_in_place_fingerprints_its_shards(tiny_data, tmp_path):
+    """`pretrain.data: {source: shards, path: P}`: an import made again at P (other labeled images) resumed a
+    half-done pretraining on them, or skipped a finished one, as the path alone had not changed."""
+    import shutil
+
+    from pipeline.core.rundir import RunDir
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.pretrain import inputs
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_data, source)
+    config = load_config(None, [f"pretrain.data={{source: shards, path: {source}}}", "teacher.model.init=pretrain"])
+    g = build_graph(config)
+    ctx = StageContext(config, RunDir(tmp_path / "run"), None, g)  # type: ignore[arg-type]
+    before = inputs(ctx, g.get("pretrain"))
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["splits"]["labeled"]["shards"][0]["sha256"] = "0" * 64  # re-imported: other bytes, same path
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    after = inputs(ctx, g.get("pretrain"))
+    assert before["data"] == after["data"] and before["data_manifest"] != after["data_manifest"]
+
+
+def test_the_mutual_peers_init_weights_are_an_input_of_the_distillation(tiny_teacher_run, tiny_data, tmp_path):
+    """Weights replaced under the peer's `init` path: the stage was skipped as done (a student's init is hashed)."""
+    import shutil
+
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.distill import inputs
+    from pipeline.stages.runner import make_run_dir
+
+    _, run = tiny_teacher_run
+    peer_start = tmp_path / "peer"
+    shutil.copytree(run / "teacher" / "checkpoint", peer_start)
+    config = load_config(None, ["data.source=shards", f"data.path={tiny_data}", "student.rounds=0",
+                                "distill.students=[{arch: test_resnet, input_size: 16}]", "distill.mutual.weight=1",
+                                f"distill.mutual.peer={{arch: test_resnet, input_size: 16, init: {peer_start}}}"])
+    g = build_graph(config)
+    ctx = StageContext(config, make_run_dir(config, run), None, g)  # type: ignore[arg-type]
+    before = inputs(ctx, g.get("distill_test_resnet"))["peer_init_sha256"]
+    weights = next(p for p in peer_start.iterdir() if p.name != "meta.json")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\1" * 8)
+    meta = json.loads((peer_start / "meta.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (peer_start / "meta.json").write_text(json.dumps(meta))
+    assert inputs(ctx, g.get("distill_test_resnet"))["peer_init_sha256"] != before
+
+
+def test_a_missing_pretraining_source_is_named_before_the_first_stage(tmp_path):
+    from pipeline.core.rundir import RunDir
+    from pipeline.data.sources.fashion_mnist import DataSourceError
+    from pipeline.stages.preflight import check_pretrain_source
+
+    for source, message in (("fashion-mnist", "pretrain.data.path: "), ("shards", "pretrain.data.path: "),
+                            ("folder", "pretrain.data.path: image folder")):
+        config = load_config(None, [f"pretrain.data={{source: {source}, path: {tmp_path / 'none'}}}",
+                                    "teacher.model.init=pretrain"])
+        with pytest.raises(DataSourceError, match=message):
+            check_pretrain_source(config, build_graph(config), RunDir(tmp_path / "run"))

@@ -21,8 +21,8 @@ import torch
 
 from pipeline.core.atomic import sha256_file
 from pipeline.core.rundir import RunDir
-from teachers.checkpoint import (META, WEIGHTS, checkpoint_hash, has_trained_head, load_weights_into, read_meta,
-                                 read_weights)
+from teachers.checkpoint import (META, WEIGHTS, CheckpointError, checkpoint_hash, has_trained_head, load_weights_into,
+                                 read_meta, read_weights)
 from teachers.grow import Growth, grow_from
 from teachers.init_sources import (InitError, InitReport, check_timm_weights, classifier_names, load_matching,
                                    load_state_dict_file, timm_pretrained_state)
@@ -89,41 +89,47 @@ def resolve_init(init: str | None, teacher_dir: Path | None, run: RunDir) -> Ini
     return InitSource(init, path=Path(init))
 
 
-def _names_a_path(init: str | None) -> bool:
+def names_a_path(init: str | None) -> bool:
     """Whether `init` is a checkpoint directory or weights file (not random, teacher, a run stage or timm:)."""
     return not (init is None or init in (RANDOM, FROM_TEACHER, *RUN_STAGES) or init.startswith(TIMM_PREFIX))
 
 
-def init_content_inputs(init: str | None, fingerprinted: bool) -> dict:
-    """`{"init_sha256": ...}` for an init read from a path (a checkpoint directory or a weights file), so weights
+def init_content_inputs(init: str | None, fingerprinted: bool, key: str = "init_sha256") -> dict:
+    """`{key: sha256}` for an init read from a path (a checkpoint directory or a weights file), so weights
     replaced under the same name make a changed input (the path alone did not). None for other inits, and none
     when not `fingerprinted` (the stage's record was made before this key existed)."""
-    if not fingerprinted or not _names_a_path(init):
+    if not fingerprinted or not names_a_path(init):
         return {}
     path = Path(init)
     if path.is_dir():
-        return {"init_sha256": checkpoint_hash(path)}
-    return {"init_sha256": sha256_file(path)} if path.is_file() else {}  # missing: preflight names it
+        return {key: checkpoint_hash(path)}
+    return {key: sha256_file(path)} if path.is_file() else {}  # missing: preflight names it
 
 
-def check_init_exists(init: str | None, arch: str, where: str) -> None:
+def check_init_exists(init: str | None, arch: str, key: str) -> None:
     """Preflight: a path init must exist (as a checkpoint directory or a weights file); timm weights must be
     the model's architecture's and in the local cache."""
     if init is not None and init.startswith(TIMM_PREFIX):
         try:
             check_timm_weights(init[len(TIMM_PREFIX):], arch)
         except InitError as error:
-            raise InitError(f"{where}.init: {error}") from None
+            raise InitError(f"{key}: {error}") from None
         return
-    if not _names_a_path(init):
+    if not names_a_path(init):
         return
     path = Path(init)
     if path.is_dir() and not (path / META).exists():
-        raise ModelError(f"{where}.init: {path} is a directory but not a checkpoint (no {META}); give a checkpoint "
+        raise ModelError(f"{key}: {path} is a directory but not a checkpoint (no {META}); give a checkpoint "
                          "directory, a weights file (.safetensors/.pt/.pth/.bin), timm:NAME, pretrain, "
                          "ssl_pretrain or random")
+    if path.is_dir():
+        try:
+            read_meta(path)
+            checkpoint_hash(path)  # its weights are there and are the ones meta.json records
+        except CheckpointError as error:
+            raise ModelError(f"{key}: {error}") from None
     if not path.exists():
-        raise ModelError(f"{where}.init: {path} does not exist (a checkpoint directory, a weights file, timm:NAME, "
+        raise ModelError(f"{key}: {path} does not exist (a checkpoint directory, a weights file, timm:NAME, "
                          "pretrain, ssl_pretrain or random)")
 
 

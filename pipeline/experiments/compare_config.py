@@ -13,6 +13,7 @@ sources, and the one training budget every arm gets.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ import yaml
 
 from augment.spec import parse_policy
 from pipeline.config.schema import ConfigError, bounds, from_dict, load_yaml, read_config_text
-from pipeline.config.sections import Config, DataConfig, TrainConfig
+from pipeline.config.sections import Config, DataConfig, PretrainConfig, SSLPretrainConfig, TrainConfig
 
 RANDOM = "random"
 
@@ -38,7 +39,8 @@ class SourceConfig:
 
     kind: Literal["supervised", "simclr", "checkpoint", "timm"]
     data: DataConfig | None = None  # supervised: the labeled source data set
-    train: TrainConfig | None = None  # supervised / simclr: how long and how (default: the pipeline's)
+    # supervised / simclr: how long and how; keys left out take the pretrain / ssl_pretrain stage's own defaults
+    train: TrainConfig | None = None
     path: str | None = None  # checkpoint: a checkpoint directory or weights file; timm: the weights' name
     temperature: float = field(default=0.2, metadata=bounds(gt=0))  # simclr
 
@@ -125,20 +127,37 @@ def check_archs(config: CompareConfig) -> None:
             check_arch(model.arch)
         except ModelError as exc:
             raise ConfigError(f"{where}.arch: {exc}") from None
-    check_timm_sources(config, base.teacher.model.arch)
+    check_read_sources(config, base.teacher.model.arch)
 
 
-def check_timm_sources(config: CompareConfig, arch: str) -> None:
-    """timm sources of the grid's inits are weights of the teacher's architecture, in the local cache: a typo
-    or a missing cache is refused before the first arm, not after the arms run before it."""
-    from teachers.init_sources import InitError, check_timm_weights
+def check_read_sources(config: CompareConfig, arch: str) -> None:
+    """Sources read, not trained: timm weights of the teacher's architecture in the local cache, a checkpoint
+    directory (its weights those its meta.json records) or weights file that exists. A typo or a missing cache is
+    refused before the first arm, not after the arms run before it."""
+    from pipeline.engine.init import TIMM_PREFIX, check_init_exists
+    from teachers.init_sources import InitError
+    from teachers.models import ModelError
 
     for name, source in config.sources.items():
-        if source.kind == "timm" and name in config.axes.init:
+        if source.kind in ("timm", "checkpoint") and name in config.axes.init:
+            prefix = TIMM_PREFIX if source.kind == "timm" else ""
             try:
-                check_timm_weights(source.path, arch)
-            except InitError as exc:
-                raise ConfigError(f"sources.{name}.path: {exc}") from None
+                check_init_exists(f"{prefix}{source.path}", arch, f"sources.{name}.path")
+            except (InitError, ModelError) as exc:
+                raise ConfigError(str(exc)) from None
+
+
+def with_stage_train_defaults(config: CompareConfig, raw_sources: Any) -> CompareConfig:
+    """A source's `train` keys laid over its stage's defaults (`pretrain.train`, `ssl_pretrain.train`), as a run
+    config's section would be, not over TrainConfig's: `{steps: 300}` gave SimCLR s1 views and SGD at lr 0.1."""
+    stage_train = {"supervised": PretrainConfig().train, "simclr": SSLPretrainConfig().train}
+    sources = dict(config.sources)
+    for name, source in config.sources.items():
+        given = raw_sources[name].get("train") if isinstance(raw_sources[name], dict) else None
+        if given is not None and source.kind in stage_train:
+            train = from_dict(TrainConfig, given, f"sources.{name}.train", base=stage_train[source.kind])
+            sources[name] = dataclasses.replace(source, train=train)
+    return dataclasses.replace(config, sources=sources)
 
 
 def load_compare_config(path: str | Path) -> CompareConfig:
@@ -150,7 +169,7 @@ def load_compare_config(path: str | Path) -> CompareConfig:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: empty or not a mapping; see configs/compare_fashion_mnist.yaml")
     try:
-        config = from_dict(CompareConfig, raw)
+        config = with_stage_train_defaults(from_dict(CompareConfig, raw), raw.get("sources"))
         check(config)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -85,9 +85,11 @@ def teacher_inputs(ctx: StageContext, stage: Stage) -> dict:
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
+    peer = ctx.config.distill.mutual.peer if ctx.config.distill.mutual.weight > 0 else None
     return {**teacher_inputs(ctx, stage),
             **training_fingerprint_inputs(student_stage_config(ctx.config, stage.spec), ctx.config.seed, ctx.data()),
-            **init_content_inputs(stage.spec.init, ctx.fingerprints(stage, "init_sha256"))}
+            **init_content_inputs(stage.spec.init, ctx.fingerprints(stage, "init_sha256")),
+            **init_content_inputs(peer and peer.init, ctx.fingerprints(stage, "peer_init_sha256"), "peer_init_sha256")}
 
 
 def mixup_view(view01: torch.Tensor, batch: Batch, alpha: float) -> tuple[torch.Tensor, bool]:

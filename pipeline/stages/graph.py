@@ -43,9 +43,10 @@ def distill_stages(config: Config, stages: list[Stage], final: str) -> list[Stag
             labels = "pseudo_label_distill"
             added.append(Stage(labels, "pseudo_label", pseudo_label.run, pseudo_label.inputs,
                                needs=("data",) + ((final,) if not cfg.teacher else ()), **teacher_of))
+    peer = cfg.mutual.peer if cfg.mutual.weight > 0 else None
     for spec in cfg.students:
         needs = (("data",) + ((final,) if not cfg.teacher else ()) + ((labels,) if labels else ())
-                 + init_needs(spec, stages))
+                 + tuple(dict.fromkeys(init_needs(spec, stages) + (init_needs(peer, stages) if peer else ()))))
         name = distill_stage_name(spec, cfg.students)
         added.append(Stage(name, "distill", distill.run, distill.inputs, needs=needs, labels=labels, spec=spec,
                            **teacher_of))

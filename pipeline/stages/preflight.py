@@ -13,14 +13,15 @@ import torch
 from pipeline.config.sections import Config, DataConfig, ModelConfig
 from pipeline.core.atomic import read_json
 from pipeline.core.rundir import RunDir, RunDirError
-from pipeline.data.imageset import open_data
+from pipeline.data.imageset import DataDirError, open_data
 from pipeline.data.importer import check_same_folder
 from pipeline.data.sources import fashion_mnist, folder
 from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
+from pipeline.stages import pretrain
 from pipeline.stages.base import StageGraph
-from pipeline.engine.init import check_init_exists
-from teachers.checkpoint import META, CheckpointError, CheckpointMeta, check_teachers_classes, checkpoint_hash
+from pipeline.engine.init import check_init_exists, names_a_path
+from teachers.checkpoint import META, CheckpointError, CheckpointMeta, check_teachers_classes, checkpoint_hash, read_meta
 from teachers.grow import grow_state
 from teachers.models import ModelError, check_arch, create_model
 from students.prune import PruneError, build_pruners
@@ -32,7 +33,7 @@ FASHION_MNIST_IMAGES = 70_000
 
 def _check_model(model: ModelConfig, where: str) -> None:
     check_arch(model.arch)
-    check_init_exists(model.init, model.arch, where)
+    check_init_exists(model.init, model.arch, f"{where}.init")
     _check_buildable(model, where)
 
 
@@ -64,21 +65,42 @@ def _check_input_size_on_cpu(model: ModelConfig, where: str) -> None:
             from None
 
 
-def _check_student_grows_from_teacher(teacher: ModelConfig, student: ModelConfig) -> None:
-    """Round 1's student `init: teacher` of another architecture: grown from a random-init teacher here (CPU,
-    about a second) with the check the stage makes, so a pair that cannot grow is refused before the teacher
-    trains, not after (later rounds' teachers are students, of the student's own architecture)."""
-    if student.init != "teacher" or student.arch == teacher.arch:
+def _init_arch(config: Config, model: ModelConfig) -> str | None:
+    """The architecture a model's init was trained as: the teacher's for `teacher` (round 1's student; later
+    rounds' teachers are students of its own architecture) and for the pretraining stages, a checkpoint
+    directory's own (its meta.json, read by `check_init_exists`); None for random, weights files and timm."""
+    if model.init in ("teacher", "pretrain", "ssl_pretrain"):
+        return config.teacher.model.arch
+    if names_a_path(model.init) and Path(model.init).is_dir():
+        return read_meta(Path(model.init)).arch
+    return None
+
+
+def _check_grows(config: Config, model: ModelConfig, where: str) -> None:
+    """An init of another architecture is grown into the model (resnet18 -> resnet34): done here from a
+    random-init source on the CPU (about a second), with the check the stage makes, so a pair that cannot grow
+    is refused before the first stage, not when the stage that reads it starts."""
+    source_arch = _init_arch(config, model)
+    if source_arch is None or source_arch == model.arch:
         return
-    meta = CheckpointMeta(arch=teacher.arch, num_classes=2, in_chans=1, input_size=teacher.input_size, mean=(0.5,),
-                          std=(0.5,), class_names=("0", "1"), config_hash="preflight")
+    meta = CheckpointMeta(arch=source_arch, num_classes=2, in_chans=1, input_size=config.teacher.model.input_size,
+                          mean=(0.5,), std=(0.5,), class_names=("0", "1"), config_hash="preflight")
     with torch.random.fork_rng(devices=[]):
-        weights, model = create_model(teacher.arch, 2, 1).state_dict(), create_model(student.arch, 2, 1)
+        weights, grown = create_model(source_arch, 2, 1).state_dict(), create_model(model.arch, 2, 1)
     try:
-        grow_state(model, weights, meta, where=f'student.model.init "teacher" ({student.arch})')
+        grow_state(grown, weights, meta, where=f'{where}.init "{model.init}" ({model.arch})')
     except CheckpointError as error:
-        raise ModelError(f"{error}. Set student.model.arch={teacher.arch} (teacher.model.arch) or another "
-                         f"student.model.init") from None
+        raise ModelError(f"{error}. Give {where}.arch={source_arch} or another {where}.init") from None
+
+
+def _check_outside_run(model: ModelConfig, where: str, run: RunDir) -> None:
+    """A checkpoint or weights file inside this run directory belongs to one of its stages, which `--from`
+    deletes before the stage that reads it runs (and a rerun of that stage would replace it)."""
+    if not names_a_path(model.init):
+        return
+    if Path(model.init).resolve().is_relative_to(run.root.resolve()):
+        raise ModelError(f"{where}.init: {model.init} is inside this run directory ({run.root}); copy it out of "
+                         "the run directory first (--from would delete it, and a rerun of its stage replace it)")
 
 
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
@@ -100,25 +122,29 @@ def _check_prunable(model: ModelConfig, where: str) -> None:
 OTHER_INITS = 'null (random), "pretrain", "ssl_pretrain", a checkpoint directory, a weights file or "timm:NAME"'
 
 
+def trained_models(config: Config) -> list[tuple[str, ModelConfig]]:
+    """(config key, model) of every model the config trains."""
+    models = [("teacher.model", config.teacher.model)]
+    if config.student.rounds:
+        models.append(("student.model", config.student.model))
+    models += [(f"distill.students[{i}]", student) for i, student in enumerate(config.distill.students)]
+    if config.distill.students and config.distill.mutual.weight > 0 and config.distill.mutual.peer is not None:
+        models.append(("distill.mutual.peer", config.distill.mutual.peer))
+    return models
+
+
 def check_models(config: Config) -> None:
     if config.teacher.model.init == "teacher":
         raise ModelError(f'teacher.model.init "teacher": only a student starts from its teacher; use {OTHER_INITS}')
-    _check_model(config.teacher.model, "teacher.model")
-    _check_run_stage_init(config, config.teacher.model, "teacher.model")
-    if config.student.rounds:
-        _check_model(config.student.model, "student.model")
-        _check_run_stage_init(config, config.student.model, "student.model")
-        _check_student_grows_from_teacher(config.teacher.model, config.student.model)
-    for i, student in enumerate(config.distill.students):
-        _check_model(student, f"distill.students[{i}]")
-        _check_run_stage_init(config, student, f"distill.students[{i}]")
-        if student.init == "teacher":
-            raise ModelError(f'distill.students[{i}].init "teacher": a distilled student does not start from its '
-                             f"teacher's weights; use {OTHER_INITS}")
-        if config.distill.prune.enabled:
-            _check_prunable(student, f"distill.students[{i}]")
-    if config.distill.students and config.distill.mutual.weight > 0 and config.distill.mutual.peer is not None:
-        _check_model(config.distill.mutual.peer, "distill.mutual.peer")
+    for where, model in trained_models(config):
+        if where.startswith("distill.") and model.init == "teacher":
+            raise ModelError(f'{where}.init "teacher": a distilled student does not start from its teacher\'s '
+                             f"weights; use {OTHER_INITS}")
+        _check_model(model, where)
+        _check_run_stage_init(config, model, where)
+        _check_grows(config, model, where)
+        if where.startswith("distill.students") and config.distill.prune.enabled:
+            _check_prunable(model, where)
     if config.distill.teacher:
         _check_checkpoint_dir(config.distill.teacher, "distill.teacher")
 
@@ -145,21 +171,38 @@ def _relative_note(path: str) -> str:
     return "" if Path(path).is_absolute() else f" (relative to the working directory {Path.cwd()})"
 
 
-def check_source(data: DataConfig) -> None:
+def check_source(data: DataConfig, key: str = "data") -> None:
     """The raw data a new import (or `--from data`) reads is there: checked before `--from` forgets anything.
-    (`shards` is checked as the import it is; `webdataset` by its shard lists.)"""
+    (`shards` is checked as the import it is; `webdataset` by its shard lists.) `key`: the section's name."""
     if data.source == "fashion-mnist":
         try:
             fashion_mnist.locate(data.path)
         except DataSourceError as error:
-            where = f"data.path: {error}{_relative_note(data.path)}" if data.path else str(error)
+            where = f"{key}.path: {error}{_relative_note(data.path)}" if data.path else str(error)
             raise DataSourceError(where) from None
     elif data.source == "folder":
         if not data.path:
-            raise DataSourceError("data.source is 'folder' but data.path (the image folder) is not set")
+            raise DataSourceError(f"{key}.source is 'folder' but {key}.path (the image folder) is not set")
         if not Path(data.path).is_dir():
-            raise DataSourceError(f"data.path: image folder {data.path} does not exist or is not a "
+            raise DataSourceError(f"{key}.path: image folder {data.path} does not exist or is not a "
                                   f"directory{_relative_note(data.path)}")
+    elif data.source == "shards" and key != "data":  # the run's own import is checked by check_data
+        if not data.path:
+            raise DataSourceError(f"{key}.source is 'shards' but {key}.path (an import) is not set")
+        try:
+            open_data(Path(data.path))
+        except DataDirError as error:
+            raise DataSourceError(f"{key}.path: {error}") from None
+
+
+def check_pretrain_source(config: Config, graph: StageGraph, run: RunDir) -> None:
+    """`pretrain.data` is there while its import or the pretraining is still to run (it was found after the
+    run's own import, and named as `data.*`)."""
+    data = config.pretrain.data
+    if data is None or not any(stage.name == "pretrain" for stage in graph.stages):
+        return
+    if not run.is_done("pretrain" if data.source == "shards" else pretrain.DATA_STAGE):
+        check_source(data, "pretrain.data")
 
 
 def check_folder_unchanged(config: Config, run: RunDir) -> None:
@@ -239,9 +282,12 @@ def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = F
     """`reimport`: the data stage runs again in this invocation (`--from data`), so the import on disk is not
     the one later stages will read."""
     check_models(config)
+    for where, model in trained_models(config):
+        _check_outside_run(model, where, run)
     check_ensemble(config, run)
     check_given_weights(config, graph, run)
     check_given_teachers(config, run, reimport)
+    check_pretrain_source(config, graph, run)
     if any(stage.kind == "data" for stage in graph.stages):
         check_data(config, run, reimport)
         if config.select.calibrate:

@@ -53,9 +53,14 @@ def import_run(ctx: StageContext, stage: Stage) -> None:
 
 
 def inputs(ctx: StageContext, stage: Stage) -> dict:
+    """The source data's config and its labeled shards (an import used in place, `source: shards`, may be
+    made again under the same path), the model, the training and the seed."""
     cfg = pretrain_stage_config(ctx.config)
-    return {"data": to_dict(source_data(ctx.config)), "model": to_dict(cfg.model),
-            "train": train_fingerprint_inputs(cfg.train), "seed": ctx.config.seed}
+    found = {"data": to_dict(source_data(ctx.config)), "model": to_dict(cfg.model),
+             "train": train_fingerprint_inputs(cfg.train), "seed": ctx.config.seed}
+    if ctx.fingerprints(stage, "data_manifest"):  # absent from records made before it: those keep matching
+        found["data_manifest"] = open_data(data_dir(ctx.config, ctx.run)).manifest["splits"]["labeled"]["shards"]
+    return found
 
 
 def run(ctx: StageContext, this: Stage) -> dict:
