@@ -26,6 +26,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.data.sources.fashion_mnist import DataSourceError
     from pipeline.data.pool import PoolError
     from pipeline.engine.per_rank import ResumeStateError
+    from pipeline.engine.ranks import RankError
     from pipeline.engine.serving import PredictError
     from pipeline.experiments.compare import BudgetError
     from students.prune import PruneError
@@ -36,7 +37,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError, ForeignFilesError, ArtifactError,
             WriteFailed, PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-            InitError, BudgetError, PruneError, OutputPathError, ResumeStateError)
+            InitError, BudgetError, PruneError, OutputPathError, ResumeStateError, RankError)
 
 
 def _version() -> str:
@@ -194,12 +195,26 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.config.loading import load_config
     from pipeline.config.presets import preset_overrides
-    from pipeline.stages.runner import run_pipeline
+    from pipeline.config.sections import DIST_TIMEOUT_MINUTES
+    from pipeline.engine.ranks import all_or_none
+    from pipeline.engine.runtime import process_state
+    from pipeline.stages.runner import end_processes, run_pipeline
 
-    config = load_config(args.config, preset_overrides(args.preset) + args.overrides)
+    try:
+        config, error = load_config(args.config, preset_overrides(args.preset) + args.overrides), None
+    except Exception as exc:  # noqa: BLE001 - under several processes every one must hear of it (below)
+        config, error = None, exc
+    # one process's config error stops every process (they would wait for it in their first collective)
+    state = process_state(config.runtime.dist_timeout_minutes if config else DIST_TIMEOUT_MINUTES)
+    try:
+        all_or_none(state, error)
+    except Exception:
+        end_processes(state)
+        raise
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     run_pipeline(config, run_dir, only=args.only, start=args.start)
-    print(f"run directory: {run_dir}")
+    if state.is_main_process:
+        print(f"run directory: {run_dir}")
 
 
 def _cmd_status(args: argparse.Namespace) -> None:

@@ -474,3 +474,34 @@ def test_an_init_checkpoint_that_cannot_start_the_model_is_refused_before_the_fi
     assert expected in error_of(["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(run),
                                  *set_args(overrides)], capsys)
     assert not (run / "teacher").exists()
+
+
+def test_a_training_stage_rerun_in_another_precision_is_refused(tiny_teacher_run, tmp_path, capsys):
+    """An explicit bf16 changes results on CPU too: a bf16 teacher resumed in fp32 mixed the two, and a finished
+    one was skipped as done under the other."""
+    from conftest import TINY_TEACHER, record_as_made_before, set_args
+    config, made = tiny_teacher_run
+    run = tmp_path / "run"
+    shutil.copytree(made, run, ignore=shutil.ignore_patterns("lock"))
+    args = ["run", str(config), "--run-dir", str(run), "--only", "teacher", *set_args(TINY_TEACHER)]
+    assert main(args) == 0 and "[teacher] done already" in capsys.readouterr().out
+    bf16 = args + ["--set", "runtime.mixed_precision=bf16"]
+    assert "different inputs (mixed_precision: 'no' -> 'bf16')" in error_of(bf16, capsys, also=[run / "teacher"])
+    record_as_made_before(run / "teacher", lambda inputs: inputs.pop("mixed_precision"))  # before the key existed
+    assert main(bf16) == 0 and "[teacher] done already" in capsys.readouterr().out
+
+
+def test_a_data_stage_that_failed_before_writing_anything_keeps_no_record(tmp_path, capsys):
+    """A folder without class folders (a wrong data.path) failed at the import and kept its stage.json: the fixed
+    path was then refused as other inputs, with advice to rerun with --from data."""
+    empty, images = tmp_path / "empty", tmp_path / "images"
+    empty.mkdir()
+    for name in ("a", "b"):
+        (images / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(images / name / f"{i}.png")
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {source: folder, labels_per_class: 2, test_fraction: 0.3}\n")
+    args = ["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "data"]
+    assert "class" in error_of(args + ["--set", f"data.path={empty}"], capsys)
+    assert main(args + ["--set", f"data.path={images}"]) == 0

@@ -209,3 +209,19 @@ def test_a_missing_pretraining_source_is_named_before_the_first_stage(tmp_path):
                                     "teacher.model.init=pretrain"])
         with pytest.raises(DataSourceError, match=message):
             check_pretrain_source(config, build_graph(config), RunDir(tmp_path / "run"))
+
+
+def test_the_disk_check_counts_the_images_a_capped_import_writes(tmp_path, monkeypatch):
+    """A 300-image import on a 20 MB disk was refused for the 143 MB of a whole Fashion-MNIST import."""
+    from collections import namedtuple
+
+    from pipeline.core.rundir import RunDir, RunDirError
+    from pipeline.stages.preflight import check_data
+
+    monkeypatch.setattr("pipeline.stages.preflight.check_source", lambda data, key="data": None)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("pipeline.stages.preflight.shutil.disk_usage", lambda path: usage(0, 0, 30_000_000))
+    capped = load_config(None, ["data.max_unlabeled=300", "data.labels_per_class=10"])
+    check_data(capped, RunDir(tmp_path / "run"), reimport=False)  # 10,400 images: about 21 MB
+    with pytest.raises(RunDirError, match="30 MB free, the import needs about 143 MB"):
+        check_data(load_config(None, []), RunDir(tmp_path / "run"), reimport=False)

@@ -263,7 +263,14 @@ def test_a_run_on_an_import_refuses_a_class_filter_or_cap_the_import_was_not_mad
         capsys.readouterr().err
     assert main(args("b") + ["--set", "data.max_unlabeled=20"]) == 2
     assert "data.max_unlabeled is 20, but the import at data.path was made with None" in capsys.readouterr().err
+    assert main(args("b") + ["--preset", "quick"]) == 2  # the preset's cap: the way out named
+    assert "--set data.max_unlabeled=null (`--preset quick` sets it to 10000)" in capsys.readouterr().err
+    assert main(args("b") + ["--set", "data.out_of_domain_unlabeled=true"]) == 2
+    assert "data.out_of_domain_unlabeled needs data.classes" in capsys.readouterr().err
     assert main(args("c")) == 0
+    # the import's own split settings are not read with source: shards, so changing them is no new input
+    assert main(args("c") + ["--set", "data.labels_per_class=7", "--set", "data.seed=3"]) == 0
+    assert "[data] done already" in capsys.readouterr().out
 
 
 def test_a_class_filter_must_name_the_imports_classes_not_only_their_count(tiny_fashion_dir, tmp_path, capsys):

@@ -123,3 +123,48 @@ def test_quick_pipeline_over_two_nodes_on_localhost(config, tmp_path):
     output = (tmp_path / "node0.log").read_text() + (tmp_path / "node1.log").read_text()
     assert codes == [0, 0], output[-3000:]
     assert_complete_two_process_run(config, run, output, tmp_path, nodes=2)
+
+
+def two_nodes(tmp_path: Path, args_of_node, port: int) -> tuple[list[int], list[str]]:
+    """Two torchrun launchers of one process each (nodes of a cluster), each node with its own arguments."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = []
+    for rank in (0, 1):
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                "--rdzv_id", f"selftrain-{port}"]
+        log = open(tmp_path / f"node{rank}-{port}.log", "w")
+        launchers.append((subprocess.Popen(node + ["-m", "pipeline.cli"] + args_of_node(rank), stdout=log,
+                                           stderr=subprocess.STDOUT, env=env), log))
+    codes = []
+    for process, log in launchers:
+        codes.append(process.wait(timeout=300))
+        log.close()
+    return codes, [(tmp_path / f"node{rank}-{port}.log").read_text() for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("case, port", [("other settings", 29561), ("no config", 29563), ("own run dir", 29565)])
+def test_nodes_that_disagree_all_stop_at_once_naming_the_cause(config, tmp_path, case, port):
+    """A node whose config file is missing stopped alone and left the other waiting until the 30-minute timeout;
+    nodes started with another learning rate trained on silently; a run directory of each node's own failed only
+    after the teacher had trained."""
+    run = tmp_path / "run"
+
+    def args_of_node(rank: int) -> list[str]:
+        args = pipeline_args(config, run)
+        if rank == 1 and case == "other settings":
+            args += ["--set", "teacher.train.lr=0.5"]
+        if rank == 1 and case == "no config":
+            args[1] = str(tmp_path / "missing.yaml")
+        if rank == 1 and case == "own run dir":
+            args[3] = str(tmp_path / "elsewhere")
+        return args
+
+    codes, (node0, node1) = two_nodes(tmp_path, args_of_node, port)
+    both = node0[-3000:] + node1[-3000:]
+    assert codes == [1, 1] and node0.count("exitcode  : 2") == node1.count("exitcode  : 2") == 1, both  # ours: 2
+    expected = {"other settings": "was started with other settings than process 0 (teacher.train.lr: 0.05 -> 0.5)",
+                "no config": "missing.yaml", "own run dir": "is not the run directory process 0 holds"}[case]
+    assert expected in node1 and "selftrain: error: process 1 (on " in node0 and expected in node0, both
+    assert not [line for line in (node0 + node1).splitlines() if line.startswith('  File "') and "/pipeline/" in line]
+    assert not (run / "teacher").exists()

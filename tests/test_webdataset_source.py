@@ -27,7 +27,7 @@ from pipeline.data.imageset import load_labeled_split, load_unlabeled_split, ope
 from pipeline.data.shard_io import Fingerprint, as_location
 from pipeline.data.shards import ReadProblems, ShardError, iter_shard
 from pipeline.data.sources.fashion_mnist import DataSourceError
-from pipeline.data.webdataset_source import import_webdataset, shard_lists
+from pipeline.data.webdataset_source import import_webdataset, shard_lists, webdataset_section
 from test_student import STUDENT
 
 CLASSES = ["bag", "boot", "coat", "shirt"]
@@ -408,3 +408,31 @@ def test_a_shard_that_cannot_be_read_is_an_error_even_where_damage_is_counted(tm
                                                    r"not counted as damaged"):
             list(iter_shard(location, on_error="skip", problems=problems))
         assert not problems.truncated
+
+
+def test_a_cap_or_filter_shards_used_in_place_cannot_honour_is_refused_and_the_class_file_counts_by_content(
+        shard_dir, http_root, tmp_path):
+    """max_unlabeled (and so --preset quick) was ignored while RUN/config.yaml recorded it; an edited classes_file
+    left the import done, and the checkpoints kept the old names."""
+    import dataclasses
+
+    from pipeline.config.sections import Config
+    from pipeline.core.rundir import RunDir
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.data_import import inputs
+    from pipeline.stages.graph import build_graph
+
+    config = wds_config(shard_dir, http_root)
+    with pytest.raises(DataSourceError, match=r"data.max_unlabeled is 10000, and shards used in place are used "
+                                              r"whole; .*`--preset quick` sets it"):
+        webdataset_section(dataclasses.replace(config, max_unlabeled=10000))
+    with pytest.raises(DataSourceError, match="data.classes and data.out_of_domain_unlabeled filter an import"):
+        webdataset_section(dataclasses.replace(config, out_of_domain_unlabeled=True))
+    classes = tmp_path / "classes.txt"
+    classes.write_text("a\nb\nc\nd\n")
+    data = dataclasses.replace(config, webdataset=dataclasses.replace(config.webdataset, classes_file=str(classes)))
+    run = Config(data=data)
+    ctx = StageContext(run, RunDir(tmp_path / "run"), None, build_graph(run))  # type: ignore[arg-type]
+    before = inputs(ctx, ctx.graph.get("data"))
+    classes.write_text("T-shirt\nTrouser\nPullover\nDress\n")
+    assert inputs(ctx, ctx.graph.get("data"))["classes_file_sha256"] != before["classes_file_sha256"]

@@ -10,6 +10,9 @@ PRESETS: dict[str, list[str]] = {
               "student.train.warmup_epochs=0.3", "distill.train.epochs=2", "distill.export.repeats=10"],
 }
 
+# where a source cannot cap its pool (an import used as it is, shards used in place)
+PRESET_CAP_NOTE = "`--preset quick` sets it to 10000"
+
 
 def preset_overrides(name: str | None) -> list[str]:
     if name is None:

@@ -226,7 +226,8 @@ def _convert(hint: Any, value: Any, path: str, default: Any = None) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            quoted = f" (quote it: '{value}')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+            raise ConfigError(f"{path}: expected a string, got {value!r}{quoted}")
         return value
     raise ConfigError(f"{path}: unsupported config type {hint}")  # a bug in the schema, not in the YAML
 

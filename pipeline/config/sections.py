@@ -322,9 +322,14 @@ class SSLPretrainConfig:
     knn_k: int = field(default=20, metadata=bounds(ge=1))  # k-NN probe on labeled -> test features (reported)
 
 
+DIST_TIMEOUT_MINUTES = 360
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """How to use the hardware; none of this changes results on CPU (`compile` may, in the last bits)."""
+    """How to use the hardware: none of this changes results on CPU except an explicit `mixed_precision` (a
+    training stage records the precision it ran in and refuses to resume in another) and `compile` (in the
+    last bits)."""
 
     workers: int = field(default=2, metadata=bounds(ge=0))
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -336,6 +341,9 @@ class RuntimeConfig:
     # kernels (GPU, or CPU with a C++ compiler; the first steps wait for compilation), "aot_eager" traces
     # without generating code (checks a model compiles); compiled kernels may change the last bits
     compile: Literal["no", "inductor", "aot_eager"] = "no"
+    # several processes: how long one waits for the others (a stage only process 0 runs, such as a large import
+    # or selection, must end within it); torch's default is 30 minutes
+    dist_timeout_minutes: int = field(default=DIST_TIMEOUT_MINUTES, metadata=bounds(ge=1))
 
 
 @dataclass(frozen=True)

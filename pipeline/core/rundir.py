@@ -73,6 +73,7 @@ def describe_holder(recorded: str) -> str:
     return recorded
 
 
+NOTHING_MADE = {"stage.json", "wall_time.json", FAILED_FILE, PROGRESS_FILE}  # a stage's bookkeeping, no work
 FORGOTTEN = ".forgotten"  # RUN/.forgotten/: stages `--from` moved away, removed at once (kept only if it cannot)
 
 
@@ -303,6 +304,13 @@ class RunDir:
                 write_json(self.stage_dir(stage) / FAILED_FILE, {"error": f"{type(error).__name__}: {error}"})
         except (OSError, WriteFailed):
             pass
+
+    def forget_if_nothing_made(self, stage: str) -> None:
+        """A stage that failed before it wrote anything keeps no record of its inputs: the corrected config (a
+        path fixed) then runs, where it was refused as other inputs with advice to redo everything after it."""
+        directory = self.stage_dir(stage)
+        if directory.is_dir() and {p.name for p in directory.iterdir()} <= NOTHING_MADE:
+            (directory / "stage.json").unlink(missing_ok=True)
 
     def clear_failure(self, stage: str) -> None:
         (self.stage_dir(stage) / FAILED_FILE).unlink(missing_ok=True)

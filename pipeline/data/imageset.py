@@ -112,7 +112,9 @@ def _record(info: DataInfo, split: str, path: ShardLocation) -> dict:
     return next(r for r in info.manifest["splits"][split]["shards"] if r["name"] == name)
 
 
-REIMPORT_HINT = "; to train on the shards as they are now, rerun with --from data (every stage is redone)"
+REIMPORT_HINT = ("; restore it, or import again to train on the shards as they are now: rerun with --from data "
+                 "(every stage is redone), after `selftrain data ... --out DIR` again where the config names the "
+                 "import (data.source: shards: --from data alone reads the same import)")
 
 
 def verify_shard(info: DataInfo, split: str, path: ShardLocation, streamed: Fingerprint | None = None) -> None:

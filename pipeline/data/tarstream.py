@@ -60,11 +60,22 @@ def _read_exact(handle: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
+def _check_only_padding_follows(handle: BinaryIO) -> None:
+    """Tar's end-of-archive is zero blocks, padded with zeros: data after them means a run of zeros inside the
+    archive (a damaged block, a sparse copy) read as its end, and the members after it would be lost silently;
+    so would those of a second archive appended to the first."""
+    while chunk := handle.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise TarDamaged("data follows a zero block read as tar's end-of-archive (zeroed bytes inside the "
+                             "archive, or a second archive appended): the members after it cannot be read")
+
+
 def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     next_name: str | None = None
     while True:
         header = handle.read(BLOCK)
         if header == b"\0" * BLOCK:
+            _check_only_padding_follows(handle)
             return  # end of archive
         if not header:
             raise TarDamaged("stream ends without tar's end-of-archive block (a partial copy?)")

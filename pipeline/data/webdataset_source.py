@@ -27,6 +27,7 @@ from pipeline.config.sections import DataConfig, WebDatasetConfig
 from pipeline.core.atomic import write_json
 from pipeline.core.bars import progress_bar
 from pipeline.core.owned import claim
+from pipeline.config.presets import PRESET_CAP_NOTE
 from pipeline.core.stage_files import shard_stem
 from pipeline.data.importer import FORMAT, MANIFEST, RUN_BOOKKEEPING, existing_import
 from pipeline.data.scan_journal import SCAN_JOURNAL, ScanJournal
@@ -46,9 +47,12 @@ def webdataset_section(data: DataConfig) -> WebDatasetConfig:
     if data.webdataset is None:
         raise DataSourceError("data.source is 'webdataset' but data.webdataset (shard URL lists for labeled, "
                               "unlabeled and test) is not set")
-    if data.classes:
-        raise DataSourceError("data.classes filters an import; shards used in place keep their own classes "
-                              "(their names go in data.webdataset.classes)")
+    if data.classes or data.out_of_domain_unlabeled:
+        raise DataSourceError("data.classes and data.out_of_domain_unlabeled filter an import; shards used in place "
+                              "keep their own classes (their names go in data.webdataset.classes)")
+    if data.max_unlabeled is not None:
+        raise DataSourceError(f"data.max_unlabeled is {data.max_unlabeled}, and shards used in place are used whole; "
+                              f"list fewer unlabeled shards, or --set data.max_unlabeled=null ({PRESET_CAP_NOTE})")
     return data.webdataset
 
 

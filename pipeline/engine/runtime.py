@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
-from pipeline.config.sections import RuntimeConfig
+from pipeline.config.sections import DIST_TIMEOUT_MINUTES, RuntimeConfig
 
 
 def mixed_precision(runtime: RuntimeConfig) -> str:
@@ -54,6 +55,8 @@ def loader_workers(runtime: RuntimeConfig) -> int:
     return min(runtime.workers, os.cpu_count() or 1)
 
 
-def process_state() -> PartialState:
-    """Rank/world info; `cpu=True` without a GPU so torchrun/accelerate launch use gloo on CPU."""
-    return PartialState(cpu=not torch.cuda.is_available())
+def process_state(timeout_minutes: int = DIST_TIMEOUT_MINUTES) -> PartialState:
+    """Rank/world info; `cpu=True` without a GPU so torchrun/accelerate launch use gloo on CPU. The process
+    group's timeout must outlast the longest stage one process runs while the others wait (an import, a
+    selection, the export): torch's 30 minutes stopped a large import under torchrun, and its rerun started over."""
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))

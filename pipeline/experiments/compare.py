@@ -20,6 +20,7 @@ from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.rundir import RunDir, input_differences
+from pipeline.engine.ranks import check_same_settings
 from pipeline.engine.runtime import process_state
 from pipeline.experiments.compare_config import CompareConfig
 from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, final_stage, job_images, plan_jobs,
@@ -178,6 +179,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
     plan = make_plan(config, out, only)
     state = process_state()
     try:
+        check_same_settings(state, {**to_dict(config), "--only": only})
         if state.is_main_process:
             print(describe_plan(config, plan, measured_rate(config) if estimate and plan.pending() else None),
                   flush=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.config.presets import PRESET_CAP_NOTE
 from pipeline.config.schema import to_dict
+from pipeline.core.atomic import sha256_file
 from pipeline.core.rundir import RunDirError
 from pipeline.data.imageset import open_data
 from pipeline.config.sections import DataConfig
@@ -20,8 +22,28 @@ from pipeline.data.webdataset_source import import_webdataset
 from pipeline.stages.base import Stage, StageContext
 
 
+# the data settings each source reads (`shards` and `webdataset` check the class filter and the pool cap against
+# what they can honour, so those stay inputs: a change after the import is refused, not ignored)
+READ_BY_SOURCE = {
+    "fashion-mnist": ("source", "path", "labels_per_class", "holdout_per_class", "seed", "shard_size",
+                      "max_unlabeled", "classes", "out_of_domain_unlabeled"),
+    "shards": ("source", "path", "max_unlabeled", "classes", "out_of_domain_unlabeled"),
+    "webdataset": ("source", "webdataset", "max_unlabeled", "classes", "out_of_domain_unlabeled"),
+}
+READ_BY_SOURCE["folder"] = READ_BY_SOURCE["fashion-mnist"] + ("test_fraction",)
+
+
 def inputs(ctx: StageContext, stage: Stage) -> dict:
-    return to_dict(ctx.config.data)
+    """The data settings the source reads: one it ignores (an import's own split settings under `source:
+    shards`, `test_fraction` for Fashion-MNIST) no longer refuses a rerun; a record made before keeps such a
+    field as it recorded it. The class names file of shards used in place counts by its content."""
+    read, recorded = READ_BY_SOURCE[ctx.config.data.source], ctx.recorded_inputs(stage)
+    found = {key: value if key in read else recorded[key] for key, value in to_dict(ctx.config.data).items()
+             if key in read or key in recorded}
+    classes_file = ctx.config.data.webdataset.classes_file if ctx.config.data.webdataset else None
+    if classes_file and Path(classes_file).is_file() and ctx.fingerprints(stage, "classes_file_sha256"):
+        found["classes_file_sha256"] = sha256_file(Path(classes_file))
+    return found
 
 
 def class_filter(data: DataConfig) -> ClassFilter | None:
@@ -57,6 +79,7 @@ def refuse_settings_an_import_ignores(d: DataConfig, manifest: dict) -> None:
     """`source: shards` reads an import as it was made: a class filter or pool cap asked for here but not the
     import's would be ignored silently (a run asking for 2 classes trained a 10-class teacher)."""
     made = manifest.get("params", {})
+    class_filter(d)  # out_of_domain_unlabeled without classes: refused as for the other sources
     if d.classes and not _same_class_filter(d, manifest):
         raise RunDirError(f"data.classes {list(d.classes)} (out_of_domain_unlabeled {d.out_of_domain_unlabeled}) is "
                           f"not the class filter the import at data.path was made with (its classes: "
@@ -66,7 +89,7 @@ def refuse_settings_an_import_ignores(d: DataConfig, manifest: dict) -> None:
     if d.max_unlabeled is not None and d.max_unlabeled != made.get("max_unlabeled"):
         raise RunDirError(f"data.max_unlabeled is {d.max_unlabeled}, but the import at data.path was made with "
                           f"{made.get('max_unlabeled')}; data.source: shards uses an import as it is: import again "
-                          "with that cap, or leave data.max_unlabeled out")
+                          f"with that cap, or --set data.max_unlabeled=null ({PRESET_CAP_NOTE})")
 
 
 def _same_class_filter(d: DataConfig, manifest: dict) -> bool:

@@ -100,6 +100,9 @@ def run(ctx: StageContext, this: Stage) -> dict:
     # the int8 check reads the labeled images calibration did not see (all of them when it saw all)
     check_set = spread_subset(labeled, len(labeled), skip=cfg.calibration_images) \
         if len(labeled) > cfg.calibration_images else calibration_set
+    if check_set is calibration_set:
+        print(f"[{this.name}] the int8 agreement check reads the {len(labeled)} calibration images themselves (no "
+              f"other labeled images: distill.export.calibration_images is {cfg.calibration_images})")
     threads = torch.get_num_threads()
     rows: list[dict] = []
     teacher_pred = None

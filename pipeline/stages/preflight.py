@@ -20,6 +20,7 @@ from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
 from pipeline.stages import pretrain
 from pipeline.stages.base import StageGraph
+from pipeline.stages.data_import import refuse_settings_an_import_ignores
 from pipeline.engine.init import check_init_exists, names_a_path
 from teachers.checkpoint import META, CheckpointError, CheckpointMeta, check_teachers_classes, checkpoint_hash, read_meta
 from teachers.grow import grow_state
@@ -29,6 +30,7 @@ from students.prune import PruneError, build_pruners
 # bytes a Fashion-MNIST-sized import writes per image (PNG + tar headers), with room to spare
 BYTES_PER_IMAGE_ESTIMATE = 2048
 FASHION_MNIST_IMAGES = 70_000
+FASHION_MNIST_TEST = 10_000
 
 
 def _check_model(model: ModelConfig, where: str) -> None:
@@ -247,11 +249,14 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
         check_folder_unchanged(config, run)
     if config.data.source == "shards" or (imported and not reimport):
         data = open_data(run.data_dir)
+        if config.data.source == "shards":  # here, not only in the stage: a refusal there kept its stage.json
+            refuse_settings_an_import_ignores(config.data, data.manifest)
         if data.count("unlabeled") == 0:
             raise RunDirError(f"{run.data_dir}: the unlabeled pool is empty; self-training needs unlabeled images "
                               "(re-import with a larger or no --max-unlabeled)")
         return
-    needed = FASHION_MNIST_IMAGES * BYTES_PER_IMAGE_ESTIMATE if config.data.source == "fashion-mnist" else None
+    needed = _fashion_mnist_images(config.data) * BYTES_PER_IMAGE_ESTIMATE if config.data.source == "fashion-mnist" \
+        else None
     if config.data.source == "folder" and config.data.path:
         needed = sum(p.stat().st_size for p in folder.walk_files(Path(config.data.path)) if p.exists()) * 2
     existing = run.root if run.root.exists() else next(p for p in run.root.parents if p.exists())
@@ -259,6 +264,15 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
     if needed is not None and free < needed:
         raise RunDirError(f"{existing}: {free / 1e6:.0f} MB free, the import needs about {needed / 1e6:.0f} MB "
                           "(ENOSPC ahead); free some space or use another --run-dir")
+
+
+def _fashion_mnist_images(data: DataConfig) -> int:
+    """At most how many images an import writes: all 70,000, or with a pool cap the test split, the labeled and
+    holdout images and the cap (a 300-image import on a small disk was refused for needing 143 MB)."""
+    if data.max_unlabeled is None:
+        return FASHION_MNIST_IMAGES
+    kept = FASHION_MNIST_TEST + 10 * (data.labels_per_class + data.holdout_per_class) + data.max_unlabeled
+    return min(FASHION_MNIST_IMAGES, kept)
 
 
 def check_ensemble(config: Config, run: RunDir) -> None:

@@ -20,11 +20,13 @@ from typing import Callable
 import torch.distributed as dist
 
 from pipeline.config.loading import config_to_yaml, fingerprint
+from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
-from pipeline.engine.runtime import process_state
-from pipeline.stages.base import Stage, StageContext
+from pipeline.engine.ranks import check_same_run_dir, check_same_settings, on_every_rank, on_main_rank
+from pipeline.engine.runtime import mixed_precision, process_state
+from pipeline.stages.base import TRAINING_KINDS, Stage, StageContext
 from pipeline.stages.graph import build_graph
 from pipeline.stages.preflight import preflight
 
@@ -38,6 +40,16 @@ def make_run_dir(config: Config, run_dir: str | Path) -> RunDir:
     return RunDir(run_dir)
 
 
+def stage_inputs(ctx: StageContext, stage: Stage) -> dict:
+    """What the stage records and a rerun must match: its own inputs, and for a training stage the precision
+    its arithmetic runs in (a bf16 run resumed in fp32, or finished in one and skipped as done in the other,
+    mixed the two silently; records made before the key keep matching without it)."""
+    record = stage.inputs(ctx, stage)
+    if stage.kind in TRAINING_KINDS and ctx.fingerprints(stage, "mixed_precision"):
+        record["mixed_precision"] = mixed_precision(ctx.config.runtime)
+    return record
+
+
 def _check_needs(ctx: StageContext, stage: Stage, running: set[str]) -> None:
     for need in stage.needs:
         if need not in running and not ctx.run.is_done(need):
@@ -49,10 +61,10 @@ def _check_made_with_this_config(ctx: StageContext, stage: Stage, running: set[s
     """A stage without inputs of its own (the report) describes the stages it needs: those done by an earlier
     invocation must have been made with this config (`--only report --set student.rounds=1` rewrote the run's
     record and hid a finished round), as a rerun of each would check."""
-    if ctx.state.is_main_process:
+    def check() -> None:
         for need in (ctx.graph.get(name) for name in stage.needs if name not in running):
             if need.fingerprinted:
-                record = need.inputs(ctx, need)
+                record = stage_inputs(ctx, need)
                 ctx.run.begin_stage(need.name, {"fingerprint": fingerprint(record), "inputs": record})
         left_out = [name for name in ctx.run.planned_stages() or [] if name not in ctx.graph.names
                     and ctx.run.is_done(name)]
@@ -60,45 +72,57 @@ def _check_made_with_this_config(ctx: StageContext, stage: Stage, running: set[s
             raise RunDirError(f"{', '.join(left_out)} done in {ctx.run.root} but not a stage of this config: "
                               f"`--only {stage.name}` would leave {'them' if len(left_out) > 1 else 'it'} out; "
                               "run it with the config that made the run")
-    ctx.state.wait_for_everyone()
+
+    on_main_rank(ctx.state, check)
 
 
 def _run_stage(ctx: StageContext, stage: Stage, before_work: Callable[[], None]) -> None:
     """Refuse other inputs, skip a done stage, else `before_work()` and run it."""
     state, run = ctx.state, ctx.run
-    if stage.fingerprinted and state.is_main_process:
-        record = stage.inputs(ctx, stage)
+
+    def begin() -> None:
+        record = stage_inputs(ctx, stage)
         run.begin_stage(stage.name, {"fingerprint": fingerprint(record), "inputs": record})
-    state.wait_for_everyone()
+
+    on_main_rank(state, begin if stage.fingerprinted else lambda: None)
     if stage.fingerprinted and run.is_done(stage.name):
         state.print(f"[{stage.name}] done already; skipping (use --from {stage.name} to redo)")
         return
-    if state.is_main_process:
-        before_work()
+    on_main_rank(state, before_work)
     timed = stage.fingerprinted and state.is_main_process
     if timed:
         run.clear_failure(stage.name)
     try:
         with run.stage_clock(stage.name) if timed else contextlib.nullcontext():
-            if state.is_main_process or not stage.main_process_only:
+            if stage.main_process_only:  # the others wait; its failure reaches them, named
+                on_main_rank(state, lambda: stage.run(ctx, stage))
+            else:
                 stage.run(ctx, stage)
-            state.wait_for_everyone()
+                state.wait_for_everyone()
     except Exception as error:  # a kill or Ctrl-C leaves the stage resumable, not failed
-        # one process only: under several, rank 0 often sees just the broken collective of a peer that
-        # failed (or was killed); each rank's own error is in its log
-        if timed and state.num_processes == 1:
+        # rank 0's own error: under several processes a stage all ranks run may fail on rank 0 as just the
+        # broken collective of a peer that failed (or was killed); each rank's own error is in its log
+        if timed and (state.num_processes == 1 or stage.main_process_only):
             run.record_failure(stage.name, error)
+        if timed:
+            run.forget_if_nothing_made(stage.name)
         raise
 
 
 def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, start: str | None = None) -> None:
-    graph = build_graph(config)
-    stages = graph.select(only, start)
-    run = make_run_dir(config, run_dir)
-    reimport = bool(start) and any(stage.name == "data" for stage in stages)  # --from resets what it runs
-    preflight(config, graph, run, reimport)  # before anything is written or started
-    state = process_state()  # the one process state of this run
+    state = process_state(config.runtime.dist_timeout_minutes)  # the one process state of this run
     try:
+        check_same_settings(state, {**to_dict(config), "--only": only, "--from": start})
+
+        def plan() -> tuple:
+            graph = build_graph(config)
+            stages = graph.select(only, start)
+            run = make_run_dir(config, run_dir)
+            reimport = bool(start) and any(stage.name == "data" for stage in stages)  # --from resets what it runs
+            preflight(config, graph, run, reimport)  # before anything is written; on every rank (its own paths)
+            return graph, stages, run
+
+        graph, stages, run = on_every_rank(state, plan)
         run_stages(config, run, graph, stages, state, reset=bool(start))
     finally:
         end_processes(state)
@@ -115,9 +139,9 @@ def run_up_to(config: Config, run_dir: str | Path, target: str, state) -> None:
 
 def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, reset: bool) -> None:
     """Hold the run's lock and run `stages` in order (`reset`: forget them first, for --from)."""
-    if state.is_main_process:
-        run.acquire()
+    on_main_rank(state, run.acquire)
     try:
+        check_same_run_dir(state, run.root)
         ctx = StageContext(config, run, state, graph)
         recorded = False
 
@@ -130,13 +154,13 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
                 write_json(run.stage_list_path, {"stages": graph.names})
                 recorded = True
 
-        if state.is_main_process:
-            if reset:
-                forgotten = [stage.name for stage in stages if run.stage_dir(stage.name).exists()]
-                run.reset_stages([(stage.name, stage.kind) for stage in stages], flag=stages[0].name)
-                if forgotten:
-                    print(f"--from {stages[0].name}: forgot {', '.join(forgotten)} (their files removed; redone now)")
-        state.wait_for_everyone()
+        def forget() -> None:
+            forgotten = [stage.name for stage in stages if run.stage_dir(stage.name).exists()]
+            run.reset_stages([(stage.name, stage.kind) for stage in stages], flag=stages[0].name)
+            if forgotten:
+                print(f"--from {stages[0].name}: forgot {', '.join(forgotten)} (their files removed; redone now)")
+
+        on_main_rank(state, forget if reset else lambda: None)
         running = {s.name for s in stages}
         for stage in stages:
             _check_needs(ctx, stage, running)
