@@ -27,6 +27,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.data.pool import PoolError
     from pipeline.engine.per_rank import ResumeStateError
     from pipeline.engine.ranks import RankError
+    from pipeline.engine.training import TrainingDiverged
     from pipeline.engine.serving import PredictError
     from pipeline.experiments.compare import BudgetError
     from students.prune import PruneError
@@ -37,7 +38,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (ConfigError, DataSourceError, ShardError, RunDirError, DataDirError, ForeignFilesError, ArtifactError,
             WriteFailed, PolicyError, CheckpointError, ModelError, PoolError, SidecarError, PredictError,
-            InitError, BudgetError, PruneError, OutputPathError, ResumeStateError, RankError)
+            InitError, BudgetError, PruneError, OutputPathError, ResumeStateError, RankError,
+            TrainingDiverged)
 
 
 def _version() -> str:

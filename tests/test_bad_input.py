@@ -505,3 +505,10 @@ def test_a_data_stage_that_failed_before_writing_anything_keeps_no_record(tmp_pa
     args = ["run", str(config), "--run-dir", str(tmp_path / "run"), "--only", "data"]
     assert "class" in error_of(args + ["--set", f"data.path={empty}"], capsys)
     assert main(args + ["--set", f"data.path={images}"]) == 0
+
+
+def test_fp16_without_a_gpu_is_refused(tiny_data, tmp_path, capsys):
+    """accelerate trains in fp32 on the CPU when asked for fp16, and the run recorded fp16."""
+    args = ["run", str(tiny_config(tmp_path, tiny_data)), "--run-dir", str(tmp_path / "run"),
+            "--set", "runtime.mixed_precision=fp16"]
+    assert "runtime.mixed_precision is fp16, which needs a GPU" in error_of(args, capsys)

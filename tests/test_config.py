@@ -261,3 +261,17 @@ def test_a_list_item_in_set_is_refused_with_the_whole_list_form():
     for key in ("distill.students[0].arch", "distill.students.0.arch"):
         with pytest.raises(ConfigError, match=r"--set names a key, not a list item; give the list whole"):
             load_config(None, [f"{key}=resnet18"])
+
+
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """torch's is_bf16_supported() counts emulation, so V100/T4 cards got bf16 and fp16 was never chosen."""
+    import torch
+
+    from pipeline.config.sections import RuntimeConfig
+    from pipeline.engine.runtime import mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, expected in ((False, "fp16"), (True, "bf16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert mixed_precision(RuntimeConfig()) == expected

@@ -225,3 +225,20 @@ def test_the_disk_check_counts_the_images_a_capped_import_writes(tmp_path, monke
     check_data(capped, RunDir(tmp_path / "run"), reimport=False)  # 10,400 images: about 21 MB
     with pytest.raises(RunDirError, match="30 MB free, the import needs about 143 MB"):
         check_data(load_config(None, []), RunDir(tmp_path / "run"), reimport=False)
+
+
+def test_pseudo_labels_record_the_precision_they_are_made_in(tiny_teacher_run, tiny_data, monkeypatch):
+    """On a GPU labeling runs under autocast: a stage resumed in another precision mixed bf16 and fp32 sidecars."""
+    import torch
+
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.runner import make_run_dir, stage_inputs
+
+    _, run = tiny_teacher_run
+    config = load_config(None, ["data.source=shards", f"data.path={tiny_data}", "student.rounds=0",
+                                "runtime.mixed_precision=bf16", "teacher.model.arch=test_resnet"])
+    g = build_graph(config)
+    ctx = StageContext(config, make_run_dir(config, run), None, g)  # type: ignore[arg-type]
+    assert stage_inputs(ctx, g.get("pseudo_label_r1"))["mixed_precision"] == "no"  # no autocast on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert stage_inputs(ctx, g.get("pseudo_label_r1"))["mixed_precision"] == "bf16"

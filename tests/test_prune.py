@@ -281,3 +281,19 @@ def test_an_untraceable_student_is_refused_before_anything_runs(tmp_path, capsys
                  "--set", "distill.students=[{arch: shufflenet_v2_x0_5, input_size: 32}]"])
     assert code == 2 and not run.exists()
     assert "distill.students[0] (shufflenet_v2_x0_5) cannot be pruned" in capsys.readouterr().err
+
+
+def test_torch_latency_times_the_plain_model_not_a_mixed_precision_forward():
+    """accelerate patches a prepared model's forward with autocast: pruning timed "after" in bf16."""
+    import torch
+
+    from students.latency import torch_latency
+    from teachers.models import create_model
+
+    model = create_model("test_resnet", 10, 1)
+
+    def patched(*args, **kwargs):
+        raise AssertionError("the instance forward (autocast) was timed")
+
+    model.forward = patched
+    assert torch_latency(model, (1, 16, 16), batch=2, repeats=1)["batch1_ms"] > 0

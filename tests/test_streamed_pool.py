@@ -200,3 +200,30 @@ def test_two_processes_stream_their_own_shards_and_resume_exactly(tiny_teacher_r
     metrics = json.loads((runs["whole"] / "student_r1" / "metrics.json").read_text())
     assert metrics["pool"] == "streamed" and metrics["num_processes"] == 2
     assert_same(weights(runs["whole"], "student_r1"), weights(runs["killed"], "student_r1"))
+
+
+def test_every_batch_kind_is_pinned_by_the_loaders_pin_thread(monkeypatch):
+    """The DataLoader's pin thread calls a batch's own pin_memory() and passes other objects through: the batch
+    dataclasses had none, so `pin_memory=True` pinned nothing and each copy to the GPU was synchronous."""
+    import torch
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from pipeline.data.loader import collate_uint8
+    from pipeline.data.pool_stream_loader import collate_mixed
+    from pipeline.data.shard_stream import ShardBatch
+
+    made: list[int] = []
+
+    def pin(tensor, *args, **kwargs):  # this machine has no GPU to pin for: a marked copy stands in
+        copy = tensor.clone()
+        made.append(id(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    image = np.zeros((4, 4, 1), np.uint8)
+    batches = [collate_uint8([(image, 0, 3)]), collate_mixed([(image, 1, 5, np.ones(10, np.float32))]),
+               ShardBatch(0, ["k"], torch.zeros(1, 1, 4, 4, dtype=torch.uint8))]
+    for batch in batches:
+        out = pin_memory(batch)
+        assert type(out) is type(batch) and id(out.images) in made
+    assert id(pin_memory(batches[1]).targets) in made

@@ -170,3 +170,20 @@ def test_only_report_with_another_config_is_refused(tiny_teacher_run, tmp_path, 
     shutil.rmtree(run / "student_r2")
     assert main(only_report) == 0
     assert "labeled images per class" in (run / "report" / "report.md").read_text()
+
+
+def test_weights_that_diverged_are_not_saved_as_done():
+    """A bf16 teacher at 16 px saved 2,208 NaN weights as DONE (its top-1 looked fine); the export failed later
+    with onnxruntime's 'scale issue', naming neither the model nor the NaNs."""
+    import pytest
+    import torch
+
+    from pipeline.engine.training import TrainingDiverged, check_finite
+    from teachers.models import create_model
+
+    model = create_model("test_resnet", 10, 1)
+    check_finite(model, "teacher")
+    with torch.no_grad():
+        next(model.parameters())[0, 0, 0, :2] = torch.tensor([float("nan"), float("inf")])
+    with pytest.raises(TrainingDiverged, match=r"\[teacher\] \S+ holds 2 NaN or infinite values after training"):
+        check_finite(model, "teacher")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.loader import Transform
+from pipeline.data.loader import Transform, pinned
 from pipeline.data.shard_io import ShardLocation, shard_basename
 from pipeline.data.shards import IMAGE_KEYS, ReadProblems, ShardError, decode_image, iter_shard
 
@@ -25,6 +25,9 @@ class ShardBatch:
     shard: int  # index into the stream's shard list
     keys: list[str]
     images: torch.Tensor  # uint8 NCHW (channels_last strides)
+
+    def pin_memory(self) -> "ShardBatch":
+        return pinned(self)
 
 
 @dataclass
@@ -85,4 +88,5 @@ def stream_loader(shards: list[ShardLocation], transform: Transform, batch_size:
                   workers: int, image_keys: Sequence[str] = IMAGE_KEYS) -> DataLoader:
     dataset = UnlabeledShardStream(shards, transform, batch_size, mode, image_keys)
     return DataLoader(dataset, batch_size=None, num_workers=min(workers, max(1, len(shards))),
-                      collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None)
+                      collate_fn=_as_is, prefetch_factor=4 if workers > 0 else None,
+                      pin_memory=torch.cuda.is_available())

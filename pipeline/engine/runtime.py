@@ -24,7 +24,8 @@ def mixed_precision(runtime: RuntimeConfig) -> str:
         return runtime.mixed_precision
     if not torch.cuda.is_available():
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # not emulated bf16: torch's default also says yes on pre-Ampere cards (V100, T4) without bf16 tensor cores
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def use_channels_last(runtime: RuntimeConfig) -> bool:

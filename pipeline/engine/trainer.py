@@ -182,7 +182,8 @@ def train(accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, to
             losses = loss_fn(model, batch)
             accelerator.backward(losses["loss"])
             optimizer.step()
-            scheduler.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16: a step GradScaler skipped moves no schedule
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(raw_model)

@@ -149,12 +149,29 @@ def swap_in_ema(setup: TrainingSetup, result: TrainResult, trained: torch.nn.Mod
                     **({"raw_holdout_top1": held["top1"]} if held else {})}}
 
 
+class TrainingDiverged(RuntimeError):
+    """The trained weights hold NaN or infinite values: nothing is saved as done."""
+
+
+def check_finite(model: torch.nn.Module, name: str) -> None:
+    """A diverged run (bf16 overflow, too high a learning rate) saved NaN weights as DONE: its test top-1 could
+    still look fine where the NaNs sat in unused taps, and the export failed later without naming them.
+    Checked on every process (the weights are the same on each), so all stop together."""
+    for tensor_name, value in model.state_dict().items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise TrainingDiverged(f"[{name}] {tensor_name} holds {bad} NaN or infinite values after training (the "
+                                   f"run diverged); nothing was saved as done. Rerun with --from {name} and a lower "
+                                   "learning rate, or runtime.mixed_precision=no (bf16 on CPU: README, Benchmarks)")
+
+
 def record_stage(setup: TrainingSetup, model: torch.nn.Module, metrics: dict, lineage: dict,
                  save: Callable[[Path, torch.nn.Module, CheckpointMeta], str] = save_checkpoint) -> None:
     """Main process: checkpoint (+ meta with lineage), metrics.json, DONE, training state dropped; all wait."""
     from pipeline.config.loading import fingerprint
 
     accelerator, data, stage, name = setup.accelerator, setup.data, setup.stage, setup.name
+    check_finite(model, name)
     if accelerator.is_main_process:
         meta = CheckpointMeta(arch=stage.model.arch, num_classes=data.num_classes, in_chans=data.in_chans,
                               input_size=stage.model.input_size, mean=setup.mean, std=setup.std,

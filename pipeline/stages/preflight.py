@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config.schema import ConfigError
 from pipeline.config.sections import Config, DataConfig, ModelConfig
 from pipeline.core.atomic import read_json
 from pipeline.core.rundir import RunDir, RunDirError
@@ -275,6 +276,13 @@ def _fashion_mnist_images(data: DataConfig) -> int:
     return min(FASHION_MNIST_IMAGES, kept)
 
 
+def check_precision(config: Config) -> None:
+    """fp16 on a machine without a GPU: accelerate trains in fp32 there, and the run recorded fp16."""
+    if config.runtime.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("runtime.mixed_precision is fp16, which needs a GPU (on the CPU accelerate trains in fp32 "
+                          "without a word); use bf16 or no")
+
+
 def check_ensemble(config: Config, run: RunDir) -> None:
     """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
     stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
@@ -295,6 +303,7 @@ def check_given_teachers(config: Config, run: RunDir, reimport: bool) -> None:
 def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = False) -> None:
     """`reimport`: the data stage runs again in this invocation (`--from data`), so the import on disk is not
     the one later stages will read."""
+    check_precision(config)
     check_models(config)
     for where, model in trained_models(config):
         _check_outside_run(model, where, run)

@@ -89,7 +89,8 @@ def run(ctx: StageContext, this: Stage) -> dict:
         raise PruneError(f"distill.prune.target_macs {cfg.target_macs:g} ({this.spec.arch}): {error}") from error
     pruning.update(cfg.steps)
     unpruned, _ = load_model(run_dir.checkpoint_dir(this.source), ctx.data().num_classes)
-    speed = interleaved_torch_latency({"before": unpruned, "after": setup.model}, (chans, size, size), batch=64,
+    pruned = setup.accelerator.unwrap_model(setup.model)
+    speed = interleaved_torch_latency({"before": unpruned, "after": pruned}, (chans, size, size), batch=64,
                                       repeats=30, channels_last=setup.channels_last)
     before, after = speed["before"], speed["after"]
     result = results[-1] if results else TrainResult(0, 0, 0.0, 0.0, 0.0)

@@ -17,6 +17,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from pipeline.config.loading import config_to_yaml, fingerprint
@@ -41,13 +42,25 @@ def make_run_dir(config: Config, run_dir: str | Path) -> RunDir:
 
 
 def stage_inputs(ctx: StageContext, stage: Stage) -> dict:
-    """What the stage records and a rerun must match: its own inputs, and for a training stage the precision
-    its arithmetic runs in (a bf16 run resumed in fp32, or finished in one and skipped as done in the other,
-    mixed the two silently; records made before the key keep matching without it)."""
+    """What the stage records and a rerun must match: its own inputs, and the precision its arithmetic runs in
+    where that changes its output (a bf16 run resumed in fp32, or finished in one and skipped as done in the
+    other, mixed the two silently; records made before the key keep matching without it)."""
     record = stage.inputs(ctx, stage)
-    if stage.kind in TRAINING_KINDS and ctx.fingerprints(stage, "mixed_precision"):
-        record["mixed_precision"] = mixed_precision(ctx.config.runtime)
+    precision = _precision(ctx, stage)
+    if precision is not None and ctx.fingerprints(stage, "mixed_precision"):
+        record["mixed_precision"] = precision
     return record
+
+
+def _precision(ctx: StageContext, stage: Stage) -> str | None:
+    runtime = ctx.config.runtime
+    if stage.kind in TRAINING_KINDS:
+        return mixed_precision(runtime)
+    if stage.kind == "pseudo_label":  # autocast on a GPU only
+        return mixed_precision(runtime) if torch.cuda.is_available() else "no"
+    if stage.kind == "select" and ctx.config.select.calibrate:  # the temperature, fit under the accelerator's
+        return mixed_precision(runtime)
+    return None
 
 
 def _check_needs(ctx: StageContext, stage: Stage, running: set[str]) -> None:
