@@ -6,9 +6,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from pipeline.core.allocator import keep_freed_memory
+
+T = TypeVar("T")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -183,39 +185,53 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
 
 
+def _loaded_on_every_process(load: Callable[[], T], timeout_minutes: Callable[[T], int]) -> T:
+    """`load()` (a config, checked) on every process, then the one process state: under several processes one
+    process's error stops them all with its message (they would wait for it in their first collective)."""
+    from pipeline.config.sections import DIST_TIMEOUT_MINUTES
+    from pipeline.engine.ranks import all_or_none
+    from pipeline.engine.runtime import process_state
+    from pipeline.stages.runner import end_processes
+
+    try:
+        loaded, error = load(), None
+    except Exception as exc:  # noqa: BLE001 - raised on this process by all_or_none, named on the others
+        loaded, error = None, exc
+    state = process_state(DIST_TIMEOUT_MINUTES if loaded is None else timeout_minutes(loaded))
+    try:
+        all_or_none(state, error)
+    except Exception:
+        end_processes(state)
+        raise
+    return loaded  # type: ignore[return-value]
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from pipeline.core.output_paths import check_output_dir
     from pipeline.experiments.compare import run_compare
     from pipeline.experiments.compare_config import load_compare_config
 
-    config = load_compare_config(args.config)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    check_output_dir(Path(out))
+
+    def load():
+        check_output_dir(Path(out))
+        return load_compare_config(args.config)
+
+    config = _loaded_on_every_process(load, lambda c: c.base_config().runtime.dist_timeout_minutes)
     run_compare(config, out, only=args.only, dry_run=args.dry_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.config.loading import load_config
     from pipeline.config.presets import preset_overrides
-    from pipeline.config.sections import DIST_TIMEOUT_MINUTES
-    from pipeline.engine.ranks import all_or_none
     from pipeline.engine.runtime import process_state
-    from pipeline.stages.runner import end_processes, run_pipeline
+    from pipeline.stages.runner import run_pipeline
 
-    try:
-        config, error = load_config(args.config, preset_overrides(args.preset) + args.overrides), None
-    except Exception as exc:  # noqa: BLE001 - under several processes every one must hear of it (below)
-        config, error = None, exc
-    # one process's config error stops every process (they would wait for it in their first collective)
-    state = process_state(config.runtime.dist_timeout_minutes if config else DIST_TIMEOUT_MINUTES)
-    try:
-        all_or_none(state, error)
-    except Exception:
-        end_processes(state)
-        raise
+    config = _loaded_on_every_process(lambda: load_config(args.config, preset_overrides(args.preset) + args.overrides),
+                                      lambda c: c.runtime.dist_timeout_minutes)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     run_pipeline(config, run_dir, only=args.only, start=args.start)
-    if state.is_main_process:
+    if process_state().is_main_process:
         print(f"run directory: {run_dir}")
 
 

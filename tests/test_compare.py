@@ -354,13 +354,14 @@ def test_a_checkpoint_source_that_is_not_there_is_refused_before_the_first_arm(t
 def test_a_sources_partial_train_keeps_its_stages_other_defaults(tmp_path):
     """`train: {steps: 300}` gave SimCLR s1 views and SGD at lr 0.1 (TrainConfig's defaults), where the same key
     in a run config's ssl_pretrain section keeps that stage's s4, AdamW and lr."""
-    from pipeline.config.sections import PretrainConfig, SSLPretrainConfig
+    from pipeline.config.sections import PretrainConfig, SSLPretrainConfig, TrainConfig
     path = tmp_path / "compare.yaml"
     path.write_text("sources: {simclr: {kind: simclr, train: {steps: 300}}, sup: {kind: supervised, data: "
                     "{source: fashion-mnist}, train: {steps: 300}}}\naxes: {init: [random, simclr, sup]}\n")
     sources = load_compare_config(path).sources
     for name, stage in (("simclr", SSLPretrainConfig().train), ("sup", PretrainConfig().train)):
-        assert sources[name].train == dataclasses.replace(stage, steps=300)
+        # epochs is unused once steps is given: TrainConfig's, as grids made before resolved it (they still match)
+        assert sources[name].train == dataclasses.replace(stage, steps=300, epochs=TrainConfig().epochs)
 
 
 def test_compare_refuses_an_out_holding_the_users_files(tmp_path, capsys, monkeypatch):

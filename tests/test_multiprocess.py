@@ -168,3 +168,18 @@ def test_nodes_that_disagree_all_stop_at_once_naming_the_cause(config, tmp_path,
     assert expected in node1 and "selftrain: error: process 1 (on " in node0 and expected in node0, both
     assert not [line for line in (node0 + node1).splitlines() if line.startswith('  File "') and "/pipeline/" in line]
     assert not (run / "teacher").exists()
+
+
+def test_a_compare_whose_config_one_node_lacks_stops_both_nodes(tmp_path):
+    """`selftrain compare` loads its config on every process before the first collective, as `run` does."""
+    config = tmp_path / "compare.yaml"
+    config.write_text("axes: {init: [random], self_training: [off], policy: [s1], labels_per_class: [4], "
+                      "seeds: [0]}\n")
+
+    def args_of_node(rank: int) -> list[str]:
+        return ["compare", str(config if rank == 0 else tmp_path / "missing.yaml"), "--out", str(tmp_path / "out")]
+
+    codes, (node0, node1) = two_nodes(tmp_path, args_of_node, 29567)
+    both = node0[-3000:] + node1[-3000:]
+    assert codes == [1, 1] and node0.count("exitcode  : 2") == node1.count("exitcode  : 2") == 1, both
+    assert "missing.yaml" in node1 and "selftrain: error: process 1 (on " in node0 and "missing.yaml" in node0, both

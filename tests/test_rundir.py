@@ -144,6 +144,8 @@ def test_a_stage_from_cannot_remove_is_forgotten_whole_or_not_at_all(tmp_path, c
         run.reset_stages([("teacher", "teacher"), ("student_r1", "student")], flag="teacher")
     assert not run.stage_dir("teacher").exists() and not run.stage_dir("student_r1").exists()
     assert "could not be removed entirely; delete it" in capsys.readouterr().out
+    run.reset_stages([("teacher", "teacher")], flag="teacher")  # the next --from clears what was left
+    assert not (run.root / ".forgotten").exists()
     run.begin_stage("teacher", {"fingerprint": "b", "inputs": {}})  # a fresh record: the stage runs anew
     assert not run.is_done("teacher")
     (run.stage_dir("teacher") / "stage.json").unlink()

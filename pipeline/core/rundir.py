@@ -12,6 +12,7 @@ Layout:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -183,6 +184,7 @@ class RunDir:
                               "wait for it to finish or use another --run-dir") from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.fsync(handle)  # other nodes read it back (the run directory check); NFS shows them only what was synced
         self._lock_handle = handle
         _HELD_LOCKS.add(handle)
 
@@ -278,6 +280,7 @@ class RunDir:
                 raise RunDirError(f"--from {flag}: {describe_foreign(directory, foreign)}; nothing was removed. "
                                   "Move them out of the run directory first")
         trash = self.root / FORGOTTEN
+        self._empty_trash()  # what an interrupted --from left there
         moved: list[Path] = []
         for stage, _ in stages:
             if not self.stage_dir(stage).exists():
@@ -288,13 +291,21 @@ class RunDir:
                 self.stage_dir(stage).rename(target)
             except OSError as error:
                 done = f"{', '.join(p.name.split('.')[0] for p in moved)} forgotten, " if moved else ""
-                raise RunDirError(f"--from {flag}: cannot move {self.stage_dir(stage)} away ({error.strerror}); "
-                                  f"{done}{stage} and the rest untouched. Fix the permissions and rerun") from None
+                raise RunDirError(f"--from {flag}: cannot move {self.stage_dir(stage)} to {trash} ({error.strerror}); "
+                                  f"{done}{stage} and the rest untouched. Fix that and rerun") from None
             moved.append(target)
-        for target in moved:
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        trash = self.root / FORGOTTEN
+        if not trash.is_dir():
+            return
+        for target in trash.iterdir():
             shutil.rmtree(target, ignore_errors=True)
             if target.exists():
                 print(f"warning: {target} (a forgotten stage's files) could not be removed entirely; delete it")
+        with contextlib.suppress(OSError):
+            trash.rmdir()
 
     def record_failure(self, stage: str, error: Exception) -> None:
         """Keep the error that stopped `stage`, so `selftrain status` can say why it is not done; best effort

@@ -60,14 +60,32 @@ def _read_exact(handle: BinaryIO, size: int, what: str) -> bytes:
     return data
 
 
-def _check_only_padding_follows(handle: BinaryIO) -> None:
-    """Tar's end-of-archive is zero blocks, padded with zeros: data after them means a run of zeros inside the
-    archive (a damaged block, a sparse copy) read as its end, and the members after it would be lost silently;
-    so would those of a second archive appended to the first."""
+def _is_header(block: bytes) -> bool:
+    """A block that passes tar's header checksum (and names something)."""
+    if len(block) != BLOCK or not block[0]:
+        return False
+    try:
+        return _octal(block[148:156]) == sum(block[:148]) + 256 + sum(block[156:])
+    except ValueError:
+        return False
+
+
+def _check_no_member_follows(handle: BinaryIO) -> None:
+    """Tar's end-of-archive is a zero block: a member header after it means a run of zeros inside the archive
+    (a damaged block, a sparse copy) was read as its end, and the members after it would be lost silently; so
+    would those of a second archive appended to the first. Other bytes there are not members (zero padding, the
+    file index pixz appends) and are read past, as tar does."""
+    rest = b""
     while chunk := handle.read(1 << 16):
-        if chunk.count(0) != len(chunk):
-            raise TarDamaged("data follows a zero block read as tar's end-of-archive (zeroed bytes inside the "
-                             "archive, or a second archive appended): the members after it cannot be read")
+        data = rest + chunk
+        whole = len(data) - len(data) % BLOCK  # blocks stay aligned whatever a stream's reads return
+        data, rest = data[:whole], data[whole:]
+        if data.count(0) == len(data):
+            continue
+        if any(_is_header(data[start:start + BLOCK]) for start in range(0, whole, BLOCK)):
+            raise TarDamaged("a member header follows a zero block read as tar's end-of-archive (zeroed bytes "
+                             "inside the archive, or a second archive appended): the members after it cannot be "
+                             "read")
 
 
 def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -75,7 +93,7 @@ def _plain_members(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:
     while True:
         header = handle.read(BLOCK)
         if header == b"\0" * BLOCK:
-            _check_only_padding_follows(handle)
+            _check_no_member_follows(handle)
             return  # end of archive
         if not header:
             raise TarDamaged("stream ends without tar's end-of-archive block (a partial copy?)")

@@ -155,7 +155,10 @@ def with_stage_train_defaults(config: CompareConfig, raw_sources: Any) -> Compar
     for name, source in config.sources.items():
         given = raw_sources[name].get("train") if isinstance(raw_sources[name], dict) else None
         if given is not None and source.kind in stage_train:
-            train = from_dict(TrainConfig, given, f"sources.{name}.train", base=stage_train[source.kind])
+            base = stage_train[source.kind]
+            if isinstance(given, dict) and given.get("steps") is not None:  # epochs unused: kept as grids made
+                base = dataclasses.replace(base, epochs=TrainConfig().epochs)  # before this change resolved it
+            train = from_dict(TrainConfig, given, f"sources.{name}.train", base=base)
             sources[name] = dataclasses.replace(source, train=train)
     return dataclasses.replace(config, sources=sources)
 

@@ -22,13 +22,13 @@ from pipeline.data.webdataset_source import import_webdataset
 from pipeline.stages.base import Stage, StageContext
 
 
-# the data settings each source reads (`shards` and `webdataset` check the class filter and the pool cap against
-# what they can honour, so those stay inputs: a change after the import is refused, not ignored)
+# the data settings each source reads (`shards` checks the class filter and the pool cap against the import, so
+# those stay inputs: a change after the import is refused, not ignored; `webdataset` refuses them in preflight)
 READ_BY_SOURCE = {
     "fashion-mnist": ("source", "path", "labels_per_class", "holdout_per_class", "seed", "shard_size",
                       "max_unlabeled", "classes", "out_of_domain_unlabeled"),
     "shards": ("source", "path", "max_unlabeled", "classes", "out_of_domain_unlabeled"),
-    "webdataset": ("source", "webdataset", "max_unlabeled", "classes", "out_of_domain_unlabeled"),
+    "webdataset": ("source", "webdataset"),
 }
 READ_BY_SOURCE["folder"] = READ_BY_SOURCE["fashion-mnist"] + ("test_fraction",)
 

@@ -34,6 +34,7 @@ from pipeline.data.loader import Transform, to_model_input
 from pipeline.data.shard_io import ShardLocation
 from pipeline.data.shards import IMAGE_KEYS
 from pipeline.data.shard_stream import ShardBatch, stream_loader
+from pipeline.engine.ranks import on_every_rank
 from pipeline.engine.runtime import configure_threads, loader_workers, mixed_precision, use_channels_last
 from pipeline.stages.base import Stage, StageContext
 from teachers.calibration import accuracy_above, accuracy_by_confidence
@@ -234,7 +235,8 @@ def run(ctx: StageContext, stage: Stage) -> dict:
                       progress=config.runtime.progress and state.is_local_main_process, status=status)
     state.print(f"[{stage.name}] {len(pending)} of {shards_total} shards to label "
                 f"({state.num_processes} process(es)), teacher {meta.arch} {teacher_hash[:12]}")
-    labeled = sum(gather_object([label_shards(labeler, job)]))  # every process's images (all finish here)
+    # every process's images (all finish here); a shard one process cannot read stops them all, named
+    labeled = sum(gather_object([on_every_rank(state, lambda: label_shards(labeler, job))]))
     seconds = time.perf_counter() - started
     metrics: dict = {}
     if state.is_main_process:

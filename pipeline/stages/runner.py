@@ -48,7 +48,11 @@ def stage_inputs(ctx: StageContext, stage: Stage) -> dict:
     record = stage.inputs(ctx, stage)
     precision = _precision(ctx, stage)
     if precision is not None and ctx.fingerprints(stage, "mixed_precision"):
-        record["mixed_precision"] = precision
+        recorded = ctx.recorded_inputs(stage)
+        # a finished stage is what it is: reporting it, or training the next round, on a machine of another kind
+        # (auto: bf16 on a GPU, fp32 on a CPU) reads it as made, and only a stage still to run must match
+        done = ctx.run.is_done(stage.name) and "mixed_precision" in recorded
+        record["mixed_precision"] = recorded["mixed_precision"] if done else precision
     return record
 
 
@@ -144,9 +148,13 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
 def run_up_to(config: Config, run_dir: str | Path, target: str, state) -> None:
     """Run `target` and every stage it needs (skipping what is done) in the caller's process state;
     `selftrain compare` runs many such runs under one process group."""
-    graph = build_graph(config)
-    run = make_run_dir(config, run_dir)
-    preflight(config, graph, run)
+    def plan() -> tuple:
+        graph = build_graph(config)
+        run = make_run_dir(config, run_dir)
+        preflight(config, graph, run)  # on every rank (its own paths); one rank's refusal stops them all
+        return graph, run
+
+    graph, run = on_every_rank(state, plan)
     run_stages(config, run, graph, graph.upstream(target), state, reset=False)
 
 
