@@ -170,7 +170,8 @@ def refuse_changed_config(out: Path, resolved: str) -> None:
     if diffs:
         raise ConfigError(f"{out} holds a grid made with another config ({'; '.join(diffs[:5])}"
                           f"{'; ...' if len(diffs) > 5 else ''}); its finished arms would be reported as this "
-                          "config's. Use a new --out (a change to the axes alone extends the grid in place)")
+                          "config's. Use a new --out (a change to the axes alone extends the grid in place; where "
+                          "the file did not change, a default of this version differs from the one that made it)")
 
 
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
