@@ -390,6 +390,14 @@ def test_a_grid_rerun_with_another_config_is_refused_but_new_axes_extend_it(tmp_
         refuse_changed_config(out, resolved_yaml(changed))
     runtime = grid_config(base={"runtime": {"threads": 2, "workers": 0, "progress": False}})
     refuse_changed_config(out, resolved_yaml(runtime))  # settings that do not change results, as summarize
+    # a new source with its init only adds arms (any change to `sources` was refused); a used one may not change
+    (tmp_path / "w.pt").write_bytes(b"")
+    grown = grid_config(axes={**GRID["axes"], "init": ["random", "supervised", "simclr", "mine"]},
+                        sources={**GRID["sources"], "mine": {"kind": "checkpoint", "path": str(tmp_path / "w.pt")}})
+    refuse_changed_config(out, resolved_yaml(grown))
+    other = grid_config(sources={**GRID["sources"], "simclr": {"kind": "simclr", "temperature": 0.5}})
+    with pytest.raises(ConfigError, match=r"sources.simclr.temperature: 0.2 -> 0.5"):
+        refuse_changed_config(out, resolved_yaml(other))
 
 
 def test_spellings_of_one_policy_are_one_axis_value():
@@ -413,3 +421,30 @@ def test_a_started_pretraining_keeps_its_import_when_the_axes_change(tmp_path):
     reordered = grid_config(axes={**GRID["axes"], "labels_per_class": [5, 10, 200], "seeds": [3, 0, 1]})
     again = pretrain_job(reordered, "simclr", tmp_path)
     assert again is not None and again.config.data.path == str(data_dir(tmp_path, 10, 0))
+
+
+def test_a_grid_keeps_its_out_spelling_and_a_failed_job_leaves_a_partial_report(tiny_fashion_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Resumed as /abs/rel, a grid started as `rel` refused every unfinished arm (its runs record their paths as
+    typed); a failing job stopped the grid before the report, which kept an older invocation's arms; --dry-run
+    planned a grid the real run would refuse."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_compare_config(tmp_path, tiny_fashion_dir, seeds=(0,), inits=("random",))
+    text = config.read_text().replace("self_training: [off, on], policy: [s1, s4]", "self_training: [off], policy: [s1]")
+    config.write_text(text)
+    assert main(["compare", str(config), "--out", "rel"]) == 0 and "report:" in capsys.readouterr().out
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(text.replace("seeds: [0]", "seeds: [0, 1]"))
+    blocker = tmp_path / "rel" / "arms" / "random-s1-l4-s1"
+    blocker.mkdir(parents=True)
+    (blocker / "notes.txt").write_text("a user's file")  # the new arm's job is refused: the grid stops there
+    assert main(["compare", str(grown), "--out", str(tmp_path / "rel")]) == 2  # the absolute spelling resumes
+    err = capsys.readouterr().err
+    assert "compare: job arms/random-s1-l4-s1 stopped" in err and "is not a selftrain run directory" in err
+    report = (tmp_path / "rel" / "report" / "report.md").read_text()
+    assert "**Partial grid**: 1 arms finished; the run stopped at" in report
+    assert json.loads((tmp_path / "rel" / "report" / "metrics.json").read_text())["partial"]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(text.replace("budget: {steps: 3", "budget: {steps: 6"))
+    assert main(["compare", str(changed), "--out", "rel", "--dry-run"]) == 2
+    assert "holds a grid made with another config (budget.steps: 3 -> 6" in capsys.readouterr().err

@@ -8,9 +8,11 @@ each arm the optimizer steps of its final model are checked against the budget.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 import yaml
@@ -147,10 +149,13 @@ def refuse_foreign_out(out: Path) -> None:
             raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
 
 
-def _result_settings(resolved: dict) -> dict:
-    """A resolved compare config without what may change between runs into one `--out`: the axes, and the
-    base runtime settings that do not change results (threads, workers, progress bars, logging)."""
+def _result_settings(resolved: dict, sources: set[str]) -> dict:
+    """A resolved compare config without what may change between runs into one `--out`: the axes, the
+    sources other than `sources` (a source added with its init, or no longer used), and the base runtime
+    settings that do not change results (threads, workers, progress bars, logging)."""
     kept = {key: value for key, value in resolved.items() if key != "axes"}
+    if isinstance(kept.get("sources"), dict):
+        kept["sources"] = {name: value for name, value in kept["sources"].items() if name in sources}
     base = kept.get("base")
     if isinstance(base, dict) and isinstance(base.get("runtime"), dict):
         runtime = {k: v for k, v in base["runtime"].items() if f"runtime.{k}" not in SAME_RESULT_KEYS}
@@ -165,7 +170,9 @@ def refuse_changed_config(out: Path, resolved: str) -> None:
     saved = out / "compare.yaml"
     if not saved.exists():
         return
-    before, now = (_result_settings(yaml.safe_load(text) or {}) for text in (saved.read_text(), resolved))
+    raw = [yaml.safe_load(text) or {} for text in (saved.read_text(), resolved)]
+    used = [set(((r.get("axes") or {}).get("init") or [])) for r in raw]
+    before, now = (_result_settings(r, used[0] & used[1]) for r in raw)
     diffs = input_differences(before, now)
     if diffs:
         raise ConfigError(f"{out} holds a grid made with another config ({'; '.join(diffs[:5])}"
@@ -174,42 +181,85 @@ def refuse_changed_config(out: Path, resolved: str) -> None:
                           "the file did not change, a default of this version differs from the one that made it)")
 
 
+def grid_root(out: Path) -> Path:
+    """`--out` as the grid's runs name it. Each run records its paths as they were typed, so `rel` and
+    `/abs/rel` were two grids to them (every unfinished arm refused): a grid keeps the spelling it was started
+    with, where that still leads here; a new grid takes the absolute path."""
+    started = _started_spelling(out) if (out / "compare.yaml").exists() else None
+    if started is None:
+        return out.resolve()
+    if Path(started).resolve() != out.resolve():
+        raise ConfigError(f"{out} holds a grid whose runs name their paths from {started!r}, which does not lead "
+                          f"there from {Path.cwd()}: run compare from the directory it was started in, move the grid "
+                          "back, or start a new --out")
+    return Path(started)
+
+
+def _started_spelling(out: Path) -> str | None:
+    """The `--out` a grid's runs were made with: their import's path is OUT/data/<labels-seed>/data."""
+    for config_path in sorted(out.glob("arms/*/config.yaml")) + sorted(out.glob("pretrain/*/config.yaml")):
+        data = (yaml.safe_load(config_path.read_text()) or {}).get("data") or {}
+        parts = PurePath(str(data.get("path") or "")).parts
+        if len(parts) >= 3 and parts[-1] == "data" and parts[-3] == "data":
+            return str(PurePath(*parts[:-3]))
+    return None
+
+
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
                 estimate: bool = True) -> dict | None:
-    out = Path(out)
+    out = grid_root(Path(out))
     plan = make_plan(config, out, only)
     state = process_state()
     try:
         check_same_settings(state, {**to_dict(config), "--only": only})
+        refuse_foreign_out(out)  # on every rank, so that all stop together; before --dry-run's plan too
+        refuse_changed_config(out, resolved_yaml(config))
         if state.is_main_process:
             print(describe_plan(config, plan, measured_rate(config) if estimate and plan.pending() else None),
                   flush=True)
         if dry_run:
             return None
-        refuse_foreign_out(out)  # on every rank, so that all stop together
-        refuse_changed_config(out, resolved_yaml(config))
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "compare.yaml", resolved_yaml(config))
         pending = plan.pending()
         seconds: dict[str, list[float]] = {}
-        for index, job in enumerate(pending, 1):
-            state.print(f"[compare {index}/{len(pending)}{eta(seconds, pending[index - 1:])}] "
-                        f"{job.kind}/{job.name} -> {job.target}", flush=True)
-            started = time.time()
-            run_up_to(job.config, job.run_dir(out), job.target, state)
-            seconds.setdefault(job.kind, []).append(time.time() - started)
-        results = [arm_result(config, arm, out) for arm in finished_arms(config, out)]
-        summary = None
-        if state.is_main_process:
-            report_dir = out / "report"
-            budget = (f"Every arm's final model trained {config.budget.steps} optimizer steps at "
-                      f"{config.budget.batch_size} labeled images a step (checked per arm).")
-            summary = write_compare_report(report_dir, results, provenance(), resolved_yaml(config), budget,
-                                           {name: source.kind for name, source in config.sources.items()})
-            write_json(report_dir / "metrics.json", summary)
-            print(f"report: {report_dir / 'report.md'}")
+        try:
+            for index, job in enumerate(pending, 1):
+                state.print(f"[compare {index}/{len(pending)}{eta(seconds, pending[index - 1:])}] "
+                            f"{job.kind}/{job.name} -> {job.target}", flush=True)
+                started = time.time()
+                run_up_to(job.config, job.run_dir(out), job.target, state)
+                seconds.setdefault(job.kind, []).append(time.time() - started)
+        except Exception as error:  # the arms finished so far are reported, marked partial, before it is raised
+            state.print(f"compare: job {job.kind}/{job.name} stopped (its run: {job.run_dir(out)}). The error below "
+                        "speaks of one run: its settings are the compare config's base.* keys, and --from / "
+                        "--run-dir are not compare's (delete that run's directory to redo it; a changed config "
+                        "needs a new --out)", file=sys.stderr, flush=True)
+            if state.is_main_process and finished_arms(config, out):
+                with contextlib.suppress(Exception):  # the job's error is the one to show
+                    write_report(config, out, partial=f"{job.kind}/{job.name} failed ({type(error).__name__}: "
+                                                      f"{error})")
+            raise
+        summary = write_report(config, out) if state.is_main_process else None
         state.wait_for_everyone()
         return summary
     finally:
         end_processes(state)
+
+
+def write_report(config: CompareConfig, out: Path, partial: str | None = None) -> dict:
+    """OUT/report from every finished arm; `partial`: the grid stopped there, and the report says so."""
+    results = [arm_result(config, arm, out) for arm in finished_arms(config, out)]
+    report_dir = out / "report"
+    budget = (f"Every arm's final model trained {config.budget.steps} optimizer steps at "
+              f"{config.budget.batch_size} labeled images a step (checked per arm).")
+    summary = write_compare_report(report_dir, results, provenance(), resolved_yaml(config), budget,
+                                   {name: source.kind for name, source in config.sources.items()})
+    if partial:  # said under the title: a reader must not take it for the whole grid
+        title, _, rest = (report_dir / "report.md").read_text().partition("\n")
+        write_text(report_dir / "report.md", f"{title}\n\n**Partial grid**: {len(results)} arms finished; the "
+                                             f"run stopped at {partial}. Rerun the same command to resume it.\n{rest}")
+    write_json(report_dir / "metrics.json", {**summary, **({"partial": partial} if partial else {})})
+    print(f"report{' (partial)' if partial else ''}: {report_dir / 'report.md'}")
+    return summary
