@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -378,7 +379,7 @@ def test_compare_refuses_an_out_holding_the_users_files(tmp_path, capsys, monkey
 def test_a_grid_rerun_with_another_config_is_refused_but_new_axes_extend_it(tmp_path):
     """Finished arms belong to the config that made them: reporting them under a changed learning rate
     would be wrong; a new seed or label count only adds arms."""
-    from pipeline.experiments.compare import refuse_changed_config, resolved_yaml
+    from pipeline.experiments.compare import recorded_yaml, refuse_changed_config, resolved_yaml
 
     out = tmp_path / "grid"
     out.mkdir()
@@ -396,6 +397,13 @@ def test_a_grid_rerun_with_another_config_is_refused_but_new_axes_extend_it(tmp_
                         sources={**GRID["sources"], "mine": {"kind": "checkpoint", "path": str(tmp_path / "w.pt")}})
     refuse_changed_config(out, resolved_yaml(grown))
     other = grid_config(sources={**GRID["sources"], "simclr": {"kind": "simclr", "temperature": 0.5}})
+    with pytest.raises(ConfigError, match=r"sources.simclr.temperature: 0.2 -> 0.5"):
+        refuse_changed_config(out, resolved_yaml(other))
+    # dropping a source, changing it, and adding it back: its runs are still the old definition's
+    dropped = grid_config(axes={**GRID["axes"], "init": ["random", "supervised"]},
+                          sources={**GRID["sources"], "simclr": {"kind": "simclr", "temperature": 0.5}})
+    refuse_changed_config(out, resolved_yaml(dropped))
+    (out / "compare.yaml").write_text(recorded_yaml(out, resolved_yaml(dropped)))
     with pytest.raises(ConfigError, match=r"sources.simclr.temperature: 0.2 -> 0.5"):
         refuse_changed_config(out, resolved_yaml(other))
 
@@ -448,3 +456,8 @@ def test_a_grid_keeps_its_out_spelling_and_a_failed_job_leaves_a_partial_report(
     changed.write_text(text.replace("budget: {steps: 3", "budget: {steps: 6"))
     assert main(["compare", str(changed), "--out", "rel", "--dry-run"]) == 2
     assert "holds a grid made with another config (budget.steps: 3 -> 6" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "rel", tmp_path / "copy")  # a copied grid is reported where it is ...
+    assert main(["compare", str(config), "--out", str(tmp_path / "copy")]) == 0
+    assert "report: " in capsys.readouterr().out
+    assert main(["compare", str(grown), "--out", str(tmp_path / "copy")]) == 2  # ... but grows only where it was made
+    assert "where it was made (moved or copied since)" in capsys.readouterr().err

@@ -171,8 +171,8 @@ def refuse_changed_config(out: Path, resolved: str) -> None:
     if not saved.exists():
         return
     raw = [yaml.safe_load(text) or {} for text in (saved.read_text(), resolved)]
-    used = [set(((r.get("axes") or {}).get("init") or [])) for r in raw]
-    before, now = (_result_settings(r, used[0] & used[1]) for r in raw)
+    known = set((raw[0].get("sources") or {}))  # every source the grid was made with, used then or not
+    before, now = (_result_settings(r, known & _used_sources(raw[1])) for r in raw)
     diffs = input_differences(before, now)
     if diffs:
         raise ConfigError(f"{out} holds a grid made with another config ({'; '.join(diffs[:5])}"
@@ -181,18 +181,44 @@ def refuse_changed_config(out: Path, resolved: str) -> None:
                           "the file did not change, a default of this version differs from the one that made it)")
 
 
-def grid_root(out: Path) -> Path:
-    """`--out` as the grid's runs name it. Each run records its paths as they were typed, so `rel` and
-    `/abs/rel` were two grids to them (every unfinished arm refused): a grid keeps the spelling it was started
-    with, where that still leads here; a new grid takes the absolute path."""
+def _used_sources(resolved: dict) -> set[str]:
+    return set(((resolved.get("axes") or {}).get("init") or []))
+
+
+def recorded_yaml(out: Path, resolved: str) -> str:
+    """What OUT/compare.yaml keeps: the resolved config, with the saved definitions of sources it no longer
+    uses (their runs stay on disk: dropping a source, changing it and adding it back must still be refused)."""
+    saved = out / "compare.yaml"
+    if not saved.exists():
+        return resolved
+    before, now = (yaml.safe_load(text) or {} for text in (saved.read_text(), resolved))
+    sources = dict(now.get("sources") or {})
+    for name, definition in (before.get("sources") or {}).items():
+        if name not in _used_sources(now):
+            sources[name] = definition
+    return yaml.safe_dump({**now, "sources": sources}, sort_keys=False)
+
+
+def grid_root(out: Path) -> tuple[Path, str | None]:
+    """(`--out` as the grid's runs name it, the spelling they name that no longer leads here or None). Each run
+    records its paths as they were typed, so `rel` and `/abs/rel` were two grids to them (every unfinished arm
+    refused): a grid keeps the spelling it was started with, where that still leads here; a new grid takes the
+    absolute path. A grid moved or copied since is read where it is (its finished arms can be reported)."""
     started = _started_spelling(out) if (out / "compare.yaml").exists() else None
     if started is None:
-        return out.resolve()
+        return out.absolute(), None
     if Path(started).resolve() != out.resolve():
-        raise ConfigError(f"{out} holds a grid whose runs name their paths from {started!r}, which does not lead "
-                          f"there from {Path.cwd()}: run compare from the directory it was started in, move the grid "
-                          "back, or start a new --out")
-    return Path(started)
+        return out.absolute(), started
+    return Path(started), None
+
+
+def refuse_moved_grid(out: Path, started: str, pending: int) -> None:
+    """Jobs still to run in a moved grid would start from paths of its old place."""
+    where = (f"which does not lead here from {Path.cwd()} (run compare from the directory it was started in)"
+             if not Path(started).is_absolute() else "where it was made (moved or copied since)")
+    raise ConfigError(f"{out} holds a grid whose runs name their paths from {started!r}, {where}; its finished "
+                      f"arms can be reported, but its {pending} unfinished job(s) would read from there: move it "
+                      "back, or start a new --out")
 
 
 def _started_spelling(out: Path) -> str | None:
@@ -207,8 +233,10 @@ def _started_spelling(out: Path) -> str | None:
 
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
                 estimate: bool = True) -> dict | None:
-    out = grid_root(Path(out))
+    out, moved_from = grid_root(Path(out))
     plan = make_plan(config, out, only)
+    if moved_from is not None and plan.pending():
+        refuse_moved_grid(out, moved_from, len(plan.pending()))
     state = process_state()
     try:
         check_same_settings(state, {**to_dict(config), "--only": only})
@@ -221,7 +249,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             return None
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            write_text(out / "compare.yaml", resolved_yaml(config))
+            write_text(out / "compare.yaml", recorded_yaml(out, resolved_yaml(config)))
         pending = plan.pending()
         seconds: dict[str, list[float]] = {}
         try:
@@ -236,16 +264,26 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
                         "speaks of one run: its settings are the compare config's base.* keys, and --from / "
                         "--run-dir are not compare's (delete that run's directory to redo it; a changed config "
                         "needs a new --out)", file=sys.stderr, flush=True)
-            if state.is_main_process and finished_arms(config, out):
-                with contextlib.suppress(Exception):  # the job's error is the one to show
-                    write_report(config, out, partial=f"{job.kind}/{job.name} failed ({type(error).__name__}: "
-                                                      f"{error})")
+            stopped = f"{job.kind}/{job.name} failed ({type(error).__name__}: {error})"
+            with contextlib.suppress(Exception):  # the job's error is the one to show
+                if state.is_main_process and finished_arms(config, out):
+                    write_report(config, out, partial=stopped)
+                elif state.is_main_process:
+                    mark_report_stale(out / "report" / "report.md", stopped)
             raise
         summary = write_report(config, out) if state.is_main_process else None
         state.wait_for_everyone()
         return summary
     finally:
         end_processes(state)
+
+
+def mark_report_stale(report: Path, stopped: str) -> None:
+    """No arm of this grid has finished: a report there is an earlier invocation's, and says so under its title."""
+    if report.exists():
+        title, _, rest = report.read_text().partition("\n")
+        write_text(report, f"{title}\n\n**Not this grid's report**: written by an earlier run of other axes; the "
+                           f"last run stopped at {stopped} before any of its arms finished.\n{rest}")
 
 
 def write_report(config: CompareConfig, out: Path, partial: str | None = None) -> dict:
