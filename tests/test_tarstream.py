@@ -23,6 +23,15 @@ def make_tar(path, members, fmt=tarfile.USTAR_FORMAT, compress=False):
     return raw
 
 
+def members_before(path, damage: str) -> list:
+    """The members the reader gave before it raised TarDamaged matching `damage`."""
+    got = []
+    with pytest.raises(TarDamaged, match=damage):
+        for member in iter_members(path):
+            got.append(member)
+    return got
+
+
 MEMBERS = [("a/k1.png", b"x" * 700), ("a/k1.cls", b"3"), ("k2.png", b""), ("d" * 150 + "/k3.png", b"yz")]
 
 
@@ -46,11 +55,7 @@ def test_truncation_and_corruption_raise_after_good_members(tmp_path):
     corrupt = bytearray(raw)
     corrupt[1536 + 10] ^= 0xFF  # the second member header (first: 512 + 700 padded to 1024)
     (tmp_path / "c.tar").write_bytes(bytes(corrupt))
-    got = []
-    with pytest.raises(TarDamaged, match="checksum"):
-        for member in iter_members(tmp_path / "c.tar"):
-            got.append(member)
-    assert got == MEMBERS[:1]
+    assert members_before(tmp_path / "c.tar", "checksum") == MEMBERS[:1]
 
 
 def test_a_copy_cut_between_two_members_is_damaged_not_a_shorter_shard(tmp_path):
@@ -58,11 +63,7 @@ def test_a_copy_cut_between_two_members_is_damaged_not_a_shorter_shard(tmp_path)
     archive; the reader wants tar's end-of-archive block, and keeps the members before the cut."""
     raw = make_tar(tmp_path / "s.tar", MEMBERS[:3])
     (tmp_path / "cut.tar").write_bytes(raw[:512 + 1024])  # the first member whole, then nothing
-    got = []
-    with pytest.raises(TarDamaged, match="without tar's end-of-archive block"):
-        for member in iter_members(tmp_path / "cut.tar"):
-            got.append(member)
-    assert got == MEMBERS[:1]
+    assert members_before(tmp_path / "cut.tar", "without tar's end-of-archive block") == MEMBERS[:1]
     (tmp_path / "empty.tar").write_bytes(b"")
     with pytest.raises(TarDamaged, match="end-of-archive"):
         list(iter_members(tmp_path / "empty.tar"))
@@ -132,11 +133,7 @@ def test_zeroed_bytes_inside_an_archive_are_damage_not_its_end(tmp_path):
     zeroed = bytearray(raw)
     zeroed[512 + 1024:512 + 1024 + 512] = bytes(512)  # the second member's header
     (tmp_path / "z.tar").write_bytes(bytes(zeroed))
-    got = []
-    with pytest.raises(TarDamaged, match="a member header follows a zero block read as tar's end-of-archive"):
-        for member in iter_members(tmp_path / "z.tar"):
-            got.append(member)
-    assert got == MEMBERS[:1]
+    assert members_before(tmp_path / "z.tar", "a member header follows a zero block read as tar's end-of-archive") == MEMBERS[:1]
     (tmp_path / "two.tar").write_bytes(raw + raw)  # `cat a.tar b.tar`: the second archive was never read
     with pytest.raises(TarDamaged, match="a second archive appended"):
         list(iter_members(tmp_path / "two.tar"))
