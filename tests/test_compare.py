@@ -307,6 +307,19 @@ def test_compare_under_torchrun_with_two_processes(tiny_fashion_dir, tmp_path):
     assert ssl["num_processes"] == 2 and ssl["steps"] == 2
     assert all(n == 1 for n in stage_invocations(out).values())
     assert not list(out.rglob("*.tmp"))
+    # a job that fails on process 0 stops both, and the report of the finished arms is written before they exit
+    # (the launcher stops process 0 as soon as another exits; with this small report the race is not forced here)
+    blocked = out / "data" / "l4-s1"
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("a user's file")
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(config.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
+    (out / "report" / "report.md").unlink()
+    failed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29555", "-m", "pipeline.cli", "compare", str(grown), "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert failed.returncode != 0 and "is not a selftrain run directory" in failed.stderr, failed.stderr[-3000:]
+    assert "**Partial grid**: 12 arms finished" in (out / "report" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("section", ["teacher", "student"])

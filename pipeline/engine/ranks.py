@@ -35,11 +35,20 @@ def all_or_none(state, error: Exception | None) -> None:
     mine = None if error is None else (state.process_index, socket.gethostname(), str(error))
     failed = [found for found in gather_object([mine]) if found is not None]
     if error is not None:
+        error.raised_on_every_rank = True  # type: ignore[attr-defined]
         raise error
     if failed:
         rank, host, message = failed[0]
-        raise RankError(message if message.startswith(f"process {rank} ") else
-                        f"process {rank} (on {host}) stopped: {message}")
+        stopped = RankError(message if message.startswith(f"process {rank} ") else
+                            f"process {rank} (on {host}) stopped: {message}")
+        stopped.raised_on_every_rank = True  # type: ignore[attr-defined]
+        raise stopped
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    """Whether `error` came through `all_or_none` under several processes: every rank is handling it now, so
+    a collective in their error handling is safe (elsewhere a rank may still sit in the training step's)."""
+    return bool(getattr(error, "raised_on_every_rank", False))
 
 
 def on_every_rank(state, work: Callable[[], T]) -> T:

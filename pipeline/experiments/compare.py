@@ -22,7 +22,7 @@ from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.rundir import RunDir, input_differences
-from pipeline.engine.ranks import check_same_settings
+from pipeline.engine.ranks import check_same_settings, raised_on_every_rank
 from pipeline.engine.runtime import process_state
 from pipeline.experiments.compare_config import CompareConfig
 from pipeline.experiments.compare_grid import (MODE_NAMES, Arm, Job, expand, final_stage, job_images, plan_jobs,
@@ -270,6 +270,8 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
                     write_report(config, out, partial=stopped)
                 elif state.is_main_process:
                     mark_report_stale(out / "report" / "report.md", stopped)
+            if raised_on_every_rank(error):  # the others wait for that report: their exit makes the launcher
+                state.wait_for_everyone()    # stop process 0, which could be writing it
             raise
         summary = write_report(config, out) if state.is_main_process else None
         state.wait_for_everyone()
