@@ -97,3 +97,16 @@ def test_one_run_given_twice_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["summarize", str(run), "a"]) == 2
     assert f"{run} and a are one run directory, given twice" in capsys.readouterr().err
+
+
+def test_the_per_seed_imports_of_a_compare_arm_are_no_difference():
+    """`summarize OUT/arms/x-s0 OUT/arms/x-s1` said the runs differ in data.path: each seed has its own import."""
+    from pathlib import Path
+
+    from pipeline.experiments.summary import config_differences
+
+    def flat(path: str, seed: int) -> dict:
+        return {"seed": seed, "data.path": path}
+
+    assert config_differences({Path("a"): flat("/o/data/l4-s0/data", 0), Path("b"): flat("/o/data/l4-s1/data", 1)}) == []
+    assert config_differences({Path("a"): flat("/o/data/l4-s0/data", 0), Path("b"): flat("/o/data/l8-s1/data", 1)})

@@ -9,6 +9,7 @@ Spread is the sample standard deviation (n-1) over the runs that have the stage.
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 
@@ -82,13 +83,20 @@ def flat_configs(run_dirs: list[Path]) -> dict[Path, dict]:
             if RunDir(d).config_path.exists()}
 
 
+# a compare arm's import: one per (labels, seed), so the seeds of one arm read OUT/data/l{N}-s{seed}/data
+SEED_IMPORT = re.compile(r"([/\\]data[/\\]l\d+-s)\d+([/\\]data)$")
+
+
 def config_differences(configs: dict[Path, dict]) -> list[str]:
     """Config keys other than SAME_RESULT_KEYS whose values differ between the runs (`key (a / b)`): a mean
-    over such runs is not a mean over seeds."""
+    over such runs is not a mean over seeds. A compare arm's per-seed import path is a seed, not a difference."""
     flat = list(configs.values())
     keys = dict.fromkeys(k for c in flat for k in c)
+
+    def compared(key: str, value: object) -> str:
+        return SEED_IMPORT.sub(r"\1*\2", str(value)) if key == "data.path" else repr(value)
     return [f"{key} ({' / '.join(str(c.get(key)) for c in flat)})" for key in keys
-            if key not in SAME_RESULT_KEYS and len({repr(c.get(key)) for c in flat}) > 1]
+            if key not in SAME_RESULT_KEYS and len({compared(key, c.get(key)) for c in flat}) > 1]
 
 
 SEED_KEYS = ("seed", "data.seed", "select.seed")
