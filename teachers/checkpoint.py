@@ -103,6 +103,19 @@ def read_meta(directory: Path) -> CheckpointMeta:
                              "class_names": tuple(meta.class_names)})
 
 
+_HASHED: dict[tuple[str, int, int, int], str] = {}
+
+
+def _weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, once per process while the file is unchanged (same inode, size and mtime):
+    preflight, each stage's inputs and the distillation all ask for the teacher's, tens of MB each time."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def checkpoint_hash(directory: Path) -> str:
     """sha256 of the weights file's content (a checkpoint's identity), checked against meta.json.
 
@@ -112,7 +125,7 @@ def checkpoint_hash(directory: Path) -> str:
     path = directory / WEIGHTS
     if not path.exists():
         raise CheckpointError(f"{directory}: not a checkpoint (no {WEIGHTS})")
-    digest = sha256_file(path)
+    digest = _weights_sha256(path)
     recorded = read_json(directory / META).get("weights_sha256")
     if recorded is not None and recorded != digest:
         raise CheckpointError(f"{path}: its sha256 {digest[:12]} differs from the {recorded[:12]} recorded in "

@@ -96,14 +96,12 @@ def _check_grows(config: Config, model: ModelConfig, where: str) -> None:
         raise ModelError(f"{error}. Give {where}.arch={source_arch} or another {where}.init") from None
 
 
-def _check_outside_run(model: ModelConfig, where: str, run: RunDir) -> None:
+def _refuse_inside_run(path: str, key: str, run: RunDir) -> None:
     """A checkpoint or weights file inside this run directory belongs to one of its stages, which `--from`
     deletes before the stage that reads it runs (and a rerun of that stage would replace it)."""
-    if not names_a_path(model.init):
-        return
-    if Path(model.init).resolve().is_relative_to(run.root.resolve()):
-        raise ModelError(f"{where}.init: {model.init} is inside this run directory ({run.root}); copy it out of "
-                         "the run directory first (--from would delete it, and a rerun of its stage replace it)")
+    if Path(path).resolve().is_relative_to(run.root.resolve()):
+        raise ModelError(f"{key}: {path} is inside this run directory ({run.root}); copy it out of the run "
+                         "directory first (--from would delete it, and a rerun of its stage replace it)")
 
 
 def _check_run_stage_init(config: Config, model: ModelConfig, where: str) -> None:
@@ -287,9 +285,7 @@ def check_ensemble(config: Config, run: RunDir) -> None:
     """Each `distill.ensemble` member is a checkpoint outside this run directory: one inside it belongs to a
     stage that `--from` may delete and rerun, which would change the teacher under the stages it taught."""
     for i, member in enumerate(config.distill.ensemble):
-        if Path(member).resolve().is_relative_to(run.root.resolve()):
-            raise ModelError(f"distill.ensemble[{i}]: {member} is inside this run directory ({run.root}); copy the "
-                             "checkpoint out of it first (a rerun of its stage would replace it)")
+        _refuse_inside_run(member, f"distill.ensemble[{i}]", run)
         _check_checkpoint_dir(member, f"distill.ensemble[{i}]")
 
 
@@ -306,7 +302,8 @@ def preflight(config: Config, graph: StageGraph, run: RunDir, reimport: bool = F
     check_precision(config)
     check_models(config)
     for where, model in trained_models(config):
-        _check_outside_run(model, where, run)
+        if names_a_path(model.init):
+            _refuse_inside_run(model.init, f"{where}.init", run)
     check_ensemble(config, run)
     check_given_weights(config, graph, run)
     check_given_teachers(config, run, reimport)

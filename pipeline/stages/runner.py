@@ -27,7 +27,7 @@ from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.engine.ranks import check_same_run_dir, check_same_settings, on_every_rank, on_main_rank
 from pipeline.engine.runtime import mixed_precision, process_state
-from pipeline.stages.base import TRAINING_KINDS, Stage, StageContext
+from pipeline.stages.base import TRAINING_KINDS, Stage, StageContext, StageGraph
 from pipeline.stages.graph import build_graph
 from pipeline.stages.preflight import preflight
 
@@ -130,16 +130,7 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
     state = process_state(config.runtime.dist_timeout_minutes)  # the one process state of this run
     try:
         check_same_settings(state, {**to_dict(config), "--only": only, "--from": start})
-
-        def plan() -> tuple:
-            graph = build_graph(config)
-            stages = graph.select(only, start)
-            run = make_run_dir(config, run_dir)
-            reimport = bool(start) and any(stage.name == "data" for stage in stages)  # --from resets what it runs
-            preflight(config, graph, run, reimport)  # before anything is written; on every rank (its own paths)
-            return graph, stages, run
-
-        graph, stages, run = on_every_rank(state, plan)
+        graph, stages, run = _prepared(state, config, run_dir, lambda g: g.select(only, start), reset=bool(start))
         run_stages(config, run, graph, stages, state, reset=bool(start))
     finally:
         end_processes(state)
@@ -148,14 +139,23 @@ def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, s
 def run_up_to(config: Config, run_dir: str | Path, target: str, state) -> None:
     """Run `target` and every stage it needs (skipping what is done) in the caller's process state;
     `selftrain compare` runs many such runs under one process group."""
-    def plan() -> tuple:
-        graph = build_graph(config)
-        run = make_run_dir(config, run_dir)
-        preflight(config, graph, run)  # on every rank (its own paths); one rank's refusal stops them all
-        return graph, run
+    graph, stages, run = _prepared(state, config, run_dir, lambda g: g.upstream(target), reset=False)
+    run_stages(config, run, graph, stages, state, reset=False)
 
-    graph, run = on_every_rank(state, plan)
-    run_stages(config, run, graph, graph.upstream(target), state, reset=False)
+
+def _prepared(state, config: Config, run_dir: str | Path, select: Callable[[StageGraph], list[Stage]],
+              reset: bool) -> tuple[StageGraph, list[Stage], RunDir]:
+    """The graph, the stages `select` picks and the run directory, checked by preflight before anything is
+    written, on every rank (its own paths: one rank's refusal stops them all). `reset`: `--from` forgets what it
+    runs, so an import it redoes is not the one on disk."""
+    def plan() -> tuple[StageGraph, list[Stage], RunDir]:
+        graph = build_graph(config)
+        stages = select(graph)
+        run = make_run_dir(config, run_dir)
+        preflight(config, graph, run, reimport=reset and any(stage.name == "data" for stage in stages))
+        return graph, stages, run
+
+    return on_every_rank(state, plan)
 
 
 def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, reset: bool) -> None:
