@@ -202,3 +202,12 @@ def test_streamed_pool_bench_prints_every_case_and_the_ratios(tiny_fashion_dir, 
     assert all(cases[c]["peak_rss_mib"] > 0 and cases[c]["train_images_per_s"] > 0
                for c in ("memory@1x", "streamed@1x", "memory@10x", "streamed@10x"))
     assert all(value > 0 for key, value in cases["ratios"].items() if key not in ("case", "targets"))
+
+
+def test_teacher_precision_compares_fp32_with_bf16_on_the_distillation_view(tiny_teacher_run):
+    _, run = tiny_teacher_run  # read only
+    row = bench("bench_teacher_precision.py", str(run), "teacher", "--view-from", "24", "--batch", "64",
+                "--rounds", "1")[0]
+    assert row["images"] > 0 and 0 <= row["fp32_top1"] <= 100 and 0 <= row["bf16_top1"] <= 100
+    assert 90 <= row["argmax_agreement"] <= 100 and row["max_abs_logit_diff"] >= 0
+    assert row["ms_per_batch"]["fp32"] > 0 and row["ms_per_batch"]["bf16"] > 0 and row["bf16_speedup"] > 0

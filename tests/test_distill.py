@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,17 +58,19 @@ class Recorder(torch.nn.Module):
     def __init__(self, classes: int = 3):
         super().__init__()
         self.seen: list[torch.Tensor] = []
+        self.autocast: list[bool] = []
         self.classes = classes
 
     def forward(self, x):
         self.seen.append(x.detach().clone())
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
         return x.mean(dim=(2, 3)).repeat(1, self.classes)[:, :self.classes]
 
 
-def fake_setup(mean=0.5, std=0.25):
+def fake_setup(mean=0.5, std=0.25, autocast=nullcontext):
     stats = (torch.tensor([mean]), torch.tensor([std]))
-    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), device_stats=lambda: stats,
-                           channels_last=False)
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"), autocast=autocast),
+                           device_stats=lambda: stats, channels_last=False)
 
 
 def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessing():
@@ -87,6 +90,25 @@ def test_online_teacher_sees_exactly_the_students_view_with_its_own_preprocessin
     torch.testing.assert_close(student.seen[0], (view - 0.5) / 0.25)  # the student's own normalisation
     resized = torch.nn.functional.interpolate(view, size=(8, 8), mode="bilinear", antialias=True)
     torch.testing.assert_close(teacher_model.seen[0], (resized - 0.1) / 0.2)  # same view, teacher's size/stats
+
+
+def test_online_teacher_runs_in_the_students_mixed_precision():
+    """An fp32 teacher beside a bf16/fp16 student dominated a GPU step: the teacher takes the training autocast."""
+    from students.kd_teacher import TeacherView
+
+    config = load_config(None, [])
+    teacher_model = Recorder()
+    teacher = TeacherView(teacher_model, CheckpointMeta("x", 3, 1, 8, (0.1,), (0.2,), ("a", "b", "c"), "h"),
+                          torch.device("cpu"), channels_last=False)
+    mixed = fake_setup(autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    loss_fn = kd_loss_fn(SimpleNamespace(config=config), mixed, teacher, torch.tensor([0, 1, 2]), None, 3)
+    batch = Batch(torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8), torch.tensor([0, 1]),
+                  torch.tensor([2, 0]))
+    loss_fn(Recorder(), batch)
+    assert teacher_model.autocast == [True]
+    kd_loss_fn(SimpleNamespace(config=config), fake_setup(), teacher, torch.tensor([0, 1, 2]), None, 3)(
+        Recorder(), batch)
+    assert teacher_model.autocast == [True, False]  # no mixed precision: fp32 as before
 
 
 def test_an_ensemble_teaches_the_mean_of_its_members_softened_outputs_each_at_its_own_size():

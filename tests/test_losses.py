@@ -376,3 +376,23 @@ def test_distillation_hard_mode_is_ce_on_the_teacher_argmax() -> None:
     both = distillation_loss(student, teacher, labels, temperature=4.0, alpha=0.5, beta=2.0, hard=True)
     ce = F.cross_entropy(student[labels >= 0], labels[labels >= 0])
     torch.testing.assert_close(both["loss"], 0.5 * ce + 2.0 * F.cross_entropy(student, teacher.argmax(1)))
+
+
+def test_losses_never_read_a_device_tensor_back() -> None:
+    """On a GPU, reading a tensor's values (label ranges, finite weights) waits for the device every step.
+    A meta tensor has no values at all: a loss that reads one back raises, so these stand in for a GPU."""
+    from students.mutual import mutual_distillation_loss
+
+    student = torch.empty(6, 4, device="meta", requires_grad=True)
+    peer = torch.empty(6, 4, device="meta", requires_grad=True)
+    teacher = torch.empty(6, 4, device="meta")
+    labels = torch.empty(6, dtype=torch.int64, device="meta")
+    for hard in (False, True):
+        out = distillation_loss(student, teacher, labels, 2.0, 0.1, 0.9, label_smoothing=0.1, hard=hard)
+        assert out["loss"].device.type == "meta"
+        out = mutual_distillation_loss(student, peer, teacher, labels, 2.0, 0.1, 0.9, 0.5, 0.0, hard)
+        assert all(value.device.type == "meta" for value in out.values())
+    targets = torch.empty(6, 4, device="meta")
+    weights = torch.empty(6, device="meta")
+    assert soft_cross_entropy(student, targets, weights).device.type == "meta"
+    assert hard_cross_entropy(student, labels, 0.1, weights).device.type == "meta"

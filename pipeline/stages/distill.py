@@ -164,7 +164,11 @@ def kd_loss_fn(ctx: StageContext, setup: TrainingSetup, teacher: TeacherView | E
         x = ((view - mean) / std).contiguous(
             memory_format=torch.channels_last if setup.channels_last else torch.contiguous_format)
         source, index = batch.source.to(device), batch.index.to(device)
-        target = teacher(view) if offline is None else stored_logits(offline, num_labeled, batch, source, index)
+        if offline is None:
+            with setup.accelerator.autocast():  # the student's precision: an fp32 teacher dominated a GPU step
+                target = teacher(view)
+        else:
+            target = stored_logits(offline, num_labeled, batch, source, index)
         row_labels = torch.where(source == LABELED, labels[index.clamp_max(len(labels) - 1)],
                                  torch.full_like(index, IGNORE_LABEL))
         if mixed:
