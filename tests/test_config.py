@@ -275,3 +275,18 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True, native=native: native or including_emulation)
         assert mixed_precision(RuntimeConfig()) == expected
+
+
+def test_a_section_given_to_set_keeps_the_files_other_keys_and_null_is_refused(tmp_path):
+    """`--set teacher.train={epochs: 5}` replaced the file's whole section: its policy, lr... fell back to the
+    built-in defaults without a word. A mapping now sets the keys it names; null for a section is refused."""
+    path = write(tmp_path, "teacher:\n  train:\n    policy: s4\n    lr: 0.3\n    epochs: 9\n")
+    config = load_config(path, ["teacher.train={epochs: 5}", "teacher={model: {arch: resnet34}}"])
+    assert (config.teacher.train.epochs, config.teacher.train.policy, config.teacher.train.lr) == (5, "s4", 0.3)
+    assert config.teacher.model.arch == "resnet34"
+    for item in ("teacher=null", "teacher.train=null"):
+        with pytest.raises(ConfigError, match=rf"--set {item}: '{item[:-5]}' is a section.*--set {item[:-5]}\.[\w.]+="):
+            load_config(path, [item])
+    with pytest.raises(ConfigError, match=r"--set teacher=\{trian: \{\}\}: unknown config key 'teacher.trian'"):
+        load_config(path, ["teacher={trian: {}}"])
+    assert load_config(path, ["data.webdataset=null", "distill.teacher=null"]).data.webdataset is None  # values

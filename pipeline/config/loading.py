@@ -6,9 +6,11 @@ An error names the key path and where the value came from: the file, or the `--s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,35 @@ def _blame(path: Path | None, items: list[str], overrides: list[tuple[str, Any]]
     return f"{path}: {message}" if path is not None else message
 
 
+def section_at(dotted: str) -> type | None:
+    """The section (dataclass) the key path names, when it is one that every config has (not an optional one
+    like `data.webdataset`, which null turns off); None for a value or an unknown path."""
+    node: typing.Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node if dataclasses.is_dataclass(node) else None
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any, item: str) -> None:
+    """One `--set` on the file's nested dict. A mapping given to a section sets the keys it names and keeps the
+    file's others (replacing the section dropped them silently); null for a section is refused (it took the
+    built-in defaults of every key in it, whatever the file said)."""
+    section = section_at(key)
+    if section is not None and value is None:
+        example = key
+        while section_at(example) is not None:  # down to a key that holds a value: teacher -> teacher.model.arch
+            example += "." + dataclasses.fields(section_at(example))[0].name
+        raise ConfigError(f"--set {item}: '{key}' is a section, not a value; set its keys (e.g. --set "
+                          f"{example}=...), or leave it out of the config file for its built-in defaults")
+    if section is not None and isinstance(value, dict) and value:
+        for name, inner in value.items():
+            apply_override(data, f"{key}.{name}", inner, item)
+        return
+    set_by_path(data, key, value)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read YAML `path` (or defaults when None), apply overrides, validate.
 
@@ -86,8 +117,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     data = _read_config_file(path) if path is not None else {}
     items = list(overrides)
     parsed = [parse_override(item) for item in items]
-    for key, value in parsed:
-        set_by_path(data, key, value)
+    for item, (key, value) in zip(items, parsed):
+        apply_override(data, key, value, item)
     try:
         return from_dict(Config, data)
     except ConfigError as exc:
