@@ -474,3 +474,17 @@ def test_a_grid_keeps_its_out_spelling_and_a_failed_job_leaves_a_partial_report(
     assert "report: " in capsys.readouterr().out
     assert main(["compare", str(grown), "--out", str(tmp_path / "copy")]) == 2  # ... but grows only where it was made
     assert "where it was made (moved or copied since)" in capsys.readouterr().err
+
+
+def test_the_cost_estimate_counts_only_the_stages_a_pending_job_has_left(tmp_path):
+    """A self-trained arm whose teacher finished (an interrupted grid) still has its rounds to run, not its teacher."""
+    from pipeline.experiments.compare_grid import job_images
+
+    config = grid_config()
+    job = next(j for j in make_plan(config, tmp_path, "init=random").jobs if j.kind == "arms" and j.config.student.rounds)
+    c = job.config
+    teacher = c.teacher.train.total_steps(1) * c.teacher.train.batch_size
+    rounds = c.student.rounds * c.student.train.total_steps(1) * c.student.train.batch_size * (1 + c.student.unlabeled_ratio)
+    assert job_images(job) == teacher + rounds > rounds > 0
+    assert job_images(job, lambda stage: stage == "teacher") == rounds
+    assert job_images(job, lambda stage: True) == 0

@@ -79,7 +79,7 @@ def measured_rate(config: CompareConfig) -> float:
 def describe_plan(config: CompareConfig, plan: Plan, rate: float | None) -> str:
     a, b = config.axes, config.budget
     pending = plan.pending()
-    images = sum(job_images(job) for job in pending)
+    images = sum(job_images(job, RunDir(job.run_dir(plan.out)).is_done) for job in pending)
     lines = [f"compare: {len(plan.arms)} arms = init {list(a.init)} x self-training "
              f"{[MODE_NAMES[s] for s in a.self_training]} x policy {list(a.policy)} x labels/class "
              f"{list(a.labels_per_class)} x seeds {list(a.seeds)}",
@@ -88,7 +88,7 @@ def describe_plan(config: CompareConfig, plan: Plan, rate: float | None) -> str:
              "ones); pretraining and the teacher of a self-trained arm are set-up cost, as in Zoph et al.",
              f"jobs: {len(plan.jobs)} ({len(plan.jobs) - len(pending)} done): "
              + ", ".join(f"{sum(j.kind == k for j in plan.jobs)} {k}" for k in ("data", "pretrain", "arms")),
-             f"cost: {images:,} training images in the pending jobs"]
+             f"cost: {images:,} training images in the pending jobs' unfinished stages"]
     if rate:
         lines[-1] += (f", about {images / rate / 60:.0f} min at {rate:.0f} img/s measured just now "
                       "(plus imports, labeling and evaluation)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,9 +191,10 @@ def _trained_images(train: TrainConfig, images_per_epoch: int) -> int:
     return train.steps * train.batch_size if train.steps is not None else train.epochs * images_per_epoch
 
 
-def job_images(job: Job) -> int:
+def job_images(job: Job, finished: Callable[[str], bool] = lambda stage: False) -> int:
     """Images pushed through training by a job, for the cost estimate (epochs are counted with the
-    configured labeled / pool sizes; an unbounded pool is taken as Fashion-MNIST's training split)."""
+    configured labeled / pool sizes; an unbounded pool is taken as Fashion-MNIST's training split).
+    `finished(stage)`: a stage of the job's run already done, which costs nothing more."""
     c = job.config
     if job.kind == "data":
         return 0
@@ -202,8 +204,7 @@ def job_images(job: Job) -> int:
                                data.labels_per_class * (len(data.classes or ()) or FASHION_MNIST_CLASSES))
     if job.target == "ssl_pretrain":
         return 2 * _trained_images(c.ssl_pretrain.train, c.data.max_unlabeled or FASHION_MNIST_TRAIN)
-    images = c.teacher.train.total_steps(1) * c.teacher.train.batch_size
-    if c.student.rounds:
-        images += c.student.rounds * c.student.train.total_steps(1) * c.student.train.batch_size * \
-            (1 + c.student.unlabeled_ratio)
+    images = 0 if finished("teacher") else c.teacher.train.total_steps(1) * c.teacher.train.batch_size
+    rounds_left = sum(not finished(f"student_r{i}") for i in range(1, c.student.rounds + 1))
+    images += rounds_left * c.student.train.total_steps(1) * c.student.train.batch_size * (1 + c.student.unlabeled_ratio)
     return images
