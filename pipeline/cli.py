@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from pipeline.core.allocator import keep_freed_memory
+
+if TYPE_CHECKING:
+    from pipeline.config.sections import RuntimeConfig
 
 T = TypeVar("T")
 
@@ -185,10 +188,10 @@ def _cmd_data(args: argparse.Namespace) -> None:
     print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
 
 
-def _loaded_on_every_process(load: Callable[[], T], timeout_minutes: Callable[[T], int]) -> T:
+def _loaded_on_every_process(load: Callable[[], T], runtime_of: Callable[[T], RuntimeConfig]) -> T:
     """`load()` (a config, checked) on every process, then the one process state: under several processes one
     process's error stops them all with its message (they would wait for it in their first collective)."""
-    from pipeline.config.sections import DIST_TIMEOUT_MINUTES
+    from pipeline.config.sections import RuntimeConfig
     from pipeline.engine.ranks import all_or_none
     from pipeline.engine.runtime import process_state
     from pipeline.stages.runner import end_processes
@@ -197,7 +200,8 @@ def _loaded_on_every_process(load: Callable[[], T], timeout_minutes: Callable[[T
         loaded, error = load(), None
     except Exception as exc:  # noqa: BLE001 - raised on this process by all_or_none, named on the others
         loaded, error = None, exc
-    state = process_state(DIST_TIMEOUT_MINUTES if loaded is None else timeout_minutes(loaded))
+    runtime = RuntimeConfig() if loaded is None else runtime_of(loaded)
+    state = process_state(runtime.dist_timeout_minutes, runtime.peer_timeout_s)
     try:
         all_or_none(state, error)
     except Exception:
@@ -217,7 +221,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         check_output_dir(Path(out))
         return load_compare_config(args.config)
 
-    config = _loaded_on_every_process(load, lambda c: c.base_config().runtime.dist_timeout_minutes)
+    config = _loaded_on_every_process(load, lambda c: c.base_config().runtime)
     run_compare(config, out, only=args.only, dry_run=args.dry_run)
 
 
@@ -228,7 +232,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.stages.runner import run_pipeline
 
     config = _loaded_on_every_process(lambda: load_config(args.config, preset_overrides(args.preset) + args.overrides),
-                                      lambda c: c.runtime.dist_timeout_minutes)
+                                      lambda c: c.runtime)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
     run_pipeline(config, run_dir, only=args.only, start=args.start)
     if process_state().is_main_process:

@@ -9,6 +9,7 @@ half batch, so the comparison holds the teacher fixed.)
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,38 @@ def test_a_compare_whose_config_one_node_lacks_stops_both_nodes(tmp_path):
     both = node0[-3000:] + node1[-3000:]
     assert codes == [1, 1] and node0.count("exitcode  : 2") == node1.count("exitcode  : 2") == 1, both
     assert "missing.yaml" in node1 and "selftrain: error: process 1 (on " in node0 and "missing.yaml" in node0, both
+
+
+def test_a_node_that_goes_silent_stops_the_other_within_the_peer_timeout(config, tmp_path):
+    """A process frozen inside a training step (SIGSTOP: a node lost or hung, as NCCL sees a dead peer) left the
+    other waiting in the step's all-reduce for the process group's timeout (6 h). The peer watch stops it."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = pipeline_args(config, run) + ["--set", "runtime.peer_timeout_s=10"]
+    launchers, started = [], time.monotonic()
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if rank == 1:
+            env.update(SELFTRAIN_KILL_AT_STEP="5", SELFTRAIN_KILL_SIGNAL="SIGSTOP")
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29569", "--rdzv_id", "selftrain-29569"]
+        log = open(tmp_path / f"node{rank}.log", "w")
+        launchers.append((subprocess.Popen(node + ["-m", "pipeline.cli"] + args, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True), log))
+    try:
+        code = launchers[0][0].wait(timeout=240)
+    finally:
+        for process, log in launchers:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the frozen node and its launcher
+            except ProcessLookupError:
+                pass
+            process.wait()
+            log.close()
+    node0 = (tmp_path / "node0.log").read_text()
+    assert code == 1 and "exitcode  : 2" in node0, node0[-3000:]
+    # the c10d rendezvous numbers the nodes as they arrive: the frozen one is process 0 or 1
+    assert re.search(r"selftrain: error: process [01] \(on .+\) has given no sign of life for 1\d s", node0), node0[-3000:]
+    assert time.monotonic() - started < 200  # seconds, not the 6 h of dist_timeout_minutes

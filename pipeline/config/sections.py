@@ -323,6 +323,7 @@ class SSLPretrainConfig:
 
 
 DIST_TIMEOUT_MINUTES = 360
+PEER_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,9 @@ class RuntimeConfig:
     # several processes: how long one waits for the others (a stage only process 0 runs, such as a large import
     # or selection, must end within it); torch's default is 30 minutes
     dist_timeout_minutes: int = field(default=DIST_TIMEOUT_MINUTES, metadata=bounds(ge=1))
+    # several processes: a process silent this long (killed, out of memory, its node lost) stops the others, which
+    # NCCL would leave waiting for the whole dist_timeout (pipeline/engine/peer_watch.py)
+    peer_timeout_s: int = field(default=PEER_TIMEOUT_S, metadata=bounds(ge=5))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ def env_name(point: str) -> str:
 
 
 def kill_point(point: str, count: int) -> None:
+    """`SELFTRAIN_KILL_SIGNAL=SIGSTOP` freezes the process there instead (a hung peer, for the peer watch's test)."""
     value = os.environ.get(env_name(point))
     if value is not None and int(value) == count:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("SELFTRAIN_KILL_SIGNAL", "SIGKILL")))

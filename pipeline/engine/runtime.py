@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration
 
-from pipeline.config.sections import DIST_TIMEOUT_MINUTES, RuntimeConfig
+from pipeline.config.sections import DIST_TIMEOUT_MINUTES, PEER_TIMEOUT_S, RuntimeConfig
+from pipeline.engine.peer_watch import watch_peers
 
 
 def mixed_precision(runtime: RuntimeConfig) -> str:
@@ -56,8 +57,12 @@ def loader_workers(runtime: RuntimeConfig) -> int:
     return min(runtime.workers, os.cpu_count() or 1)
 
 
-def process_state(timeout_minutes: int = DIST_TIMEOUT_MINUTES) -> PartialState:
+def process_state(timeout_minutes: int = DIST_TIMEOUT_MINUTES, peer_timeout_s: int = PEER_TIMEOUT_S) -> PartialState:
     """Rank/world info; `cpu=True` without a GPU so torchrun/accelerate launch use gloo on CPU. The process
     group's timeout must outlast the longest stage one process runs while the others wait (an import, a
-    selection, the export): torch's 30 minutes stopped a large import under torchrun, and its rerun started over."""
-    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))
+    selection, the export): torch's 30 minutes stopped a large import under torchrun, and its rerun started over.
+    A peer that dies is noticed within `peer_timeout_s` instead (pipeline/engine/peer_watch.py)."""
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(minutes=timeout_minutes))
+    if state.num_processes > 1:
+        watch_peers(state.process_index, state.num_processes, peer_timeout_s)
+    return state

@@ -74,7 +74,8 @@ def mean_std(values: list[float]) -> str:
 
 # what may differ between the runs of one summary: the seeds, and settings that do not change results on CPU
 SAME_RESULT_KEYS = ("seed", "data.seed", "select.seed", "pretrain.data.seed", "runtime.workers", "runtime.threads",
-                    "runtime.progress", "runtime.log_with", "runtime.dist_timeout_minutes")
+                    "runtime.progress", "runtime.log_with", "runtime.dist_timeout_minutes",
+                    "runtime.peer_timeout_s")
 
 
 def flat_configs(run_dirs: list[Path]) -> dict[Path, dict]:

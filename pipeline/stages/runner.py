@@ -25,6 +25,7 @@ from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.rundir import RunDir, RunDirError
+from pipeline.engine.peer_watch import stop_watching_peers
 from pipeline.engine.ranks import check_same_run_dir, check_same_settings, on_every_rank, on_main_rank
 from pipeline.engine.runtime import mixed_precision, process_state
 from pipeline.stages.base import TRAINING_KINDS, Stage, StageContext, StageGraph
@@ -127,7 +128,7 @@ def _run_stage(ctx: StageContext, stage: Stage, before_work: Callable[[], None])
 
 
 def run_pipeline(config: Config, run_dir: str | Path, only: str | None = None, start: str | None = None) -> None:
-    state = process_state(config.runtime.dist_timeout_minutes)  # the one process state of this run
+    state = process_state(config.runtime.dist_timeout_minutes, config.runtime.peer_timeout_s)  # this run's one
     try:
         check_same_settings(state, {**to_dict(config), "--only": only, "--from": start})
         graph, stages, run = _prepared(state, config, run_dir, lambda g: g.select(only, start), reset=bool(start))
@@ -195,5 +196,6 @@ def run_stages(config: Config, run: RunDir, graph, stages: list[Stage], state, r
 
 def end_processes(state) -> None:
     """Tear the process group down once, after the last stage (every rank reaches this)."""
+    stop_watching_peers()
     if dist.is_available() and dist.is_initialized():
         state.destroy_process_group()
