@@ -288,3 +288,19 @@ def test_a_running_clock_reads_the_time_since_its_last_heartbeat_too(tmp_path):
     assert running and 8.9 < seconds < 10
     path.write_text("[1, 2]")  # damaged: nothing to show, not a traceback
     assert read_clock(path) is None
+
+
+def test_an_export_owns_the_files_of_the_models_it_recorded_not_every_onnx(tmp_path):
+    """`--from export` removed a user's `teacher_v1_keep.onnx` (a copy kept beside the export): every `*.onnx`
+    counted as the stage's. An export that recorded its models owns their four files and no other."""
+    run = RunDir(tmp_path)
+    run.begin_stage("export", {"fingerprint": "a", "inputs": {"models": {"student_r1": "h1", "distill_x[1]": "h2"}}})
+    ours = ["student_r1.onnx", "student_r1.int8.onnx", "student_r1.onnx.tmp", "distill_x[1].onnx",
+            "distill_x[1].int8.onnx.data", "deployment.md", "pareto.png"]
+    mine = ["teacher_v1_keep.onnx", "student_r1.fp16.onnx", "distill_x1.onnx"]
+    for name in ours + mine:
+        (run.stage_dir("export") / name).write_bytes(b"x")
+    assert foreign_stage_files(run.stage_dir("export"), "export") == sorted(mine)
+    with pytest.raises(RunDirError, match=r"--from export: .*teacher_v1_keep.onnx.*nothing was removed"):
+        run.reset_stages([("export", "export")], flag="export")
+    assert (run.stage_dir("export") / "teacher_v1_keep.onnx").exists()

@@ -5,6 +5,7 @@ directory holding anything else, which is the user's."""
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 
 from pipeline.core.owned import JOURNAL, owned_paths
@@ -32,11 +33,32 @@ KIND_OUTPUTS = {
 }
 
 
-def stage_outputs(kind: str | None) -> tuple[str, ...]:
-    """The file patterns a stage of `kind` writes (None: any kind's)."""
+def stage_outputs(kind: str | None, directory: Path | None = None) -> tuple[str, ...]:
+    """The file patterns a stage of `kind` writes (None: any kind's). An export stage in `directory` that
+    recorded its models owns exactly their files: a user's own `.onnx` beside them (a copy, an fp16 or
+    simplified model) is theirs, and `--from` refuses to remove it."""
     kinds = [kind] if kind is not None else list(KIND_OUTPUTS)
-    patterns = COMMON_OUTPUTS + tuple(p for k in kinds for p in KIND_OUTPUTS.get(k, ()))
+    models = exported_models(directory) if kind == "export" and directory is not None else None
+    patterns = COMMON_OUTPUTS + tuple(p for k in kinds for p in KIND_OUTPUTS.get(k, ())
+                                      if models is None or not p.endswith((".onnx", ".onnx.data")))
+    if models is not None:
+        patterns += tuple(f"{model}{suffix}" for model in models
+                          for suffix in (".onnx", ".onnx.data", ".int8.onnx", ".int8.onnx.data"))
     return patterns + tuple(p + ".tmp" for p in patterns)
+
+
+def exported_models(directory: Path) -> list[str] | None:
+    """The model names an export stage recorded in its stage.json (`inputs.models`), None when unreadable."""
+    try:
+        models = json.loads((directory / "stage.json").read_text())["inputs"]["models"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [glob_escape(str(name)) for name in models] if isinstance(models, dict) else None
+
+
+def glob_escape(name: str) -> str:
+    """`name` as an fnmatch pattern matching only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
@@ -44,7 +66,7 @@ def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:
     kind): a user's plot in a teacher's directory, or a backup folder inside checkpoint/, is theirs."""
     owned = owned_paths(directory) | {JOURNAL}  # the data stage's import journals its shards
     journaled = owned | {name + ".tmp" for name in owned}  # and writes each as NAME.tmp first (a kill leaves it)
-    patterns = stage_outputs(kind)
+    patterns = stage_outputs(kind, directory)
     trained = kind is None or kind in TRAINED_KINDS
     found = []
     for path in sorted(directory.rglob("*")):

@@ -232,7 +232,9 @@ def _started_spelling(out: Path) -> str | None:
 
 
 def run_compare(config: CompareConfig, out: str | Path, only: str | None = None, dry_run: bool = False,
-                estimate: bool = True) -> dict | None:
+                estimate: bool = True, keep_going: bool = False) -> dict | None:
+    """Run the grid's pending jobs in order, then report. A failed job stops the grid (the finished arms are
+    reported, marked partial); `keep_going`: the other jobs run first, and `JobsFailed` names the failed ones."""
     out, moved_from = grid_root(Path(out))
     plan = make_plan(config, out, only)
     if moved_from is not None and plan.pending():
@@ -250,42 +252,73 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             write_text(out / "compare.yaml", recorded_yaml(out, resolved_yaml(config)))
-        pending = plan.pending()
-        seconds: dict[str, list[float]] = {}
+        jobs = len(plan.pending())
+        failed = run_jobs(config, plan, state, keep_going)
+        summary = None
+        if failed:
+            report_partial(config, out, state, failed)
+        elif state.is_main_process:
+            summary = write_report(config, out)
+        state.wait_for_everyone()
+        if failed:
+            raise JobsFailed(f"{len(failed)} of {jobs} job(s) failed: " + "; ".join(failed)
+                             + ". Rerun the same command to retry them (what finished is kept)")
+        return summary
+    finally:
+        end_processes(state)
+
+
+class JobsFailed(RuntimeError):
+    """`--keep-going`: the grid ran every job it could; these failed (each error was printed when it happened)."""
+
+
+def run_jobs(config: CompareConfig, plan: Plan, state, keep_going: bool) -> list[str]:
+    """Each pending job in order; returns the failed ones (`keep_going`). Without it, or where the processes
+    cannot go on together (one failed inside a collective the others were in), the first failure is raised
+    after the finished arms are reported, marked partial."""
+    pending, out = plan.pending(), plan.out
+    seconds: dict[str, list[float]] = {}
+    failed: list[str] = []
+    for index, job in enumerate(pending, 1):
+        state.print(f"[compare {index}/{len(pending)}{eta(seconds, pending[index - 1:])}] "
+                    f"{job.kind}/{job.name} -> {job.target}", flush=True)
+        started = time.time()
         try:
-            for index, job in enumerate(pending, 1):
-                state.print(f"[compare {index}/{len(pending)}{eta(seconds, pending[index - 1:])}] "
-                            f"{job.kind}/{job.name} -> {job.target}", flush=True)
-                started = time.time()
-                run_up_to(job.config, job.run_dir(out), job.target, state)
-                seconds.setdefault(job.kind, []).append(time.time() - started)
-        except Exception as error:  # the arms finished so far are reported, marked partial, before it is raised
-            state.print(f"compare: job {job.kind}/{job.name} stopped (its run: {job.run_dir(out)}). The error below "
+            run_up_to(job.config, job.run_dir(out), job.target, state)
+        except Exception as error:
+            state.print(f"compare: job {job.kind}/{job.name} stopped (its run: {job.run_dir(out)}). The error "
                         "speaks of one run: its settings are the compare config's base.* keys, and --from / "
                         "--run-dir are not compare's (delete that run's directory to redo it; a changed config "
                         "needs a new --out)", file=sys.stderr, flush=True)
             stopped = f"{job.kind}/{job.name} failed ({type(error).__name__}: {error})"
-            with contextlib.suppress(Exception):  # the job's error is the one to show
-                if state.is_main_process and finished_arms(config, out):
-                    write_report(config, out, partial=stopped)
-                elif state.is_main_process:
-                    mark_report_stale(out / "report" / "report.md", stopped)
+            if keep_going and (state.num_processes == 1 or raised_on_every_rank(error)):
+                state.print(f"selftrain: error: {error}\ncompare: --keep-going: on to the next job", file=sys.stderr,
+                            flush=True)
+                failed.append(stopped)
+                continue
+            report_partial(config, out, state, failed + [stopped])
             if raised_on_every_rank(error):  # the others wait for that report: their exit makes the launcher
                 state.wait_for_everyone()    # stop process 0, which could be writing it
             raise
-        summary = write_report(config, out) if state.is_main_process else None
-        state.wait_for_everyone()
-        return summary
-    finally:
-        end_processes(state)
+        seconds.setdefault(job.kind, []).append(time.time() - started)
+    return failed
+
+
+def report_partial(config: CompareConfig, out: Path, state, stopped: list[str]) -> None:
+    """The report of the arms finished so far, marked partial (or an earlier report marked as not this grid's)."""
+    with contextlib.suppress(Exception):  # the jobs' errors are the ones to show
+        if state.is_main_process and finished_arms(config, out):
+            write_report(config, out, partial="; ".join(stopped))
+        elif state.is_main_process:
+            mark_report_stale(out / "report" / "report.md", "; ".join(stopped))
 
 
 def mark_report_stale(report: Path, stopped: str) -> None:
     """No arm of this grid has finished: a report there is an earlier invocation's, and says so under its title."""
     if report.exists():
         title, _, rest = report.read_text().partition("\n")
-        write_text(report, f"{title}\n\n**Not this grid's report**: written by an earlier run of other axes; the "
-                           f"last run stopped at {stopped} before any of its arms finished.\n{rest}")
+        write_text(report, f"{title}\n\n**Not this grid's report**: written by an earlier run of other axes; in the "
+                           f"last run {stopped} before any of its arms finished.\n{rest}")
 
 
 def write_report(config: CompareConfig, out: Path, partial: str | None = None) -> dict:
@@ -299,7 +332,7 @@ def write_report(config: CompareConfig, out: Path, partial: str | None = None) -
     if partial:  # said under the title: a reader must not take it for the whole grid
         title, _, rest = (report_dir / "report.md").read_text().partition("\n")
         write_text(report_dir / "report.md", f"{title}\n\n**Partial grid**: {len(results)} arms finished; the "
-                                             f"run stopped at {partial}. Rerun the same command to resume it.\n{rest}")
+                                             f"grid is not finished: {partial}. Rerun the same command to resume it.\n{rest}")
     write_json(report_dir / "metrics.json", {**summary, **({"partial": partial} if partial else {})})
     print(f"report{' (partial)' if partial else ''}: {report_dir / 'report.md'}")
     return summary
