@@ -33,7 +33,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from pipeline.engine.per_rank import ResumeStateError
     from pipeline.engine.ranks import RankError
     from pipeline.engine.training import TrainingDiverged
-    from pipeline.engine.serving import PredictError
+    from pipeline.engine.serving import IMAGE_SUFFIXES, PredictError
     from pipeline.experiments.compare import BudgetError
     from students.prune import PruneError
     from teachers.checkpoint import CheckpointError
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                          help="image files (any format Pillow reads), or folders searched recursively for "
-                              ".png/.jpg/.jpeg/.webp/.bmp (dot-files skipped)")
+                              ".png/.jpg/.jpeg/.webp/.bmp/.gif/.tif/.tiff (dot-files skipped; other files named)")
     predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     predict.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
@@ -269,9 +269,7 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.engine.serving import image_files, load_predictor, predict_files
-
-    from pipeline.engine.serving import PredictError
+    from pipeline.engine.serving import IMAGE_SUFFIXES, PredictError, find_images, load_predictor, predict_files
 
     if args.top_k < 1:
         raise PredictError(f"--top-k {args.top_k}: must be at least 1")
@@ -279,10 +277,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise PredictError(f"--threads {args.threads}: must be at least 1 (leave it out to use every core)")
     if args.threads:
         torch_threads(args.threads)
-    predictor = load_predictor(args.model, args.threads)
-    files = image_files(args.images)
+    files, others = find_images(args.images)
+    skipped = (f"{len(others)} file(s) without an image suffix ({', '.join(IMAGE_SUFFIXES)}) skipped, e.g. "
+               f"{others[0]}; name a file to read it whatever its suffix" if others else "")
     if not files:
-        raise PredictError(f"no image files in {' '.join(args.images)}")
+        raise PredictError(f"no image files in {' '.join(args.images)}" + (f": {skipped}" if skipped else ""))
+    predictor = load_predictor(args.model, args.threads)
+    if skipped:
+        print(f"selftrain: note: {skipped}", file=sys.stderr)
     if hasattr(sys.stdout, "reconfigure"):  # a file name's non-UTF-8 bytes are written back as they were
         sys.stdout.reconfigure(errors="surrogateescape")
     failed = 0

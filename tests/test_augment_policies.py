@@ -232,3 +232,24 @@ def test_reprs_are_readable() -> None:
         assert fragment in text
     assert "AutoAugment(imagenet" in repr(build_policy("s2"))
     assert "center_crop(32)" in repr(build_eval_transform(32))
+
+
+def test_a_very_elongated_image_is_cut_to_its_central_window_before_resizing() -> None:
+    """A 1 x 3,000,000 strip (a few-KB PNG) was resized to 16 x 48,000,000 pixels first: 5.3 GB in `predict`.
+    Beyond 8:1 the longer side is cut to its central 8:1 window; a view then costs what an 8:1 image costs."""
+    import resource
+    import time
+
+    strip = np.zeros((1, 3_000_000, 3), dtype=np.uint8)
+    strip[:, 1_500_000 - 2:1_500_000 + 2] = 255  # a mark at the centre: the eval view keeps it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    views = [build_eval_transform(size=16)(strip)] + [build_policy(p, size=16)(strip, seed=0) for p in POLICIES]
+    assert all(view.shape == (16, 16, 3) for view in views) and views[0].max() == 255
+    assert time.perf_counter() - started < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KB: not the gigabytes it took
+    moderate = RNG.integers(0, 256, (10, 80, 3)).astype(np.uint8)  # 8:1 and less: untouched
+    from augment import geometry
+
+    assert geometry.central_window(moderate) is moderate
+    assert geometry.central_window(strip.transpose(1, 0, 2)).shape == (8, 1, 3)

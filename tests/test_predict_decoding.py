@@ -121,3 +121,23 @@ def test_damaged_headers_float_pixels_and_bombs_are_refused_as_pillow_refuses_th
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 700)  # 1,600 pixels: past twice the limit
     with pytest.raises(Image.DecompressionBombError):
         decode_bytes(jpeg.tobytes(), "L")
+
+
+def test_files_a_folder_search_skips_are_named(tmp_path, capsys):
+    """GIF and TIFF files were skipped in a folder (read when named), and a folder of other files said only
+    "no image files in DIR"."""
+    from pipeline.cli import main
+    from pipeline.engine.serving import find_images
+
+    for name in ("a.gif", "b.TIFF", "c.png", "photo.heic", "notes.txt"):
+        (tmp_path / "mixed" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mixed" / name).write_bytes(b"x")
+    images, others = find_images([str(tmp_path / "mixed")])
+    assert [p.name for p in images] == ["a.gif", "b.TIFF", "c.png"]
+    assert [p.name for p in others] == ["notes.txt", "photo.heic"]
+    (tmp_path / "phone").mkdir()
+    (tmp_path / "phone" / "photo.heic").write_bytes(b"x")
+    assert main(["predict", str(tmp_path / "no-model"), str(tmp_path / "phone")]) == 2
+    err = capsys.readouterr().err
+    assert f"no image files in {tmp_path / 'phone'}: 1 file(s) without an image suffix" in err
+    assert "photo.heic; name a file to read it whatever its suffix" in err

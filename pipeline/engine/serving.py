@@ -22,7 +22,7 @@ from pipeline.engine.predict import load_model
 from teachers.checkpoint import META, CheckpointMeta, check_trained_head
 
 ONNX_META_KEY = "selftrain_meta"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class PredictError(ValueError):
@@ -137,15 +137,22 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
 
 def image_files(inputs: list[str]) -> list[Path]:
     """Files as given, and every image under a given directory (sorted; linked folders followed once)."""
+    return find_images(inputs)[0]
+
+
+def find_images(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """(images, other files): files as given, every file under a given directory with an image suffix, and the
+    files there without one (skipped, and said so: a folder of .heic photos gave "no image files" alone)."""
     found: list[Path] = []
+    others: list[Path] = []
     for item in inputs:
         path = Path(item)
-        found += _images_under(path) if path.is_dir() else [path]
-    return found
-
-
-def _images_under(root: Path) -> list[Path]:
-    return [path for path in walk_files(root) if path.suffix.lower() in IMAGE_SUFFIXES]
+        if not path.is_dir():
+            found.append(path)
+            continue
+        for file in walk_files(path):
+            (found if file.suffix.lower() in IMAGE_SUFFIXES else others).append(file)
+    return found, others
 
 
 def predict_files(predictor: Predictor, files: list[Path], k: int, batch_size: int = 64) -> Iterator[dict]:
