@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,6 +23,8 @@ from pipeline.core.atomic import write_bytes
 from students.export import file_size_bytes, logit_agreement, onnx_logits, onnx_session
 from students.latency import interleaved_onnx_latency
 from students.qdq_compact import compact_qdq_model
+
+INT8_META_KEY = "selftrain_int8"  # the int8 file's quantization settings, in its metadata_props
 
 # --------------------------------------------------------------------------------------------
 # Quantization
@@ -207,6 +210,10 @@ def quantize_int8(
         )
         model = onnx.load(str(quantized))
         compacted = compact_qdq_model(model) if compact else None
+        entry = model.metadata_props.add()  # `selftrain predict` warns where the file's CPU assumption fails
+        entry.key, entry.value = INT8_META_KEY, json.dumps({"reduce_range": setup.reduce_range,
+                                                            "activation_type": setup.activation_type,
+                                                            "weight_type": setup.weight_type})
         onnx.checker.check_model(model)
         write_bytes(int8_path, model.SerializeToString())  # int8_path.tmp, fsync, os.replace
     return {

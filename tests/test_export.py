@@ -340,3 +340,23 @@ def test_calibration_and_scored_subsets_spread_over_a_split_stored_class_by_clas
     calibration, rest = spread_subset(split, 300), spread_subset(split, 1000, skip=300)
     assert set(calibration.labels.tolist()) == set(range(10)) and min(np.bincount(calibration.labels)) >= 15
     assert sorted(calibration.keys + rest.keys, key=int) == split.keys  # the check set is the rest, nothing twice
+
+
+def test_an_int8_file_for_a_vnni_cpu_warns_where_the_cpu_has_none(resnet: dict, tmp_path: Path, monkeypatch) -> None:
+    """Full-range int8 weights are exported on a VNNI CPU (more accurate there); on a CPU without VNNI
+    onnxruntime's u8s8 products can saturate. The file says how it was quantized, and predict warns."""
+    import json
+
+    from pipeline.engine.serving import int8_cpu_note, onnx_properties
+    from students.quantize import INT8_META_KEY
+
+    full, reduced = tmp_path / "full.onnx", tmp_path / "reduced.onnx"
+    quantize_int8(resnet["fp32"], full, structured_images(32, seed=6), dataclasses.replace(DEFAULT_QUANT, reduce_range=False))
+    quantize_int8(resnet["fp32"], reduced, structured_images(32, seed=6), dataclasses.replace(DEFAULT_QUANT, reduce_range=True))
+    assert json.loads(onnx_properties(full)[INT8_META_KEY])["reduce_range"] is False
+    monkeypatch.setattr("students.quantize.cpu_has_vnni", lambda: False)
+    assert "quantized for a CPU with VNNI" in int8_cpu_note(onnx_properties(full), full)
+    assert int8_cpu_note(onnx_properties(reduced), reduced) is None
+    assert int8_cpu_note(onnx_properties(resnet["fp32"]), resnet["fp32"]) is None  # not an int8 file
+    monkeypatch.setattr("students.quantize.cpu_has_vnni", lambda: True)
+    assert int8_cpu_note(onnx_properties(full), full) is None

@@ -206,5 +206,6 @@ def job_images(job: Job, finished: Callable[[str], bool] = lambda stage: False) 
         return 2 * _trained_images(c.ssl_pretrain.train, c.data.max_unlabeled or FASHION_MNIST_TRAIN)
     images = 0 if finished("teacher") else c.teacher.train.total_steps(1) * c.teacher.train.batch_size
     rounds_left = sum(not finished(f"student_r{i}") for i in range(1, c.student.rounds + 1))
-    images += rounds_left * c.student.train.total_steps(1) * c.student.train.batch_size * (1 + c.student.unlabeled_ratio)
+    per_round = c.student.train.total_steps(1) * c.student.train.batch_size * (1 + c.student.unlabeled_ratio)
+    images += rounds_left * per_round
     return images
