@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--only", default=None, metavar="AXIS=VALUE[,...]",
                          help="run only the matching arms, e.g. 'policy=s4' or 'init=random,seed=0'")
     compare.add_argument("--dry-run", action="store_true", help="print the plan and estimated cost, run nothing")
+    compare.add_argument("--keep-going", action="store_true",
+                         help="a failed job does not stop the grid: the other jobs run, the report covers the "
+                              "finished arms (marked partial), the failed jobs are named at the end (exit 1)")
 
     predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file")
     predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
@@ -210,9 +213,9 @@ def _loaded_on_every_process(load: Callable[[], T], runtime_of: Callable[[T], Ru
     return loaded  # type: ignore[return-value]
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
+def _cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.core.output_paths import check_output_dir
-    from pipeline.experiments.compare import run_compare
+    from pipeline.experiments.compare import JobsFailed, run_compare
     from pipeline.experiments.compare_config import load_compare_config
 
     out = args.out or str(Path("runs") / Path(args.config).stem)
@@ -222,7 +225,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         return load_compare_config(args.config)
 
     config = _loaded_on_every_process(load, lambda c: c.base_config().runtime)
-    run_compare(config, out, only=args.only, dry_run=args.dry_run)
+    try:
+        run_compare(config, out, only=args.only, dry_run=args.dry_run, keep_going=args.keep_going)
+    except JobsFailed as failed:
+        print(f"selftrain: error: {failed}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> None:

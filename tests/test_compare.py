@@ -4,6 +4,7 @@ pretraining sources as init, and a tiny grid end to end (one process, and torchr
 import csv
 import dataclasses
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -463,7 +464,7 @@ def test_a_grid_keeps_its_out_spelling_and_a_failed_job_leaves_a_partial_report(
     err = capsys.readouterr().err
     assert "compare: job arms/random-s1-l4-s1 stopped" in err and "is not a selftrain run directory" in err
     report = (tmp_path / "rel" / "report" / "report.md").read_text()
-    assert "**Partial grid**: 1 arms finished; the run stopped at" in report
+    assert "**Partial grid**: 1 arms finished; not finished: arms/random-s1-l4-s1 failed" in report
     assert json.loads((tmp_path / "rel" / "report" / "metrics.json").read_text())["partial"]
     changed = tmp_path / "changed.yaml"
     changed.write_text(text.replace("budget: {steps: 3", "budget: {steps: 6"))
@@ -488,3 +489,27 @@ def test_the_cost_estimate_counts_only_the_stages_a_pending_job_has_left(tmp_pat
     assert job_images(job) == teacher + rounds > rounds > 0
     assert job_images(job, lambda stage: stage == "teacher") == rounds
     assert job_images(job, lambda stage: True) == 0
+
+
+def test_keep_going_runs_the_jobs_after_a_failed_one_and_names_it(tiny_fashion_dir, tmp_path, capsys, monkeypatch):
+    """A grid run overnight stopped at its first failed job, and the jobs after it waited for the morning."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_compare_config(tmp_path, tiny_fashion_dir, seeds=(0,), inits=("random",))
+    config.write_text(config.read_text().replace("self_training: [off, on], policy: [s1, s4]",
+                                                 "self_training: [off], policy: [s1]"))
+    assert main(["compare", str(config), "--out", "out"]) == 0
+    config.write_text(config.read_text().replace("seeds: [0]", "seeds: [0, 1, 2]"))
+    blocker = tmp_path / "out" / "arms" / "random-s1-l4-s1"
+    blocker.mkdir(parents=True)
+    (blocker / "notes.txt").write_text("a user's file")  # the seed-1 arm's job is refused
+    capsys.readouterr()
+    assert main(["compare", str(config), "--out", "out", "--keep-going"]) == 1
+    captured = capsys.readouterr()
+    assert "compare: --keep-going: on to the next job" in captured.err
+    assert re.search(r"1 of \d+ job\(s\) failed: arms/random-s1-l4-s1 failed \(RunDirError", captured.err)
+    assert (tmp_path / "out" / "arms" / "random-s1-l4-s2" / "teacher" / "DONE").exists()  # the job after it ran
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "**Partial grid**: 2 arms finished; not finished: arms/random-s1-l4-s1 failed" in report
+    (blocker / "notes.txt").unlink()
+    assert main(["compare", str(config), "--out", "out", "--keep-going"]) == 0  # the retry finishes the grid
+    assert "Partial grid" not in (tmp_path / "out" / "report" / "report.md").read_text()

@@ -331,8 +331,8 @@ def write_report(config: CompareConfig, out: Path, partial: str | None = None) -
                                    {name: source.kind for name, source in config.sources.items()})
     if partial:  # said under the title: a reader must not take it for the whole grid
         title, _, rest = (report_dir / "report.md").read_text().partition("\n")
-        write_text(report_dir / "report.md", f"{title}\n\n**Partial grid**: {len(results)} arms finished; the "
-                                             f"grid is not finished: {partial}. Rerun the same command to resume it.\n{rest}")
+        write_text(report_dir / "report.md", f"{title}\n\n**Partial grid**: {len(results)} arms finished; not "
+                                             f"finished: {partial}. Rerun the same command to resume it.\n{rest}")
     write_json(report_dir / "metrics.json", {**summary, **({"partial": partial} if partial else {})})
     print(f"report{' (partial)' if partial else ''}: {report_dir / 'report.md'}")
     return summary
