@@ -17,7 +17,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.config.schema import ConfigError, from_dict
-from pipeline.core.rundir import RunDir
+from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.importer import ClassFilter, import_fashion_mnist
 from pipeline.data.shards import iter_shard
 from pipeline.data.sources.fashion_mnist import DataSourceError
@@ -459,10 +459,27 @@ def test_a_grid_keeps_its_out_spelling_and_a_failed_job_leaves_a_partial_report(
     grown.write_text(text.replace("seeds: [0]", "seeds: [0, 1]"))
     blocker = tmp_path / "rel" / "arms" / "random-s1-l4-s1"
     blocker.mkdir(parents=True)
-    (blocker / "notes.txt").write_text("a user's file")  # the new arm's job is refused: the grid stops there
+    (blocker / "notes.txt").write_text("a user's file")  # the new arm's job would be refused: named up front
+    for extra in (["--dry-run"], []):
+        assert main(["compare", str(grown), "--out", str(tmp_path / "rel"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "1 job(s) of this grid cannot run, nothing was run: arms/random-s1-l4-s1: " in err
+        assert "is not a selftrain run directory" in err and not (tmp_path / "rel" / "data" / "l4-s1").exists()
+    shutil.rmtree(blocker)
+    import pipeline.experiments.compare as compare_module
+
+    real_run_up_to = compare_module.run_up_to
+
+    def failing(job_config, run_dir, target, state):  # the new arm fails while it runs
+        if Path(run_dir).name == "random-s1-l4-s1":
+            raise RunDirError(f"{run_dir}: simulated failure")
+        real_run_up_to(job_config, run_dir, target, state)
+
+    monkeypatch.setattr(compare_module, "run_up_to", failing)
     assert main(["compare", str(grown), "--out", str(tmp_path / "rel")]) == 2  # the absolute spelling resumes
     err = capsys.readouterr().err
-    assert "compare: job arms/random-s1-l4-s1 stopped" in err and "is not a selftrain run directory" in err
+    assert "compare: job arms/random-s1-l4-s1 stopped" in err and "simulated failure" in err
+    monkeypatch.setattr(compare_module, "run_up_to", real_run_up_to)
     report = (tmp_path / "rel" / "report" / "report.md").read_text()
     assert "**Partial grid**: 1 arms finished; not finished: arms/random-s1-l4-s1 failed" in report
     assert json.loads((tmp_path / "rel" / "report" / "metrics.json").read_text())["partial"]

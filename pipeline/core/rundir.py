@@ -188,6 +188,11 @@ class RunDir:
         self._lock_handle = handle
         _HELD_LOCKS.add(handle)
 
+    def check_usable(self) -> None:
+        """Refuse, before anything runs, a directory that holds other files and is not a run directory (what
+        taking the run would refuse): `selftrain compare` checks every pending job's up front."""
+        self._refuse_foreign_root()
+
     def _refuse_foreign_root(self) -> None:
         if not self.root.exists() or (self.root / MARKER).exists():
             return

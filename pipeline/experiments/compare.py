@@ -21,7 +21,7 @@ from pipeline.config.schema import ConfigError, to_dict
 from pipeline.core.atomic import read_json, write_json, write_text
 from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
-from pipeline.core.rundir import RunDir, input_differences
+from pipeline.core.rundir import RunDir, RunDirError, input_differences
 from pipeline.engine.ranks import check_same_settings, raised_on_every_rank
 from pipeline.engine.runtime import process_state
 from pipeline.experiments.compare_config import CompareConfig
@@ -149,6 +149,20 @@ def refuse_foreign_out(out: Path) -> None:
             raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
 
 
+def refuse_unusable_job_dirs(plan: Plan) -> None:
+    """Every pending job's run directory that a run would refuse (a user's files in it), named at once before the
+    first job (and by --dry-run): the grid used to stop there after the jobs before it had run."""
+    problems = []
+    for job in plan.pending():
+        try:
+            RunDir(job.run_dir(plan.out)).check_usable()
+        except RunDirError as error:
+            problems.append(f"{job.kind}/{job.name}: {error}")
+    if problems:
+        raise RunDirError(f"{len(problems)} job(s) of this grid cannot run, nothing was run: " + "; ".join(problems[:3])
+                          + ("; ..." if len(problems) > 3 else "") + " (--keep-going runs the others)")
+
+
 def _result_settings(resolved: dict, sources: set[str]) -> dict:
     """A resolved compare config without what may change between runs into one `--out`: the axes, the
     sources other than `sources` (a source added with its init, or no longer used), and the base runtime
@@ -244,6 +258,8 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
         check_same_settings(state, {**to_dict(config), "--only": only})
         refuse_foreign_out(out)  # on every rank, so that all stop together; before --dry-run's plan too
         refuse_changed_config(out, resolved_yaml(config))
+        if not keep_going:
+            refuse_unusable_job_dirs(plan)
         if state.is_main_process:
             print(describe_plan(config, plan, measured_rate(config) if estimate and plan.pending() else None),
                   flush=True)
