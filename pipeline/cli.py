@@ -189,6 +189,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
             manifest = import_folder(args.src, args.out, test_fraction=args.test_fraction, **common)
     counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
     print(f"imported {manifest['num_classes']} classes into {args.out}: {counts}")
+    names = manifest["classes"]
+    print(f"classes (labels 0..{len(names) - 1}): {', '.join(names[:20])}" + (", ..." if len(names) > 20 else ""))
 
 
 def _loaded_on_every_process(load: Callable[[], T], runtime_of: Callable[[T], RuntimeConfig]) -> T:

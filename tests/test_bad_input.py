@@ -342,15 +342,19 @@ def test_a_folder_import_counts_and_names_the_images_it_converts(tmp_path, capsy
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
     Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "src" / "a" / "wide.png")
     Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA").save(tmp_path / "src" / "b" / "clear.png")
+    keyed = np.full((8, 8), 30, np.uint8)
+    keyed[2:5] = 220  # a grey PNG whose colour 220 is marked transparent (tRNS): composited, was not counted
+    Image.fromarray(keyed).save(tmp_path / "src" / "a" / "keyed.png", transparency=220)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways, shown rotated by viewers
     Image.fromarray(np.zeros((8, 6, 3), np.uint8)).save(tmp_path / "src" / "b" / "phone.jpg", exif=exif)
     manifest = import_folder(tmp_path / "src", tmp_path / "out", per_class=2, shard_size=100, progress=False)
     assert manifest["conversions"]["16-bit scaled"] == {"count": 1, "examples": [str(tmp_path / "src/a/wide.png")]}
-    assert manifest["conversions"]["alpha composited"]["count"] == 1
+    assert manifest["conversions"]["alpha composited"]["count"] == 2
+    assert str(tmp_path / "src/a/keyed.png") in manifest["conversions"]["alpha composited"]["examples"]
     assert manifest["conversions"]["alpha_background"] == [0, 0, 0]
     out = capsys.readouterr().out
-    assert "1 image(s) 16-bit scaled to 8 bits" in out and "1 image(s) alpha composited on black" in out
+    assert "1 image(s) 16-bit scaled to 8 bits" in out and "2 image(s) alpha composited on black" in out
     assert manifest["conversions"]["EXIF orientation not applied"]["examples"] == [str(tmp_path / "src/b/phone.jpg")]
     assert "1 image(s) EXIF orientation not applied (used as stored" in out
 

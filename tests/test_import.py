@@ -297,3 +297,20 @@ def test_a_run_whose_image_folder_is_gone_uses_its_finished_import(tmp_path, cap
     (tmp_path / "src").rename(tmp_path / "moved")
     assert main(args + ["--only", "teacher"]) == 0
     assert "is not there any more; the finished import" in capsys.readouterr().out
+
+
+def test_a_class_filter_takes_a_folder_named_by_a_number_as_a_name_not_a_position(tmp_path, capsys):
+    """Folders 1..10 sort as 1, 10, 2, ...: `--classes 1,2` imported folders '10' and '2' without a word."""
+    from pipeline.cli import main
+
+    names = [str(c) for c in range(1, 11)]
+    assert ClassFilter(("1", "2")).resolve(sorted(names)) == [0, 2]  # sorted: 1, 10, 2, ...
+    assert ClassFilter(("0", "3")).resolve(sorted(names)) == [0, 3]  # no folder '0': positions, as before
+    for c in names:
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 20 * int(c), np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+    assert main(["data", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--labels-per-class", "2",
+                 "--classes", "1,2"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["classes"] == ["1", "2"]
+    assert "classes (labels 0..1): 1, 2" in capsys.readouterr().out

@@ -39,10 +39,15 @@ class ClassFilter:
     out_of_domain_unlabeled: bool = False
 
     def resolve(self, names: list[str]) -> list[int]:
-        """The kept classes' original indices; unknown or repeated names are refused, naming them."""
+        """The kept classes' original indices; unknown or repeated names are refused, naming them. A class name
+        wins over an index: folders named 1..10 sort as 1, 10, 2, ..., and `--classes 1,2` meant folders 1
+        and 2, not the second and third (it took '10' and '2' without a word)."""
         chosen = []
         for item in self.keep:
-            index = int(item) if str(item).isdecimal() else (names.index(item) if item in names else None)
+            if item in names:
+                index: int | None = names.index(item)
+            else:
+                index = int(item) if str(item).isdecimal() else None
             if index is None or not 0 <= index < len(names):
                 raise DataSourceError(f"data.classes: unknown class {item!r}; the source has {names} "
                                       f"(names or indices 0..{len(names) - 1})")

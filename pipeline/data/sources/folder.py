@@ -117,7 +117,9 @@ def header_info(image: FolderImage) -> tuple[str, str | None]:
             mode = "L" if handle.mode in GRAY_MODES else "RGB"
             if handle.mode in SIXTEEN_BIT_MODES:
                 return mode, "16-bit scaled"
-            if handle.mode in ALPHA_MODES or (handle.mode == "P" and "transparency" in handle.info):
+            # the decoder's own test (shards.to_8bit_opaque): a grey or RGB PNG with a transparent colour (tRNS)
+            # is composited too, and was not counted
+            if handle.mode in ALPHA_MODES or (handle.mode in ("P", "L", "RGB") and "transparency" in handle.info):
                 return mode, "alpha composited"
             if handle.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 return mode, "EXIF orientation not applied"
