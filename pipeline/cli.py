@@ -172,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_data(args: argparse.Namespace) -> None:
     from pipeline.core.output_paths import check_output_dir
     from pipeline.core.owned import one_writer
-    from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder
+    from pipeline.data.importer import ClassFilter, import_fashion_mnist, import_folder, refuse_output_inside_source
     from pipeline.data.sources.fashion_mnist import DataSourceError
 
     check_output_dir(Path(args.out))
+    if args.kind == "folder":
+        refuse_output_inside_source(Path(args.out), Path(args.src), "--out")
     if args.out_of_domain_unlabeled and not args.classes:
         raise DataSourceError("--out-of-domain-unlabeled needs --classes (which classes are the target task)")
     keep = ClassFilter(tuple(c.strip() for c in args.classes.split(",")), args.out_of_domain_unlabeled) \

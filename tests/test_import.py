@@ -314,3 +314,21 @@ def test_a_class_filter_takes_a_folder_named_by_a_number_as_a_name_not_a_positio
                  "--classes", "1,2"]) == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["classes"] == ["1", "2"]
     assert "classes (labels 0..1): 1, 2" in capsys.readouterr().out
+
+
+def test_an_output_inside_the_image_folder_is_refused_naming_both(tmp_path, capsys):
+    """`selftrain data folder . --out imported` (or a run directory under the image folder) said "class folder
+    'imported' has no PNG/JPEG/WebP images": a folder the tool had made itself."""
+    from pipeline.cli import main
+
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+    assert main(["data", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "src" / "imported")]) == 2
+    assert f"--out {tmp_path / 'src' / 'imported'} is inside the image folder {tmp_path / 'src'}" in capsys.readouterr().err
+    assert not (tmp_path / "src" / "imported").exists()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  source: folder\n  path: {tmp_path / 'src'}\n")
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "src" / "runs" / "x")]) == 2
+    assert "the run directory " in capsys.readouterr().err and not (tmp_path / "src" / "runs").exists()

@@ -313,3 +313,12 @@ def import_folder(src: str | Path, out: str | Path, per_class: int = 100, holdou
                    extra={"conversions": conversions,
                           "skipped_files": {"count": len(others), "examples": [str(p) for p in others[:5]]},
                           "listing": {"sha256": folder.listing_digest(images), "of": "every image's key and byte size"}})
+
+
+def refuse_output_inside_source(output: Path, source: Path, what: str) -> None:
+    """An image folder's import never writes inside it: the output became a class folder of its own ("class
+    folder 'runs' has no PNG/JPEG/WebP images"), a message about a folder the tool made."""
+    output, source = output.resolve(), source.resolve()
+    if output != source and source in output.parents:
+        raise DataSourceError(f"{what} {output} is inside the image folder {source}, whose every sub-folder is "
+                              "a class; put it outside (e.g. beside the image folder)")

@@ -15,7 +15,7 @@ from pipeline.config.sections import Config, DataConfig, ModelConfig
 from pipeline.core.atomic import read_json
 from pipeline.core.rundir import RunDir, RunDirError
 from pipeline.data.imageset import DataDirError, open_data
-from pipeline.data.importer import check_same_folder
+from pipeline.data.importer import check_same_folder, refuse_output_inside_source
 from pipeline.data.sources import fashion_mnist, folder
 from pipeline.data.sources.fashion_mnist import DataSourceError
 from pipeline.data.webdataset_source import shard_lists, webdataset_section
@@ -241,6 +241,8 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
     reachable by name (local files exist, URL schemes are known)."""
     if config.data.source == "webdataset":
         shard_lists(webdataset_section(config.data))
+    if config.data.source == "folder" and config.data.path:
+        refuse_output_inside_source(run.root, Path(config.data.path), "the run directory")
     imported = (run.data_dir / "manifest.json").exists()
     if reimport or not imported:
         check_source(config.data)
