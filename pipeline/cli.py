@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
     preview.add_argument("--policy", required=True, help="policy string, e.g. s1, s4, s4-n2-m10")
     preview.add_argument("--data", required=True,
-                         help="an imported data directory, one of its split folders, or a shard .tar / .tar.gz")
+                         help="an imported data directory, one of its split folders, or a shard (.tar, .tar.gz, "
+                              ".tgz, .tar.bz2, .tar.xz, or its URL / pipe: command)")
     preview.add_argument("--out", required=True, help="output PNG (replaces only a grid preview wrote)")
     preview.add_argument("--images", type=_at_least(1), default=8, help="rows (default 8)")
     preview.add_argument("--draws", type=_at_least(1), default=8, help="augmented columns per image (default 8)")
@@ -326,7 +327,7 @@ def _cmd_preview(args: argparse.Namespace) -> None:
 
     check_output_file(Path(args.out), flag="--out", suffix=".png", command="selftrain augment preview",
                       written_by_us=is_preview_png)
-    images = sample_images(Path(args.data), args.images)
+    images = sample_images(args.data, args.images)
     grid = make_preview_grid(images, build_policy(args.policy, args.size), args.draws, args.seed)
     save_preview_grid(grid, Path(args.out))
     print(f"saved {args.out}: {len(images)} images x {args.draws} draws of policy {args.policy}")

@@ -48,14 +48,20 @@ def test_augment_preview_accepts_a_split_folder(tiny_data, tmp_path):
     assert out.exists()
 
 
-def test_augment_preview_accepts_a_shard_plain_or_gzipped(tiny_data, tmp_path):
+def test_augment_preview_accepts_a_shard_of_every_format_the_pipeline_reads(tiny_data, tmp_path):
+    """.tar.bz2 / .tar.xz shards and pipe: sources were refused by preview, which the pipeline reads."""
+    import bz2
     import gzip
+    import lzma
 
     shard = next((tiny_data / "labeled").glob("*.tar"))
-    zipped = tmp_path / "labeled-000000.tar.gz"
-    zipped.write_bytes(gzip.compress(shard.read_bytes()))
-    for source in (shard, zipped):
-        out = tmp_path / f"{source.name}.png"
+    sources: list = [shard]
+    for suffix, compress in ((".tar.gz", gzip.compress), (".tar.bz2", bz2.compress), (".tar.xz", lzma.compress)):
+        sources.append(tmp_path / f"labeled-000000{suffix}")
+        sources[-1].write_bytes(compress(shard.read_bytes()))
+    sources.append(f"pipe:cat {shard}")
+    for index, source in enumerate(sources):
+        out = tmp_path / f"{index}.png"
         assert main(["augment", "preview", "--policy", "s1", "--data", str(source), "--out", str(out),
                      "--images", "2", "--draws", "2", "--size", "16"]) == 0
         assert out.exists()

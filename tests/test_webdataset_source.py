@@ -291,6 +291,10 @@ def test_dotted_file_names_and_members_stored_apart_are_explained(shard_dir, htt
     config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000008.tar"),))
     with pytest.raises(ShardError, match=r"key 'a': missing 'cls' .* this sample's files are not next to each other"):
         import_webdataset(config, tmp_path / "d2", progress=False)
+    write_members(tmp_path / "lab-000009.tar", [("a.png", png), ("a.txt", b"0")])  # a label the pipeline does not read
+    config = wds_config(shard_dir, http_root, labeled=(str(tmp_path / "lab-000009.tar"),))
+    with pytest.raises(ShardError, match=r"key 'a': missing 'cls' .* it has a 'txt' member: .* KEY.cls instead of KEY.txt"):
+        import_webdataset(config, tmp_path / "d3", progress=False)
 
 
 def test_a_classes_file_with_a_byte_order_mark(shard_dir, http_root, tmp_path):
@@ -329,7 +333,8 @@ def test_a_test_shard_in_another_split_is_refused(shard_dir, http_root, tmp_path
         import_webdataset(config, tmp_path / "d1", progress=False)
     (tmp_path / "pool-000009.tar").write_bytes(Path(test_shard).read_bytes())
     config = wds_config(shard_dir, http_root, unlabeled=(f"{shard_dir}/pool-000000.tar", str(tmp_path / "pool-000009.tar")))
-    with pytest.raises(DataSourceError, match=r"with the same bytes \(sha256\) in both test and unlabeled"):
+    with pytest.raises(DataSourceError, match=r"with the same bytes \(sha256\) in both test and unlabeled "
+                                              r"\(.*test-000000.tar in test and .*pool-000009.tar in unlabeled\)"):
         import_webdataset(config, tmp_path / "d2", progress=False)
     assert not (tmp_path / "d2" / "manifest.json").exists()
 

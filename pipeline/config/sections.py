@@ -29,7 +29,7 @@ class WebDatasetConfig:
     unlabeled: tuple[str, ...] = ()
     test: tuple[str, ...] = ()
     holdout: tuple[str, ...] = ()
-    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")  # a sample's image member, tried in order
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")  # which member is the image (one a sample)
     label_key: str = "cls"  # "cls" (the class index or name as text) or "json:<field>" (a field of the json member)
     classes: tuple[str, ...] | None = None  # class names in index order; null: the indices found (0..max)
     classes_file: str | None = None  # or a text file, one class name per line

@@ -256,7 +256,7 @@ def label_value(sample: dict[str, bytes | str], shard: ShardLocation, label_key:
     if label_key == "cls":
         if "cls" not in sample:
             raise ShardError(f"shard {shard}, key '{key}': missing 'cls' (the class index) in a labeled shard; "
-                             f"{members_and_hint(sample)}")
+                             f"{_label_elsewhere(sample) or members_and_hint(sample)}")
         raw = sample["cls"]
         try:
             return raw.decode().strip() if isinstance(raw, bytes) else raw
@@ -273,6 +273,21 @@ def label_value(sample: dict[str, bytes | str], shard: ShardLocation, label_key:
         raise ShardError(f"shard {shard}, key '{key}': the 'json' member has no field '{field_name}' "
                          f"(label_key {label_key})")
     return document[field_name]
+
+
+LABEL_LIKE_MEMBERS = ("txt", "label", "labels", "class", "target")
+
+
+def _label_elsewhere(sample: dict[str, bytes | str]) -> str | None:
+    """Where a sample without `cls` may keep its label: a `json` field (label_key), or a member to rename."""
+    if "json" in sample:
+        return ("it has a 'json' member: a label in one of its fields is read with data.webdataset.label_key: "
+                "json:<field>")
+    found = [m for m in LABEL_LIKE_MEMBERS if m in sample]
+    if found:
+        return (f"it has a '{found[0]}' member: labels are read from '.cls' (or a JSON field), so write the shards "
+                f"with KEY.cls instead of KEY.{found[0]}")
+    return None
 
 
 def class_index(value: object, classes: Sequence[str] | None = None) -> int | None:

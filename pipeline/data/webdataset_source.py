@@ -92,23 +92,27 @@ def shard_lists(cfg: WebDatasetConfig) -> dict[str, list[tuple[str, ShardLocatio
         if not named and split in REQUIRED_SPLITS:
             raise DataSourceError(f"data.webdataset.{split}: no shards; list the {split} split's shard URLs")
         lists[split] = [(name, location) for _, name, location in named.values()]
-    _refuse_shared_shards({split: [_stored_url(location) for _, location in shards] for split, shards in lists.items()},
-                          "listed")
+    _refuse_shared_shards({split: {_stored_url(location): _stored_url(location) for _, location in shards}
+                           for split, shards in lists.items()}, "listed")
     return lists
 
 
 EVALUATION_SPLITS = ("test", "holdout")  # a shard of these in another split leaks what they measure
 
 
-def _refuse_shared_shards(by_split: dict[str, list[str]], how: str) -> None:
+def _refuse_shared_shards(by_split: dict[str, dict[str, str]], how: str) -> None:
     """A test or holdout shard (its URL, or its sha256 once read) that is also in another split is refused:
-    the model would train (or be tuned) on the images it is measured with."""
+    the model would train (or be tuned) on the images it is measured with. `by_split`: per split, the value
+    compared -> the shard's URL, which the message names in both splits."""
     for split in EVALUATION_SPLITS:
         for other, values in by_split.items():
-            shared = sorted(set(by_split.get(split, [])) & set(values)) if other != split else []
+            shared = sorted(set(by_split.get(split, {})) & set(values)) if other != split else []
             if shared:
+                first = shared[0]
+                where = (first if by_split[split][first] == values[first] == first else
+                         f"{by_split[split][first]} in {split} and {values[first]} in {other}")
                 raise DataSourceError(f"data.webdataset: {len(shared)} shard(s) {how} in both {split} and {other} "
-                                      f"({shared[0]}{', ...' if len(shared) > 1 else ''}); the {split} split must "
+                                      f"({where}{', ...' if len(shared) > 1 else ''}); the {split} split must "
                                       "hold images no other split has")
 
 
@@ -258,8 +262,8 @@ def _scanned_manifest(cfg: WebDatasetConfig, params: dict, lists: dict[str, list
             raise DataSourceError(f"data.webdataset.{split}: no samples in its {len(records[split])} shard(s) "
                                   f"({', '.join(r['name'] for r in records[split][:3])}); the {split} split "
                                   f"{'is optional: leave it out' if split == 'holdout' else 'needs images'}")
-    _refuse_shared_shards({split: [r["sha256"] for r in records[split] if r["count"]] for split in records},
-                          "with the same bytes (sha256)")
+    _refuse_shared_shards({split: {r["sha256"]: str(r.get("url", r["name"])) for r in records[split] if r["count"]}
+                           for split in records}, "with the same bytes (sha256)")
     if classes is None:
         top = max((max(v) for v in labels.values() if v), default=0)
         if top < 1:
