@@ -304,3 +304,18 @@ def test_an_export_owns_the_files_of_the_models_it_recorded_not_every_onnx(tmp_p
     with pytest.raises(RunDirError, match=r"--from export: .*teacher_v1_keep.onnx.*nothing was removed"):
         run.reset_stages([("export", "export")], flag="export")
     assert (run.stage_dir("export") / "teacher_v1_keep.onnx").exists()
+
+
+def test_a_stage_killed_in_its_first_seconds_shows_the_seconds_it_ran(tmp_path):
+    """The first heartbeat came after 10 s, so `status` said 0 s for a stage killed before it."""
+    import time
+
+    from pipeline.core.wallclock import StageClock
+
+    path = tmp_path / "wall_time.json"
+    clock = StageClock(path)  # the default heartbeat of 10 s
+    clock.__enter__()
+    time.sleep(2.5)
+    written = json.loads(path.read_text())["seconds"]  # what a SIGKILL now would leave
+    clock.__exit__(None, None, None)
+    assert written >= 1.0
