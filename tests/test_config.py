@@ -178,6 +178,12 @@ def test_errors_in_set_values_name_the_set_not_the_file(tmp_path):
     zero = write(tmp_path, "data:\n  labels_per_class: 0\n")
     with pytest.raises(ConfigError, match=r"^--set teacher.train.epochs=-1: teacher.train.epochs: "):
         load_config(zero, ["teacher.train.epochs=-1", "data.labels_per_class=5"])
+    # a section misspelt on a --set's path is that --set's, not the file's
+    with pytest.raises(ConfigError, match=r"^--set distill.mutal.weight=1: unknown config key 'distill.mutal'"):
+        load_config(None, ["distill.mutal.weight=1"])
+    typo = write(tmp_path, "distill:\n  mutal:\n    weight: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{typo}: unknown config key 'distill.mutal'"):
+        load_config(typo, ["distill.mutual.weight=1"])
 
 
 def test_a_key_given_twice_in_a_config_file_is_refused_with_file_key_and_line(tmp_path):
@@ -290,3 +296,17 @@ def test_a_section_given_to_set_keeps_the_files_other_keys_and_null_is_refused(t
     with pytest.raises(ConfigError, match=r"--set teacher=\{trian: \{\}\}: unknown config key 'teacher.trian'"):
         load_config(path, ["teacher={trian: {}}"])
     assert load_config(path, ["data.webdataset=null", "distill.teacher=null"]).data.webdataset is None  # values
+
+
+def test_set_changes_only_the_key_it_names_when_sections_share_a_yaml_anchor(tmp_path):
+    """PyYAML gives every alias of an anchor one mapping: `--set student.train.epochs=9` trained the teacher for
+    9 epochs too, and a << merge shared the same way."""
+    path = write(tmp_path, "teacher:\n  train: &train {epochs: 2, lr: 0.05}\n"
+                           "student:\n  train: *train\n"
+                           "pseudo_label: &pl {batch_size: 100}\n")
+    config = load_config(path, ["student.train.epochs=9", "teacher.train={lr: 0.3}"])
+    assert (config.teacher.train.epochs, config.student.train.epochs) == (2, 9)
+    assert (config.teacher.train.lr, config.student.train.lr) == (0.3, 0.05)
+    merged = write(tmp_path, "teacher: &t\n  train: {epochs: 2, lr: 0.05}\nstudent:\n  <<: *t\n")
+    config = load_config(merged, ["student.train.lr=0.5"])
+    assert (config.teacher.train.lr, config.student.train.lr) == (0.05, 0.5)

@@ -71,9 +71,11 @@ def _blame(path: Path | None, items: list[str], overrides: list[tuple[str, Any]]
     or of a key inside the section the message is about that the message names (a section's check between
     its keys: `--set distill.alpha` is not why `distill: mixup 0.2 needs mode: online`); else the file."""
     failing = _error_key(message)
+    unknown = message.startswith("unknown config key")
     for item, (key, _) in reversed(list(zip(items, overrides))):
-        named_inside = key.startswith(failing + ".") and re.search(rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b",
-                                                                 message)
+        # a section misspelt on the --set's path (`--set distill.mutal.weight=1`) is that --set's
+        named_inside = key.startswith(failing + ".") and (unknown or re.search(
+            rf"\b{re.escape(key.rsplit('.', 1)[-1])}\b", message))
         if key == failing or failing.startswith((key + ".", key + "[")) or named_inside:
             return f"--set {item}: {message}"
     return f"{path}: {message}" if path is not None else message

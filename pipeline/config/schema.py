@@ -252,6 +252,9 @@ def set_by_path(data: dict[str, Any], dotted: str, value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        # a copy: a YAML anchor (&train ... *train, or a << merge) gives every alias one shared mapping, and
+        # setting student.train.epochs changed the teacher's too
+        node[part] = child = dict(child)
         node = child
     node[parts[-1]] = value
 
