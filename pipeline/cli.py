@@ -322,6 +322,7 @@ def torch_threads(threads: int) -> None:
 def _cmd_preview(args: argparse.Namespace) -> None:
     from augment import build_policy
     from augment.preview import is_preview_png, make_preview_grid, save_preview_grid
+    from pipeline.core.atomic import WriteFailed
     from pipeline.core.output_paths import check_output_file
     from pipeline.data.preview import sample_images
 
@@ -329,7 +330,10 @@ def _cmd_preview(args: argparse.Namespace) -> None:
                       written_by_us=is_preview_png)
     images = sample_images(args.data, args.images)
     grid = make_preview_grid(images, build_policy(args.policy, args.size), args.draws, args.seed)
-    save_preview_grid(grid, Path(args.out))
+    try:
+        save_preview_grid(grid, Path(args.out))
+    except OSError as exc:
+        raise WriteFailed(f"--out {args.out}: cannot write it ({exc.strerror}); nothing was written") from None
     print(f"saved {args.out}: {len(images)} images x {args.draws} draws of policy {args.policy}")
 
 

@@ -133,3 +133,30 @@ def test_a_folder_of_foreign_shards_given_as_an_import_points_to_webdataset(tmp_
     (tmp_path / "pool-000000.tar").write_bytes(b"")
     with pytest.raises(DataDirError, match="used in place with data.source: webdataset"):
         open_data(tmp_path)
+
+
+def test_an_output_place_that_cannot_be_written_is_named_not_a_traceback(tiny_data, tmp_path, capsys, monkeypatch):
+    """`data --out`, `augment preview --out` and `compare --out` under a folder the user cannot write to gave a
+    PermissionError traceback. A read-only folder is refused up front; a failure to create is named too."""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))  # root
+    compare = tmp_path / "c.yaml"
+    compare.write_text("axes: {init: [random], self_training: [off], policy: [s1], labels_per_class: [4], seeds: [0]}\n")
+    for argv in (["data", "fashion-mnist", "--source", str(tmp_path), "--out", str(locked / "d")],
+                 ["augment", "preview", "--policy", "s1", "--data", str(tiny_data), "--out", str(locked / "g.png")],
+                 ["compare", str(compare), "--out", str(locked / "cmp")]):
+        assert main(argv) == 2, argv
+        assert f"{locked} is not writable for this user; nothing was written" in capsys.readouterr().err, argv
+    monkeypatch.setattr(os, "access", real_access)
+    from pipeline.core.owned import one_writer
+    from pipeline.core.atomic import WriteFailed
+
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(WriteFailed, match=r"cannot create .*: Permission denied"):
+        with one_writer(tmp_path / "new", "test"):
+            pass

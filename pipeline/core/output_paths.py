@@ -8,6 +8,7 @@ An output directory (`data ... --out DIR`, `compare --out DIR`) must not be an e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +18,16 @@ class OutputPathError(ValueError):
 
 
 def _refuse_file_ancestor(path: Path, flag: str) -> None:
-    """A parent of `path` that exists but is a file (`--out notes.txt/grid.png`) cannot hold it."""
+    """A parent of `path` that exists but is a file (`--out notes.txt/grid.png`) cannot hold it; the directory
+    that would hold what is made must be writable (a root-owned folder gave a PermissionError traceback)."""
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputPathError(f"{flag} {path}: {parent} is a file, not a directory; nothing was written")
+            holder = path if path.is_dir() else parent
+            if not os.access(holder, os.W_OK | os.X_OK):
+                raise OutputPathError(f"{flag} {path}: {holder} is not writable for this user; nothing was written. "
+                                      "Choose another place")
             return
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipeline.core.atomic import read_json, write_json
+from pipeline.core.atomic import WriteFailed, read_json, write_json
 
 JOURNAL = ".selftrain-owned.json"
 MAX_NAMED = 5
@@ -83,7 +83,10 @@ def one_writer(directory: Path, what: str) -> Iterator[None]:
     the first, then finds the finished import and reuses it. A directory made here and left empty (the writer
     refused its input) is removed again."""
     made = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteFailed(f"cannot create {directory}: {exc.strerror}; nothing was written") from None
     handle = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from pipeline.config.schema import ConfigError, to_dict
-from pipeline.core.atomic import read_json, write_json, write_text
+from pipeline.core.atomic import WriteFailed, read_json, write_json, write_text
 from pipeline.core.owned import ForeignFilesError, describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.rundir import RunDir, RunDirError, input_differences
@@ -266,7 +266,10 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
         if dry_run:
             return None
         if state.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise WriteFailed(f"--out {out}: cannot create it ({exc.strerror}); nothing was run") from None
             write_text(out / "compare.yaml", recorded_yaml(out, resolved_yaml(config)))
         jobs = len(plan.pending())
         failed = run_jobs(config, plan, state, keep_going)
