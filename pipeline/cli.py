@@ -1,4 +1,7 @@
-"""`selftrain` command line: data import, staged runs, status, augmentation preview."""
+"""`selftrain`: self-training (Noisy Student) and distillation for image classification. Commands: data (import
+images into shards), run (the staged pipeline: teacher, pseudo-labels, noisy students, distillation, pruning,
+int8 export, report), status, summarize (mean +- std over seeds), compare (pretraining vs self-training grid),
+predict (top-k classes of images), augment preview. `selftrain COMMAND --help` for each."""
 
 from __future__ import annotations
 
@@ -84,14 +87,33 @@ def _add_split_args(parser: argparse.ArgumentParser) -> None:
                         help="with --classes: the other classes' training images join the unlabeled pool, unlabeled")
 
 
+EXAMPLES = """examples:
+  selftrain run configs/fashion_mnist.yaml --run-dir runs/demo          # the whole pipeline (make demo)
+  selftrain run configs/fashion_mnist.yaml --run-dir runs/demo --preset quick
+  selftrain status runs/demo
+  selftrain run configs/fashion_mnist.yaml --run-dir runs/demo --from student_r1 --set student.train.lr=0.1
+  torchrun --nproc_per_node 2 -m pipeline.cli run configs/fashion_mnist.yaml --run-dir runs/demo
+  selftrain data folder ~/photos --out data/photos --labels-per-class 100
+  selftrain predict runs/demo/export/distill_shufflenet_v2_x1_0.int8.onnx ~/photos/test --top-k 3
+  selftrain compare configs/compare_fashion_mnist.yaml --dry-run
+  selftrain summarize runs/seed0 runs/seed1 runs/seed2"""
+
+STAGE_NAMES = ("data, teacher, pseudo_label_rN, select_rN, student_rN, distill_ARCH, prune_ARCH, export, report "
+               "(`selftrain status RUN` lists a run's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selftrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="selftrain", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="import a data set into webdataset shards")
     data_sub = data.add_subparsers(dest="kind", required=True)
-    fm = data_sub.add_parser("fashion-mnist", help="Fashion-MNIST from its raw idx .gz files")
+    fm = data_sub.add_parser("fashion-mnist", help="Fashion-MNIST from its raw idx .gz files",
+                             description="Import Fashion-MNIST: N labeled images per class (the rest of the training "
+                                         "split is the unlabeled pool, its labels kept hidden for measuring "
+                                         "pseudo-labels), an optional holdout, and the test split.")
     _add_split_args(fm)
     fm.add_argument("--source", dest="source_dir", default=None, help="directory with the idx .gz files "
                     "(default: /usr/share/datasets/fashion-mnist, then ~/.cache/selftrain/fashion-mnist)")
@@ -113,14 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "several processes.")
     run.add_argument("config", help="YAML config, e.g. configs/fashion_mnist.yaml")
     run.add_argument("--run-dir", default=None, help="run directory (default: runs/<config name>)")
-    run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage (its inputs must be done)")
+    run.add_argument("--only", default=None, metavar="STAGE",
+                     help=f"run just this stage (its inputs must be done); stages: {STAGE_NAMES}")
     run.add_argument("--from", dest="start", default=None, metavar="STAGE",
                      help="forget this stage and every stage that depends on it, and redo them")
-    run.add_argument("--preset", default=None, help="named overrides applied before --set: quick")
+    run.add_argument("--preset", default=None, help="named overrides applied before --set: quick (a 10,000-image "
+                     "pool and short training, every stage)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable)")
+                     help="override a config value, e.g. --set teacher.train.epochs=10 (repeatable); the value "
+                          "is YAML (quote strings with ' #'), a list is given whole (--set 'distill.students=[{arch: "
+                          "mobilenetv3_small_100, input_size: 64}]'), a mapping sets the keys it names")
 
-    status = sub.add_parser("status", help="list the stages of a run directory and their state")
+    status = sub.add_parser("status", help="list the stages of a run directory and their state",
+                            description="Each stage of a run directory: done, running (with its progress), failed "
+                                        "(with the error), pending; wall time and test top-1 where known. Reads only.")
     status.add_argument("run_dir", help="a run directory (the --run-dir of selftrain run)")
 
     summarize = sub.add_parser("summarize", help="mean +- std of each stage over several run directories (seeds)",
@@ -146,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a failed job does not stop the grid: the other jobs run, the report covers the "
                               "finished arms (marked partial), the failed jobs are named at the end (exit 1)")
 
-    predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file")
+    predict = sub.add_parser("predict", help="top-k classes of images from a checkpoint directory or an .onnx file",
+                             description="Top-k class names and probabilities of each image, with the model's own "
+                                         "preprocessing (input size, mean/std and classes travel with a checkpoint "
+                                         "and inside an exported .onnx). An unreadable image is named on stderr and "
+                                         "the others are still predicted (exit 2 when any failed).")
     predict.add_argument("model", help="a checkpoint directory (RUN/<stage>/checkpoint) or an exported .onnx file")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                          help="image files (any format Pillow reads), or folders searched recursively for "
@@ -157,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     augment = sub.add_parser("augment", help="augmentation tools")
     aug_sub = augment.add_subparsers(dest="action", required=True)
-    preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws")
+    preview = aug_sub.add_parser("preview", help="save a grid: rows are images, columns augmented draws",
+                                 description="A PNG grid to see what a policy (s1-s4) does to your images: the first "
+                                             "column is the eval view, the others seeded augmented draws.")
     preview.add_argument("--policy", required=True, help="policy string, e.g. s1, s4, s4-n2-m10")
     preview.add_argument("--data", required=True,
                          help="an imported data directory, one of its split folders, or a shard (.tar, .tar.gz, "

@@ -310,3 +310,11 @@ def test_set_changes_only_the_key_it_names_when_sections_share_a_yaml_anchor(tmp
     merged = write(tmp_path, "teacher: &t\n  train: {epochs: 2, lr: 0.05}\nstudent:\n  <<: *t\n")
     config = load_config(merged, ["student.train.lr=0.5"])
     assert (config.teacher.train.lr, config.student.train.lr) == (0.05, 0.5)
+
+
+def test_a_set_value_cut_short_by_a_yaml_comment_is_refused():
+    """`--set 'data.path=/data/run #2'` read as /data/run: YAML took the rest for a comment."""
+    with pytest.raises(ConfigError, match=r"' #' starts a YAML comment.*--set 'data.path=\"/data/run #2\"'"):
+        load_config(None, ["data.path=/data/run #2"])
+    assert load_config(None, ['data.path="/data/run #2"']).data.path == "/data/run #2"
+    assert load_config(None, ["data.path=/data/run#2"]).data.path == "/data/run#2"

@@ -34,6 +34,9 @@ def parse_override(text: str) -> tuple[str, Any]:
                           "--set 'distill.students=[{arch: mobilenetv3_small_100, input_size: 64}]'")
     if not raw.strip():
         return key, ""
+    if re.search(r"\s#", raw) and not raw.strip().startswith(("'", '"')):
+        raise ConfigError(f"--set {text}: ' #' starts a YAML comment, so the value would end before it; quote the "
+                          f"value: --set '{key}=\"{raw.strip()}\"'")
     try:
         return key, load_yaml(raw, f"--set {text}")
     except yaml.YAMLError as exc:

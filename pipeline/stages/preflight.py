@@ -35,7 +35,10 @@ FASHION_MNIST_TEST = 10_000
 
 
 def _check_model(model: ModelConfig, where: str) -> None:
-    check_arch(model.arch)
+    try:
+        check_arch(model.arch)
+    except ModelError as error:  # which of teacher, student, distill.students[i] holds it
+        raise ModelError(f"{where}.arch: {error}") from None
     check_init_exists(model.init, model.arch, f"{where}.init")
     _check_buildable(model, where)
 
@@ -243,6 +246,9 @@ def check_data(config: Config, run: RunDir, reimport: bool) -> None:
         shard_lists(webdataset_section(config.data))
     if config.data.source == "folder" and config.data.path:
         refuse_output_inside_source(run.root, Path(config.data.path), "the run directory")
+    if config.data.source == "shards" and config.data.path and not Path(config.data.path).exists():
+        raise DataSourceError(f"data.path: import {config.data.path} does not exist (data.source: shards reads "
+                              f"an import made by `selftrain data`){_relative_note(config.data.path)}")
     imported = (run.data_dir / "manifest.json").exists()
     if reimport or not imported:
         check_source(config.data)
