@@ -215,6 +215,8 @@ def _cmd_data(args: argparse.Namespace) -> None:
         refuse_output_inside_source(Path(args.out), Path(args.src), "--out")
     if args.out_of_domain_unlabeled and not args.classes:
         raise DataSourceError("--out-of-domain-unlabeled needs --classes (which classes are the target task)")
+    if args.classes is not None and not any(c.strip() for c in args.classes.split(",")):
+        raise DataSourceError(f"--classes {args.classes!r}: no class named; list names or indices, e.g. --classes 0,3")
     keep = ClassFilter(tuple(c.strip() for c in args.classes.split(",")), args.out_of_domain_unlabeled) \
         if args.classes else None
     common = dict(per_class=args.labels_per_class, holdout_per_class=args.holdout_per_class,
@@ -275,9 +277,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> None:
     from pipeline.config.loading import load_config
     from pipeline.config.presets import preset_overrides
+    from pipeline.core.rundir import RunDirError
     from pipeline.engine.runtime import process_state
     from pipeline.stages.runner import run_pipeline
 
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise RunDirError("--run-dir '': give a directory (or leave --run-dir out for runs/<config name>)")
     config = _loaded_on_every_process(lambda: load_config(args.config, preset_overrides(args.preset) + args.overrides),
                                       lambda c: c.runtime)
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)

@@ -160,3 +160,11 @@ def test_an_output_place_that_cannot_be_written_is_named_not_a_traceback(tiny_da
     with pytest.raises(WriteFailed, match=r"cannot create .*: Permission denied"):
         with one_writer(tmp_path / "new", "test"):
             pass
+
+
+def test_empty_arguments_are_refused_not_taken_for_defaults(tmp_path, capsys):
+    """`data --classes ''` imported every class; `run --run-dir ''` wrote into runs/<config name>."""
+    assert main(["data", "fashion-mnist", "--source", str(tmp_path), "--out", str(tmp_path / "d"), "--classes", ""]) == 2
+    assert "--classes '': no class named" in capsys.readouterr().err
+    assert main(["run", "configs/fashion_mnist.yaml", "--run-dir", ""]) == 2
+    assert "--run-dir '': give a directory" in capsys.readouterr().err

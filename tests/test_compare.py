@@ -95,6 +95,8 @@ def test_an_arm_that_trained_another_number_of_steps_is_refused(tmp_path):
 
 
 def test_compare_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"sources.s: missing required key\(s\) kind$"):
+        grid_config(sources={"s": {}}, axes={**GRID["axes"], "init": ["s"]})
     with pytest.raises(ConfigError, match="axes.init: 'imagenet' is neither"):
         grid_config(axes={**GRID["axes"], "init": ["random", "imagenet"]})
     with pytest.raises(ConfigError, match="sources.sup: kind supervised needs data"):
@@ -530,3 +532,8 @@ def test_keep_going_runs_the_jobs_after_a_failed_one_and_names_it(tiny_fashion_d
     (blocker / "notes.txt").unlink()
     assert main(["compare", str(config), "--out", "out", "--keep-going"]) == 0  # the retry finishes the grid
     assert "Partial grid" not in (tmp_path / "out" / "report" / "report.md").read_text()
+
+
+def test_only_that_matches_no_arm_lists_the_values_the_grid_has():
+    with pytest.raises(ConfigError, match=r"matches no arm of the grid \(its values: self_training: off, on\)"):
+        select_arms(expand(grid_config()), "self_training=false")

@@ -147,6 +147,10 @@ def from_dict(cls: type[T], data: Any, path: str = "", base: T | None = None) ->
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # a missing field, or a __post_init__ check
+        missing = [f.name for f in fields.values() if f.name not in values and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and base is None]
+        if isinstance(exc, TypeError) and missing:  # not "SourceConfig.__init__() missing 1 required positional..."
+            raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}") from None
         name, _, rest = str(exc).partition(": ")
         if name in fields and rest:  # "policy: ..." from a section's own check: name the full key path
             raise ConfigError(f"{path + '.' if path else ''}{name}: {rest}") from None

@@ -82,7 +82,9 @@ def select_arms(arms: list[Arm], only: str | None) -> list[Arm]:
         filters.append((axis, value))
     chosen = [arm for arm in arms if all(arm.field(axis) == value for axis, value in filters)]
     if not chosen:
-        raise ConfigError(f"--only {only!r} matches no arm of the grid")
+        offered = "; ".join(f"{axis}: {', '.join(sorted({arm.field(axis) for arm in arms}))}"
+                            for axis in dict.fromkeys(axis for axis, _ in filters))
+        raise ConfigError(f"--only {only!r} matches no arm of the grid (its values: {offered})")
     return chosen
 
 
