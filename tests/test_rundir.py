@@ -240,7 +240,9 @@ def test_a_lock_holder_on_another_host_is_not_called_dead():
     assert "no longer running" in describe_holder("pid 999999999")  # a lock written before hosts were recorded
 
 
-@pytest.mark.parametrize("name, text", [("stages.json", "{}"), ("stages.json", "[]"), ("teacher/failed.json", '"boom"')])
+@pytest.mark.parametrize("name, text", [("stages.json", "{}"), ("stages.json", "[]"), ("teacher/failed.json", '"boom"'),
+                                        ("teacher/wall_time.json", '{"seconds": "x"}'),
+                                        ("teacher/wall_time.json", "[1, 2]")])
 def test_status_on_a_damaged_bookkeeping_file_names_it_or_shows_it(tmp_path, capsys, name, text):
     from pipeline.cli import main
     run = RunDir(tmp_path / "run")
@@ -254,8 +256,10 @@ def test_status_on_a_damaged_bookkeeping_file_names_it_or_shows_it(tmp_path, cap
     assert "Traceback" not in captured.err
     if name == "stages.json":
         assert code == 2 and "stages.json: not a list of stage names" in captured.err
-    else:
+    elif name == "teacher/failed.json":
         assert code == 0 and "failed ('boom'" in captured.out
+    else:  # a damaged clock: no time shown, as for an unreadable file
+        assert code == 0 and "teacher" in captured.out
 
 
 def test_a_shard_an_import_was_writing_when_killed_is_its_own(tmp_path):
@@ -319,3 +323,18 @@ def test_a_stage_killed_in_its_first_seconds_shows_the_seconds_it_ran(tmp_path):
     written = json.loads(path.read_text())["seconds"]  # what a SIGKILL now would leave
     clock.__exit__(None, None, None)
     assert written >= 1.0
+
+
+def test_summarize_names_a_metrics_file_of_the_wrong_json_type(tmp_path, capsys):
+    """A metrics.json holding a list gave a TypeError traceback in summarize."""
+    from pipeline.cli import main
+    run = RunDir(tmp_path / "run")
+    run.acquire()
+    run.release()
+    (run.root / "config.yaml").write_text("seed: 0\n")
+    run.stage_dir("teacher").mkdir()
+    run.mark_done("teacher")
+    run.metrics_path("teacher").write_text("[1, 2]")
+    assert main(["summarize", str(run.root)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "metrics.json: holds a JSON list, not an object; the file is damaged" in err

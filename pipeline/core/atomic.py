@@ -89,6 +89,16 @@ def read_json(path: str | Path) -> Any:
         raise ArtifactError(f"{path}: not a text JSON file (undecodable bytes)") from None
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """`read_json` of a file that must hold an object (metrics.json, wall_time.json, stage.json): one holding
+    a list or a number is damaged too, and said so rather than failing on its first key."""
+    found = read_json(path)
+    if not isinstance(found, dict):
+        raise ArtifactError(f"{path}: holds a JSON {type(found).__name__}, not an object; the file is damaged: "
+                            "restore it or redo the stage that wrote it")
+    return found
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.atomic import ArtifactError, WriteFailed, read_json, write_json, write_text
+from pipeline.core.atomic import ArtifactError, WriteFailed, read_json, read_json_object, write_json, write_text
 from pipeline.core.owned import describe_foreign
 from pipeline.core.provenance import provenance
 from pipeline.core.progress import PROGRESS_FILE, Progress, read_progress
@@ -230,7 +230,13 @@ class RunDir:
     def wall_seconds(self, stage: str) -> float | None:
         """Total seconds the stage has run (all invocations), None if never timed."""
         path = self.stage_dir(stage) / "wall_time.json"
-        return float(read_json(path)["seconds"]) if path.exists() else None
+        if not path.exists():
+            return None
+        seconds = read_json_object(path).get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ArtifactError(f"{path}: 'seconds' is {seconds!r}, not a number; the file is damaged: delete it "
+                                "(the stage's time is then unknown)")
+        return float(seconds)
 
     def write_metrics(self, stage: str, metrics: dict[str, Any]) -> None:
         """The stage's metrics.json, with what made it (code revision, versions, device, processes)."""
@@ -241,7 +247,7 @@ class RunDir:
 
     def stage_record(self, stage: str) -> dict[str, Any] | None:
         path = self.stage_dir(stage) / "stage.json"
-        return read_json(path) if path.exists() else None
+        return read_json_object(path) if path.exists() else None
 
     def begin_stage(self, stage: str, record: dict[str, Any]) -> None:
         """Record what the stage runs with, or refuse if earlier work used other inputs.

@@ -70,8 +70,8 @@ def read_clock(path: Path, heartbeat_s: float = HEARTBEAT_S) -> tuple[float, boo
         age = time.time() - os.stat(path).st_mtime
     except (OSError, ValueError):
         return None
-    if not isinstance(clock, dict):  # damaged: no time to show, as for an unreadable file
-        return None
+    if not isinstance(clock, dict) or not isinstance(clock.get("seconds", 0.0), (int, float)):
+        return None  # damaged: no time to show, as for an unreadable file
     running = bool(clock.get("running")) and age < 3 * heartbeat_s
     return float(clock.get("seconds", 0.0)) + (max(age, 0.0) if running else 0.0), running  # + since the last beat
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.config.loading import load_config
 from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config
-from pipeline.core.atomic import read_json
+from pipeline.core.atomic import read_json, read_json_object
 from pipeline.core.rundir import RunDir, RunDirError, flatten_keys
 from pipeline.stages.base import Stage
 from pipeline.stages.graph import build_graph
@@ -56,7 +56,7 @@ def run_metrics(run_dir: Path) -> dict[str, dict]:
     for stage in run_stages(run_dir):
         if stage.kind != "report" and run.is_done(stage.name):
             path = run.metrics_path(stage.name)
-            metrics = read_json(path) if path.exists() else {}
+            metrics = read_json_object(path) if path.exists() else {}
             found[stage.name] = {**metrics, "kind": stage.kind,
                                  "wall_seconds": stage_wall_seconds(run, stage.name, metrics)}
     if "teacher" not in found:
