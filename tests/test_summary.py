@@ -110,3 +110,19 @@ def test_the_per_seed_imports_of_a_compare_arm_are_no_difference():
 
     assert config_differences({Path("a"): flat("/o/data/l4-s0/data", 0), Path("b"): flat("/o/data/l4-s1/data", 1)}) == []
     assert config_differences({Path("a"): flat("/o/data/l4-s0/data", 0), Path("b"): flat("/o/data/l8-s1/data", 1)})
+
+
+def test_settings_an_import_used_in_place_does_not_read_are_no_difference():
+    """Runs on `data.source: shards` were said to differ in data.labels_per_class, which that source ignores."""
+    from pathlib import Path
+
+    from pipeline.experiments.summary import config_differences
+
+    def flat(source: str, labels: int, cap: int | None = None) -> dict:
+        return {"data.source": source, "data.path": "/imp", "data.labels_per_class": labels, "data.max_unlabeled": cap}
+
+    assert config_differences({Path("a"): flat("shards", 100), Path("b"): flat("shards", 50)}) == []
+    assert config_differences({Path("a"): flat("shards", 100), Path("b"): flat("shards", 100, 10)}) == [
+        "data.max_unlabeled (None / 10)"]  # a cap that source does check
+    assert config_differences({Path("a"): flat("fashion-mnist", 100), Path("b"): flat("fashion-mnist", 50)}) == [
+        "data.labels_per_class (100 / 50)"]

@@ -17,6 +17,7 @@ from pipeline.config.loading import load_config
 from pipeline.config.schema import to_dict
 from pipeline.config.sections import Config
 from pipeline.core.atomic import read_json, read_json_object
+from pipeline.stages.data_import import READ_BY_SOURCE
 from pipeline.core.rundir import RunDir, RunDirError, flatten_keys
 from pipeline.stages.base import Stage
 from pipeline.stages.graph import build_graph
@@ -96,8 +97,13 @@ def config_differences(configs: dict[Path, dict]) -> list[str]:
 
     def compared(key: str, value: object) -> str:
         return SEED_IMPORT.sub(r"\1*\2", str(value)) if key == "data.path" else repr(value)
+
+    def unread(key: str) -> bool:  # a data setting no run's source reads (an import's own splits under shards)
+        sources = {c.get("data.source") for c in flat}
+        return key.startswith("data.") and all(key.split(".")[1] not in READ_BY_SOURCE.get(str(s), (key.split(".")[1],))
+                                               for s in sources)
     return [f"{key} ({' / '.join(str(c.get(key)) for c in flat)})" for key in keys
-            if key not in SAME_RESULT_KEYS and len({compared(key, c.get(key)) for c in flat}) > 1]
+            if key not in SAME_RESULT_KEYS and not unread(key) and len({compared(key, c.get(key)) for c in flat}) > 1]
 
 
 SEED_KEYS = ("seed", "data.seed", "select.seed")
