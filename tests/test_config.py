@@ -296,6 +296,17 @@ def test_a_section_given_to_set_keeps_the_files_other_keys_and_null_is_refused(t
     with pytest.raises(ConfigError, match=r"--set teacher=\{trian: \{\}\}: unknown config key 'teacher.trian'"):
         load_config(path, ["teacher={trian: {}}"])
     assert load_config(path, ["data.webdataset=null", "distill.teacher=null"]).data.webdataset is None  # values
+    for empty in ("teacher.train={}", "teacher={}"):  # an empty mapping leaves the section as the file has it
+        kept = load_config(path, [empty]).teacher.train
+        assert (kept.epochs, kept.policy, kept.lr) == (9, "s4", 0.3), empty
+    # an optional section (null turns it off) merges too, and so do the sections below one
+    shards = write(tmp_path, "data:\n  source: webdataset\n  webdataset: {labeled: [/x/a.tar], test: [/x/t.tar], "
+                             "unlabeled: [/x/u.tar], label_key: 'json:label'}\n"
+                             "pretrain:\n  data: {source: fashion-mnist, path: /fm, labels_per_class: 50}\n")
+    config = load_config(shards, ["data.webdataset={labeled: [/y/b.tar]}", "pretrain.data={labels_per_class: 20}"])
+    assert (config.data.webdataset.labeled, config.data.webdataset.test) == (("/y/b.tar",), ("/x/t.tar",))
+    assert config.data.webdataset.label_key == "json:label"
+    assert (config.pretrain.data.path, config.pretrain.data.labels_per_class) == ("/fm", 20)
 
 
 def test_set_changes_only_the_key_it_names_when_sections_share_a_yaml_anchor(tmp_path):
@@ -318,3 +329,6 @@ def test_a_set_value_cut_short_by_a_yaml_comment_is_refused():
         load_config(None, ["data.path=/data/run #2"])
     assert load_config(None, ['data.path="/data/run #2"']).data.path == "/data/run #2"
     assert load_config(None, ["data.path=/data/run#2"]).data.path == "/data/run#2"
+    assert load_config(None, ['data.classes=["Item #1", "Item #2"]']).data.classes == ("Item #1", "Item #2")
+    with pytest.raises(ConfigError, match=r"' #' starts a YAML comment.*quote the strings that hold it"):
+        load_config(None, ["data.classes=[a, b] #c"])

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,25 @@ def parse_override(text: str) -> tuple[str, Any]:
                           "--set 'distill.students=[{arch: mobilenetv3_small_100, input_size: 64}]'")
     if not raw.strip():
         return key, ""
-    if re.search(r"\s#", raw) and not raw.strip().startswith(("'", '"')):
-        raise ConfigError(f"--set {text}: ' #' starts a YAML comment, so the value would end before it; quote the "
-                          f"value: --set '{key}=\"{raw.strip()}\"'")
     try:
-        return key, load_yaml(raw, f"--set {text}")
+        value = load_yaml(raw, f"--set {text}")
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text}: not valid YAML ({_yaml_problem(exc)})") from None
+    if raw.count("#") > _hashes_in(value):  # YAML read an unquoted ' #...' as a comment and dropped it
+        quoted = f"--set '{key}=\"{raw.strip()}\"'" if isinstance(value, str) else "quote the strings that hold it"
+        raise ConfigError(f"--set {text}: ' #' starts a YAML comment, so the value ended before it; {quoted}")
+    return key, value
+
+
+def _hashes_in(value: Any) -> int:
+    """How many '#' the parsed value's strings (and keys) hold."""
+    if isinstance(value, str):
+        return value.count("#")
+    if isinstance(value, dict):
+        return sum(_hashes_in(k) + _hashes_in(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_hashes_in(v) for v in value)
+    return 0
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -84,31 +97,53 @@ def _blame(path: Path | None, items: list[str], overrides: list[tuple[str, Any]]
     return f"{path}: {message}" if path is not None else message
 
 
-def section_at(dotted: str) -> type | None:
-    """The section (dataclass) the key path names, when it is one that every config has (not an optional one
-    like `data.webdataset`, which null turns off); None for a value or an unknown path."""
+def _unwrap_optional(hint: typing.Any) -> tuple[typing.Any, bool]:
+    """(X, True) for `X | None`, (hint, False) otherwise."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) == 1 and len(options) < len(typing.get_args(hint)):
+            return options[0], True
+    return hint, False
+
+
+def section_at(dotted: str) -> tuple[type | None, bool]:
+    """(the section's dataclass, whether it is optional) when the key path names a section (`teacher.train`, or
+    one null turns off, like `data.webdataset`); (None, False) for a value or an unknown path."""
     node: typing.Any = Config
+    optional = False
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(node):
-            return None
-        node = typing.get_type_hints(node).get(part)
-    return node if dataclasses.is_dataclass(node) else None
+            return None, False
+        node, optional = _unwrap_optional(typing.get_type_hints(node).get(part))
+    return (node, optional) if dataclasses.is_dataclass(node) else (None, False)
+
+
+def _get_path(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def apply_override(data: dict[str, Any], key: str, value: Any, item: str) -> None:
     """One `--set` on the file's nested dict. A mapping given to a section sets the keys it names and keeps the
-    file's others (replacing the section dropped them silently); null for a section is refused (it took the
-    built-in defaults of every key in it, whatever the file said)."""
-    section = section_at(key)
-    if section is not None and value is None:
+    file's others (replacing the section dropped them silently; `{}` leaves a section there as it is); null
+    for a section every config has is refused (it took the built-in defaults of every key in it, whatever the
+    file said), while null turns an optional one (`data.webdataset`, `distill.mutual.peer`) off."""
+    section, optional = section_at(key)
+    if section is not None and value is None and not optional:
         example = key
-        while section_at(example) is not None:  # down to a key that holds a value: teacher -> teacher.model.arch
-            example += "." + dataclasses.fields(section_at(example))[0].name
+        while section_at(example)[0] is not None:  # down to a key that holds a value: teacher -> teacher.model.arch
+            example += "." + dataclasses.fields(section_at(example)[0])[0].name
         raise ConfigError(f"--set {item}: '{key}' is a section, not a value; set its keys (e.g. --set "
                           f"{example}=...), or leave it out of the config file for its built-in defaults")
-    if section is not None and isinstance(value, dict) and value:
+    if section is not None and isinstance(value, dict):
+        if not value and isinstance(_get_path(data, key), dict):
+            return
         for name, inner in value.items():
             apply_override(data, f"{key}.{name}", inner, item)
+        if not value:
+            set_by_path(data, key, {})  # an optional section absent from the file: on, with its defaults
         return
     set_by_path(data, key, value)
 

@@ -7,7 +7,8 @@ collective until the process group's timeout, `runtime.dist_timeout_minutes` (6 
 only process 0 runs, a large import, must fit in it), holding their GPUs. A daemon thread per process adds one
 to its own counter in the store every few seconds and reads the others' counters; a counter that has not moved
 for `peer_timeout_s` (by this process's own clock, so no two clocks are compared) means that process is gone:
-this one prints which, on which host, and exits with status 2, which ends its launcher too.
+this one prints which, on which host, and exits with status 2, which ends its launcher too. A process that was
+itself paused (a suspended job resumed one process at a time) restarts the others' clocks instead of blaming them.
 
 A process leaving normally says so first (its `done` key), so a peer slower to finish is not alarmed. The store
 itself gone for as long (the launcher or process 0 that held it died) stops the process the same way. A process
@@ -58,31 +59,28 @@ class PeerWatch:
             pass
 
     def _watch(self) -> None:
-        others = [r for r in range(self.world) if r != self.rank]
-        seen: dict[int, tuple[int, float]] = {r: (-1, time.monotonic()) for r in others}
-        store_ok = time.monotonic()
+        silence = Silence([r for r in range(self.world) if r != self.rank], self.timeout_s,
+                          max(3 * self.interval_s, self.timeout_s / 2), time.monotonic())
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
+            silence.tick(now)
             try:
                 self.store.add(self._key("beat", self.rank), 1)
-                for rank in others:
-                    if self.store.check([self._key("done", rank)]):
-                        continue
-                    beats = int(self.store.add(self._key("beat", rank), 0))
-                    if beats != seen[rank][0]:
-                        seen[rank] = (beats, now)
-                    elif now - seen[rank][1] > self.timeout_s:
-                        self._stop_process(f"process {rank} (on {self._host(rank)}) has given no sign of life for "
-                                           f"{now - seen[rank][1]:.0f} s (runtime.peer_timeout_s: {self.timeout_s:g}); "
-                                           "it failed, was killed or lost its node: its own log says why")
-                store_ok = now
+                live = [r for r in silence.ranks if not self.store.check([self._key("done", r)])]
+                gone = silence.observe(now, {r: int(self.store.add(self._key("beat", r), 0)) for r in live})
+                if gone is not None:
+                    rank, seconds = gone
+                    self._stop_process(f"process {rank} (on {self._host(rank)}) has given no sign of life for "
+                                       f"{seconds:.0f} s (runtime.peer_timeout_s: {self.timeout_s:g}); it failed, was "
+                                       "killed or lost its node: its own log says why")
             except Exception as exc:  # noqa: BLE001 - the store's errors vary by version
                 if self._stop.is_set():
                     return
-                if now - store_ok > self.timeout_s:
+                if now - silence.store_ok > self.timeout_s:
                     self._stop_process(f"the launcher's rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                                       f"{os.environ.get('MASTER_PORT')} has not answered for {now - store_ok:.0f} s "
-                                       f"({type(exc).__name__}); the node holding it (process 0's) stopped")
+                                       f"{os.environ.get('MASTER_PORT')} has not answered for "
+                                       f"{now - silence.store_ok:.0f} s ({type(exc).__name__}); the node holding it "
+                                       "(process 0's) stopped")
 
     def _host(self, rank: int) -> str:
         try:
@@ -96,6 +94,35 @@ class PeerWatch:
         print(f"selftrain: error: {why}; stopping process {self.rank} (on {socket.gethostname()})",
               file=sys.stderr, flush=True)
         os._exit(2)
+
+
+class Silence:
+    """How long each other process's beat counter has stood still, by this process's own clock. A gap of more
+    than `own_gap_s` between this process's own ticks means it was itself stopped or starved (a whole job
+    suspended and resumed one process at a time): the others' silence covers its own pause, so their clocks
+    restart instead of being blamed."""
+
+    def __init__(self, ranks: list[int], timeout_s: float, own_gap_s: float, now: float) -> None:
+        self.ranks, self.timeout_s, self.own_gap_s = ranks, timeout_s, own_gap_s
+        self.seen: dict[int, tuple[int, float]] = {r: (-1, now) for r in ranks}
+        self.last = self.store_ok = now
+
+    def tick(self, now: float) -> None:
+        if now - self.last > self.own_gap_s:
+            self.seen = {r: (beats, now) for r, (beats, _) in self.seen.items()}
+            self.store_ok = now
+        self.last = now
+
+    def observe(self, now: float, beats: dict[int, int]) -> tuple[int, float] | None:
+        """The first process silent for longer than the timeout, with its seconds of silence (None: all alive);
+        `beats` holds the counters of the processes still running (one that left on purpose is not there)."""
+        self.store_ok = now
+        for rank, count in beats.items():
+            if count != self.seen[rank][0]:
+                self.seen[rank] = (count, now)
+            elif now - self.seen[rank][1] > self.timeout_s:
+                return rank, now - self.seen[rank][1]
+        return None
 
 
 _watch: PeerWatch | None = None
