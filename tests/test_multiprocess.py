@@ -209,13 +209,28 @@ def test_a_node_that_goes_silent_stops_the_other_within_the_peer_timeout(config,
     finally:
         for process, log in launchers:
             try:
-                os.killpg(process.pid, signal.SIGKILL)  # the frozen node and its launcher
+                os.killpg(process.pid, signal.SIGKILL)  # the launchers
             except ProcessLookupError:
                 pass
             process.wait()
             log.close()
+        kill_processes_naming(run)  # the frozen worker: torchrun starts it outside its launcher's process group
     node0 = (tmp_path / "node0.log").read_text()
     assert code == 1 and "exitcode  : 2" in node0, node0[-3000:]
     # the c10d rendezvous numbers the nodes as they arrive: the frozen one is process 0 or 1
     assert re.search(r"selftrain: error: process [01] \(on .+\) has given no sign of life for 1\d s", node0), node0[-3000:]
     assert time.monotonic() - started < 200  # seconds, not the 6 h of dist_timeout_minutes
+
+
+def kill_processes_naming(path: Path) -> None:
+    """SIGKILL every process whose command line names `path` (a frozen worker would stay, stopped, holding memory)."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(path) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
