@@ -231,6 +231,34 @@ def test_disk_full_during_a_write_leaves_no_partial_file_and_names_enospc(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_while_the_export_embeds_its_metadata_names_enospc(tmp_path, monkeypatch):
+    """embed_meta wrote with onnx.save: a full disk gave an OSError traceback and left NAME.onnx.tmp."""
+    import errno
+    import json
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.core.atomic import WriteFailed
+    from pipeline.stages.export import embed_meta
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "export" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(helper.make_model(graph), str(path))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "meta.json").write_text(json.dumps({"arch": "x"}))
+    embed_meta(path, tmp_path / "checkpoint")
+    assert onnx.load(str(path)).metadata_props[0].value == '{"arch": "x"}'
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(WriteFailed, match=rf"cannot write {path}: ENOSPC"):
+        embed_meta(path, tmp_path / "checkpoint")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx"]
+
+
 @pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
 def test_disk_full_while_saving_the_training_state_names_enospc(tmp_path, monkeypatch, writer):
     """accelerate writes the model through safetensors, whose writer raises its own error, and the optimizer

@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 
 from augment import build_eval_transform
-from pipeline.core.atomic import read_json, write_text
+from pipeline.core.atomic import read_json, write_bytes, write_text
 from pipeline.core.metrics import classification_metrics
 from pipeline.data.imageset import ImageSet, load_labeled_split
 from pipeline.engine.predict import load_model
@@ -75,9 +75,7 @@ def embed_meta(path: Path, checkpoint: Path) -> None:
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = ONNX_META_KEY, json.dumps(read_json(checkpoint / META))
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    write_bytes(path, model.SerializeToString())  # a full disk: `cannot write PATH: ENOSPC`, no partial file
 
 
 def score(logits: np.ndarray, labels: np.ndarray, classes: list[str], teacher_pred: np.ndarray) -> dict:
