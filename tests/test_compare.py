@@ -310,18 +310,30 @@ def test_compare_under_torchrun_with_two_processes(tiny_fashion_dir, tmp_path):
     assert ssl["num_processes"] == 2 and ssl["steps"] == 2
     assert all(n == 1 for n in stage_invocations(out).values())
     assert not list(out.rglob("*.tmp"))
-    # a job that fails on process 0 stops both, and the report of the finished arms is written before they exit
-    # (the launcher stops process 0 as soon as another exits; with this small report the race is not forced here)
+    # a job directory holding a user's files stops both processes before any job runs, the report untouched
     blocked = out / "data" / "l4-s1"
     blocked.mkdir(parents=True)
     (blocked / "notes.txt").write_text("a user's file")
     grown = tmp_path / "grown.yaml"
     grown.write_text(config.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
-    (out / "report" / "report.md").unlink()
+    report = (out / "report" / "report.md").read_text()
     failed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29555", "-m", "pipeline.cli", "compare", str(grown), "--out", str(out)],
                             capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert failed.returncode != 0 and "is not a selftrain run directory" in failed.stderr, failed.stderr[-3000:]
+    assert failed.returncode != 0 and "1 job(s) of this grid cannot run, nothing was run" in failed.stderr, \
+        failed.stderr[-3000:]
+    assert (out / "report" / "report.md").read_text() == report
+    # a job that fails while the grid runs (an import asking for more labels than a class has) stops both, and
+    # the report of the finished arms is written before they exit (the launcher stops process 0 as soon as
+    # another exits; with this small report the race is not forced here)
+    shutil.rmtree(blocked)
+    grown.write_text(config.read_text().replace("labels_per_class: [4]", "labels_per_class: [4, 1000]"))
+    (out / "report" / "report.md").unlink()
+    failed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29557", "-m", "pipeline.cli", "compare", str(grown), "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert failed.returncode != 0 and "labels_per_class=1000 must leave some unlabeled" in failed.stderr, \
+        failed.stderr[-3000:]
     assert "**Partial grid**: 12 arms finished" in (out / "report" / "report.md").read_text()
 
 
