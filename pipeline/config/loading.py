@@ -138,12 +138,10 @@ def apply_override(data: dict[str, Any], key: str, value: Any, item: str) -> Non
         raise ConfigError(f"--set {item}: '{key}' is a section, not a value; set its keys (e.g. --set "
                           f"{example}=...), or leave it out of the config file for its built-in defaults")
     if section is not None and isinstance(value, dict):
-        if not value and isinstance(_get_path(data, key), dict):
-            return
+        if not value and not isinstance(_get_path(data, key), dict):
+            set_by_path(data, key, {})  # an optional section absent from the file: on, with its defaults
         for name, inner in value.items():
             apply_override(data, f"{key}.{name}", inner, item)
-        if not value:
-            set_by_path(data, key, {})  # an optional section absent from the file: on, with its defaults
         return
     set_by_path(data, key, value)
 

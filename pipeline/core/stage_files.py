@@ -5,6 +5,7 @@ directory holding anything else, which is the user's."""
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 from pathlib import Path
 
@@ -53,12 +54,7 @@ def exported_models(directory: Path) -> list[str] | None:
         models = json.loads((directory / "stage.json").read_text())["inputs"]["models"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return [glob_escape(str(name)) for name in models] if isinstance(models, dict) else None
-
-
-def glob_escape(name: str) -> str:
-    """`name` as an fnmatch pattern matching only itself."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+    return [glob.escape(str(name)) for name in models] if isinstance(models, dict) else None
 
 
 def foreign_stage_files(directory: Path, kind: str | None = None) -> list[str]:

@@ -149,13 +149,13 @@ def refuse_foreign_out(out: Path) -> None:
             raise ForeignFilesError(describe_foreign(out, names) + "; nothing was changed. Choose a new --out")
 
 
-def refuse_unusable_job_dirs(plan: Plan) -> None:
+def refuse_unusable_job_dirs(pending: list[Job], out: Path) -> None:
     """Every pending job's run directory that a run would refuse (a user's files in it), named at once before the
     first job (and by --dry-run): the grid used to stop there after the jobs before it had run."""
     problems = []
-    for job in plan.pending():
+    for job in pending:
         try:
-            RunDir(job.run_dir(plan.out)).check_usable()
+            RunDir(job.run_dir(out)).check_usable()
         except RunDirError as error:
             problems.append(f"{job.kind}/{job.name}: {error}")
     if problems:
@@ -251,17 +251,18 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
     reported, marked partial); `keep_going`: the other jobs run first, and `JobsFailed` names the failed ones."""
     out, moved_from = grid_root(Path(out))
     plan = make_plan(config, out, only)
-    if moved_from is not None and plan.pending():
-        refuse_moved_grid(out, moved_from, len(plan.pending()))
+    pending = plan.pending()  # what is left before this invocation runs anything
+    if moved_from is not None and pending:
+        refuse_moved_grid(out, moved_from, len(pending))
     state = process_state()
     try:
         check_same_settings(state, {**to_dict(config), "--only": only})
         refuse_foreign_out(out)  # on every rank, so that all stop together; before --dry-run's plan too
         refuse_changed_config(out, resolved_yaml(config))
         if not keep_going:
-            refuse_unusable_job_dirs(plan)
+            refuse_unusable_job_dirs(pending, out)
         if state.is_main_process:
-            print(describe_plan(config, plan, measured_rate(config) if estimate and plan.pending() else None),
+            print(describe_plan(config, plan, measured_rate(config) if estimate and pending else None),
                   flush=True)
         if dry_run:
             return None
@@ -271,8 +272,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             except OSError as exc:
                 raise WriteFailed(f"--out {out}: cannot create it ({exc.strerror}); nothing was run") from None
             write_text(out / "compare.yaml", recorded_yaml(out, resolved_yaml(config)))
-        jobs = len(plan.pending())
-        failed = run_jobs(config, plan, state, keep_going)
+        failed = run_jobs(config, pending, out, state, keep_going)
         summary = None
         if failed:
             report_partial(config, out, state, failed)
@@ -280,7 +280,7 @@ def run_compare(config: CompareConfig, out: str | Path, only: str | None = None,
             summary = write_report(config, out)
         state.wait_for_everyone()
         if failed:
-            raise JobsFailed(f"{len(failed)} of {jobs} job(s) failed: " + "; ".join(failed)
+            raise JobsFailed(f"{len(failed)} of {len(pending)} job(s) failed: " + "; ".join(failed)
                              + ". Rerun the same command to retry them (what finished is kept)")
         return summary
     finally:
@@ -291,11 +291,10 @@ class JobsFailed(RuntimeError):
     """`--keep-going`: the grid ran every job it could; these failed (each error was printed when it happened)."""
 
 
-def run_jobs(config: CompareConfig, plan: Plan, state, keep_going: bool) -> list[str]:
+def run_jobs(config: CompareConfig, pending: list[Job], out: Path, state, keep_going: bool) -> list[str]:
     """Each pending job in order; returns the failed ones (`keep_going`). Without it, or where the processes
     cannot go on together (one failed inside a collective the others were in), the first failure is raised
     after the finished arms are reported, marked partial."""
-    pending, out = plan.pending(), plan.out
     seconds: dict[str, list[float]] = {}
     failed: list[str] = []
     for index, job in enumerate(pending, 1):
